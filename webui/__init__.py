@@ -1,0 +1,1 @@
+"""tunelab web UI (Gradio)."""
