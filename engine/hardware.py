@@ -1,0 +1,576 @@
+"""Detect the hardware and recommend how to train on it, with a reason for every choice.
+
+``detect()`` returns a :class:`HardwareProfile` (CUDA GPUs, Apple MPS, the CPU and its
+instruction sets, RAM, free disk). ``recommend()`` turns a profile, a model and a dataset
+into a :class:`Recommendation`: precision, method, batch size and accumulation, DeepSpeed
+stage and launcher, each with a one-line reason, and a peak-memory estimate (weights,
+gradients, optimizer states, activations) and a time estimate for every method.
+
+Every decision is a small function that returns ``(value, reason)``, so the UI and the CLI
+can show why, and the GPU branches can be tested with made-up device properties.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GB = 1024**3
+
+# Dense bf16/fp16 tensor-core peak (FLOP/s) of common training GPUs, for time estimates.
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
+    "L40S": 362e12, "L40": 181e12, "A6000": 155e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12,
+    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+# Fraction of peak that fine-tuning usually reaches (model FLOPs utilisation).
+TYPICAL_MFU = {"cuda": 0.35, "mps": 0.25, "cpu": 0.33}
+
+
+@dataclass
+class GPUInfo:
+    index: int
+    name: str
+    memory_bytes: int
+    compute_capability: tuple[int, int]
+    bf16: bool
+
+    @property
+    def memory_gb(self) -> float:
+        return self.memory_bytes / GB
+
+
+@dataclass
+class CPUInfo:
+    model: str
+    logical_cores: int
+    physical_cores: int
+    flags: list[str] = field(default_factory=list)
+
+    def has(self, flag: str) -> bool:
+        return flag in self.flags
+
+    @property
+    def isa(self) -> dict[str, bool]:
+        return {
+            "avx2": self.has("avx2"),
+            "fma": self.has("fma"),
+            "avx512": self.has("avx512f"),
+            "avx512_bf16": self.has("avx512_bf16"),
+            "amx_bf16": self.has("amx_bf16"),
+        }
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.has("avx512_bf16") or self.has("amx_bf16")
+
+
+@dataclass
+class HardwareProfile:
+    gpus: list[GPUInfo]
+    mps: bool
+    cpu: CPUInfo
+    ram_bytes: int
+    ram_available_bytes: int
+    disk_free_bytes: int
+    os: str = field(default_factory=platform.platform)
+
+    @property
+    def device(self) -> str:
+        if self.gpus:
+            return "cuda"
+        return "mps" if self.mps else "cpu"
+
+    @property
+    def device_memory_bytes(self) -> int:
+        """Memory of one training device (the smallest GPU, or system RAM)."""
+        if self.gpus:
+            return min(g.memory_bytes for g in self.gpus)
+        return self.ram_available_bytes or self.ram_bytes
+
+    def summary(self) -> str:
+        if self.gpus:
+            names = {g.name for g in self.gpus}
+            gpu = f"{len(self.gpus)} x {', '.join(sorted(names))} ({self.gpus[0].memory_gb:.0f} GB)"
+        else:
+            gpu = "Apple MPS" if self.mps else "no GPU"
+        isa = ", ".join(k.upper() for k, v in self.cpu.isa.items() if v) or "no AVX2"
+        return (
+            f"{gpu}; CPU {self.cpu.model} ({self.cpu.logical_cores} threads; {isa}); "
+            f"RAM {self.ram_bytes / GB:.1f} GB; disk free {self.disk_free_bytes / GB:.0f} GB"
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["device"] = self.device
+        data["cpu"]["isa"] = self.cpu.isa
+        return data
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _read_cpuinfo(text: str | None = None) -> CPUInfo:
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            text = ""
+    model, flags = platform.processor() or platform.machine(), []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and value.strip():
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = value.split()
+    logical = os.cpu_count() or 1
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or logical
+    except ImportError:
+        physical = logical
+    return CPUInfo(model=model, logical_cores=logical, physical_cores=physical, flags=sorted(set(flags)))
+
+
+def gpus_from_torch(torch_module) -> list[GPUInfo]:
+    """Read CUDA devices through a torch-like module (a fake one in tests)."""
+    cuda = torch_module.cuda
+    if not cuda.is_available():
+        return []
+    gpus = []
+    for i in range(cuda.device_count()):
+        props = cuda.get_device_properties(i)
+        cc = (int(props.major), int(props.minor))
+        gpus.append(
+            GPUInfo(index=i, name=str(props.name), memory_bytes=int(props.total_memory),
+                    compute_capability=cc, bf16=cc >= (8, 0))
+        )
+    return gpus
+
+
+def detect(disk_path: str | os.PathLike = ".", cpuinfo_text: str | None = None, torch_module=None) -> HardwareProfile:
+    """Detect this machine. ``torch_module`` and ``cpuinfo_text`` exist for tests."""
+    import psutil
+
+    if torch_module is None:
+        import torch as torch_module
+    gpus = gpus_from_torch(torch_module)
+    mps_backend = getattr(getattr(torch_module, "backends", None), "mps", None)
+    mps = bool(mps_backend and mps_backend.is_available())
+    mem = psutil.virtual_memory()
+    path = Path(disk_path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return HardwareProfile(
+        gpus=gpus,
+        mps=mps,
+        cpu=_read_cpuinfo(cpuinfo_text),
+        ram_bytes=int(mem.total),
+        ram_available_bytes=int(mem.available),
+        disk_free_bytes=int(shutil.disk_usage(path).free),
+    )
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def choose_precision(profile: HardwareProfile) -> tuple[str, str]:
+    """The training precision for this hardware, and why."""
+    if profile.gpus:
+        if all(g.bf16 for g in profile.gpus):
+            return "bf16", (
+                f"{profile.gpus[0].name} (compute capability {'.'.join(map(str, profile.gpus[0].compute_capability))}) "
+                "has bf16 tensor cores: half the memory of fp32, no loss scaling needed."
+            )
+        return "fp16", (
+            f"{profile.gpus[0].name} has no bf16 (compute capability < 8.0): fp16 mixed precision with loss scaling."
+        )
+    if profile.mps:
+        return "fp32", "Apple MPS: fp32 is the reliable choice for training (half precision on MPS is patchy)."
+    if profile.cpu.native_bf16:
+        return "bf16", "This CPU has native bf16 instructions (AVX512-BF16/AMX): bf16 halves memory at full speed."
+    return "fp32", (
+        "This CPU has no bf16 instructions (no AVX512-BF16 or AMX): bf16 would be emulated and many times "
+        "slower, so fp32 it is (TRL's default bf16=True is overridden)."
+    )
+
+
+def _linear_shapes(cfg: dict) -> list[tuple[int, int]]:
+    """(in, out) of each linear layer in one decoder block of a Llama-like model."""
+    h = cfg["hidden_size"]
+    heads = cfg.get("num_attention_heads", 1)
+    kv = cfg.get("num_key_value_heads", heads)
+    hd = cfg.get("head_dim") or h // heads
+    inter = cfg.get("intermediate_size", 4 * h)
+    return [(h, heads * hd), (h, kv * hd), (h, kv * hd), (heads * hd, h), (h, inter), (h, inter), (inter, h)]
+
+
+@dataclass
+class ModelShape:
+    params: int
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    linear_params: int  # parameters in the decoder blocks' linear layers (what LoRA/QLoRA touch)
+    lora_params_per_rank: int  # trainable parameters of all-linear LoRA at rank 1
+    dora_magnitude_params: int  # extra DoRA magnitude vector entries
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelShape":
+        shapes = _linear_shapes(cfg)
+        layers = cfg["num_hidden_layers"]
+        h, vocab = cfg["hidden_size"], cfg["vocab_size"]
+        linear = layers * sum(i * o for i, o in shapes)
+        embed = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
+        norms = layers * 2 * h + h
+        return cls(
+            params=linear + embed + norms,
+            layers=layers,
+            hidden=h,
+            heads=cfg.get("num_attention_heads", 1),
+            vocab=vocab,
+            linear_params=linear,
+            lora_params_per_rank=layers * sum(i + o for i, o in shapes),
+            dora_magnitude_params=layers * sum(o for _, o in shapes),
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike) -> "ModelShape":
+        return cls.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    trainable_params: int
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["total"] = self.total
+        return d
+
+
+def estimate_memory(
+    shape: ModelShape,
+    method: str,
+    precision: str,
+    batch_size: int,
+    seq_len: int,
+    lora_r: int = 16,
+    zero_stage: int = 0,
+    num_devices: int = 1,
+    gradient_checkpointing: bool = False,
+) -> MemoryEstimate:
+    """Peak bytes on one device for a training step (a planning estimate, not a promise).
+
+    Weights at the compute precision (4-bit NF4 for QLoRA's frozen linears), gradients for
+    trainable parameters, AdamW's two fp32 moments (plus an fp32 master copy for full
+    fine-tuning in half precision), and activations from the standard per-layer estimate
+    (about 34·h + 5·heads·s bytes per token per layer in 16-bit, doubled in fp32) plus the
+    vocabulary logits. ZeRO-2 divides gradients and optimizer states by the device count,
+    ZeRO-3 the weights too.
+    """
+    b = 2 if precision in ("bf16", "fp16") else 4
+    non_linear = shape.params - shape.linear_params
+    if method == "full":
+        trainable = shape.params
+        weights = shape.params * b
+        grads = shape.params * b
+        optimizer = shape.params * (8 + (4 if b == 2 else 0))
+    else:
+        trainable = shape.lora_params_per_rank * lora_r
+        if method == "dora":
+            trainable += shape.dora_magnitude_params
+        if method == "qlora":
+            # NF4: half a byte per weight plus one fp32 absmax per 64-weight block.
+            weights = shape.linear_params * (0.5 + 4 / 64) + non_linear * b
+        else:
+            weights = shape.params * b
+        weights += trainable * 4
+        grads = trainable * 4
+        optimizer = trainable * 8
+    tokens = batch_size * seq_len
+    per_token_layer = shape.hidden * 34 + 5 * shape.heads * seq_len
+    if gradient_checkpointing:
+        per_token_layer = shape.hidden * 2 * 2
+    activations = tokens * shape.layers * per_token_layer * (b / 2)
+    # Logits, their log-softmax and gradient, kept in fp32.
+    activations += tokens * shape.vocab * 4 * 3
+    if method == "dora":
+        # DoRA materialises W + scale·BA to take its column norms: one extra weight matrix.
+        activations += max(i * o for i, o in [(shape.hidden, shape.hidden * 4)]) * 4
+    if zero_stage >= 2 and num_devices > 1:
+        grads /= num_devices
+        optimizer /= num_devices
+    if zero_stage == 3 and num_devices > 1:
+        weights /= num_devices
+    return MemoryEstimate(weights, grads, optimizer, activations, int(trainable))
+
+
+def peak_flops(profile: HardwareProfile) -> float:
+    """Peak FLOP/s of one training device, for time estimates."""
+    if profile.gpus:
+        name = profile.gpus[0].name
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+        return 50e12
+    if profile.mps:
+        return 10e12
+    # fp32 FMA throughput per core: 2 x 8-lane (AVX2) or 2 x 16-lane (AVX-512) units at ~3 GHz,
+    # of which a matmul reaches about half (measured ~100 GFLOP/s on 2 AVX2 cores).
+    lanes = 16 if profile.cpu.isa["avx512"] else 8 if profile.cpu.isa["avx2"] else 4
+    return profile.cpu.physical_cores * 2 * lanes * 2 * 3e9 * 0.5
+
+
+def estimate_seconds(shape: ModelShape, method: str, tokens: float, profile: HardwareProfile, num_devices: int = 1) -> float:
+    """Training time for ``tokens`` tokens: 6·N FLOPs per token for full fine-tuning, about
+    4·N for adapters (no weight gradients for the frozen base), QLoRA ~30% slower for
+    de-quantisation, DoRA ~20% slower for its norm."""
+    factor = {"full": 6.0, "lora": 4.0, "qlora": 4.0 * 1.3, "dora": 4.0 * 1.2}[method]
+    mfu = TYPICAL_MFU[profile.device]
+    if profile.device == "cpu" and method == "qlora":
+        mfu /= 4  # 4-bit kernels on the CPU are far from the matmul peak
+    return factor * shape.params * tokens / (peak_flops(profile) * mfu * num_devices)
+
+
+@dataclass
+class Recommendation:
+    precision: str
+    method: str
+    batch_size: int
+    gradient_accumulation_steps: int
+    deepspeed: str
+    num_processes: int
+    launcher: str
+    gradient_checkpointing: bool
+    reasons: dict[str, str]
+    memory: dict[str, MemoryEstimate]
+    seconds: dict[str, float]
+    device_memory_bytes: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["memory"] = {k: v.to_dict() for k, v in self.memory.items()}
+        return d
+
+    def config_overrides(self) -> list[str]:
+        """``section.key=value`` strings that apply this plan to a RunConfig."""
+        return [
+            f"training.precision={self.precision}",
+            f"method.name={self.method}",
+            f"training.batch_size={self.batch_size}",
+            f"training.gradient_accumulation_steps={self.gradient_accumulation_steps}",
+            f"training.gradient_checkpointing={str(self.gradient_checkpointing).lower()}",
+            f"distributed.deepspeed={self.deepspeed}",
+            f"distributed.num_processes={self.num_processes}",
+        ]
+
+    def table(self) -> str:
+        """Markdown comparison of the methods on this hardware."""
+        rows = ["| method | trainable params | weights | grads | optimizer | activations | est. peak | est. time |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for method, est in self.memory.items():
+            fits = "" if est.total <= self.device_memory_bytes * 0.9 else " (does not fit)"
+            rows.append(
+                f"| {method}{' (recommended)' if method == self.method else ''} | {est.trainable_params:,} | "
+                f"{_gb(est.weights)} | {_gb(est.gradients)} | {_gb(est.optimizer)} | {_gb(est.activations)} | "
+                f"{_gb(est.total)}{fits} | {_duration(self.seconds[method])} |"
+            )
+        return "\n".join(rows)
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1024**2:.0f} MB"
+
+
+def _duration(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def recommend(
+    profile: HardwareProfile,
+    model: str | os.PathLike | ModelShape,
+    method: str | None = None,
+    num_examples: int = 1000,
+    max_length: int = 1024,
+    mean_tokens: int | None = None,
+    num_epochs: float = 1.0,
+    lora_r: int = 16,
+) -> Recommendation:
+    """A training plan for ``model`` on ``profile`` with a reason for each choice.
+
+    ``method`` None lets the plan choose; a given method is kept and only the rest is fitted
+    to it (with a warning reason when it does not fit). ``mean_tokens`` is the average
+    example length, when the data has been inspected (else half of ``max_length``).
+    """
+    shape = model if isinstance(model, ModelShape) else ModelShape.from_dir(model)
+    reasons: dict[str, str] = {}
+    precision, reasons["precision"] = choose_precision(profile)
+    n_dev = len(profile.gpus) if profile.gpus else 1
+    budget = profile.device_memory_bytes * 0.9
+    seq = max_length
+    tokens = num_examples * (mean_tokens or max_length / 2) * num_epochs
+
+    def mem(m: str, batch: int = 1, stage: int = 0, ckpt: bool = False) -> MemoryEstimate:
+        return estimate_memory(shape, m, precision, batch, seq, lora_r, stage, n_dev, ckpt)
+
+    # Method: LoRA unless it does not fit; QLoRA when only 4-bit weights fit.
+    if method is None:
+        if mem("lora").total <= budget:
+            method = "lora"
+            reasons["method"] = (
+                f"LoRA trains {mem('lora').trainable_params / shape.params:.1%} of the weights and fits easily "
+                f"({_gb(mem('lora').total)} of {_gb(budget)} usable); full fine-tuning needs "
+                f"{_gb(mem('full').total)} and rarely helps on small chat datasets."
+            )
+        elif mem("qlora").total <= budget and profile.device == "cuda":
+            method = "qlora"
+            reasons["method"] = (
+                f"LoRA needs {_gb(mem('lora').total)} but only {_gb(budget)} is usable: QLoRA keeps the frozen "
+                f"weights in 4-bit NF4 ({_gb(mem('qlora').total)})."
+            )
+        else:
+            method = "lora"
+            reasons["method"] = "LoRA (with ZeRO-3 sharding across devices below, if there are several)."
+    else:
+        est = mem(method)
+        fits = "fits" if est.total <= budget else "does NOT fit"
+        reasons["method"] = f"{method} chosen by you: about {_gb(est.total)} at batch 1, which {fits} in {_gb(budget)}."
+        if method == "qlora" and profile.device == "cpu":
+            reasons["method"] += " QLoRA runs on this CPU through bitsandbytes but several times slower than LoRA."
+
+    # DeepSpeed and launcher.
+    stage, offload_note = 0, ""
+    if n_dev > 1:
+        if mem(method).total <= budget:
+            stage = 2
+            reasons["deepspeed"] = (
+                f"{n_dev} GPUs: ZeRO-2 shards gradients and optimizer states; the weights ({_gb(mem(method).weights)}) "
+                "fit on each GPU, so ZeRO-3's extra communication is not needed."
+            )
+        else:
+            stage = 3
+            reasons["deepspeed"] = (
+                f"{n_dev} GPUs and the model does not fit on one ({_gb(mem(method).total)} > {_gb(budget)}): "
+                f"ZeRO-3 shards weights too ({_gb(mem(method, stage=3).total)} per GPU)."
+            )
+            if method == "qlora":
+                method = "lora"
+                reasons["method"] += " Switched to LoRA: 4-bit weights cannot be sharded by ZeRO-3."
+        launcher, nproc = "accelerate", n_dev
+        reasons["launcher"] = f"accelerate launch --num_processes {n_dev}: one process per GPU."
+    else:
+        launcher, nproc = "python", 1
+        reasons["deepspeed"] = (
+            "One device: no DeepSpeed. ZeRO pays off when several devices share the states; "
+            "CPU ranks would only split the same cores." if profile.device == "cpu"
+            else "One device: no DeepSpeed needed."
+        ) + offload_note
+        reasons["launcher"] = "python -m engine.train: a single process uses the whole device."
+
+    # Batch size: the largest power of two whose activations fit, capped for small data.
+    ckpt = False
+    batch = 1
+    for candidate in (1, 2, 4, 8, 16, 32):
+        if mem(method, candidate, stage).total <= budget:
+            batch = candidate
+    if mem(method, 1, stage).total > budget:
+        ckpt = True
+        reasons["gradient_checkpointing"] = "Activations do not fit even at batch 1: gradient checkpointing on."
+    else:
+        reasons["gradient_checkpointing"] = "Off: activations fit, and recomputing them costs ~30% speed."
+    if profile.device == "cpu":
+        batch = min(batch, 8)
+        why_cap = "on a CPU larger batches do not raise throughput, only latency per step"
+    else:
+        why_cap = "the largest that fits"
+    target = 16
+    batch = min(batch, target)
+    accum = max(1, target // (batch * nproc))
+    steps_per_epoch = max(1, math.ceil(num_examples / (batch * accum * nproc)))
+    if steps_per_epoch < 20 and accum > 1:
+        accum = max(1, num_examples // (batch * nproc * 20))
+        steps_per_epoch = max(1, math.ceil(num_examples / (batch * accum * nproc)))
+    reasons["batch_size"] = (
+        f"Batch {batch} per device ({why_cap}) x {accum} accumulation x {nproc} process(es) = "
+        f"{batch * accum * nproc} examples per optimizer step, {steps_per_epoch} steps per epoch."
+    )
+
+    memory = {m: mem(m, batch, stage, ckpt) for m in ("lora", "qlora", "dora", "full")}
+    seconds = {m: estimate_seconds(shape, m, tokens, profile, nproc) for m in memory}
+    return Recommendation(
+        precision=precision,
+        method=method,
+        batch_size=batch,
+        gradient_accumulation_steps=accum,
+        deepspeed={0: "none", 2: "zero2", 3: "zero3"}[stage],
+        num_processes=nproc,
+        launcher=launcher,
+        gradient_checkpointing=ckpt,
+        reasons=reasons,
+        memory=memory,
+        seconds=seconds,
+        device_memory_bytes=profile.device_memory_bytes,
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="Print the profile and the plan as JSON.")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="Model to plan for (default: embedded).")
+    parser.add_argument("--method", choices=("lora", "qlora", "dora", "full"), help="Keep this method.")
+    parser.add_argument("--examples", type=int, default=1000, help="Number of training examples.")
+    parser.add_argument("--max-length", type=int, default=1024, help="Cutoff length in tokens.")
+    parser.add_argument("--mean-tokens", type=int, help="Average example length, if known.")
+
+
+def run_cli(args) -> int:
+    import sys
+
+    from engine.models import ModelNotFoundError, resolve_model
+
+    profile = detect()
+    try:
+        model_dir = resolve_model(args.model)
+    except ModelNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    rec = recommend(profile, model_dir, args.method, args.examples, args.max_length, args.mean_tokens)
+    if args.json:
+        print(json.dumps({"profile": profile.to_dict(), "recommendation": rec.to_dict()}, indent=2))
+        return 0
+    print(f"Hardware: {profile.summary()}\n")
+    print(f"Plan for {args.model} ({ModelShape.from_dir(model_dir).params / 1e6:.0f}M parameters), "
+          f"{args.examples} examples, cutoff {args.max_length} tokens:")
+    plan = {
+        "precision": rec.precision, "method": rec.method, "batch_size": rec.batch_size,
+        "gradient_accumulation_steps": rec.gradient_accumulation_steps, "deepspeed": rec.deepspeed,
+        "launcher": f"{rec.launcher} ({rec.num_processes} process{'es' if rec.num_processes > 1 else ''})",
+    }
+    for key, value in plan.items():
+        reason = rec.reasons.get(key, "")
+        print(f"  {key:<28} {value!s:<14} {reason}")
+    print()
+    print(rec.table())
+    return 0
