@@ -1004,7 +1004,7 @@ def load_records(
             if fmt is None:
                 ctx.add(None, f"matches no known format (keys: {_keys(raw.value)})")
             else:
-                ctx.add(None, f"is a {fmt} record, another format than the rest of the file ({chosen_format})")
+                ctx.add(None, f"is a record in {fmt} format, unlike the rest of the file ({chosen_format})")
             problems += ctx.problems
             continue
         pair = None
@@ -1195,7 +1195,7 @@ def render_example(messages: list[dict], tokenizer, template: str, source: str) 
 def _prefix_mask(messages: list[dict], tokenizer, template: str) -> tuple[list[int], list[int]]:
     """Assistant mask for templates without generation markers: each assistant turn is
     the text between the render of the turns before it (with a generation prompt) and
-    the render that includes it."""
+    the render that includes it. A token is trained on when it starts inside that text."""
 
     def render(msgs, gen):
         return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
@@ -1209,7 +1209,9 @@ def _prefix_mask(messages: list[dict], tokenizer, template: str) -> tuple[list[i
         upto = render(messages[: i + 1], False)
         if not (full.startswith(upto) and upto.startswith(before)):
             raise ValueError("the chat template does not render conversations prefix by prefix")
-        spans.append((len(before), len(upto)))
+        # The answer ends where its text does: white space the template puts after the
+        # end-of-turn token belongs to the next turn, as with {% generation %} markers.
+        spans.append((len(before), len(upto.rstrip())))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(s <= a < e for s, e in spans)) for a, b in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask
@@ -1335,7 +1337,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     inspect.add_argument("--on-error", default="skip", choices=("skip", "stop"), help="Skip bad records or stop.")
     inspect.add_argument(
-        "--persona", nargs="*", type=_persona_item, default=[], metavar="KEY=VALUE", help="Fill {{key}} placeholders."
+        "--persona",
+        nargs="+",
+        action="extend",
+        type=_persona_item,
+        default=[],
+        metavar="KEY=VALUE",
+        help="Fill {{key}} placeholders, e.g. --persona name=Pip author=tunelab.",
     )
     inspect.add_argument("--system-prompt", default=None, help="System prompt for records that have none.")
     inspect.add_argument("--validation-split", type=float, default=0.1, help="Fraction held out (default 0.1).")
