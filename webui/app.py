@@ -1,0 +1,139 @@
+"""The tunelab web app: `tunelab ui`.
+
+Each tab lives in its own module with a ``build(ctx, links)`` that lays out its widgets in
+the current Blocks and a ``create(ctx)`` that wraps it in a ``gr.Blocks`` of its own, so a
+tab can be launched alone (``python -m webui.data_tab``). This module renders the five tabs
+in one page and connects the few things that cross tabs (the dataset chosen on the Data tab
+feeds the Train tab; "open in playground" switches tabs).
+
+Options come from the command line, or the environment when not given:
+TUNELAB_HOST, TUNELAB_PORT, TUNELAB_AUTH (user:pass[,user2:pass2]), TUNELAB_RUNS_DIR,
+TUNELAB_EXTRA_MODELS (local model directories added to the model list, separated by ':').
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from webui.common import CSS, AppContext
+
+TAB_IDS = ("data", "train", "playground", "export", "runs")
+
+
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("--host", default=None, help="Address to bind (default 127.0.0.1, or $TUNELAB_HOST). "
+                        "Use 0.0.0.0 to serve other machines.")
+    parser.add_argument("--port", type=int, default=None, help="Port (default 7860, or $TUNELAB_PORT).")
+    parser.add_argument("--share", action="store_true", help="Also open a temporary public gradio.live link.")
+    parser.add_argument("--auth", default=None, metavar="USER:PASS",
+                        help="Require a login; several as 'a:1,b:2' (or $TUNELAB_AUTH).")
+    parser.add_argument("--runs-dir", default=None, help="Directory of the runs (default ./runs, or $TUNELAB_RUNS_DIR).")
+    parser.add_argument("--extra-model", action="append", default=[], metavar="DIR",
+                        help="Add a local model directory to the model list (repeatable; $TUNELAB_EXTRA_MODELS).")
+    parser.add_argument("--chat-concurrency", type=int, default=4,
+                        help="Chat requests served at the same time, all users together (default 4).")
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    """'user:pass[,user2:pass2]' -> [(user, pass), ...]; None or '' -> no login."""
+    if not text:
+        return None
+    pairs = []
+    for item in text.split(","):
+        item = item.strip()
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"--auth expects user:password (several separated by commas), got {item!r}")
+        pairs.append((user, password))
+    return pairs
+
+
+def build_app(ctx: AppContext):
+    """The whole app as one gr.Blocks (not launched)."""
+    import gradio as gr
+
+    from webui import data_tab, export_tab, playground_tab, runs_tab, train_tab
+    from webui.links import Links
+
+    ctx.runs_dir.mkdir(parents=True, exist_ok=True)
+    with gr.Blocks(title="tunelab", fill_width=False) as demo:
+        gr.Markdown(
+            "## tunelab\nFine-tune a chat model on your data, then compare base, tuned and ONNX side by side.",
+            elem_id="tl-header",
+        )
+        links = Links.create()
+        with gr.Tabs(selected="data") as tabs:
+            links.tabs = tabs
+            with gr.Tab("1. Data", id="data") as t_data:
+                data = data_tab.build(ctx, links)
+            with gr.Tab("2. Train", id="train") as t_train:
+                train = train_tab.build(ctx, links)
+            with gr.Tab("3. Playground", id="playground") as t_play:
+                play = playground_tab.build(ctx, links)
+            with gr.Tab("4. Export", id="export") as t_export:
+                export = export_tab.build(ctx, links)
+            with gr.Tab("5. Runs", id="runs") as t_runs:
+                runs = runs_tab.build(ctx, links)
+        # Tabs that list runs refresh their pickers when shown (runs appear while the app lives).
+        t_play.select(play.refresh, inputs=[play.run], outputs=[play.run], show_progress="hidden")
+        t_export.select(export.refresh, inputs=[export.run], outputs=[export.run], show_progress="hidden")
+        t_runs.select(runs.refresh, inputs=runs.refresh_inputs, outputs=runs.outputs, show_progress="hidden")
+        # Runs -> Playground: pick the run there and switch tab.
+        runs.open.click(lambda run_id: (play.refresh(str(ctx.runs_dir / run_id)) if run_id else gr.skip(),
+                                        gr.Tabs(selected="playground")),
+                        inputs=runs.selected, outputs=[play.run, tabs], show_progress="hidden")
+        # Runs -> Train: a resumed run is followed on the Train tab.
+        runs.resume_dep.success(train.attach, inputs=runs.resumed, outputs=train.progress_outputs).then(
+            lambda: gr.Tabs(selected="train"), outputs=tabs)
+        # Train -> Playground / Export once a run has finished.
+        train.open_playground.click(lambda run_dir: (play.refresh(run_dir), gr.Tabs(selected="playground")),
+                                    inputs=train.run_dir, outputs=[play.run, tabs], show_progress="hidden")
+        train.open_export.click(lambda run_dir: (export.refresh(run_dir), gr.Tabs(selected="export")),
+                                inputs=train.run_dir, outputs=[export.run, tabs], show_progress="hidden")
+        del data, t_data, t_train
+    return demo
+
+
+def launch_kwargs(ctx: AppContext) -> dict:
+    """Arguments of launch() that every entry point (app or single tab) shares."""
+    import gradio as gr
+
+    return {
+        "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald"),
+        "css": CSS,
+        "show_error": True,
+        "allowed_paths": [str(ctx.runs_dir)],
+    }
+
+
+def run_cli(args) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    host = args.host or os.environ.get("TUNELAB_HOST") or "127.0.0.1"
+    port_text = args.port if args.port is not None else os.environ.get("TUNELAB_PORT", "7860")
+    try:
+        port = int(port_text)
+    except ValueError:
+        print(f"error: TUNELAB_PORT must be a number, got {port_text!r}", file=sys.stderr)
+        return 2
+    try:
+        auth = parse_auth(args.auth if args.auth is not None else os.environ.get("TUNELAB_AUTH"))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    runs_dir = args.runs_dir or os.environ.get("TUNELAB_RUNS_DIR") or "runs"
+    ctx = AppContext(runs_dir=runs_dir, extra_models=list(args.extra_model),
+                     chat_concurrency=max(1, args.chat_concurrency))
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=8)
+    print(f"tunelab: runs in {ctx.runs_dir}; open http://{host}:{port}", flush=True)
+    demo.launch(server_name=host, server_port=port, share=args.share, auth=auth,
+                auth_message="tunelab: log in" if auth else None, **launch_kwargs(ctx))
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m webui.app")
+    add_cli_arguments(p)
+    sys.exit(run_cli(p.parse_args()))

@@ -1,0 +1,309 @@
+"""Data tab: upload or pick a sample, see the detected format, a paged chat preview, the
+statistics with a token-length histogram, the problems with their line numbers, and
+choose what happens to bad records and how much is held out for validation.
+
+Launch alone: ``python -m webui.data_tab``.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+from webui.chat_html import render_page
+from webui.common import AppContext, engine_errors, escape_md, load_tokenizer
+
+FORMATS = ("auto", "openai", "sharegpt", "alpaca", "qa", "preference")
+PER_PAGE = 4
+PROBLEM_COLUMNS = ["File", "Line / record", "Field", "Problem"]
+
+
+@dataclass
+class Inspection:
+    """What the Data tab shows for one dataset (from engine.data.inspect_file)."""
+
+    path: Path
+    name: str
+    records: list
+    problems: list
+    report: dict  # inspect_file's report; empty when loading stopped
+    stopped: str = ""  # the DataError message when loading stopped
+
+    @property
+    def format(self) -> str:
+        return self.report.get("format", "")
+
+    @property
+    def split(self) -> dict:
+        return self.report.get("split", {})
+
+
+def display_name(path: Path) -> str:
+    """The uploaded file's own name (without the hash prefix of the stored copy)."""
+    if path.parent.name == ".uploads" and "-" in path.name:
+        return path.name.split("-", 1)[1]
+    return path.name
+
+
+def stable_copy(src: str | Path, uploads_dir: Path) -> Path:
+    """Copy an upload out of Gradio's temporary cache, so that a queued or resumed run still
+    finds it: ``<runs_dir>/.uploads/<hash>-<name>`` (the same file is stored once)."""
+    src = Path(src)
+    digest = hashlib.sha256()
+    with src.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    uploads_dir.mkdir(parents=True, exist_ok=True)
+    dest = uploads_dir / f"{digest.hexdigest()[:12]}-{src.name}"
+    if not dest.exists():
+        shutil.copyfile(src, dest)
+    return dest
+
+
+def inspect_dataset(path: Path, fmt: str, on_error: str, validation_split: float, max_length: int,
+                    tokenizer) -> Inspection:
+    """One engine call: read, validate, measure and split (a DataError becomes a 'stopped' view)."""
+    from engine import data
+
+    try:
+        result, report = data.inspect_file(str(path), format=fmt, on_error=on_error, max_length=int(max_length),
+                                           tokenizer=tokenizer, validation_split=float(validation_split))
+    except data.DataError as err:
+        return Inspection(path, display_name(path), [], list(err.problems), {}, stopped=str(err))
+    return Inspection(path, display_name(path), result.records, list(result.problems), report)
+
+
+def dataset_choice(ins: Inspection, on_error: str, validation_split, max_length) -> dict | None:
+    """What the Train tab needs to know about a usable dataset (None if it cannot be trained)."""
+    if ins.stopped or not ins.records or ins.format == "preference":
+        return None
+    tokens = (ins.report.get("tokens") or {}).get("tokens") or {}
+    return {
+        "path": str(ins.path), "name": ins.name, "format": ins.format, "on_error": on_error,
+        "validation_split": float(validation_split or 0.0), "max_length": int(max_length or 1024),
+        "records": len(ins.records), "train": ins.split.get("train", len(ins.records)),
+        "val": ins.split.get("validation", 0),
+        "mean_tokens": int(tokens["mean"]) if tokens.get("mean") else None,
+    }
+
+
+def where(problem) -> str:
+    """'line 3', 'row 4', 'record 2 (line 10)' or 'whole file'."""
+    if problem.record is None:
+        return "whole file"
+    text = f"{problem.unit} {problem.record}"
+    if problem.line is not None and problem.unit != "line":
+        text += f" (line {problem.line})"
+    return text
+
+
+def problem_rows(problems: list) -> list[list]:
+    return [[Path(str(p.file)).name, where(p), p.field or "", p.message] for p in problems]
+
+
+def summary_markdown(ins: Inspection) -> str:
+    if ins.stopped:
+        first = ins.stopped.splitlines()[0]
+        return (
+            f"### Stopped: {escape_md(ins.name)}\n"
+            f"{escape_md(first)}\n\n"
+            "Fix the lines listed below, or choose **Skip bad records** to keep the good ones."
+        )
+    rep = ins.report
+    how = "detected" if rep.get("format_detected", True) else "as given"
+    split = ins.split
+    lines = [
+        f"### {escape_md(ins.name)}",
+        f"Format: **{rep.get('format')}** ({how}) - **{rep.get('valid')}** usable record(s) of {rep.get('total')}, "
+        f"{rep.get('skipped')} skipped",
+        f"Split: **{split.get('train', 0)} train / {split.get('validation', 0)} validation** "
+        f"(seed {split.get('seed', 42)})",
+    ]
+    counts = rep.get("counts") or {}
+    if counts.get("messages"):
+        lines.append("Messages: " + ", ".join(f"{k} {v}" for k, v in counts["messages"].items())
+                     + f"; tool calls {counts.get('tool_calls', 0)}")
+    if rep.get("note"):
+        lines.append(f"> {escape_md(rep['note'])}")
+    for warning in rep.get("warnings", []):
+        lines.append(f"> Warning: {escape_md(warning)}")
+    return "\n\n".join(lines)
+
+
+def stats_markdown(tokens: dict | None) -> str:
+    """The token statistics of inspect_file's report as a table."""
+    if not tokens:
+        return ""
+    t = tokens.get("tokens", {})
+    turns = tokens.get("turns", {})
+    rows = [
+        ("Records measured", f"{tokens.get('records', 0):,}"),
+        ("Turns per record (median / max)", f"{turns.get('median', 0):g} / {turns.get('max', 0)}"),
+        ("Tokens per record (min / median / mean)",
+         f"{t.get('min', 0)} / {t.get('median', 0):g} / {t.get('mean', 0):g}"),
+        ("Tokens per record (p95 / max)", f"{t.get('p95', 0):g} / {t.get('max', 0)}"),
+        ("Tokens in all", f"{t.get('total', 0):,}"),
+        (f"Over the cutoff ({tokens.get('max_length')})",
+         f"{tokens.get('over_max_length', 0)} records, {tokens.get('truncated_tokens', 0):,} tokens cut"),
+        ("Trained (assistant) tokens",
+         f"{tokens.get('assistant_tokens', 0):,} ({tokens.get('assistant_fraction', 0):.0%} of kept tokens)"),
+        ("Chat template", str(tokens.get("template", ""))),
+    ]
+    if tokens.get("no_assistant_after_truncation"):
+        rows.append(("Left with no answer after truncation", str(tokens["no_assistant_after_truncation"])))
+    if tokens.get("render_errors"):
+        rows.append(("Render errors", f"{len(tokens['render_errors'])} (first: {tokens['render_errors'][0]})"))
+    return "| statistic | value |\n|---|---:|\n" + "\n".join(f"| {escape_md(a)} | {escape_md(b)} |" for a, b in rows)
+
+
+def histogram_frame(tokens: dict | None):
+    """A DataFrame (bin label, count) of the token lengths, for a bar plot."""
+    import pandas as pd
+
+    hist = (tokens or {}).get("histogram") or {}
+    counts = hist.get("counts") or []
+    edges = hist.get("edges") or []
+    labels = [f"{edges[i]}-{edges[i + 1] - 1}" for i in range(len(counts))]
+    return pd.DataFrame({"tokens": labels, "records": counts})
+
+
+def page_label(page: int, n_records: int) -> str:
+    pages = max(1, -(-n_records // PER_PAGE))
+    return f"Page {page} of {pages} ({n_records} records)"
+
+
+def clamp_page(page, n_records: int) -> int:
+    pages = max(1, -(-n_records // PER_PAGE))
+    try:
+        page = int(page)
+    except (TypeError, ValueError):
+        page = 1
+    return min(max(1, page), pages)
+
+
+def build(ctx: AppContext, links) -> SimpleNamespace:
+    import gradio as gr
+
+    samples = ctx.sample_datasets()
+    records_state = gr.State([])  # this user's usable records, for paging the preview
+
+    gr.Markdown("Upload chat data (JSONL, JSON, CSV, TSV or Parquet), or start from a sample. "
+                "The format is detected; override it if the guess is wrong.")
+    with gr.Row():
+        with gr.Column(scale=3):
+            upload = gr.File(label="Dataset file", file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet"],
+                             file_count="single", elem_id="data-upload", height=140)
+        with gr.Column(scale=2):
+            sample = gr.Dropdown(samples, value=None, label="...or a sample dataset", elem_id="data-sample",
+                                 info="Files in assets/datasets/")
+            load_sample = gr.Button("Load sample", elem_id="data-load-sample")
+    with gr.Row():
+        fmt = gr.Dropdown(list(FORMATS), value="auto", label="Format", elem_id="data-format",
+                          info="auto detects it from the fields")
+        on_error = gr.Radio([("Skip bad records (listed below)", "skip"), ("Stop and list every problem", "stop")],
+                            value="skip", label="Bad records", elem_id="data-on-error")
+        split = gr.Slider(0.0, 0.5, value=0.1, step=0.05, label="Validation split",
+                          info="Fraction held out to measure base vs tuned", elem_id="data-split")
+        max_length = gr.Number(1024, label="Cutoff length (tokens)", precision=0, minimum=16, maximum=131072,
+                               info="Longer records are truncated", elem_id="data-max-length")
+        tokenizer_model = gr.Dropdown(ctx.model_choices(), value=ctx.model_choices()[0], allow_custom_value=True,
+                                      label="Count tokens with", elem_id="data-tokenizer")
+    inspect_btn = gr.Button("Inspect", variant="primary", elem_id="data-inspect")
+    path_state = gr.State(None)  # stable path of the current file
+
+    summary = gr.Markdown(elem_id="data-summary")
+    with gr.Row():
+        with gr.Column(scale=1):
+            stats_md = gr.Markdown(elem_id="data-stats")
+        with gr.Column(scale=2):
+            hist = gr.BarPlot(x="tokens", y="records", sort=None, title="Tokens per record", height=260,
+                              x_title="tokens", y_title="records", elem_id="data-histogram")
+    problems = gr.Dataframe(headers=PROBLEM_COLUMNS, value=[], label="Problems (skipped records, with line numbers)",
+                            interactive=False, wrap=True, elem_id="data-problems", max_height=260)
+    gr.Markdown("#### Preview")
+    with gr.Row():
+        prev_btn = gr.Button("< Previous", size="sm", elem_id="data-prev")
+        page = gr.Number(1, label="Page", precision=0, minimum=1, elem_id="data-page", scale=0, min_width=90)
+        next_btn = gr.Button("Next >", size="sm", elem_id="data-next")
+        page_info = gr.Markdown("", elem_id="data-page-info")
+    preview = gr.HTML("<p><em>Load a dataset to preview it.</em></p>", elem_id="data-preview")
+
+    @engine_errors
+    def on_upload(file):
+        if not file:
+            return None
+        return str(stable_copy(file, ctx.runs_dir / ".uploads"))
+
+    @engine_errors
+    def on_sample(name):
+        if not name:
+            raise gr.Error("Choose a sample dataset first.")
+        return str(ctx.samples_dir / name)
+
+    @engine_errors
+    def run_inspect(path, fmt_v, on_error_v, split_v, max_len_v, tok_model, progress=gr.Progress()):
+        if not path:
+            raise gr.Error("Upload a dataset file or load a sample first.")
+        progress(0.1, desc="Loading the tokenizer")
+        tokenizer = load_tokenizer(tok_model or ctx.model_choices()[0])
+        progress(0.3, desc="Reading, validating and counting tokens")
+        ins = inspect_dataset(Path(path), fmt_v, on_error_v, split_v or 0.0, max_len_v or 1024, tokenizer)
+        if ins.stopped:
+            gr.Warning(f"{ins.name}: {len(ins.problems)} problem(s); loading stopped. See the list.")
+        elif ins.problems:
+            gr.Warning(f"{ins.name}: {ins.report.get('skipped')} record(s) skipped; see the list of problems.")
+        tokens = ins.report.get("tokens")
+        return (
+            summary_markdown(ins),
+            stats_markdown(tokens),
+            histogram_frame(tokens),
+            problem_rows(ins.problems),
+            ins.records,
+            1,
+            page_label(1, len(ins.records)),
+            render_page(ins.records, 1, PER_PAGE),
+            dataset_choice(ins, on_error_v, split_v, max_len_v),
+        )
+
+    def show_page(records, page_v, delta=0):
+        p = clamp_page((page_v or 1) + delta, len(records))
+        return p, page_label(p, len(records)), render_page(records, p, PER_PAGE)
+
+    inspect_inputs = [path_state, fmt, on_error, split, max_length, tokenizer_model]
+    inspect_outputs = [summary, stats_md, hist, problems, records_state, page, page_info, preview, links.dataset]
+    upload.upload(on_upload, inputs=upload, outputs=path_state).success(
+        run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
+    load_sample.click(on_sample, inputs=sample, outputs=path_state).success(
+        run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
+    inspect_btn.click(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
+    for widget in (fmt, on_error):
+        widget.input(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
+    split.release(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
+    max_length.submit(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
+    prev_btn.click(lambda r, p: show_page(r, p, -1), inputs=[records_state, page], outputs=[page, page_info, preview],
+                   show_progress="hidden")
+    next_btn.click(lambda r, p: show_page(r, p, +1), inputs=[records_state, page], outputs=[page, page_info, preview],
+                   show_progress="hidden")
+    page.submit(show_page, inputs=[records_state, page], outputs=[page, page_info, preview], show_progress="hidden")
+    return SimpleNamespace(upload=upload, sample=sample, summary=summary, problems=problems, preview=preview)
+
+
+def create(ctx: AppContext | None = None):
+    """This tab alone in its own gr.Blocks."""
+    import gradio as gr
+
+    from webui.links import Links
+
+    ctx = ctx or AppContext()
+    with gr.Blocks(title="tunelab - data") as demo:
+        build(ctx, Links.create())
+    return demo
+
+
+if __name__ == "__main__":
+    from webui.app import launch_kwargs
+
+    _ctx = AppContext()
+    create(_ctx).launch(**launch_kwargs(_ctx))

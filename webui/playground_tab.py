@@ -1,0 +1,301 @@
+"""Playground tab: one prompt, three streaming answers side by side - the base model, the
+tuned model (PyTorch, adapter applied) and the tuned model exported to ONNX - each with
+its time to first token and tokens per second.
+
+Per-user things live in ``gr.State``: each column's history and its loaded model (freed
+when the session ends). The three columns are three events fired by the same click, so
+they stream together; ``concurrency_limit`` bounds how many chats run at once for all
+users together.
+
+Launch alone: ``python -m webui.playground_tab``.
+"""
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from webui.common import AppContext, engine_errors, escape_md
+
+BACKENDS = ("base", "tuned", "onnx")
+TITLES = {"base": "Base", "tuned": "Tuned", "onnx": "Tuned (ONNX)"}
+SESSION_TTL_S = 3600  # chat histories of an idle session are dropped after this
+
+
+# --------------------------------------------------------------------------- engine adapters
+
+
+def list_chat_runs(runs_dir: Path) -> list[tuple[str, str]]:
+    """(label, run_dir) of the runs that have trained weights, newest first."""
+    from engine import runs
+
+    if not runs_dir.is_dir():
+        return []
+    choices = []
+    for info in runs.list_runs(runs_dir):
+        run_dir = Path(info.get("run_dir") or runs_dir / info["run_id"])
+        state = info.get("state", info.get("status", "?"))
+        has_weights = (run_dir / "adapter").is_dir() or (run_dir / "model").is_dir()
+        label = f"{run_dir.name} ({state}{'' if has_weights else ', no weights yet'})"
+        choices.append((label, str(run_dir)))
+    return choices
+
+
+def backend_availability(run_dir: str | None, backend: str, onnx_precision: str = "int4") -> tuple[bool, str]:
+    """Whether ``backend`` can answer for this run, and if not, what to do (a sentence)."""
+    if backend == "base":
+        return True, ""
+    if not run_dir:
+        return False, "Pick a trained run above (train one on the **Train** tab)."
+    run = Path(run_dir)
+    if not ((run / "adapter").is_dir() or (run / "model").is_dir()):
+        return False, (f"Run **{escape_md(run.name)}** has no trained weights yet: wait for it to finish "
+                       "on the **Train** tab, or pick another run.")
+    if backend == "onnx" and not (run / "export" / f"onnx-{onnx_precision}").is_dir():
+        return False, (f"No ONNX {onnx_precision} export of **{escape_md(run.name)}** yet. Export it here "
+                       "(about a minute for the default model), or on the **Export** tab.")
+    return True, ""
+
+
+@dataclass
+class Column:
+    """One column's per-user state: its history and the stop flag of its generation.
+
+    The loaded models themselves are shared by every user through the engine's cache
+    (engine.inference.load_chat_model, a small LRU), so three users chatting with the same
+    run do not load it three times.
+    """
+
+    backend: str
+    history: list = field(default_factory=list)
+    stop: Any = None  # threading.Event of the generation in flight
+
+    def request_stop(self):
+        if self.stop is not None:
+            self.stop.set()
+
+
+def stats_line(stats, backend: str) -> str:
+    """Time to first token and tokens per second of one reply (engine GenerationStats)."""
+    if stats is None:
+        return ""
+    parts = [f"first token {stats.ttft_s:.2f} s", f"{stats.decode_tokens_per_s:.1f} tokens/s",
+             f"{stats.new_tokens} tokens"]
+    if stats.finish_reason != "eos":
+        parts.append({"length": "hit max new tokens", "stopped": "stopped"}.get(stats.finish_reason,
+                                                                               stats.finish_reason))
+    return f'<span class="tl-stats" data-backend="{backend}">' + " &middot; ".join(parts) + "</span>"
+
+
+def validation_example(run_dir: str, rng: random.Random) -> tuple[str, str, str]:
+    """(system prompt, prompt, reference answer) from the run's held-out split."""
+    from engine import data
+    from engine.config import RunConfig
+
+    cfg = RunConfig.load(Path(run_dir) / "config.yaml")
+    _, _, val = data.load_for_training(cfg.data)
+    if not val:
+        raise ValueError(f"Run {Path(run_dir).name} has no validation split (data.validation_split is 0).")
+    conv = rng.choice(val)
+    last_assistant = max(i for i, m in enumerate(conv) if m["role"] == "assistant") if any(
+        m["role"] == "assistant" for m in conv) else len(conv)
+    user_turns = [m for m in conv[:last_assistant] if m["role"] == "user"]
+    system = next((m["content"] for m in conv if m["role"] == "system"), "")
+    prompt = user_turns[-1]["content"] if user_turns else ""
+    reference = conv[last_assistant]["content"] if last_assistant < len(conv) else ""
+    return system, prompt, reference
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def build(ctx: AppContext, links) -> SimpleNamespace:
+    import gradio as gr
+
+    from engine import inference
+
+    with gr.Row():
+        run = gr.Dropdown([], value=None, label="Run", scale=3, elem_id="play-run",
+                          info="The tuned columns use this run's adapter and its ONNX export")
+        refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=90)
+    system = gr.Textbox("", label="System prompt", placeholder="Optional; the same for the three models",
+                        lines=1, elem_id="play-system")
+    with gr.Accordion("Generation settings (shared by the three)", open=False):
+        with gr.Row():
+            max_new_tokens = gr.Number(128, label="Max new tokens", precision=0, minimum=1, maximum=4096,
+                                       elem_id="play-max-new")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
+                                    info="0 = greedy (deterministic)")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+            repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
+
+    chatbots, stats_boxes, notices, fix_buttons, col_states = {}, {}, {}, {}, {}
+    with gr.Row(equal_height=True):
+        for backend in BACKENDS:
+            with gr.Column(min_width=260):
+                chatbots[backend] = gr.Chatbot(label=TITLES[backend], height=380, elem_id=f"play-chat-{backend}",
+                                               buttons=["copy"], feedback_options=None)
+                stats_boxes[backend] = gr.HTML("", elem_id=f"play-stats-{backend}")
+                notices[backend] = gr.Markdown("", visible=False, elem_id=f"play-notice-{backend}",
+                                               elem_classes=["tl-note"])
+                if backend == "onnx":
+                    with gr.Row():
+                        onnx_precision = gr.Dropdown(["int4", "int8", "fp32"], value="int4", label="ONNX precision",
+                                                     scale=1, min_width=100, elem_id="play-onnx-precision")
+                        fix_buttons[backend] = gr.Button("Export to ONNX now", visible=False, scale=1,
+                                                         elem_id="play-export-onnx")
+                elif backend == "tuned":
+                    fix_buttons[backend] = gr.Button("Go to the Train tab", visible=False, elem_id="play-go-train")
+                col_states[backend] = gr.State(Column(backend), time_to_live=SESSION_TTL_S)
+    prompt = gr.Textbox(label="Prompt", placeholder="Ask the three models...", lines=2, elem_id="play-prompt")
+    with gr.Row():
+        send_btn = gr.Button("Send", variant="primary", elem_id="play-send")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="play-stop")
+        clear_btn = gr.Button("Clear", elem_id="play-clear")
+        example_btn = gr.Button("Try a validation example", elem_id="play-example")
+    reference = gr.Markdown("", elem_id="play-reference")
+    pending = gr.State("")  # the prompt being answered (so the textbox can be cleared at once)
+    rng_state = gr.State(None)
+
+    # ---- handlers
+
+    def refresh(current):
+        choices = list_chat_runs(ctx.runs_dir)
+        values = [v for _, v in choices]
+        return gr.Dropdown(choices=choices, value=current if current in values else (values[0] if values else None))
+
+    def show_availability(run_dir, onnx_prec="int4"):
+        out = []
+        for backend in BACKENDS:
+            ok, why = backend_availability(run_dir, backend, onnx_prec)
+            out.append(gr.Markdown(why, visible=not ok))
+            if backend in fix_buttons:
+                out.append(gr.Button(visible=not ok and (backend != "tuned" or links.tabs is not None)))
+        return out
+
+    availability_outputs = []
+    for backend in BACKENDS:
+        availability_outputs.append(notices[backend])
+        if backend in fix_buttons:
+            availability_outputs.append(fix_buttons[backend])
+
+    def take_prompt(text):
+        text = (text or "").strip()
+        if not text:
+            raise gr.Error("Type a prompt first.")
+        return "", text
+
+    def make_answer(backend: str):
+        @engine_errors
+        def answer(text, column: Column, run_dir, system_v, max_new, temp, top_p_v, rep, onnx_prec):
+            if not text:
+                return
+            ok, _ = backend_availability(run_dir, backend, onnx_prec)
+            if not ok:  # the column's notice says what to do
+                yield column.history, "", column
+                return
+            history = column.history + [{"role": "user", "content": text}]
+            settings = inference.GenerationSettings(
+                max_new_tokens=int(max_new or 128), temperature=float(temp or 0.0), top_p=float(top_p_v or 1.0),
+                repetition_penalty=float(rep or 1.0))
+            column.stop = threading.Event()
+            reply, stats = "", None
+            events = inference.stream_chat(run_dir or ctx.model_choices()[0], backend, history, settings,
+                                           system=system_v or None, stop=column.stop,
+                                           precision=onnx_prec if backend == "onnx" else None)
+            for event in events:
+                if event.kind == "status":
+                    yield history + [{"role": "assistant", "content": f"({event.text})"}], "", column
+                elif event.kind == "text":
+                    reply += event.text
+                    yield history + [{"role": "assistant", "content": reply}], "", column
+                elif event.kind == "done":
+                    stats = event.stats
+            column.history = history + [{"role": "assistant", "content": reply}]
+            yield column.history, stats_line(stats, backend), column
+
+        return answer
+
+    def stop_all(*columns):
+        for column in columns:
+            column.request_stop()
+
+    def clear(*columns):
+        for column in columns:
+            column.request_stop()
+            column.history = []
+        return [[] for _ in columns] + ["" for _ in columns] + [*columns, ""]
+
+    @engine_errors
+    def try_example(run_dir, rng):
+        if not run_dir:
+            raise gr.Error("Pick a run first: its held-out validation split supplies the examples.")
+        rng = rng or random.Random()
+        system_v, prompt_v, ref = validation_example(run_dir, rng)
+        return system_v, prompt_v, f"**Reference answer** (from the validation split):\n\n> {escape_md(ref)}", rng
+
+    @engine_errors
+    def export_onnx(run_dir, precision, progress=gr.Progress()):
+        from engine import export
+
+        if not run_dir:
+            raise gr.Error("Pick a trained run first.")
+        progress(0.05, desc=f"Exporting {Path(run_dir).name} to ONNX {precision} (about a minute)")
+        export.export_onnx(Path(run_dir), precision)
+        gr.Info(f"ONNX {precision} export ready.")
+        return show_availability(run_dir, precision)
+
+    # ---- events
+    refresh_btn.click(refresh, inputs=run, outputs=run, show_progress="hidden")
+    run.change(show_availability, inputs=[run, onnx_precision], outputs=availability_outputs,
+               show_progress="hidden")
+    gr.on(triggers=None, fn=lambda: show_availability(None), inputs=None, outputs=availability_outputs,
+          show_progress="hidden")
+    gr.on(triggers=None, fn=lambda: refresh(None), inputs=None, outputs=run, show_progress="hidden")
+    started = gr.on([send_btn.click, prompt.submit], take_prompt, inputs=prompt, outputs=[prompt, pending],
+                    show_progress="hidden")
+    answer_events = []
+    for backend in BACKENDS:
+        answer_events.append(started.success(
+            make_answer(backend),
+            inputs=[pending, col_states[backend], run, system, max_new_tokens, temperature, top_p,
+                    repetition_penalty, onnx_precision],
+            outputs=[chatbots[backend], stats_boxes[backend], col_states[backend]],
+            concurrency_limit=ctx.chat_concurrency, concurrency_id=f"chat-{backend}",
+            show_progress="minimal",
+        ))
+    columns = [col_states[b] for b in BACKENDS]
+    # Stop sets each column's stop flag: the generators end after the current token and
+    # still report their statistics (cancelling the events would lose them).
+    stop_btn.click(stop_all, inputs=columns, outputs=None, concurrency_limit=None, show_progress="hidden")
+    clear_btn.click(clear, inputs=columns,
+                    outputs=[*(chatbots[b] for b in BACKENDS), *(stats_boxes[b] for b in BACKENDS), *columns,
+                             reference], cancels=answer_events, show_progress="hidden")
+    example_btn.click(try_example, inputs=[run, rng_state], outputs=[system, prompt, reference, rng_state])
+    fix_buttons["onnx"].click(export_onnx, inputs=[run, onnx_precision], outputs=availability_outputs,
+                              concurrency_limit=1, concurrency_id="export")
+    onnx_precision.change(show_availability, inputs=[run, onnx_precision], outputs=availability_outputs, show_progress="hidden")
+    if links.tabs is not None:
+        fix_buttons["tuned"].click(lambda: gr.Tabs(selected="train"), outputs=links.tabs)
+    return SimpleNamespace(run=run, refresh=refresh, prompt=prompt, send=send_btn, chatbots=chatbots)
+
+
+def create(ctx: AppContext | None = None):
+    import gradio as gr
+
+    from webui.links import Links
+
+    ctx = ctx or AppContext()
+    with gr.Blocks(title="tunelab - playground") as demo:
+        build(ctx, Links.create())
+    return demo
+
+
+if __name__ == "__main__":
+    from webui.app import launch_kwargs
+
+    _ctx = AppContext()
+    create(_ctx).launch(**launch_kwargs(_ctx))

@@ -1,0 +1,192 @@
+"""Runs tab: every run on disk with its status, method, data, final losses and duration;
+the loss curves of several runs on one chart; resume, delete (with confirmation), and open
+in the playground.
+
+Launch alone: ``python -m webui.runs_tab``.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr  # at module level: the select handler's gr.SelectData annotation must resolve
+
+from webui.common import AppContext, engine_errors, escape_md, fmt_duration, fmt_number
+
+COLUMNS = ["Run", "Status", "Method", "Model", "Data", "Steps", "Train loss", "Eval loss", "Duration", "Started"]
+
+
+def run_table(runs_dir: Path) -> tuple[list[list], list[str]]:
+    """Rows for the table and the run ids, newest first (one engine call: runs.list_runs)."""
+    from engine import runs
+
+    if not runs_dir.is_dir():
+        return [], []
+    rows, ids = [], []
+    for info in runs.list_runs(runs_dir):
+        rows.append([
+            info.get("run_id"),
+            info.get("state", info.get("status", "?")),
+            info.get("method") or "-",
+            Path(str(info.get("model") or "-")).name,
+            Path(str(info.get("data") or "-")).name,
+            info.get("step") if info.get("step") is not None else "-",
+            fmt_number(info.get("train_loss")),
+            fmt_number(info.get("eval_loss")),
+            fmt_duration(info.get("duration_s")),
+            str(info.get("started_at") or info.get("created_at") or "-")[:19].replace("T", " "),
+        ])
+        ids.append(str(info.get("run_id")))
+    return rows, ids
+
+
+def loss_curves(runs_dir: Path, run_ids: list[str], series: str = "train"):
+    """A DataFrame (step, loss, run) of the chosen runs' train or eval loss."""
+    import pandas as pd
+
+    from engine import runs
+
+    key = "loss" if series == "train" else "eval_loss"
+    points = []
+    for run_id in run_ids:
+        reader = runs.MetricsReader(runs_dir / run_id)
+        for row in reader.read_new():
+            if row.get(key) is not None and row.get("step") is not None:
+                points.append({"step": row["step"], "loss": float(row[key]), "run": run_id})
+    if not points:
+        return pd.DataFrame({"step": [], "loss": [], "run": []})
+    return pd.DataFrame(points)
+
+
+def run_details(runs_dir: Path, run_id: str | None) -> str:
+    """Status, base-vs-tuned evaluation and the command of one run."""
+    import json
+
+    from engine import runs
+
+    if not run_id:
+        return "Select a run (click a row, or pick it below)."
+    run_dir = runs_dir / run_id
+    status = runs.read_status(run_dir)
+    lines = [f"### {escape_md(run_id)} - {escape_md(status.get('state', '?'))}"]
+    if status.get("error_class"):
+        lines.append(f"**{escape_md(status['error_class'])}**: {escape_md(status.get('error') or '')}")
+    eval_path = run_dir / "eval.json"
+    if eval_path.is_file():
+        try:
+            ev = json.loads(eval_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            ev = {"error": f"cannot read eval.json: {err}"}
+        shown = ", ".join(f"{k.replace('_', ' ')} {fmt_number(v)}" for k, v in ev.items()
+                          if isinstance(v, (int, float, str)))
+        lines.append(f"Validation: {escape_md(shown)}")
+    cmd = run_dir / "command.txt"
+    if cmd.is_file():
+        lines.append(f"```\n{cmd.read_text(encoding='utf-8').strip()}\n```")
+    return "\n\n".join(lines)
+
+
+def build(ctx: AppContext, links) -> SimpleNamespace:
+    rows, ids = [], []  # filled when the page loads
+    with gr.Row():
+        refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=90, elem_id="runs-refresh")
+    table = gr.Dataframe(headers=COLUMNS, value=rows, interactive=False, wrap=True, elem_id="runs-table",
+                         label="Runs (newest first)", max_height=360)
+    with gr.Row():
+        with gr.Column(scale=2):
+            compare = gr.CheckboxGroup(ids, value=ids[:3], label="Compare loss curves", elem_id="runs-compare")
+            series = gr.Radio([("Train loss", "train"), ("Eval loss", "eval")], value="train", label="Curve")
+        with gr.Column(scale=3):
+            curves = gr.LinePlot(x="step", y="loss", color="run", title="Loss by run", height=300,
+                                 elem_id="runs-curves")
+    with gr.Row():
+        selected = gr.Dropdown(ids, value=ids[0] if ids else None, label="Run", elem_id="runs-selected", scale=2)
+        resume_btn = gr.Button("Resume", elem_id="runs-resume", scale=1)
+        open_btn = gr.Button("Open in playground", elem_id="runs-open", scale=1)
+        delete_btn = gr.Button("Delete...", variant="stop", elem_id="runs-delete", scale=1)
+    with gr.Row(visible=False) as confirm_row:
+        confirm_md = gr.Markdown("", elem_id="runs-confirm-text")
+        confirm_btn = gr.Button("Yes, delete it", variant="stop", elem_id="runs-confirm", scale=0)
+        cancel_btn = gr.Button("Cancel", elem_id="runs-cancel", scale=0)
+    details = gr.Markdown("", elem_id="runs-details")
+
+    def refresh(current_selected=None, current_compare=None):
+        rows, ids = run_table(ctx.runs_dir)
+        keep = [r for r in (current_compare or []) if r in ids] or ids[:3]
+        sel = current_selected if current_selected in ids else (ids[0] if ids else None)
+        return (rows, gr.CheckboxGroup(choices=ids, value=keep), gr.Dropdown(choices=ids, value=sel))
+
+    def plot(chosen, which):
+        return loss_curves(ctx.runs_dir, list(chosen or []), which)
+
+    def pick_row(evt: gr.SelectData, rows):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        try:
+            return rows.iloc[row, 0] if hasattr(rows, "iloc") else rows[row][0]
+        except (IndexError, KeyError, TypeError):
+            return gr.skip()
+
+    def ask_delete(run_id):
+        if not run_id:
+            raise gr.Error("Pick a run to delete.")
+        return gr.Row(visible=True), f"Delete **{escape_md(run_id)}** and everything in it (adapter, exports)?"
+
+    @engine_errors
+    def delete(run_id, chosen):
+        from engine import runs
+
+        run_dir = ctx.runs_dir / run_id
+        status = runs.read_status(run_dir)
+        if status.get("state") in ("running", "starting", "queued"):
+            raise gr.Error(f"{run_id} is {status.get('state')}: stop it on the Train tab before deleting.")
+        delete_run = getattr(runs, "delete_run", None)
+        if delete_run is not None:
+            delete_run(run_dir)
+        else:
+            shutil.rmtree(run_dir)
+        gr.Info(f"Deleted {run_id}.")
+        return (gr.Row(visible=False), *refresh(None, [c for c in (chosen or []) if c != run_id]))
+
+    @engine_errors
+    def resume(run_id):
+        from engine import launch
+
+        if not run_id:
+            raise gr.Error("Pick a run to resume.")
+        run_dir = launch.resume(ctx.runs_dir / run_id)
+        gr.Info(f"Resuming {run_id} from its last checkpoint; follow it on the Train tab.")
+        return str(run_dir)
+
+    refresh_outputs = [table, compare, selected]
+    refresh_btn.click(refresh, inputs=[selected, compare], outputs=refresh_outputs, show_progress="hidden")
+    gr.on([compare.change, series.change], plot, inputs=[compare, series], outputs=curves, show_progress="hidden")
+    table.select(pick_row, inputs=table, outputs=selected, show_progress="hidden")
+    selected.change(lambda r: run_details(ctx.runs_dir, r), inputs=selected, outputs=details, show_progress="hidden")
+    delete_btn.click(ask_delete, inputs=selected, outputs=[confirm_row, confirm_md])
+    cancel_btn.click(lambda: gr.Row(visible=False), outputs=confirm_row)
+    confirm_btn.click(delete, inputs=[selected, compare], outputs=[confirm_row, *refresh_outputs])
+    resumed = gr.State(None)  # the run directory just resumed (the app hands it to the Train tab)
+    resume_dep = resume_btn.click(resume, inputs=selected, outputs=resumed)
+    gr.on(triggers=None, fn=lambda: refresh(None, None), inputs=None, outputs=refresh_outputs,
+          show_progress="hidden")
+    return SimpleNamespace(
+        table=table, selected=selected, open=open_btn, resume=resume_btn, resume_dep=resume_dep, resumed=resumed,
+        refresh=lambda s, c: refresh(s, c), refresh_inputs=[selected, compare], outputs=refresh_outputs,
+    )
+
+
+def create(ctx: AppContext | None = None):
+    from webui.links import Links
+
+    ctx = ctx or AppContext()
+    with gr.Blocks(title="tunelab - runs") as demo:
+        build(ctx, Links.create())
+    return demo
+
+
+if __name__ == "__main__":
+    from webui.app import launch_kwargs
+
+    _ctx = AppContext()
+    create(_ctx).launch(**launch_kwargs(_ctx))

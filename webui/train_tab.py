@@ -1,0 +1,588 @@
+"""Train tab: model, method with a per-method comparison on this hardware, the hardware
+recommendation with its reasons, typed hyperparameters, LoRA and DeepSpeed options, the
+command that will run, Start/Stop, and live progress (bar, loss chart, log tail, failure
+panel).
+
+Training runs in its own detached process (engine.launch); this tab only reads the run
+directory. A per-user ``gr.State`` remembers which run the page watches and the metrics
+reader's byte offset, so each tick reads only the new lines of metrics.jsonl, and the chart
+is redrawn only when new points arrive. Reloading the page re-attaches to the active run.
+
+Launch alone: ``python -m webui.train_tab``.
+"""
+from __future__ import annotations
+
+import functools
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from webui.common import AppContext, engine_errors, escape_md, fmt_duration, fmt_number
+from webui.links import dataset_summary
+
+METHOD_CHOICES = [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora"), ("DoRA", "dora"), ("Full fine-tune", "full")]
+ACTIVE_STATES = ("queued", "starting", "running")
+FINAL_STATES = ("completed", "failed", "aborted")
+LOG_LINES = 40
+
+# What to do for each failure class the trainer reports (status.json "error_class").
+FAILURE_ADVICE = {
+    "OutOfMemoryError": "The model did not fit. Lower the batch size (raise gradient accumulation to keep the "
+                        "effective batch), lower the cutoff length, turn on gradient checkpointing, or use QLoRA.",
+    "DataError": "The dataset has a problem: open the Data tab, fix the listed lines or choose to skip bad records.",
+    "ConfigError": "A setting is invalid: the message names the field; correct it and start again.",
+    "ModelNotFoundError": "The model could not be loaded: use the embedded model or an existing local directory "
+                          "(the Hub is not reachable without a network).",
+    "Killed": "The process was killed (often the system ran out of memory): lower the batch size or cutoff length.",
+    "Aborted": "The run was stopped. Resume it from its last checkpoint on the Runs tab, or start a new one.",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def hardware_profile():
+    """This machine's hardware (detected once per process)."""
+    from engine import hardware
+
+    return hardware.detect()
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class FormValues:
+    """The Train tab's widgets, in the order they are passed to handlers."""
+
+    model: str = "smollm2-135m-instruct"
+    method: str = "lora"
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float | None = None
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    precision: str = "auto"
+    assistant_only_loss: bool = True
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    eval_steps: int = 0
+    save_steps: int = 50
+    seed: int = 42
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "all-linear"
+    use_rslora: bool = False
+    deepspeed: str = "none"
+    num_processes: int = 1
+    offload: bool = False
+    run_name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f for f in cls.__dataclass_fields__ if f != "extra"]
+
+
+def build_config(form: FormValues, dataset: dict | None, runs_dir: Path):
+    """A RunConfig from the form and the dataset chosen on the Data tab (raises ConfigError)."""
+    from engine.config import ConfigError, RunConfig
+
+    if not dataset:
+        raise ConfigError("data.path", "no dataset chosen: load one on the Data tab first")
+
+    def num(value, cast, default=None):
+        if value is None or value == "":
+            return default
+        return cast(value)
+
+    targets = form.target_modules.strip() or "all-linear"
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    data = {
+        "model": {"name_or_path": (form.model or "").strip()},
+        "data": {
+            "path": dataset["path"],
+            "format": dataset.get("format", "auto"),
+            "validation_split": float(dataset.get("validation_split", 0.1)),
+            "max_length": int(dataset.get("max_length", 1024)),
+            "on_error": dataset.get("on_error", "skip"),
+        },
+        "method": {
+            "name": form.method, "r": num(form.r, int, 16), "alpha": num(form.alpha, int, 32),
+            "dropout": num(form.dropout, float, 0.0), "target_modules": targets, "use_rslora": bool(form.use_rslora),
+        },
+        "training": {
+            "num_epochs": num(form.num_epochs, float, 1.0),
+            "max_steps": num(form.max_steps, int, -1),
+            "learning_rate": num(form.learning_rate, float) or None,
+            "batch_size": num(form.batch_size, int, 1),
+            "gradient_accumulation_steps": num(form.gradient_accumulation_steps, int, 1),
+            "warmup_ratio": num(form.warmup_ratio, float, 0.0),
+            "weight_decay": num(form.weight_decay, float, 0.0),
+            "lr_scheduler": form.lr_scheduler,
+            "precision": form.precision,
+            "assistant_only_loss": bool(form.assistant_only_loss),
+            "packing": bool(form.packing),
+            "gradient_checkpointing": bool(form.gradient_checkpointing),
+            "logging_steps": num(form.logging_steps, int, 1),
+            "eval_steps": num(form.eval_steps, int, 0),
+            "save_steps": num(form.save_steps, int, 50),
+            "seed": num(form.seed, int, 42),
+        },
+        "distributed": {
+            "deepspeed": form.deepspeed, "num_processes": num(form.num_processes, int, 1),
+            "offload": bool(form.offload),
+        },
+        "output": {"runs_dir": str(runs_dir), "run_id": (form.run_name or "").strip() or None},
+    }
+    if data["training"]["max_steps"] in (0, None):
+        data["training"]["max_steps"] = -1
+    return RunConfig.from_dict(data)
+
+
+def command_preview(form: FormValues, dataset: dict | None, runs_dir: Path) -> str:
+    """The command line that Start would run (the run id is a placeholder until it starts)."""
+    from engine import launch
+
+    cfg = build_config(form, dataset, runs_dir)
+    run_dir = runs_dir / (cfg.output.run_id or "<run-id>")
+    return shlex.join(str(part) for part in launch.build_command(cfg, run_dir))
+
+
+# --------------------------------------------------------------------------- recommendation
+
+
+def recommendation_for(model_ref: str, method: str | None, dataset: dict | None):
+    from engine import hardware
+    from engine.models import resolve_model
+
+    model_dir = resolve_model(model_ref)
+    n = int((dataset or {}).get("train") or 1000)
+    max_length = int((dataset or {}).get("max_length") or 1024)
+    mean = (dataset or {}).get("mean_tokens")
+    return hardware.recommend(hardware_profile(), model_dir, method, n, max_length, mean)
+
+
+def comparison_markdown(rec, model_ref: str, dataset: dict | None) -> str:
+    basis = (f"{dataset['train']} training examples" if dataset else "1000 examples (no dataset chosen yet)")
+    return (f"Estimated for **{escape_md(model_ref)}** on this machine, {basis}, one epoch:\n\n" + rec.table())
+
+
+def reasons_markdown(rec) -> str:
+    profile = hardware_profile()
+    lines = [f"**Hardware:** {escape_md(profile.summary())}", "", "**Recommendation**", ""]
+    plan = {
+        "precision": rec.precision, "method": rec.method,
+        "batch_size": f"{rec.batch_size} x {rec.gradient_accumulation_steps} accumulation",
+        "deepspeed": rec.deepspeed, "launcher": f"{rec.launcher} ({rec.num_processes} process(es))",
+        "gradient_checkpointing": "on" if rec.gradient_checkpointing else "off",
+    }
+    for key, value in plan.items():
+        lines.append(f"- **{key.replace('_', ' ')}: {value}** - {escape_md(rec.reasons.get(key, ''))}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@dataclass
+class Watch:
+    """The run this page watches, and how far it has read (lives in a per-user gr.State)."""
+
+    run_dir: str
+    reader: Any = None
+    points: list = field(default_factory=list)
+    last: dict = field(default_factory=dict)
+    log_size: int = -1
+
+    @classmethod
+    def attach(cls, run_dir: str | Path) -> "Watch":
+        from engine import runs
+
+        return cls(run_dir=str(run_dir), reader=runs.MetricsReader(Path(run_dir)))
+
+    def read(self) -> bool:
+        """Read the new metric lines; True when there are new chart points."""
+        new = self.reader.read_new()
+        added = False
+        for row in new:
+            self.last.update({k: v for k, v in row.items() if v is not None})
+            step = row.get("step")
+            if step is None:
+                continue
+            if row.get("loss") is not None:
+                self.points.append({"step": step, "loss": float(row["loss"]), "series": "train"})
+                added = True
+            if row.get("eval_loss") is not None:
+                self.points.append({"step": step, "loss": float(row["eval_loss"]), "series": "eval"})
+                added = True
+        return added
+
+
+def loss_frame(points: list):
+    import pandas as pd
+
+    if not points:
+        return pd.DataFrame({"step": [], "loss": [], "series": []})
+    return pd.DataFrame(points)
+
+
+def _total_steps(status: dict, last: dict) -> int | None:
+    for source in (last, status):
+        for key in ("total_steps", "max_steps"):
+            value = source.get(key)
+            if isinstance(value, (int, float)) and value > 0:
+                return int(value)
+    return None
+
+
+def progress_html(status: dict, last: dict, run_dir: str) -> str:
+    """A progress bar with step counts, ETA and the state of the run."""
+    state = status.get("state", "unknown")
+    run_id = Path(run_dir).name
+    step = int(last.get("step") or status.get("step") or 0)
+    total = _total_steps(status, last)
+    if state == "completed":
+        frac = 1.0
+        if total:
+            step = max(step, total)
+    else:
+        frac = min(1.0, step / total) if total else 0.0
+    pct = int(round(frac * 100))
+    parts = [f"<b>{escape_md(run_id)}</b> - {escape_md(state)}"]
+    if total:
+        parts.append(f"step {step} / {total} ({pct}%)")
+    elif step:
+        parts.append(f"step {step}")
+    if state in ("running", "starting"):
+        if last.get("eta_s") is not None:
+            parts.append(f"ETA {fmt_duration(last.get('eta_s'))}")
+        if last.get("elapsed_s") is not None:
+            parts.append(f"elapsed {fmt_duration(last.get('elapsed_s'))}")
+    if last.get("loss") is not None:
+        parts.append(f"loss {fmt_number(last.get('loss'))}")
+    if last.get("eval_loss") is not None:
+        parts.append(f"eval loss {fmt_number(last.get('eval_loss'))}")
+    if last.get("tokens_per_second"):
+        parts.append(f"{fmt_number(last.get('tokens_per_second'), 3)} tokens/s")
+    if state == "queued":
+        parts.append("waiting for the running job to finish")
+    return (
+        f'<div class="tl-status" id="train-progress" data-state="{state}" data-percent="{pct}">'
+        f'<div>{" &middot; ".join(parts)}</div>'
+        f'<div class="tl-progress" role="progressbar" aria-valuenow="{pct}" aria-valuemin="0" aria-valuemax="100">'
+        f'<div style="width:{pct}%"></div></div></div>'
+    )
+
+
+def failure_markdown(status: dict) -> str:
+    """The failure panel: error class, message and what to do ('' when nothing failed)."""
+    state = status.get("state")
+    if state not in ("failed", "aborted"):
+        return ""
+    cls = status.get("error_class") or ("Aborted" if state == "aborted" else "Error")
+    message = status.get("error") or status.get("message") or status.get("error_message") or ""
+    advice = status.get("hint") or FAILURE_ADVICE.get(cls) or (
+        "Read the log tail below for the cause; fix it and start again (the run directory keeps everything).")
+    head = "Training stopped" if state == "aborted" else "Training failed"
+    exit_code = status.get("exit_code")
+    lines = [f"### {head}: {escape_md(cls)}"]
+    if message:
+        lines.append(f"**{escape_md(message)}**")
+    if exit_code not in (None, 0):
+        lines.append(f"Exit code {exit_code}.")
+    lines.append(f"What to do: {advice}")
+    return "\n\n".join(lines)
+
+
+def find_active_run(runs_dir: Path) -> str | None:
+    """The running run, else the oldest queued one, else None."""
+    from engine import runs
+
+    if not runs_dir.is_dir():
+        return None
+    listed = runs.list_runs(runs_dir)
+    for wanted in ("running", "starting", "queued"):
+        for info in listed:
+            if info.get("state", info.get("status")) == wanted:
+                return str(info.get("run_dir") or info.get("path") or runs_dir / info["run_id"])
+    return None
+
+
+def read_log_tail(run_dir: str) -> str:
+    from engine import runs
+
+    tail = runs.tail_log(Path(run_dir), LOG_LINES)
+    return tail if isinstance(tail, str) else "\n".join(tail)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def build(ctx: AppContext, links) -> SimpleNamespace:
+    import gradio as gr
+
+    from engine.config import (DEEPSPEED_STAGES, PRECISIONS, SCHEDULERS, MethodConfig, TrainingConfig,
+                               field_help)
+
+    th = field_help(TrainingConfig)
+    mh = field_help(MethodConfig)
+    watch_state = gr.State(None)  # Watch of the run this page shows
+    rec_state = gr.State(None)  # the last recommendation's config overrides
+
+    dataset_md = gr.Markdown(dataset_summary(None), elem_id="train-dataset")
+    with gr.Row():
+        with gr.Column(scale=3):
+            model = gr.Dropdown(ctx.model_choices(), value=ctx.model_choices()[0], allow_custom_value=True,
+                                label="Model", elem_id="train-model",
+                                info="The embedded SmolLM2-135M-Instruct, a local directory, or a Hub id (org/name)")
+            method = gr.Radio(METHOD_CHOICES, value="lora", label="Method", elem_id="train-method")
+            comparison = gr.Markdown(elem_id="train-comparison")
+        with gr.Column(scale=2):
+            with gr.Accordion("Hardware and recommendation", open=True):
+                reasons = gr.Markdown(elem_id="train-reasons")
+                apply_btn = gr.Button("Apply recommendation", elem_id="train-apply")
+
+    with gr.Accordion("Hyperparameters", open=True):
+        with gr.Row():
+            num_epochs = gr.Number(1.0, label="Epochs (passes)", minimum=0.01, step=0.5, info=th["num_epochs"],
+                                   elem_id="train-epochs")
+            max_steps = gr.Number(-1, label="Max steps (optimizer steps, -1 = use epochs)", precision=0,
+                                  minimum=-1, info=th["max_steps"], elem_id="train-max-steps")
+            learning_rate = gr.Number(None, label="Learning rate (per step; empty = method default)",
+                                      minimum=0, step=1e-5, info=th["learning_rate"], elem_id="train-lr")
+            lr_scheduler = gr.Dropdown(list(SCHEDULERS), value="cosine", label="LR schedule",
+                                       info=th["lr_scheduler"])
+        with gr.Row():
+            batch_size = gr.Number(4, label="Batch size (examples / device)", precision=0, minimum=1,
+                                   info=th["batch_size"], elem_id="train-batch")
+            grad_accum = gr.Number(1, label="Gradient accumulation (steps)", precision=0, minimum=1,
+                                   info=th["gradient_accumulation_steps"], elem_id="train-accum")
+            warmup_ratio = gr.Number(0.05, label="Warm-up (fraction of steps)", minimum=0, maximum=0.99, step=0.01,
+                                     info=th["warmup_ratio"])
+            weight_decay = gr.Number(0.0, label="Weight decay", minimum=0, step=0.01, info=th["weight_decay"])
+        with gr.Row():
+            precision = gr.Dropdown(list(PRECISIONS), value="auto", label="Precision", info=th["precision"],
+                                    elem_id="train-precision")
+            logging_steps = gr.Number(1, label="Log every (steps)", precision=0, minimum=1, info=th["logging_steps"])
+            eval_steps = gr.Number(0, label="Evaluate every (steps, 0 = at the end)", precision=0, minimum=0,
+                                   info=th["eval_steps"], elem_id="train-eval-steps")
+            save_steps = gr.Number(50, label="Checkpoint every (steps)", precision=0, minimum=1,
+                                   info=th["save_steps"])
+            seed = gr.Number(42, label="Seed", precision=0, info=th["seed"])
+        with gr.Row():
+            assistant_only = gr.Checkbox(True, label="Loss on assistant tokens only", info=th["assistant_only_loss"])
+            packing = gr.Checkbox(False, label="Packing", info=th["packing"])
+            grad_ckpt = gr.Checkbox(False, label="Gradient checkpointing", info=th["gradient_checkpointing"],
+                                    elem_id="train-grad-ckpt")
+    with gr.Accordion("LoRA options", open=False) as lora_box:
+        with gr.Row():
+            lora_r = gr.Number(16, label="Rank r", precision=0, minimum=1, info=mh["r"], elem_id="train-lora-r")
+            lora_alpha = gr.Number(32, label="Alpha", precision=0, minimum=1, info=mh["alpha"])
+            lora_dropout = gr.Number(0.05, label="Dropout (probability)", minimum=0, maximum=0.99, step=0.01,
+                                     info=mh["dropout"])
+            target_modules = gr.Textbox("all-linear", label="Target modules", info=mh["target_modules"])
+            use_rslora = gr.Checkbox(False, label="rsLoRA", info=mh["use_rslora"])
+    with gr.Accordion("Distributed (DeepSpeed)", open=False):
+        with gr.Row():
+            deepspeed = gr.Dropdown(list(DEEPSPEED_STAGES), value="none", label="DeepSpeed ZeRO stage",
+                                    info="zero2 shards gradients and optimizer states; zero3 the weights too",
+                                    elem_id="train-deepspeed")
+            num_processes = gr.Number(1, label="Processes (one per GPU)", precision=0, minimum=1,
+                                      info="More than 1 uses accelerate launch", elem_id="train-nproc")
+            offload = gr.Checkbox(False, label="Offload to CPU", info="ZeRO: optimizer states (and zero3 weights)")
+    run_name = gr.Textbox("", label="Run name (optional)", placeholder="generated from the date, model and method",
+                          elem_id="train-run-name")
+    command = gr.Code("", language="shell", label="Command that will run (copy it to run on a cluster)",
+                      interactive=False, elem_id="train-command", lines=2)
+    with gr.Row():
+        start_btn = gr.Button("Start training", variant="primary", elem_id="train-start")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop", interactive=False)
+
+    gr.Markdown("#### Progress")
+    progress = gr.HTML('<div class="tl-status" id="train-progress" data-state="idle">No training yet.</div>',
+                       elem_id="train-progress-box")
+    failure = gr.Markdown("", visible=False, elem_id="train-failure", elem_classes=["tl-fail"])
+    loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="series", title="Loss",
+                            height=300, elem_id="train-loss", x_title="step", y_title="loss",
+                            color_map={"train": "#6366f1", "eval": "#f97316"})
+    log_tail = gr.Code("", language=None, label=f"Log (last {LOG_LINES} lines)", interactive=False, lines=10,
+                       max_lines=20, elem_id="train-log")
+    with gr.Row(visible=False) as after_row:
+        open_playground = gr.Button("Chat with it in the Playground", elem_id="train-open-playground")
+        open_export = gr.Button("Export it", elem_id="train-open-export")
+    current_run = gr.State(None)  # run directory (str) this page watches, for the buttons above
+    timer = gr.Timer(ctx.poll_seconds, active=False)
+
+    form_inputs = [model, method, num_epochs, max_steps, learning_rate, batch_size, grad_accum, warmup_ratio,
+                   weight_decay, lr_scheduler, precision, assistant_only, packing, grad_ckpt, logging_steps,
+                   eval_steps, save_steps, seed, lora_r, lora_alpha, lora_dropout, target_modules, use_rslora,
+                   deepspeed, num_processes, offload, run_name]
+    assert len(form_inputs) == len(FormValues.names())
+
+    def form_from(values) -> FormValues:
+        return FormValues(**dict(zip(FormValues.names(), values)))
+
+    # ---- handlers
+
+    def update_command(dataset, *values):
+        from engine.config import ConfigError
+
+        try:
+            return command_preview(form_from(values), dataset, ctx.runs_dir)
+        except ConfigError as err:
+            return f"# not ready: {err}"
+
+    def update_plan(model_ref, method_v, dataset):
+        from engine.models import ModelNotFoundError
+
+        try:
+            rec = recommendation_for(model_ref, method_v, dataset)
+        except (ModelNotFoundError, OSError, KeyError, ValueError) as err:
+            msg = f"Cannot estimate for {escape_md(model_ref)}: {escape_md(str(err))}"
+            return msg, msg, None
+        return comparison_markdown(rec, model_ref, dataset), reasons_markdown(rec), rec.config_overrides()
+
+    def apply_recommendation(overrides):
+        if not overrides:
+            raise gr.Error("No recommendation yet: choose a model that can be estimated.")
+        values = dict(item.split("=", 1) for item in overrides)
+        gr.Info("Recommendation applied: precision, method, batch, accumulation, DeepSpeed.")
+        return (
+            values["training.precision"], values["method.name"], int(values["training.batch_size"]),
+            int(values["training.gradient_accumulation_steps"]),
+            values["training.gradient_checkpointing"] == "true", values["distributed.deepspeed"],
+            int(values["distributed.num_processes"]),
+        )
+
+    progress_outputs = [progress, loss_plot, log_tail, failure, watch_state, timer, start_btn, stop_btn,
+                        current_run, after_row]
+
+    def render(watch: Watch, new_points: bool, first: bool = False):
+        from engine import runs
+
+        status = runs.read_status(Path(watch.run_dir))
+        state = status.get("state")
+        active = state in ACTIVE_STATES
+        log_path = Path(watch.run_dir) / "train.log"
+        size = log_path.stat().st_size if log_path.exists() else 0
+        log_value = read_log_tail(watch.run_dir) if (size != watch.log_size or first) else gr.skip()
+        watch.log_size = size
+        fail = failure_markdown(status)
+        return (
+            progress_html(status, watch.last, watch.run_dir),
+            loss_frame(watch.points) if (new_points or first) else gr.skip(),
+            log_value,
+            gr.Markdown(fail, visible=bool(fail)),
+            watch,
+            gr.Timer(active=active),
+            gr.Button(interactive=True),
+            gr.Button(interactive=active),
+            watch.run_dir,
+            gr.Row(visible=state == "completed"),
+        )
+
+    @engine_errors
+    def start(dataset, *values):
+        from engine import launch, runs
+
+        cfg = build_config(form_from(values), dataset, ctx.runs_dir)
+        running = find_active_run(ctx.runs_dir)
+        run_dir = launch.submit(cfg, ctx.runs_dir)
+        status = runs.read_status(Path(run_dir))
+        if status.get("state") == "queued":
+            other = Path(running).name if running else "another run"
+            gr.Info(f"Queued: {other} is training; {Path(run_dir).name} starts when it ends (one job at a time).")
+        else:
+            gr.Info(f"Started {Path(run_dir).name}.")
+        watch = Watch.attach(run_dir)
+        return render(watch, watch.read(), first=True)
+
+    @engine_errors
+    def stop(watch: Watch | None):
+        from engine import launch
+
+        if watch is None:
+            raise gr.Error("No training to stop.")
+        launch.stop(Path(watch.run_dir))
+        gr.Info(f"Stopping {Path(watch.run_dir).name}...")
+        return render(watch, watch.read())
+
+    @engine_errors
+    def tick(watch: Watch | None):
+        if watch is None:
+            return (gr.skip(),) * 5 + (gr.Timer(active=False),) + (gr.skip(),) * 4
+        return render(watch, watch.read())
+
+    @engine_errors
+    def reattach():
+        """On page load: show the active run (training survives reloads and other devices)."""
+        run_dir = find_active_run(ctx.runs_dir)
+        if run_dir is None:
+            return (gr.skip(),) * len(progress_outputs)
+        watch = Watch.attach(run_dir)
+        return render(watch, watch.read(), first=True)
+
+    # ---- events
+    plan_outputs = [comparison, reasons, rec_state]
+    gr.on([model.change, method.change, links.dataset.change], update_plan,
+          inputs=[model, method, links.dataset], outputs=plan_outputs, show_progress="minimal")
+    gr.on([w.change for w in form_inputs] + [links.dataset.change], update_command,
+          inputs=[links.dataset, *form_inputs], outputs=command, show_progress="hidden")
+    links.dataset.change(dataset_summary, inputs=links.dataset, outputs=dataset_md, show_progress="hidden")
+    apply_btn.click(apply_recommendation, inputs=rec_state,
+                    outputs=[precision, method, batch_size, grad_accum, grad_ckpt, deepspeed, num_processes])
+    start_btn.click(start, inputs=[links.dataset, *form_inputs], outputs=progress_outputs,
+                    concurrency_limit=1, concurrency_id="train-start")
+    stop_btn.click(stop, inputs=watch_state, outputs=progress_outputs)
+    timer.tick(tick, inputs=watch_state, outputs=progress_outputs, show_progress="hidden",
+               concurrency_limit=None)
+    method.change(lambda m: gr.Accordion(open=m != "full"), inputs=method, outputs=lora_box,
+                  show_progress="hidden")
+
+    defaults = FormValues(model=ctx.model_choices()[0])
+
+    def on_load():
+        """A fresh page: the plan for the default model, and the active run if there is one."""
+        plan = update_plan(defaults.model, defaults.method, None)
+        return (*plan, update_command(None, *[getattr(defaults, n) for n in FormValues.names()]))
+
+    # triggers=None with no inputs: runs when the page loads.
+    gr.on(triggers=None, fn=on_load, inputs=None, outputs=[*plan_outputs, command], show_progress="hidden")
+    gr.on(triggers=None, fn=reattach, inputs=None, outputs=progress_outputs, show_progress="hidden")
+
+    @engine_errors
+    def attach(run_dir):
+        """Watch a given run (the Runs tab's resume uses this)."""
+        watch = Watch.attach(run_dir)
+        return render(watch, watch.read(), first=True)
+
+    return SimpleNamespace(
+        model=model, method=method, start=start_btn, stop=stop_btn, progress=progress, watch=watch_state,
+        timer=timer, progress_outputs=progress_outputs, attach=attach, run_dir=current_run,
+        open_playground=open_playground, open_export=open_export,
+    )
+
+
+def create(ctx: AppContext | None = None):
+    import gradio as gr
+
+    from webui.links import Links
+
+    ctx = ctx or AppContext()
+    with gr.Blocks(title="tunelab - train") as demo:
+        build(ctx, Links.create())
+    return demo
+
+
+if __name__ == "__main__":
+    from webui.app import launch_kwargs
+
+    _ctx = AppContext()
+    create(_ctx).launch(**launch_kwargs(_ctx))
