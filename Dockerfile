@@ -39,8 +39,8 @@ COPY --chown=user engine ./engine
 COPY --chown=user webui ./webui
 COPY --chown=user assets ./assets
 COPY --chown=user docker/entrypoint.sh ./docker/entrypoint.sh
+# Convert the embedded model at build time, so the Space starts offline and fast.
 RUN pip install -q --no-deps . \
- # Convert the embedded model at build time, so the Space starts offline and fast.
  && python -m engine.models
 
 EXPOSE 7860

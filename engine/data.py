@@ -579,8 +579,9 @@ class _Ctx:
         self.problems.append(Problem(self.label, self.raw.number, fld, message, self.unit, self.raw.line))
 
 
-def _text(value: Any, ctx: _Ctx, fld: str, required: bool = True) -> str | None:
-    """Text of a content value: a string, or a list of text parts. None when unusable."""
+def _text(value: Any, ctx: _Ctx, fld: str, required: bool = True, parts: bool = False) -> str | None:
+    """Text of a value: a string, or (``parts``: message content) a list of text parts.
+    None when unusable; the reason is added to ``ctx``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         if required:
             ctx.add(fld, "is missing")
@@ -590,7 +591,7 @@ def _text(value: Any, ctx: _Ctx, fld: str, required: bool = True) -> str | None:
             ctx.add(fld, "is empty")
             return None
         return value
-    if isinstance(value, list):
+    if isinstance(value, list) and parts:
         texts = []
         for i, part in enumerate(value):
             where = f"{fld}[{i}]"
@@ -709,7 +710,7 @@ def _turns(value: Any, ctx: _Ctx, fld: str, role_map: dict[str, str]) -> list[di
             content = _tool_calls_text(turn.get(content_key), calls, ctx, where)
             ctx.tool_calls += 1
         else:
-            content = _text(turn.get(content_key), ctx, f"{where}.{content_key}")
+            content = _text(turn.get(content_key), ctx, f"{where}.{content_key}", parts=True)
             if raw_role.strip().lower() == "function_call":
                 ctx.tool_calls += 1
         if content is None:
