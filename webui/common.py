@@ -168,3 +168,35 @@ CSS = """
 .tl-msg.tool .tl-bubble {background: #fef3c7; color: #451a03; font-family: monospace}
 .tl-role {font-size: 0.7rem; font-weight: 600; opacity: 0.65; display: block; margin-bottom: 2px}
 """
+
+
+def stream_progress(fn, *args, **kwargs):
+    """Run ``fn(*args, progress=callback, **kwargs)`` in a thread and yield each progress line
+    as it comes; the last item yielded is ``("done", result)``. An exception in ``fn`` is
+    re-raised here, in the handler's thread, so the page shows its message.
+
+    Used for long engine calls that report progress as strings (export, model conversion),
+    so the page shows what is happening instead of a frozen spinner.
+    """
+    import queue
+    import threading
+
+    lines: "queue.Queue[tuple[str, object]]" = queue.Queue()
+
+    def work():
+        try:
+            result = fn(*args, progress=lambda msg: lines.put(("line", str(msg))), **kwargs)
+        except BaseException as err:  # handed to the handler's thread below
+            lines.put(("error", err))
+        else:
+            lines.put(("done", result))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    while True:
+        kind, item = lines.get()
+        if kind == "error":
+            raise item
+        yield kind, item
+        if kind == "done":
+            return

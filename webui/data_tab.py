@@ -223,10 +223,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     problems = gr.Dataframe(headers=PROBLEM_COLUMNS, value=[], label="Problems (skipped records, with line numbers)",
                             interactive=False, wrap=True, elem_id="data-problems", max_height=260)
     gr.Markdown("#### Preview")
-    with gr.Row():
-        prev_btn = gr.Button("< Previous", size="sm", elem_id="data-prev")
-        page = gr.Number(1, label="Page", precision=0, minimum=1, elem_id="data-page", scale=0, min_width=90)
-        next_btn = gr.Button("Next >", size="sm", elem_id="data-next")
+    with gr.Row(equal_height=True):
+        prev_btn = gr.Button("< Previous", size="sm", elem_id="data-prev", scale=0, min_width=110)
+        page = gr.Number(1, show_label=False, precision=0, minimum=1, elem_id="data-page", scale=0, min_width=80,
+                         container=False)
+        next_btn = gr.Button("Next >", size="sm", elem_id="data-next", scale=0, min_width=110)
         page_info = gr.Markdown("", elem_id="data-page-info")
     preview = gr.HTML("<p><em>Load a dataset to preview it.</em></p>", elem_id="data-preview")
 
@@ -258,8 +259,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return (
             summary_markdown(ins),
             stats_markdown(tokens),
-            histogram_frame(tokens),
-            problem_rows(ins.problems),
+            gr.BarPlot(value=(frame := histogram_frame(tokens)), sort=list(frame["tokens"])),
+            gr.Dataframe(value=problem_rows(ins.problems),
+                         label=f"Problems: {len(ins.problems)} (file, line or row, field, message)"
+                         if ins.problems else "Problems: none"),
             ins.records,
             1,
             page_label(1, len(ins.records)),

@@ -1,20 +1,21 @@
 """Export tab: merge a run's adapter into the base model, export to ONNX (int4, int8,
-fp32) with progress, show the parity report, and offer zip downloads of the adapter, the
-merged model and the ONNX model.
+fp32) with live progress, show the parity report, and offer zip downloads of the adapter,
+the merged model and the ONNX model.
 
 Launch alone: ``python -m webui.export_tab``.
 """
 from __future__ import annotations
 
-import json
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
-from webui.common import AppContext, engine_errors, escape_md, fmt_bytes, fmt_number
+from webui.common import AppContext, engine_errors, escape_md, fmt_bytes, stream_progress
 from webui.playground_tab import list_chat_runs
 
 ONNX_PRECISIONS = ("int4", "int8", "fp32")
+PROGRESS_LINES = 12
 
 
 def zip_dir(directory: Path, dest_dir: Path, prefix: str) -> Path:
@@ -26,7 +27,7 @@ def zip_dir(directory: Path, dest_dir: Path, prefix: str) -> Path:
     newest = max((p.stat().st_mtime for p in directory.rglob("*") if p.is_file()), default=0)
     if target.exists() and target.stat().st_mtime >= newest:
         return target
-    tmp = target.with_suffix(".tmp")
+    tmp = target.with_name(target.stem + ".partial")
     archive = shutil.make_archive(str(tmp), "zip", root_dir=directory.parent, base_dir=directory.name)
     Path(archive).replace(target)
     return target
@@ -36,56 +37,13 @@ def artefacts(run_dir: Path) -> dict[str, Path]:
     """What the run has that can be downloaded: adapter, full model, merged model, ONNX exports."""
     found = {}
     for name, rel in (("adapter", "adapter"), ("model", "model"), ("merged", "export/merged")):
-        if (run_dir / rel).is_dir():
+        if (run_dir / rel / "config.json").is_file() or (run_dir / rel / "adapter_config.json").is_file():
             found[name] = run_dir / rel
-    export = run_dir / "export"
-    if export.is_dir():
-        for sub in sorted(export.iterdir()):
-            if sub.is_dir() and sub.name.startswith("onnx-"):
-                found[sub.name] = sub
+    for precision in ONNX_PRECISIONS:
+        onnx_dir = run_dir / "export" / f"onnx-{precision}"
+        if (onnx_dir / "genai_config.json").is_file():
+            found[f"onnx-{precision}"] = onnx_dir
     return found
-
-
-def parity_reports(run_dir: Path) -> list[dict]:
-    """Every parity report JSON under the run's export/ folder."""
-    export = run_dir / "export"
-    reports = []
-    if not export.is_dir():
-        return reports
-    for path in sorted(export.rglob("*parity*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            data = {"error": f"cannot read {path.name}: {err}"}
-        data.setdefault("_file", str(path.relative_to(run_dir)))
-        reports.append(data)
-    return reports
-
-
-def parity_markdown(reports: list[dict]) -> str:
-    if not reports:
-        return "No parity report yet: export to ONNX (or merge) to compare outputs with the PyTorch model."
-    out = []
-    for rep in reports:
-        title = rep.get("target") or rep.get("precision") or rep.get("_file")
-        passed = rep.get("passed", rep.get("ok"))
-        verdict = "" if passed is None else (" - **passed**" if passed else " - **FAILED**")
-        out.append(f"#### {escape_md(title)}{verdict}")
-        rows = ["| check | value |", "|---|---|"]
-        for key, value in rep.items():
-            if key.startswith("_") or key in ("target", "passed", "ok") or isinstance(value, (list, dict)):
-                continue
-            shown = fmt_number(value) if isinstance(value, float) else str(value)
-            rows.append(f"| {escape_md(key.replace('_', ' '))} | {escape_md(shown)} |")
-        out.append("\n".join(rows))
-        for key, value in rep.items():
-            if isinstance(value, list) and value and isinstance(value[0], dict):
-                cols = list(value[0].keys())
-                out.append(f"**{escape_md(key)}**")
-                out.append("| " + " | ".join(escape_md(c) for c in cols) + " |\n|" + "---|" * len(cols))
-                for item in value[:10]:
-                    out.append("| " + " | ".join(escape_md(str(item.get(c, ""))[:200]) for c in cols) + " |")
-    return "\n\n".join(out)
 
 
 def artefact_markdown(run_dir: Path) -> str:
@@ -99,9 +57,39 @@ def artefact_markdown(run_dir: Path) -> str:
     return "\n".join(rows)
 
 
+def parity_text(run_dir: Path) -> str:
+    """The parity report the engine wrote (export/parity.md), or what to do to get one."""
+    path = run_dir / "export" / "parity.md"
+    if not path.is_file():
+        return "No parity report yet: export to ONNX to compare its outputs with the PyTorch model."
+    text = path.read_text(encoding="utf-8")
+    # The report's first line is a page title: make it a smaller heading inside the tab.
+    return text.replace("# Export parity:", "##### Export parity:", 1)
+
+
+def download_targets(run_dir: Path, kind: str) -> list[Path]:
+    """Folders to zip for a download button; raises FileNotFoundError saying what to do."""
+    found = artefacts(run_dir)
+    if kind == "adapter":
+        wanted = [found.get("adapter") or found.get("model")]
+    elif kind == "merged":
+        wanted = [found.get("merged") or found.get("model")]
+    else:
+        wanted = [p for name, p in found.items() if name.startswith("onnx-")]
+    wanted = [w for w in wanted if w]
+    if not wanted:
+        what = {"adapter": "an adapter or model (is it trained?)", "merged": "a merged model (press Merge)",
+                "onnx": "an ONNX export (press Export to ONNX)"}[kind]
+        raise FileNotFoundError(f"Run {run_dir.name} has no {what} yet.")
+    return wanted
+
+
 def build(ctx: AppContext, links) -> SimpleNamespace:
     import gradio as gr
 
+    from engine import export
+
+    stop_state = gr.State(None)  # threading.Event of this user's export in flight
     with gr.Row():
         run = gr.Dropdown([], value=None, label="Run", scale=3, elem_id="export-run")
         refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=90)
@@ -111,19 +99,22 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             gr.Markdown("#### Merge\nFold the adapter into the base weights: one standalone transformers model.")
             merge_btn = gr.Button("Merge adapter", elem_id="export-merge")
         with gr.Column():
-            gr.Markdown("#### ONNX\nFor ONNX Runtime (GenAI): int4 is smallest and fastest on a CPU.")
+            gr.Markdown("#### ONNX\nFor ONNX Runtime GenAI: int4 is the smallest and fastest on a CPU.")
             precisions = gr.CheckboxGroup(list(ONNX_PRECISIONS), value=["int4"], label="Precisions",
                                           elem_id="export-precisions")
-            onnx_btn = gr.Button("Export to ONNX", variant="primary", elem_id="export-onnx")
-    status = gr.Markdown("", elem_id="export-status")
+            with gr.Row():
+                onnx_btn = gr.Button("Export to ONNX", variant="primary", elem_id="export-onnx")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="export-stop", scale=0, min_width=80)
+    status = gr.Textbox("", label="Progress", lines=4, max_lines=PROGRESS_LINES, interactive=False,
+                        elem_id="export-status", autoscroll=True)
     gr.Markdown("#### Parity report")
     parity = gr.Markdown("", elem_id="export-parity")
-    gr.Markdown("#### Downloads")
+    gr.Markdown("#### Downloads (zip)")
     with gr.Row():
-        dl_adapter = gr.Button("Adapter (.zip)", elem_id="export-dl-adapter")
-        dl_merged = gr.Button("Merged model (.zip)", elem_id="export-dl-merged")
-        dl_onnx = gr.Button("ONNX model (.zip)", elem_id="export-dl-onnx")
-    files = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="export-files")
+        dl_adapter = gr.Button("Adapter", elem_id="export-dl-adapter")
+        dl_merged = gr.Button("Merged model", elem_id="export-dl-merged")
+        dl_onnx = gr.Button("ONNX model", elem_id="export-dl-onnx")
+    files = gr.File(label="Files", file_count="multiple", interactive=False, elem_id="export-files")
 
     def refresh(current):
         choices = list_chat_runs(ctx.runs_dir)
@@ -134,53 +125,60 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         if not run_dir:
             return "Pick a run.", ""
         path = Path(run_dir)
-        return artefact_markdown(path), parity_markdown(parity_reports(path))
+        return artefact_markdown(path), parity_text(path)
 
     def need_run(run_dir) -> Path:
         if not run_dir:
             raise gr.Error("Pick a run first.")
         return Path(run_dir)
 
+    def follow(jobs, run_dir, progress):
+        """Run (label, fn, kwargs) jobs one after another, streaming their progress lines."""
+        log: list[str] = []
+        for i, (label, fn, kwargs) in enumerate(jobs):
+            log.append(f"== {label}")
+            progress(i / len(jobs), desc=label)
+            for kind, item in stream_progress(fn, **kwargs):
+                if kind == "line":
+                    log.append(item)
+                    progress(i / len(jobs), desc=f"{label}: {item[:80]}")
+                    yield "\n".join(log[-PROGRESS_LINES:]), gr.skip(), gr.skip()
+        progress(1.0, desc="Done")
+        log.append("Done.")
+        yield ("\n".join(log[-PROGRESS_LINES:]), *show(run_dir))
+
     @engine_errors
     def merge(run_dir, progress=gr.Progress()):
-        from engine import export
-
         path = need_run(run_dir)
-        progress(0.1, desc="Merging the adapter into the base model")
-        out = export.merge(path)
-        return f"Merged model written to `{escape_md(Path(out).relative_to(path))}`.", *show(run_dir)
+        jobs = [("Merging the adapter into the base model", export.merge, {"run_dir": path})]
+        yield from follow(jobs, run_dir, progress)
 
     @engine_errors
     def onnx(run_dir, chosen, progress=gr.Progress()):
-        from engine import export
-
         path = need_run(run_dir)
         if not chosen:
             raise gr.Error("Choose at least one ONNX precision.")
-        done = []
-        for i, prec in enumerate(chosen):
-            progress(i / len(chosen), desc=f"Exporting ONNX {prec} ({i + 1} of {len(chosen)})")
-            out = export.export_onnx(path, prec)
-            done.append(f"`{escape_md(Path(out).relative_to(path))}`")
-        progress(1.0, desc="Done")
-        return f"ONNX written to {', '.join(done)}.", *show(run_dir)
+        stop = threading.Event()
+        yield gr.skip(), gr.skip(), gr.skip(), stop
+        jobs = [(f"ONNX {p}", export.export_onnx, {"run_dir": path, "precision": p, "stop": stop})
+                for p in chosen]
+        jobs.append(("Parity report (PyTorch vs ONNX)", export.write_parity_report, {"run_dir": path}))
+        for out in follow(jobs, run_dir, progress):
+            yield (*out, stop)
+
+    def request_stop(stop):
+        if stop is not None:
+            stop.set()
+            gr.Info("Stopping the export...")
 
     def download(kind):
         @engine_errors
         def handler(run_dir, progress=gr.Progress()):
             path = need_run(run_dir)
-            found = artefacts(path)
-            if kind == "adapter":
-                wanted = [found.get("adapter") or found.get("model")]
-            elif kind == "merged":
-                wanted = [found.get("merged") or found.get("model")]
-            else:
-                wanted = [p for name, p in found.items() if name.startswith("onnx-")]
-            wanted = [w for w in wanted if w]
-            if not wanted:
-                what = {"adapter": "an adapter", "merged": "a merged model (press Merge)",
-                        "onnx": "an ONNX export (press Export to ONNX)"}[kind]
-                raise gr.Error(f"Run {path.name} has no {what} yet.")
+            try:
+                wanted = download_targets(path, kind)
+            except FileNotFoundError as err:
+                raise gr.Error(str(err)) from err
             progress(0.2, desc="Zipping")
             return [str(zip_dir(w, path / "export" / "downloads", path.name)) for w in wanted]
 
@@ -191,8 +189,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     run.change(show, inputs=run, outputs=[contents, parity], show_progress="hidden")
     merge_btn.click(merge, inputs=run, outputs=[status, contents, parity], concurrency_limit=1,
                     concurrency_id="export")
-    onnx_btn.click(onnx, inputs=[run, precisions], outputs=[status, contents, parity], concurrency_limit=1,
-                   concurrency_id="export")
+    onnx_btn.click(onnx, inputs=[run, precisions], outputs=[status, contents, parity, stop_state],
+                   concurrency_limit=1, concurrency_id="export")
+    stop_btn.click(request_stop, inputs=stop_state, outputs=None, concurrency_limit=None)
     dl_adapter.click(download("adapter"), inputs=run, outputs=files)
     dl_merged.click(download("merged"), inputs=run, outputs=files)
     dl_onnx.click(download("onnx"), inputs=run, outputs=files)

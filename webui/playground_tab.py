@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from webui.common import AppContext, engine_errors, escape_md
+from webui.common import AppContext, engine_errors, escape_md, stream_progress
 
 BACKENDS = ("base", "tuned", "onnx")
 TITLES = {"base": "Base", "tuned": "Tuned", "onnx": "Tuned (ONNX)"}
@@ -36,8 +36,8 @@ def list_chat_runs(runs_dir: Path) -> list[tuple[str, str]]:
         return []
     choices = []
     for info in runs.list_runs(runs_dir):
-        run_dir = Path(info.get("run_dir") or runs_dir / info["run_id"])
-        state = info.get("state", info.get("status", "?"))
+        run_dir = Path(info["path"])
+        state = info.get("state") or "?"
         has_weights = (run_dir / "adapter").is_dir() or (run_dir / "model").is_dir()
         label = f"{run_dir.name} ({state}{'' if has_weights else ', no weights yet'})"
         choices.append((label, str(run_dir)))
@@ -243,8 +243,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
         if not run_dir:
             raise gr.Error("Pick a trained run first.")
-        progress(0.05, desc=f"Exporting {Path(run_dir).name} to ONNX {precision} (about a minute)")
-        export.export_onnx(Path(run_dir), precision)
+        progress(None, desc=f"Exporting {Path(run_dir).name} to ONNX {precision}")
+        for kind, item in stream_progress(export.export_onnx, run_dir=Path(run_dir), precision=precision):
+            if kind == "line":
+                progress(None, desc=str(item)[:120])
         gr.Info(f"ONNX {precision} export ready.")
         return show_availability(run_dir, precision)
 

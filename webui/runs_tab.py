@@ -6,7 +6,9 @@ Launch alone: ``python -m webui.runs_tab``.
 """
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,30 +16,62 @@ import gradio as gr  # at module level: the select handler's gr.SelectData annot
 
 from webui.common import AppContext, engine_errors, escape_md, fmt_duration, fmt_number
 
-COLUMNS = ["Run", "Status", "Method", "Model", "Data", "Steps", "Train loss", "Eval loss", "Duration", "Started"]
+COLUMNS = ["Run", "Status", "Method", "Model", "Data", "Steps", "Train loss", "Eval loss", "Duration", "Created"]
+
+
+def final_losses(run_dir: Path, tail_bytes: int = 16384) -> dict:
+    """The last train loss and eval loss in metrics.jsonl (reads only the end of the file)."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return {}
+    with path.open("rb") as fh:
+        fh.seek(max(0, size - tail_bytes))
+        lines = fh.read().decode("utf-8", "replace").splitlines()
+    found: dict = {}
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the first line of the tail is usually cut
+        for key in ("loss", "eval_loss"):
+            if key not in found and row.get(key) is not None:
+                found[key] = row[key]
+        if len(found) == 2:
+            break
+    return found
 
 
 def run_table(runs_dir: Path) -> tuple[list[list], list[str]]:
-    """Rows for the table and the run ids, newest first (one engine call: runs.list_runs)."""
+    """Rows for the table and the run ids, newest first (from runs.list_runs)."""
     from engine import runs
 
     if not runs_dir.is_dir():
         return [], []
     rows, ids = [], []
+    now = time.time()
     for info in runs.list_runs(runs_dir):
+        losses = final_losses(Path(info["path"]))
+        started, ended = info.get("started_at"), info.get("ended_at")
+        duration = (ended or now) - started if started else None
+        eval_loss = info.get("tuned_eval_loss", losses.get("eval_loss"))
+        base_eval = info.get("base_eval_loss")
+        eval_text = fmt_number(eval_loss) + (f" (base {fmt_number(base_eval)})" if base_eval is not None else "")
+        step = info.get("step")
         rows.append([
-            info.get("run_id"),
-            info.get("state", info.get("status", "?")),
+            info["run_id"],
+            info.get("state") + (f": {info['error_class']}" if info.get("error_class") else ""),
             info.get("method") or "-",
             Path(str(info.get("model") or "-")).name,
             Path(str(info.get("data") or "-")).name,
-            info.get("step") if info.get("step") is not None else "-",
-            fmt_number(info.get("train_loss")),
-            fmt_number(info.get("eval_loss")),
-            fmt_duration(info.get("duration_s")),
-            str(info.get("started_at") or info.get("created_at") or "-")[:19].replace("T", " "),
+            f"{step}/{info.get('max_steps') or '?'}" if step is not None else "-",
+            fmt_number(losses.get("loss")),
+            eval_text,
+            fmt_duration(duration),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(info["created_at"])) if info.get("created_at") else "-",
         ])
-        ids.append(str(info.get("run_id")))
+        ids.append(info["run_id"])
     return rows, ids
 
 
@@ -61,14 +95,12 @@ def loss_curves(runs_dir: Path, run_ids: list[str], series: str = "train"):
 
 def run_details(runs_dir: Path, run_id: str | None) -> str:
     """Status, base-vs-tuned evaluation and the command of one run."""
-    import json
-
     from engine import runs
 
     if not run_id:
         return "Select a run (click a row, or pick it below)."
     run_dir = runs_dir / run_id
-    status = runs.read_status(run_dir)
+    status = runs.refresh_status(run_dir)
     lines = [f"### {escape_md(run_id)} - {escape_md(status.get('state', '?'))}"]
     if status.get("error_class"):
         lines.append(f"**{escape_md(status['error_class'])}**: {escape_md(status.get('error') or '')}")
@@ -78,9 +110,14 @@ def run_details(runs_dir: Path, run_id: str | None) -> str:
             ev = json.loads(eval_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             ev = {"error": f"cannot read eval.json: {err}"}
-        shown = ", ".join(f"{k.replace('_', ' ')} {fmt_number(v)}" for k, v in ev.items()
-                          if isinstance(v, (int, float, str)))
-        lines.append(f"Validation: {escape_md(shown)}")
+        parts = []
+        for name, value in ev.items():
+            if isinstance(value, dict):  # {"base": {"loss": ...}, "tuned": {...}}
+                parts += [f"{name} {k.replace('_', ' ')} {fmt_number(v)}" for k, v in value.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            elif isinstance(value, (int, float, str)):
+                parts.append(f"{name.replace('_', ' ')} {fmt_number(value)}")
+        lines.append(f"Validation (held-out split): {escape_md(', '.join(parts))}")
     cmd = run_dir / "command.txt"
     if cmd.is_file():
         lines.append(f"```\n{cmd.read_text(encoding='utf-8').strip()}\n```")
@@ -137,7 +174,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         from engine import runs
 
         run_dir = ctx.runs_dir / run_id
-        status = runs.read_status(run_dir)
+        status = runs.refresh_status(run_dir)
         if status.get("state") in ("running", "starting", "queued"):
             raise gr.Error(f"{run_id} is {status.get('state')}: stop it on the Train tab before deleting.")
         delete_run = getattr(runs, "delete_run", None)

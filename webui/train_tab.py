@@ -27,16 +27,18 @@ ACTIVE_STATES = ("queued", "starting", "running")
 FINAL_STATES = ("completed", "failed", "aborted")
 LOG_LINES = 40
 
-# What to do for each failure class the trainer reports (status.json "error_class").
+# What to do for each failure class the trainer reports (status.json "error_class",
+# engine.runs.ERROR_CLASSES).
 FAILURE_ADVICE = {
-    "OutOfMemoryError": "The model did not fit. Lower the batch size (raise gradient accumulation to keep the "
-                        "effective batch), lower the cutoff length, turn on gradient checkpointing, or use QLoRA.",
-    "DataError": "The dataset has a problem: open the Data tab, fix the listed lines or choose to skip bad records.",
-    "ConfigError": "A setting is invalid: the message names the field; correct it and start again.",
-    "ModelNotFoundError": "The model could not be loaded: use the embedded model or an existing local directory "
-                          "(the Hub is not reachable without a network).",
-    "Killed": "The process was killed (often the system ran out of memory): lower the batch size or cutoff length.",
-    "Aborted": "The run was stopped. Resume it from its last checkpoint on the Runs tab, or start a new one.",
+    "out of memory": "The model did not fit. Lower the batch size (raise gradient accumulation to keep the "
+                     "effective batch), lower the cutoff length, turn on gradient checkpointing, or use QLoRA.",
+    "bad data": "The dataset has a problem: open the Data tab, fix the listed lines, or choose to skip bad records.",
+    "config error": "A setting is invalid: the message names the field; correct it and start again.",
+    "model not found": "The model could not be loaded: use the embedded model or an existing local directory "
+                       "(the Hub is not reachable without a network).",
+    "killed": "The process was killed (often the system ran out of memory, or the machine restarted): lower the "
+              "batch size or cutoff length, then resume the run from the Runs tab.",
+    "aborted": "The run was stopped. Resume it from its last checkpoint on the Runs tab, or start a new one.",
 }
 
 
@@ -286,13 +288,15 @@ def failure_markdown(status: dict) -> str:
     state = status.get("state")
     if state not in ("failed", "aborted"):
         return ""
-    cls = status.get("error_class") or ("Aborted" if state == "aborted" else "Error")
+    cls = status.get("error_class") or ("aborted" if state == "aborted" else "error")
     message = status.get("error") or status.get("message") or status.get("error_message") or ""
     advice = status.get("hint") or FAILURE_ADVICE.get(cls) or (
         "Read the log tail below for the cause; fix it and start again (the run directory keeps everything).")
     head = "Training stopped" if state == "aborted" else "Training failed"
     exit_code = status.get("exit_code")
     lines = [f"### {head}: {escape_md(cls)}"]
+    if status.get("log_tail") and state == "failed":
+        message = message or status["log_tail"].strip().splitlines()[-1]
     if message:
         lines.append(f"**{escape_md(message)}**")
     if exit_code not in (None, 0):
@@ -310,8 +314,8 @@ def find_active_run(runs_dir: Path) -> str | None:
     listed = runs.list_runs(runs_dir)
     for wanted in ("running", "starting", "queued"):
         for info in listed:
-            if info.get("state", info.get("status")) == wanted:
-                return str(info.get("run_dir") or info.get("path") or runs_dir / info["run_id"])
+            if info.get("state") == wanted:
+                return info["path"]
     return None
 
 
@@ -467,7 +471,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     def render(watch: Watch, new_points: bool, first: bool = False):
         from engine import runs
 
-        status = runs.read_status(Path(watch.run_dir))
+        status = runs.refresh_status(Path(watch.run_dir))
         state = status.get("state")
         active = state in ACTIVE_STATES
         log_path = Path(watch.run_dir) / "train.log"
