@@ -1,0 +1,432 @@
+"""The web app's handlers and helpers, without a browser.
+
+The tabs' handlers are thin (widgets -> one engine call); what they add is turning engine
+results into what the page shows, and these tests check that on real data: the sample
+datasets, a tiny model's tokenizer, run directories written the way the trainer writes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "assets" / "datasets"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+# --------------------------------------------------------------------------- app and CLI
+
+
+def _ui_args(argv):
+    from webui import app
+
+    parser = argparse.ArgumentParser()
+    app.add_cli_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_options_parse():
+    args = _ui_args(["--host", "0.0.0.0", "--port", "7999", "--auth", "ada:secret1", "--runs-dir", "/tmp/r",
+                     "--share", "--extra-model", "/models/tiny"])
+    assert (args.host, args.port, args.auth, args.runs_dir, args.share) == ("0.0.0.0", 7999, "ada:secret1", "/tmp/r", True)
+    assert args.extra_model == ["/models/tiny"]
+
+
+def test_auth_parsing_accepts_pairs_and_rejects_malformed():
+    from webui.app import parse_auth
+
+    assert parse_auth(None) is None
+    assert parse_auth("ada:pw1, bob:pw:2") == [("ada", "pw1"), ("bob", "pw:2")]
+    for bad in ("ada", "ada:", ":pw"):
+        with pytest.raises(ValueError, match="user:password"):
+            parse_auth(bad)
+
+
+def test_bad_auth_and_port_from_environment_exit_with_a_message(monkeypatch, capsys):
+    from webui import app
+
+    monkeypatch.setenv("TUNELAB_AUTH", "nopassword")
+    assert app.run_cli(_ui_args([])) == 2
+    assert "user:password" in capsys.readouterr().err
+    monkeypatch.delenv("TUNELAB_AUTH")
+    monkeypatch.setenv("TUNELAB_PORT", "eighty")
+    assert app.run_cli(_ui_args([])) == 2
+    assert "TUNELAB_PORT" in capsys.readouterr().err
+
+
+def test_context_reads_extra_models_and_samples(monkeypatch, tmp_path):
+    from webui.common import AppContext
+
+    monkeypatch.setenv("TUNELAB_EXTRA_MODELS", f"/a/tiny{':'}/b/other")
+    ctx = AppContext(runs_dir=tmp_path / "runs", extra_models=["/c/given"])
+    assert ctx.model_choices() == ["smollm2-135m-instruct", "/c/given", "/a/tiny", "/b/other"]
+    assert ctx.runs_dir.is_absolute()
+    samples = ctx.sample_datasets()
+    assert "pip_chat.jsonl" in samples and not any(s.endswith(".py") for s in samples)
+
+
+def test_the_whole_app_builds_with_five_tabs(tmp_path):
+    import gradio as gr
+
+    from webui.app import build_app
+    from webui.common import AppContext
+
+    demo = build_app(AppContext(runs_dir=tmp_path / "runs"))
+    tabs = [b for b in demo.blocks.values() if isinstance(b, gr.Tab)]
+    assert [t.id for t in tabs] == ["data", "train", "playground", "export", "runs"]
+    assert (tmp_path / "runs").is_dir()
+
+
+@pytest.mark.parametrize("module", ["data_tab", "train_tab", "playground_tab", "export_tab", "runs_tab"])
+def test_each_tab_builds_alone(module, tmp_path):
+    import importlib
+
+    import gradio as gr
+
+    from webui.common import AppContext
+
+    demo = importlib.import_module(f"webui.{module}").create(AppContext(runs_dir=tmp_path))
+    assert isinstance(demo, gr.Blocks)
+
+
+def test_engine_errors_become_page_messages_with_the_engine_sentence():
+    import gradio as gr
+
+    from engine.config import ConfigError
+    from webui.common import engine_errors
+
+    @engine_errors
+    def handler():
+        raise ConfigError("training.batch_size", "must be > 0, got 0")
+
+    @engine_errors
+    def streaming():
+        yield 1
+        raise RuntimeError("")
+
+    with pytest.raises(gr.Error) as caught:
+        handler()
+    assert caught.value.message == "training.batch_size: must be > 0, got 0"
+    assert caught.value.title == "ConfigError"
+    gen = streaming()
+    assert next(gen) == 1
+    with pytest.raises(gr.Error) as caught:
+        next(gen)
+    assert caught.value.message == "RuntimeError (no message)"
+
+
+def test_stream_progress_yields_lines_then_the_result_and_reraises():
+    from webui.common import stream_progress
+
+    def work(n, progress):
+        for i in range(n):
+            progress(f"step {i}")
+        return "result"
+
+    assert list(stream_progress(work, 2)) == [("line", "step 0"), ("line", "step 1"), ("done", "result")]
+
+    def broken(progress):
+        progress("starting")
+        raise ValueError("bad precision")
+
+    gen = stream_progress(broken)
+    assert next(gen) == ("line", "starting")
+    with pytest.raises(ValueError, match="bad precision"):
+        next(gen)
+
+
+# --------------------------------------------------------------------------- data tab
+
+
+def test_inspect_sample_shows_format_split_stats_and_histogram(tokenizer):
+    from webui import data_tab
+
+    ins = data_tab.inspect_dataset(SAMPLES / "pip_chat.jsonl", "auto", "skip", 0.1, 1024, tokenizer)
+    assert not ins.stopped and ins.format == "openai" and ins.records
+    summary = data_tab.summary_markdown(ins)
+    assert "openai" in summary and "(detected)" in summary
+    assert f"{ins.split['train']} train / {ins.split['validation']} validation" in summary
+    assert ins.split["train"] + ins.split["validation"] == len(ins.records)
+    stats = data_tab.stats_markdown(ins.report["tokens"])
+    assert "Tokens per record" in stats and "chatml" in stats
+    frame = data_tab.histogram_frame(ins.report["tokens"])
+    assert frame["records"].sum() == len(ins.records)
+    assert frame["tokens"].iloc[0].startswith("0-")
+    choice = data_tab.dataset_choice(ins, "skip", 0.1, 1024)
+    assert choice["format"] == "openai" and choice["records"] == len(ins.records) and choice["mean_tokens"] > 0
+
+
+def test_broken_file_lists_problems_by_line_and_stop_refuses_it(tokenizer):
+    from webui import data_tab
+
+    skipped = data_tab.inspect_dataset(SAMPLES / "broken_example.jsonl", "auto", "skip", 0.1, 1024, tokenizer)
+    rows = data_tab.problem_rows(skipped.problems)
+    assert rows and all(r[0] == "broken_example.jsonl" for r in rows)
+    assert ["line 2" == r[1] for r in rows].count(True) == 1  # the unclosed JSON line
+    assert any(r[1] == "line 3" and "role" in r[2] for r in rows)  # role 'bot'
+    assert data_tab.dataset_choice(skipped, "skip", 0.1, 1024) is not None
+
+    stopped = data_tab.inspect_dataset(SAMPLES / "broken_example.jsonl", "auto", "stop", 0.1, 1024, tokenizer)
+    assert stopped.stopped and not stopped.records
+    assert [r[1] for r in data_tab.problem_rows(stopped.problems)] == [r[1] for r in rows]
+    assert data_tab.summary_markdown(stopped).startswith("### Stopped: broken_example.jsonl")
+    assert data_tab.dataset_choice(stopped, "stop", 0.1, 1024) is None
+
+
+def test_qa_csv_rows_and_format_override(tokenizer):
+    from webui import data_tab
+
+    ins = data_tab.inspect_dataset(SAMPLES / "orbit_kettle_qa.csv", "auto", "skip", 0.2, 256, tokenizer)
+    assert ins.format == "qa" and len(ins.records) > 5
+    assert ins.records[0][-1]["role"] == "assistant"
+    forced = data_tab.inspect_dataset(SAMPLES / "orbit_kettle_qa.csv", "openai", "skip", 0.2, 256, tokenizer)
+    assert forced.stopped  # no row has 'messages'
+    assert "(as given)" not in data_tab.summary_markdown(forced)
+
+
+def test_upload_is_copied_out_of_the_temporary_cache_once(tmp_path):
+    from webui.data_tab import display_name, stable_copy
+
+    src = tmp_path / "tmp" / "my data.jsonl"
+    src.parent.mkdir()
+    src.write_text('{"messages": []}\n')
+    first = stable_copy(src, tmp_path / ".uploads")
+    again = stable_copy(src, tmp_path / ".uploads")
+    assert first == again and first.read_text() == src.read_text()
+    assert display_name(first) == "my data.jsonl"
+    src.write_text('{"messages": [1]}\n')
+    assert stable_copy(src, tmp_path / ".uploads") != first
+
+
+def test_preview_pages_escape_html_and_clamp():
+    from webui.chat_html import render_page
+    from webui.data_tab import PER_PAGE, clamp_page, page_label
+
+    records = [[{"role": "user", "content": f"<b>q{i}</b>"}, {"role": "assistant", "content": f"a{i}"}]
+               for i in range(PER_PAGE * 2 + 1)]
+    html = render_page(records, 3, PER_PAGE)
+    assert f"Record {PER_PAGE * 2 + 1} of {len(records)}" in html and "&lt;b&gt;" in html and "<b>" not in html
+    assert clamp_page(99, len(records)) == 3 and clamp_page(0, len(records)) == 1 and clamp_page(None, 0) == 1
+    assert page_label(2, len(records)) == f"Page 2 of 3 ({len(records)} records)"
+
+
+# --------------------------------------------------------------------------- train tab
+
+
+def _dataset_choice(path: Path) -> dict:
+    return {"path": str(path), "name": path.name, "format": "openai", "on_error": "skip", "validation_split": 0.2,
+            "max_length": 256, "records": 10, "train": 8, "val": 2, "mean_tokens": 40}
+
+
+def test_form_builds_a_validated_run_config(tmp_path):
+    from engine.config import ConfigError
+    from webui.train_tab import FormValues, build_config
+
+    form = FormValues(model="/models/tiny", method="dora", max_steps=5, learning_rate=None, batch_size=2,
+                      target_modules="q_proj, v_proj", deepspeed="zero2", num_processes=2, run_name="my-run")
+    cfg = build_config(form, _dataset_choice(SAMPLES / "pip_chat.jsonl"), tmp_path)
+    assert cfg.method.name == "dora" and cfg.method.target_modules == ["q_proj", "v_proj"]
+    assert cfg.training.max_steps == 5 and cfg.learning_rate == 2e-4  # empty -> method default
+    assert cfg.data.validation_split == 0.2 and cfg.data.max_length == 256
+    assert cfg.distributed.deepspeed == "zero2" and cfg.output.run_id == "my-run"
+    with pytest.raises(ConfigError, match="data.path"):
+        build_config(form, None, tmp_path)
+    with pytest.raises(ConfigError, match="training.batch_size"):
+        build_config(FormValues(batch_size=0), _dataset_choice(SAMPLES / "pip_chat.jsonl"), tmp_path)
+
+
+def test_recommendation_panel_compares_the_four_methods(tiny_model_dir):
+    from webui.train_tab import comparison_markdown, reasons_markdown, recommendation_for
+
+    choice = _dataset_choice(SAMPLES / "pip_chat.jsonl")
+    rec = recommendation_for(str(tiny_model_dir), None, choice)
+    table = comparison_markdown(rec, str(tiny_model_dir), choice)
+    for method in ("lora", "qlora", "dora", "full"):
+        assert f"| {method}" in table
+    assert "8 training examples" in table
+    reasons = reasons_markdown(rec)
+    assert "**precision:" in reasons and rec.reasons["precision"][:30] in reasons
+    overrides = dict(o.split("=", 1) for o in rec.config_overrides())
+    assert overrides["method.name"] == rec.method
+
+
+def _write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def test_watch_reads_only_new_metric_lines(tmp_path):
+    from engine import runs
+    from engine.config import RunConfig
+    from webui.train_tab import Watch, loss_frame
+
+    cfg = RunConfig.from_dict({"data": {"path": str(SAMPLES / "pip_chat.jsonl")}})
+    run_dir = runs.create_run(cfg, tmp_path)
+    watch = Watch.attach(run_dir)
+    assert watch.read() is False and watch.points == []
+    _write_metrics(run_dir, [{"step": 1, "loss": 3.0, "eta_s": 20}, {"step": 2, "loss": 2.5, "eta_s": 10}])
+    assert watch.read() is True
+    assert [p["loss"] for p in watch.points] == [3.0, 2.5]
+    assert watch.read() is False  # nothing new: the chart is not redrawn
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 3, "loss": 2.0, "eval_lo')  # a line still being written
+    assert watch.read() is False
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        fh.write('ss": 2.2}\n')
+    assert watch.read() is True
+    frame = loss_frame(watch.points)
+    assert list(frame[frame.series == "eval"].loss) == [2.2] and len(frame[frame.series == "train"]) == 3
+    assert watch.last["step"] == 3
+
+
+def test_progress_bar_shows_steps_eta_and_completion():
+    from webui.train_tab import progress_html
+
+    running = progress_html({"state": "running", "max_steps": 20}, {"step": 5, "eta_s": 75, "loss": 1.23}, "/r/run-1")
+    assert 'data-percent="25"' in running and "step 5 / 20 (25%)" in running and "ETA 1 min 15 s" in running
+    done = progress_html({"state": "completed", "max_steps": 20, "step": 20}, {"step": 19}, "/r/run-1")
+    assert 'data-percent="100"' in done and "ETA" not in done
+    queued = progress_html({"state": "queued"}, {}, "/r/run-2")
+    assert 'data-state="queued"' in queued and "waiting for the running job" in queued
+
+
+def test_failure_panel_names_the_class_and_what_to_do():
+    from webui.train_tab import failure_markdown
+
+    assert failure_markdown({"state": "running"}) == ""
+    oom = failure_markdown({"state": "failed", "error_class": "out of memory", "error": "CUDA out of memory",
+                            "exit_code": 3})
+    assert "Training failed: out of memory" in oom and "CUDA out of memory" in oom and "Lower the batch size" in oom
+    assert "Exit code 3" in oom
+    other = failure_markdown({"state": "failed", "error_class": "error", "log_tail": "line\nValueError: boom"})
+    assert "ValueError: boom" in other and "log tail" in other
+    stopped = failure_markdown({"state": "aborted"})
+    assert "Training stopped" in stopped and "Resume" in stopped
+
+
+def test_active_run_is_found_for_reattaching(tmp_path):
+    import os
+    import time
+
+    from engine import runs
+    from engine.config import RunConfig
+    from webui.train_tab import find_active_run
+
+    cfg = RunConfig.from_dict({"data": {"path": str(SAMPLES / "pip_chat.jsonl")}})
+    done = runs.create_run(cfg, tmp_path)
+    runs.update_status(done, state="completed")
+    assert find_active_run(tmp_path) is None
+    cfg = RunConfig.from_dict({"data": {"path": str(SAMPLES / "pip_chat.jsonl")}})
+    live = runs.create_run(cfg, tmp_path)
+    # This test process stands in for the trainer: alive, so the run is not a ghost.
+    runs.update_status(live, state="running", pid=os.getpid(), pid_started=runs.process_identity(os.getpid()),
+                       started_at=time.time())
+    assert Path(find_active_run(tmp_path)) == live
+    assert find_active_run(tmp_path / "missing") is None
+
+
+# --------------------------------------------------------------------------- playground
+
+
+def test_columns_say_what_is_missing(tmp_path):
+    from webui.playground_tab import backend_availability
+
+    assert backend_availability(None, "base") == (True, "")
+    ok, why = backend_availability(None, "tuned")
+    assert not ok and "Train" in why
+    run = tmp_path / "run-1"
+    run.mkdir()
+    ok, why = backend_availability(str(run), "tuned")
+    assert not ok and "no trained weights" in why
+    (run / "adapter").mkdir()
+    assert backend_availability(str(run), "tuned") == (True, "")
+    ok, why = backend_availability(str(run), "onnx", "int8")
+    assert not ok and "ONNX int8" in why
+    (run / "export" / "onnx-int8").mkdir(parents=True)
+    assert backend_availability(str(run), "onnx", "int8") == (True, "")
+
+
+def test_validation_example_comes_from_the_held_out_split(tmp_path):
+    import random
+
+    from engine import data, runs
+    from engine.config import RunConfig
+    from webui.playground_tab import validation_example
+
+    cfg = RunConfig.from_dict({"data": {"path": str(SAMPLES / "pip_chat.jsonl"), "validation_split": 0.2}})
+    run_dir = runs.create_run(cfg, tmp_path)
+    _, _, val = data.load_for_training(cfg.data)
+    system, prompt, reference = validation_example(str(run_dir), random.Random(0))
+    assert any(m["content"] == reference for conv in val for m in conv if m["role"] == "assistant")
+    assert any(m["content"] == prompt for conv in val for m in conv if m["role"] == "user")
+
+
+def test_stats_line_shows_time_to_first_token_and_speed():
+    from engine.inference import GenerationStats
+    from webui.playground_tab import stats_line
+
+    stats = GenerationStats(backend="onnx", prompt_tokens=10, new_tokens=32, ttft_s=0.123, decode_tokens_per_s=87.5,
+                            total_s=0.5, finish_reason="length")
+    line = stats_line(stats, "onnx")
+    assert "first token 0.12 s" in line and "87.5 tokens/s" in line and "32 tokens" in line
+    assert "hit max new tokens" in line
+    assert stats_line(None, "base") == ""
+
+
+# --------------------------------------------------------------------------- export and runs
+
+
+def test_downloads_zip_the_run_artefacts(tmp_path):
+    from webui.export_tab import artefacts, download_targets, zip_dir
+
+    run = tmp_path / "run-1"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    assert list(artefacts(run)) == ["adapter"]
+    with pytest.raises(FileNotFoundError, match="ONNX"):
+        download_targets(run, "onnx")
+    (targets,) = download_targets(run, "adapter")
+    archive = zip_dir(targets, run / "export" / "downloads", run.name)
+    assert archive.name == "run-1-adapter.zip"
+    with zipfile.ZipFile(archive) as zf:
+        assert sorted(zf.namelist()) == ["adapter/", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
+    mtime = archive.stat().st_mtime_ns
+    assert zip_dir(targets, run / "export" / "downloads", run.name).stat().st_mtime_ns == mtime  # reused
+
+
+def test_runs_table_and_loss_curves(tmp_path):
+    import time
+
+    from engine import runs
+    from engine.config import RunConfig
+    from webui.runs_tab import loss_curves, run_details, run_table
+
+    cfg = RunConfig.from_dict({"data": {"path": str(SAMPLES / "pip_chat.jsonl")}, "method": {"name": "dora"}})
+    run_dir = runs.create_run(cfg, tmp_path)
+    now = time.time()
+    runs.update_status(run_dir, state="completed", started_at=now - 65, ended_at=now, step=4, max_steps=4)
+    _write_metrics(run_dir, [{"step": s, "loss": 3.0 - s * 0.5} for s in range(1, 5)] + [{"step": 4, "eval_loss": 1.7}])
+    (run_dir / "eval.json").write_text(json.dumps({"base": {"loss": 2.9}, "tuned": {"loss": 1.7}}))
+    rows, ids = run_table(tmp_path)
+    assert ids == [run_dir.name]
+    row = dict(zip(["run", "status", "method", "model", "data", "steps", "train", "eval", "duration", "created"], rows[0]))
+    assert row["status"] == "completed" and row["method"] == "dora" and row["data"] == "pip_chat.jsonl"
+    assert row["steps"] == "4/4" and row["train"] == "1" and row["eval"] == "1.7 (base 2.9)"
+    assert row["duration"] == "1 min 05 s"
+    frame = loss_curves(tmp_path, ids, "train")
+    assert list(frame.loss) == [2.5, 2.0, 1.5, 1.0] and set(frame.run) == {run_dir.name}
+    assert list(loss_curves(tmp_path, ids, "eval").loss) == [1.7]
+    details = run_details(tmp_path, run_dir.name)
+    assert "base loss 2.9" in details and "tuned loss 1.7" in details
