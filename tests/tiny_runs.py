@@ -1,0 +1,108 @@
+"""Run directories for the export and inference tests, built without the trainer.
+
+* :func:`chat_base` - the session's tiny random Llama, fully trained for a few seconds on
+  three short chats, so it answers them and stops at ``<|im_end|>`` (a random tiny model
+  only repeats one token).
+* :func:`make_adapter_run` - a run whose ``adapter/`` is a PEFT LoRA (or DoRA) on that base
+  with randomly perturbed weights (a fresh adapter is a no-op: B starts at zero).
+* :func:`make_full_run` - a run whose ``model/`` holds a full fine-tune.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+CHATS = [
+    ("Hi!", "Hello! How can I help you today?"),
+    ("What is 2+2?", "2+2 is 4."),
+    ("Name a colour.", "Blue is a colour."),
+]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def chat_base(tiny_model_dir: Path, root: Path, steps: int = 40) -> Path:
+    """Train the tiny model on CHATS (all weights, plain torch loop); cached under ``root``."""
+    target = Path(root) / "tiny-chat-base"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    examples = []
+    for question, answer in CHATS:
+        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        examples.append((torch.tensor([p_ids + a_ids]), torch.tensor([[-100] * len(p_ids) + a_ids])))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        for ids, labels in examples:
+            model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.copy2(Path(tiny_model_dir) / "generation_config.json", tmp / "generation_config.json")
+    tmp.rename(target)
+    return target
+
+
+def _write_config(run_dir: Path, base: Path, method: str) -> None:
+    from engine.config import MethodConfig, ModelConfig, RunConfig
+
+    cfg = RunConfig(model=ModelConfig(name_or_path=str(base)),
+                    method=MethodConfig(name=method, r=8, alpha=16, target_modules=list(LORA_TARGETS)))
+    cfg.save(run_dir / "config.yaml")
+
+
+def make_adapter_run(runs_dir: Path, base: Path, name: str = "lora-run", method: str = "lora",
+                     scale: float = 0.05, seed: int = 0, save_tokenizer: bool = False) -> Path:
+    """A run directory with a perturbed PEFT adapter in ``adapter/`` and its config.yaml.
+
+    ``save_tokenizer`` also saves the tokenizer in ``adapter/`` with the ChatML training
+    template (``{% generation %}`` markers), as a trainer using assistant-only loss does.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run_dir = Path(runs_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(LORA_TARGETS), lora_dropout=0.0,
+                        use_dora=(method == "dora"), task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if "lora_B" in pname:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    model.save_pretrained(run_dir / "adapter")
+    if save_tokenizer:
+        from transformers import AutoTokenizer
+
+        from engine.models import CHATML_TRAINING_TEMPLATE
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer.chat_template = CHATML_TRAINING_TEMPLATE
+        tokenizer.save_pretrained(run_dir / "adapter")
+    _write_config(run_dir, base, method)
+    return run_dir
+
+
+def make_full_run(runs_dir: Path, model_dir: Path, base: Path, name: str = "full-run") -> Path:
+    """A run directory whose ``model/`` is a full fine-tune (a copy of ``model_dir``)."""
+    run_dir = Path(runs_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(model_dir, run_dir / "model", dirs_exist_ok=True)
+    _write_config(run_dir, base, "full")
+    return run_dir
