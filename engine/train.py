@@ -1,0 +1,771 @@
+"""The training entry point: ``python -m engine.train --config run.yaml [--run-dir DIR]``.
+
+It reads like a recipe, top to bottom: load the config -> the data -> the model -> the
+trainer (TRL's ``SFTTrainer``, PEFT for the adapter methods) -> train -> save -> evaluate
+base against tuned. The helpers come first, the recipe (:func:`train`) and :func:`main`
+last.
+
+It writes the run directory (see engine.runs): status.json (its own progress and end),
+metrics.jsonl (one line per logging step, appended and flushed), checkpoints/, adapter/
+or model/, eval.json. ``engine.launch`` starts it in its own process, one process or
+``accelerate launch`` with DeepSpeed; SIGTERM makes it save a checkpoint and end as
+``aborted``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shlex
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from engine import runs
+from engine.config import ConfigError, MethodConfig, RunConfig
+
+EXIT_OK = 0  # completed, or aborted on request (status.json says which)
+EXIT_FAILED = 1
+
+# Chat conversations are turned into token ids here (not inside TRL), so that every chat
+# template gets the same treatment: a template with {% generation %} markers gives the
+# assistant mask directly; any other prefix-preserving template (Llama-3, Phi-3, ...) gets
+# it by rendering each conversation prefix. engine.data measures with the same functions.
+
+
+class TrainingDataError(ValueError):
+    """The data loads, but nothing in it can be trained on as configured."""
+
+
+# --------------------------------------------------------------------------- process context
+
+
+def world_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return world_rank() == 0
+
+
+class StopFlag:
+    """Set by SIGTERM; the training callback turns it into save-a-checkpoint-and-stop."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        print(f"[tunelab] {self.signal_name} received: saving a checkpoint at the end of this step, then stopping",
+              flush=True)
+
+
+STOP = StopFlag()
+
+
+class _Tee:
+    """Write to the terminal and to train.log (when not started by the launcher)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.stream.write(text)
+        self.log.write(text)
+        self.log.flush()
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def fileno(self):
+        return self.stream.fileno()
+
+
+def say(message: str) -> None:
+    if is_main_process():
+        print(f"[tunelab] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_precision(config: RunConfig) -> tuple[str, str]:
+    """The precision to train in, and why: from the hardware unless the config names one."""
+    import torch
+
+    from engine.hardware import choose_precision, detect
+
+    wanted = config.training.precision
+    cpu_ranks = world_size() > 1 and not torch.cuda.is_available()
+    if wanted == "auto":
+        precision, reason = choose_precision(detect())
+        if precision == "bf16" and cpu_ranks:
+            return "fp32", (
+                f"{reason} But several CPU processes train through DeepSpeed, which accelerate only "
+                "runs in fp32 on a CPU: fp32."
+            )
+        return precision, reason
+    if wanted == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("training.precision", "fp16 mixed precision needs a CUDA GPU; use auto, fp32 or bf16")
+    if wanted == "bf16" and cpu_ranks:
+        raise ConfigError("training.precision", "DeepSpeed on CPU processes trains in fp32 only; use auto or fp32")
+    return wanted, f"set in the config (training.precision: {wanted})"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return getattr(torch, DTYPES[precision])
+
+
+# --------------------------------------------------------------------------- method -> PEFT / bitsandbytes
+
+
+def method_configs(method: MethodConfig, precision: str):
+    """Map the method to (PEFT LoraConfig or None, BitsAndBytesConfig or None).
+
+    lora: LoRA on the chosen modules; dora: the same with ``use_dora`` (weight-decomposed);
+    qlora: LoRA over a base model quantised to 4-bit NF4 with double quantisation
+    (bitsandbytes; it runs on the CPU too); full: every weight trains, no adapter.
+    """
+    if method.name == "full":
+        return None, None
+    from peft import LoraConfig
+
+    lora = LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=method.target_modules,
+        use_rslora=method.use_rslora,
+        use_dora=method.name == "dora",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    quantization = None
+    if method.name == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype(precision),
+        )
+    return lora, quantization
+
+
+# --------------------------------------------------------------------------- data -> token ids
+
+
+def chat_templates(tokenizer, config: RunConfig) -> tuple[str, str, str]:
+    """(template to train with, where it comes from, template to save for inference)."""
+    from engine.data import training_chat_template
+
+    own = config.model.chat_template or tokenizer.chat_template
+    if isinstance(own, dict):
+        own = own.get("default") or next(iter(own.values()))
+    template, source = training_chat_template(tokenizer, config.model.chat_template)
+    return template, source, own or template
+
+
+def tokenize_conversations(conversations, tokenizer, template: str, source: str, assistant_only: bool, label: str):
+    """A ``datasets.Dataset`` of ``input_ids`` (and ``assistant_masks`` for assistant-only loss).
+
+    Conversations the template refuses (e.g. a template that allows no system message)
+    are skipped and counted; if none is left, :class:`TrainingDataError`.
+    """
+    from datasets import Dataset
+
+    from engine.data import render_example
+
+    ids_list, masks, refused = [], [], []
+    for index, messages in enumerate(conversations):
+        try:
+            ids, mask = render_example(messages, tokenizer, template, source)
+        except ValueError as err:
+            if "prefix by prefix" in str(err):
+                raise ConfigError(
+                    "model.chat_template",
+                    "the chat template does not render conversations prefix by prefix, so the assistant tokens "
+                    "cannot be found: give a template with {% generation %} markers in model.chat_template, or "
+                    "set training.assistant_only_loss: false",
+                ) from err
+            refused.append(f"{label} example {index + 1}: {err}")
+            continue
+        except Exception as err:  # jinja2 raise_exception() in a template: report and go on
+            refused.append(f"{label} example {index + 1}: {type(err).__name__}: {err}")
+            continue
+        ids_list.append(ids)
+        masks.append(mask)
+    if refused:
+        say(f"the chat template refused {len(refused)} {label} example(s); first: {refused[0]}")
+    if conversations and not ids_list:
+        raise TrainingDataError(f"the chat template refused every {label} example; first: {refused[0]}")
+    columns = {"input_ids": ids_list}
+    if assistant_only:
+        columns["assistant_masks"] = masks
+    return Dataset.from_dict(columns)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def load_tokenizer(model_dir: Path, config: RunConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.model.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_dir: Path, config: RunConfig, precision: str, quantization):
+    """The base model: half precision weights for adapters, fp32 master weights for full."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # Full fine-tuning keeps fp32 master weights (mixed precision autocasts); adapters
+    # train on a base held in the training precision, which halves its memory.
+    dtype = torch.float32 if config.method.name == "full" else torch_dtype(precision)
+    kwargs = {"dtype": dtype, "trust_remote_code": config.model.trust_remote_code}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.config.use_cache = False
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.training.gradient_checkpointing
+        )
+    return model
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def memory_peak_mb() -> float:
+    """Peak resident memory of this process (MB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class RunMonitor(TrainerCallback):
+    """Appends one line per logging step to metrics.jsonl (flushed), updates status.json,
+    and turns a stop request (SIGTERM) into save-a-checkpoint-and-stop.
+
+    Tokens per second count real (non-padding) tokens, summed over all processes, over
+    the span since the previous line; ETA extrapolates this session's seconds per step.
+    """
+
+    def __init__(self, run_dir: Path, stop: StopFlag, elapsed_before: float = 0.0):
+        self.run_dir = Path(run_dir)
+        self.stop = stop
+        self.elapsed_before = elapsed_before
+        self.enabled = True
+        self.pending = None
+        self.file = None
+
+    # -- helpers
+    def _write(self, row: dict) -> None:
+        if self.file is None:
+            self.file = (self.run_dir / runs.METRICS_FILE).open("a", encoding="utf-8")
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def _stop_everywhere(self, args) -> bool:
+        """True when any process got a stop request (all ranks must stop at the same step)."""
+        if world_size() <= 1:
+            return self.stop.requested
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return self.stop.requested
+        flag = torch.tensor([1 if self.stop.requested else 0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # -- events
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = self.t_prev = time.time()
+        self.step0 = state.global_step
+        self.tokens_prev = state.num_input_tokens_seen
+        if state.is_world_process_zero:
+            runs.update_status(self.run_dir, step=state.global_step, max_steps=state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._stop_everywhere(args):
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (self.enabled and state.is_world_process_zero and logs):
+            return
+        now = time.time()
+        if "loss" in logs:
+            tokens = state.num_input_tokens_seen
+            span = max(now - self.t_prev, 1e-9)
+            done = state.global_step - self.step0
+            session = now - self.t0
+            eta = session / done * (state.max_steps - state.global_step) if done > 0 else None
+            row = {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0.0, 4),
+                "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens": tokens,
+                "tokens_per_second": round((tokens - self.tokens_prev) / span, 2),
+                "elapsed_s": round(self.elapsed_before + session, 2),
+                "eta_s": round(eta, 1) if eta is not None else None,
+                "memory_peak_mb": memory_peak_mb(),
+            }
+            row.update(_gpu_memory())
+            self.t_prev, self.tokens_prev = now, tokens
+            if self.pending:
+                self._write(self.pending)
+            self.pending = row
+            if not control.should_evaluate:  # an evaluation of this step follows: wait for its loss
+                self._write(self.pending)
+                self.pending = None
+            runs.update_status(self.run_dir, step=state.global_step, max_steps=state.max_steps)
+        elif "eval_loss" in logs:
+            if self.pending and self.pending["step"] == state.global_step:
+                row, self.pending = self.pending, None
+            else:
+                row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            row["eval_loss"] = logs["eval_loss"]
+            self._write(row)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.pending:
+            self._write(self.pending)
+            self.pending = None
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _gpu_memory() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"gpu_memory_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    return {}
+
+
+def _elapsed_so_far(run_dir: Path) -> float:
+    """elapsed_s of the last metrics line (a resumed run keeps counting from there)."""
+    rows = runs.read_metrics(run_dir)
+    return float(next((r["elapsed_s"] for r in reversed(rows) if "elapsed_s" in r), 0.0))
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def sft_config(config: RunConfig, run_dir: Path, precision: str, has_eval: bool):
+    """TRL SFTConfig from the run config. Every precision flag is explicit: TRL's own
+    default (bf16=True) would make a CPU without bf16 instructions crawl."""
+    import torch
+    from trl import SFTConfig
+
+    t = config.training
+    distributed_cpu = world_size() > 1 and not torch.cuda.is_available()
+    kwargs = dict(
+        output_dir=str(run_dir / runs.CHECKPOINTS_DIR),
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the steps
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
+        eval_steps=t.eval_steps or None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        max_length=config.data.max_length,
+        packing=t.packing,
+        assistant_only_loss=False,  # the masks come with the tokenized data (see tokenize_conversations)
+        completion_only_loss=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to=[],
+        disable_tqdm=not sys.stderr.isatty(),  # in train.log, one printed line per log instead of bars
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+        # DeepSpeed's CPU accelerator talks gloo; without naming it, accelerate counts 1 process.
+        ddp_backend="gloo" if distributed_cpu else None,
+        # One CPU process: say so, or transformers refuses bf16 without a GPU.
+        use_cpu=not torch.cuda.is_available() and world_size() == 1,
+    )
+    if config.distributed.deepspeed != "none" and world_size() > 1 and not _deepspeed_from_launcher():
+        from engine.launch import deepspeed_config_file
+
+        kwargs["deepspeed"] = str(deepspeed_config_file(config))
+    return SFTConfig(**kwargs)
+
+
+def _deepspeed_from_launcher() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, monitor: RunMonitor | None = None):
+    """Tokenizer, model and SFTTrainer for ``config``; returns (trainer, info dict)."""
+    from trl import SFTTrainer
+
+    from engine.models import resolve_model
+
+    if not sys.stderr.isatty():  # train.log: no progress bars for the dataset preparation
+        import datasets
+
+        datasets.disable_progress_bars()
+    precision, precision_reason = resolve_precision(config)
+    say(f"precision {precision}: {precision_reason}")
+    model_dir = resolve_model(config.model.name_or_path, progress=say)
+    tokenizer = load_tokenizer(model_dir, config)
+    template, template_source, inference_template = chat_templates(tokenizer, config)
+    tokenizer.chat_template = inference_template  # what adapter/ or model/ will carry
+    assistant_only = config.training.assistant_only_loss
+    say(f"chat template: {template_source}; loss on {'assistant tokens only' if assistant_only else 'every token'}")
+
+    train_ds = tokenize_conversations(train_records, tokenizer, template, template_source, assistant_only, "train")
+    val_ds = (
+        tokenize_conversations(val_records, tokenizer, template, template_source, assistant_only, "validation")
+        if val_records
+        else None
+    )
+
+    peft_config, quantization = method_configs(config.method, precision)
+    model = load_model(model_dir, config, precision, quantization)
+    args = sft_config(config, run_dir, precision, has_eval=val_ds is not None)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[monitor] if monitor else None,
+    )
+    if quantization is not None and precision == "fp32":
+        # TRL casts QLoRA adapter weights to bf16 (the paper's recipe for GPUs); on a CPU
+        # without bf16 that only slows things down: keep them in fp32.
+        import torch
+
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype == torch.bfloat16:
+                param.data = param.data.float()
+    if len(trainer.train_dataset) == 0:
+        raise TrainingDataError(
+            f"no training example keeps any {'assistant ' if assistant_only else ''}token within "
+            f"data.max_length={config.data.max_length} (the prompts alone fill it): raise data.max_length"
+        )
+    info = {
+        "model_dir": str(model_dir),
+        "precision": precision,
+        "precision_reason": precision_reason,
+        "chat_template": template_source,
+        "train_examples": len(trainer.train_dataset),
+        "validation_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
+    }
+    return trainer, info
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _eval_loss(trainer) -> float:
+    return float(trainer.evaluate()["eval_loss"])
+
+
+def _loss_entry(loss: float | None) -> dict | None:
+    if loss is None:
+        return None
+    return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50.0)), 4)}
+
+
+def evaluate_base_vs_tuned(trainer, config: RunConfig, base_loss: float | None, n_examples: int) -> dict:
+    """Validation loss and perplexity of the base and the tuned model (eval.json).
+
+    The loss is on the same tokens as training (assistant tokens unless configured
+    otherwise). For adapters the base is the same model with the adapter switched off;
+    for full fine-tuning it was measured before training.
+    """
+    tuned = _eval_loss(trainer)
+    if config.method.is_peft:
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        with unwrapped.disable_adapter():
+            base_loss = _eval_loss(trainer)
+    result = {
+        "split": "validation",
+        "examples": n_examples,
+        "loss_on": "assistant tokens" if config.training.assistant_only_loss else "all tokens",
+        "base": _loss_entry(base_loss),
+        "tuned": _loss_entry(tuned),
+    }
+    if base_loss is not None:
+        result["loss_change"] = round(tuned - base_loss, 5)
+    if config.method.name == "qlora":
+        result["note"] = "base = the 4-bit quantised base model the adapter was trained on"
+    return result
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None) -> dict:
+    """Train as ``config`` says, writing ``run_dir``. Returns a summary; ``state`` is
+    ``completed`` or ``aborted`` (stop requested). Errors propagate (see classify_error)."""
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from engine.data import load_for_training
+
+    run_dir = Path(run_dir)
+    stop = stop or STOP
+    main_process = is_main_process()
+
+    # 1. Seed: PEFT initialises adapters randomly, so before the model exists.
+    set_seed(config.training.seed)
+
+    # 2. Data: read, validate, split.
+    loaded, train_records, val_records = load_for_training(config.data)
+    say(
+        f"data {config.data.path}: format {loaded.format}, {len(loaded.records)} usable of {loaded.total} "
+        f"records ({loaded.skipped} skipped); train {len(train_records)}, validation {len(val_records)}"
+    )
+    for problem in loaded.problems[:5]:
+        say(f"  skipped: {problem}")
+    for warning in loaded.warnings:
+        say(f"  note: {warning}")
+    if not train_records:
+        raise TrainingDataError(f"{config.data.path}: no record left to train on")
+
+    # 3 + 4. Model, tokenizer, PEFT/quantisation and the trainer.
+    checkpoint = None
+    checkpoints_dir = run_dir / runs.CHECKPOINTS_DIR
+    if config.training.resume and checkpoints_dir.is_dir():
+        checkpoint = get_last_checkpoint(str(checkpoints_dir))
+    monitor = RunMonitor(run_dir, stop, elapsed_before=_elapsed_so_far(run_dir) if checkpoint else 0.0)
+    trainer, info = build_trainer(config, run_dir, train_records, val_records, monitor)
+    if main_process:
+        runs.update_status(run_dir, precision=info["precision"], precision_reason=info["precision_reason"])
+    has_eval = trainer.eval_dataset is not None
+
+    # Base loss for full fine-tuning is measured before its weights change (adapters
+    # measure theirs after training, with the adapter switched off).
+    base_loss = None
+    eval_path = run_dir / runs.EVAL_FILE
+    if has_eval and not config.method.is_peft:
+        previous = runs._read_json(eval_path) or {}
+        if checkpoint and previous.get("base"):
+            base_loss = previous["base"]["loss"]
+        elif not checkpoint and config.distributed.deepspeed == "none":
+            monitor.enabled = False
+            base_loss = _eval_loss(trainer)
+            monitor.enabled = True
+            if main_process:
+                eval_path.write_text(json.dumps({"base": _loss_entry(base_loss)}, indent=2) + "\n")
+
+    # 5. Train (from the last checkpoint when resuming).
+    if checkpoint:
+        say(f"resuming from {Path(checkpoint).name}")
+    elif config.training.resume:
+        say("resume asked, but there is no checkpoint yet: starting from step 0")
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    monitor.close()
+    summary = {
+        **info,
+        "global_step": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "train_loss": result.training_loss,
+        "train_seconds": round(time.time() - started, 2),
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+    }
+    if stop.requested:
+        say(f"stopped at step {trainer.state.global_step}; checkpoint saved in {checkpoints_dir}")
+        return {**summary, "state": "aborted"}
+
+    # 6. Save: the adapter (PEFT layout) or the full model, with the tokenizer, so the
+    # directory loads on its own.
+    out_dir = run_dir / (runs.ADAPTER_DIR if config.method.is_peft else runs.MODEL_DIR)
+    trainer.save_model(str(out_dir))
+    say(f"saved {out_dir}")
+
+    # 7. Evaluate base against tuned on the validation split.
+    if has_eval and not stop.requested:
+        monitor.enabled = False
+        evaluation = evaluate_base_vs_tuned(trainer, config, base_loss, len(trainer.eval_dataset))
+        if main_process:
+            eval_path.write_text(json.dumps(evaluation, indent=2) + "\n")
+            say(f"validation loss: base {evaluation['base']}, tuned {evaluation['tuned']}")
+        summary["eval"] = evaluation
+    return {**summary, "state": "completed"}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def classify_error(err: BaseException) -> tuple[str, str]:
+    """(error class, one sentence) for a failure a person has to act on."""
+    from engine.data import DataError
+    from engine.models import ModelNotFoundError
+
+    text = f"{type(err).__name__}: {err}"
+    if isinstance(err, (DataError, TrainingDataError)):
+        return runs.ERROR_BAD_DATA, str(err)
+    if isinstance(err, ModelNotFoundError):
+        return runs.ERROR_MODEL_NOT_FOUND, str(err)
+    if isinstance(err, ConfigError):
+        return runs.ERROR_CONFIG, str(err)
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "out of memory" in str(err).lower():
+        return runs.ERROR_OOM, (
+            f"{text.splitlines()[0]} -- lower training.batch_size or data.max_length, use qlora, turn on "
+            "training.gradient_checkpointing, or use DeepSpeed ZeRO with offload"
+        )
+    if isinstance(err, OSError) and ("config.json" in str(err) or "does not appear to have" in str(err)):
+        return runs.ERROR_MODEL_NOT_FOUND, str(err)
+    return runs.ERROR_OTHER, text
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.train",
+        description="Train one run from a YAML config (see engine/config.py); writes a run directory.",
+    )
+    parser.add_argument("--config", required=True, help="Run config (YAML).")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="Override a config value, e.g. --set training.max_steps=20 (repeatable).",
+    )
+    parser.add_argument(
+        "--run-dir", help="Run directory to write (made if missing). Default: a new one in output.runs_dir."
+    )
+    return parser.parse_args(argv)
+
+
+def _fail(run_dir: Path | None, error_class: str, message: str, supervised: bool) -> int:
+    print(f"[tunelab] failed ({error_class}): {message}", file=sys.stderr, flush=True)
+    if run_dir is not None and is_main_process() and run_dir.is_dir():
+        runs.update_status(
+            run_dir, state="failed", error_class=error_class, error=message, ended_at=time.time(),
+            log_tail=None if supervised else runs.tail_log(run_dir, 30) or None,
+        )
+    return EXIT_FAILED
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    STOP.install()
+    supervised = os.environ.get("TUNELAB_SUPERVISED") == "1"  # engine.launch sends our output to train.log
+    launched = "LOCAL_RANK" in os.environ  # started by accelerate launch / torchrun
+    main_process = is_main_process()
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else None
+
+    # 1. Config, and the run directory it writes.
+    try:
+        config = RunConfig.load(args.config).with_overrides(args.overrides)
+        if not launched and (config.distributed.num_processes > 1 or config.distributed.deepspeed != "none"):
+            raise ConfigError(
+                "distributed",
+                f"this config asks for {config.distributed.num_processes} process(es) with DeepSpeed "
+                f"{config.distributed.deepspeed}: start it with `tunelab train --config FILE`, or with the "
+                "accelerate command `tunelab train --config FILE --print-command` prints",
+            )
+        if run_dir is None:
+            if world_size() > 1:
+                raise ConfigError("--run-dir", "several processes must share one run directory: pass --run-dir")
+            run_dir = runs.create_run(config)
+        elif main_process and not (run_dir / runs.CONFIG_FILE).exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config.output.run_id = run_dir.name
+            config.output.runs_dir = str(run_dir.parent)
+            config.save(run_dir / runs.CONFIG_FILE)
+    except ConfigError as err:
+        return _fail(run_dir, runs.ERROR_CONFIG, str(err), supervised)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    if main_process and not supervised:
+        log = (run_dir / runs.LOG_FILE).open("a", encoding="utf-8")
+        sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+        command = [sys.executable, "-m", "engine.train", *(sys.argv[1:] if argv is None else argv)]
+        (run_dir / runs.COMMAND_FILE).write_text(shlex.join(command) + "\n")
+    if main_process:
+        fields = {"state": "running", "trainer_pid": os.getpid(), "host": socket.gethostname()}
+        if not supervised:
+            fields.update(pid=os.getpid(), pid_started=runs.process_identity(os.getpid()), started_at=time.time())
+        runs.update_status(run_dir, **fields)
+    say(f"run {run_dir}")
+
+    # 2-7. The recipe.
+    try:
+        summary = train(config, run_dir)
+    except KeyboardInterrupt:
+        return _fail(run_dir, runs.ERROR_KILLED, "interrupted (Ctrl-C)", supervised)
+    except Exception as err:  # record why, for the UI and the queue, then exit non-zero
+        import traceback
+
+        traceback.print_exc()
+        error_class, message = classify_error(err)
+        return _fail(run_dir, error_class, message, supervised)
+    if main_process:
+        runs.update_status(
+            run_dir,
+            state=summary["state"],
+            ended_at=time.time(),
+            step=summary["global_step"],
+            max_steps=summary["max_steps"],
+            train_loss=summary["train_loss"],
+            tokens_seen=summary["tokens_seen"],
+            error_class=None,
+            error=None,
+        )
+    say(f"{summary['state']} at step {summary['global_step']}/{summary['max_steps']}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
