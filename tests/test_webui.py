@@ -274,7 +274,7 @@ def test_watch_reads_only_new_metric_lines(tmp_path):
     cfg = RunConfig.from_dict({"data": {"path": str(SAMPLES / "pip_chat.jsonl")}})
     run_dir = runs.create_run(cfg, tmp_path)
     watch = Watch.attach(run_dir)
-    assert watch.read() is False and watch.points == []
+    assert watch.read() is False and watch.points == [] and loss_frame(watch.points) is None
     _write_metrics(run_dir, [{"step": 1, "loss": 3.0, "eta_s": 20}, {"step": 2, "loss": 2.5, "eta_s": 10}])
     assert watch.read() is True
     assert [p["loss"] for p in watch.points] == [3.0, 2.5]

@@ -200,3 +200,17 @@ def stream_progress(fn, *args, **kwargs):
         yield kind, item
         if kind == "done":
             return
+
+
+def plot_frame(rows: list[dict], columns: dict[str, str]):
+    """A DataFrame for a gr.*Plot with fixed column types, or None when there are no rows.
+
+    The plot decides from the dtypes whether a column is a number or a category. An empty
+    frame is never sent: a plot that first received an empty frame does not draw the lines
+    of a colour-split frame that comes later (gradio 6.31); one that received None does.
+    """
+    import pandas as pd
+
+    if not rows:
+        return None
+    return pd.DataFrame(rows, columns=list(columns)).astype(columns)

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from webui.chat_html import render_page
-from webui.common import AppContext, engine_errors, escape_md, load_tokenizer
+from webui.common import AppContext, engine_errors, escape_md, load_tokenizer, plot_frame
 
 FORMATS = ("auto", "openai", "sharegpt", "alpaca", "qa", "preference")
 PER_PAGE = 4
@@ -160,13 +160,11 @@ def stats_markdown(tokens: dict | None) -> str:
 
 def histogram_frame(tokens: dict | None):
     """A DataFrame (bin label, count) of the token lengths, for a bar plot."""
-    import pandas as pd
-
     hist = (tokens or {}).get("histogram") or {}
     counts = hist.get("counts") or []
     edges = hist.get("edges") or []
-    labels = [f"{edges[i]}-{edges[i + 1] - 1}" for i in range(len(counts))]
-    return pd.DataFrame({"tokens": labels, "records": counts})
+    rows = [{"tokens": f"{edges[i]}-{edges[i + 1] - 1}", "records": counts[i]} for i in range(len(counts))]
+    return plot_frame(rows, {"tokens": "str", "records": "int64"})
 
 
 def page_label(page: int, n_records: int) -> str:
@@ -218,7 +216,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         with gr.Column(scale=1):
             stats_md = gr.Markdown(elem_id="data-stats")
         with gr.Column(scale=2):
-            hist = gr.BarPlot(x="tokens", y="records", sort=None, title="Tokens per record", height=260,
+            hist = gr.BarPlot(histogram_frame(None), x="tokens", y="records", sort=None, title="Tokens per record", height=260,
                               x_title="tokens", y_title="records", elem_id="data-histogram")
     problems = gr.Dataframe(headers=PROBLEM_COLUMNS, value=[], label="Problems (skipped records, with line numbers)",
                             interactive=False, wrap=True, elem_id="data-problems", max_height=260)
@@ -259,7 +257,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return (
             summary_markdown(ins),
             stats_markdown(tokens),
-            gr.BarPlot(value=(frame := histogram_frame(tokens)), sort=list(frame["tokens"])),
+            gr.BarPlot(value=(frame := histogram_frame(tokens)),
+                       sort=list(frame["tokens"]) if frame is not None else None),
             gr.Dataframe(value=problem_rows(ins.problems),
                          label=f"Problems: {len(ins.problems)} (file, line or row, field, message)"
                          if ins.problems else "Problems: none"),

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import gradio as gr  # at module level: the select handler's gr.SelectData annotation must resolve
 
-from webui.common import AppContext, engine_errors, escape_md, fmt_duration, fmt_number
+from webui.common import AppContext, engine_errors, escape_md, fmt_duration, fmt_number, plot_frame
 
 COLUMNS = ["Run", "Status", "Method", "Model", "Data", "Steps", "Train loss", "Eval loss", "Duration", "Created"]
 
@@ -77,20 +77,15 @@ def run_table(runs_dir: Path) -> tuple[list[list], list[str]]:
 
 def loss_curves(runs_dir: Path, run_ids: list[str], series: str = "train"):
     """A DataFrame (step, loss, run) of the chosen runs' train or eval loss."""
-    import pandas as pd
-
     from engine import runs
 
     key = "loss" if series == "train" else "eval_loss"
     points = []
     for run_id in run_ids:
-        reader = runs.MetricsReader(runs_dir / run_id)
-        for row in reader.read_new():
+        for row in runs.read_metrics(runs_dir / run_id):
             if row.get(key) is not None and row.get("step") is not None:
                 points.append({"step": row["step"], "loss": float(row[key]), "run": run_id})
-    if not points:
-        return pd.DataFrame({"step": [], "loss": [], "run": []})
-    return pd.DataFrame(points)
+    return plot_frame(points, {"step": "int64", "loss": "float64", "run": "str"})
 
 
 def run_details(runs_dir: Path, run_id: str | None) -> str:
@@ -135,7 +130,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             compare = gr.CheckboxGroup(ids, value=ids[:3], label="Compare loss curves", elem_id="runs-compare")
             series = gr.Radio([("Train loss", "train"), ("Eval loss", "eval")], value="train", label="Curve")
         with gr.Column(scale=3):
-            curves = gr.LinePlot(x="step", y="loss", color="run", title="Loss by run", height=300,
+            curves = gr.LinePlot(loss_curves(ctx.runs_dir, [], "train"), x="step", y="loss", color="run", title="Loss by run", height=300,
                                  elem_id="runs-curves")
     with gr.Row():
         selected = gr.Dropdown(ids, value=ids[0] if ids else None, label="Run", elem_id="runs-selected", scale=2)

@@ -19,11 +19,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from webui.common import AppContext, engine_errors, escape_md, fmt_duration, fmt_number
+from webui.common import AppContext, engine_errors, escape_md, fmt_duration, fmt_number, plot_frame
 from webui.links import dataset_summary
 
 METHOD_CHOICES = [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora"), ("DoRA", "dora"), ("Full fine-tune", "full")]
-ACTIVE_STATES = ("queued", "starting", "running")
+ACTIVE_STATES = ("created", "queued", "running")
 FINAL_STATES = ("completed", "failed", "aborted")
 LOG_LINES = 40
 
@@ -228,11 +228,7 @@ class Watch:
 
 
 def loss_frame(points: list):
-    import pandas as pd
-
-    if not points:
-        return pd.DataFrame({"step": [], "loss": [], "series": []})
-    return pd.DataFrame(points)
+    return plot_frame(points, {"step": "int64", "loss": "float64", "series": "str"})
 
 
 def _total_steps(status: dict, last: dict) -> int | None:
@@ -262,7 +258,9 @@ def progress_html(status: dict, last: dict, run_dir: str) -> str:
         parts.append(f"step {step} / {total} ({pct}%)")
     elif step:
         parts.append(f"step {step}")
-    if state in ("running", "starting"):
+    if state == "running" and status.get("stop_requested_at"):
+        parts.append("stopping: saving a checkpoint")
+    elif state == "running":
         if last.get("eta_s") is not None:
             parts.append(f"ETA {fmt_duration(last.get('eta_s'))}")
         if last.get("elapsed_s") is not None:
@@ -275,6 +273,8 @@ def progress_html(status: dict, last: dict, run_dir: str) -> str:
         parts.append(f"{fmt_number(last.get('tokens_per_second'), 3)} tokens/s")
     if state == "queued":
         parts.append("waiting for the running job to finish")
+    elif state == "created":
+        parts.append("starting")
     return (
         f'<div class="tl-status" id="train-progress" data-state="{state}" data-percent="{pct}">'
         f'<div>{" &middot; ".join(parts)}</div>'
@@ -312,7 +312,7 @@ def find_active_run(runs_dir: Path) -> str | None:
     if not runs_dir.is_dir():
         return None
     listed = runs.list_runs(runs_dir)
-    for wanted in ("running", "starting", "queued"):
+    for wanted in ("running", "queued", "created"):
         for info in listed:
             if info.get("state") == wanted:
                 return info["path"]
@@ -347,11 +347,13 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                                 label="Model", elem_id="train-model",
                                 info="The embedded SmolLM2-135M-Instruct, a local directory, or a Hub id (org/name)")
             method = gr.Radio(METHOD_CHOICES, value="lora", label="Method", elem_id="train-method")
-            comparison = gr.Markdown(elem_id="train-comparison")
         with gr.Column(scale=2):
-            with gr.Accordion("Hardware and recommendation", open=True):
-                reasons = gr.Markdown(elem_id="train-reasons")
-                apply_btn = gr.Button("Apply recommendation", elem_id="train-apply")
+            apply_btn = gr.Button("Apply recommendation", elem_id="train-apply", variant="secondary")
+            gr.Markdown("Sets precision, method, batch size, accumulation, checkpointing and DeepSpeed "
+                        "to the plan below.")
+    with gr.Accordion("This model on this hardware: methods compared, and the recommendation", open=True):
+        comparison = gr.Markdown(elem_id="train-comparison")
+        reasons = gr.Markdown(elem_id="train-reasons")
 
     with gr.Accordion("Hyperparameters", open=True):
         with gr.Row():
@@ -359,7 +361,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                                    elem_id="train-epochs")
             max_steps = gr.Number(-1, label="Max steps (optimizer steps, -1 = use epochs)", precision=0,
                                   minimum=-1, info=th["max_steps"], elem_id="train-max-steps")
-            learning_rate = gr.Number(None, label="Learning rate (per step; empty = method default)",
+            learning_rate = gr.Number(0, label="Learning rate (0 = the method's default)",
                                       minimum=0, step=1e-5, info=th["learning_rate"], elem_id="train-lr")
             lr_scheduler = gr.Dropdown(list(SCHEDULERS), value="cosine", label="LR schedule",
                                        info=th["lr_scheduler"])
