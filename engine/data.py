@@ -991,36 +991,15 @@ def load_records(
     tool_calls = 0
     with_system = 0
     placeholders: dict[str, int] = {}
+    bad_records = 0
     for raw, fmt in zip(source.rows, detected):
         ctx = _Ctx(label, unit, raw)
-        if raw.error is not None:
-            ctx.add(None, raw.error)
-            problems += ctx.problems
-            continue
-        if not isinstance(raw.value, dict):
-            ctx.add(None, f"expected a JSON object, got {_kind(raw.value)}")
-            problems += ctx.problems
-            continue
-        if format == "auto" and fmt != chosen_format:
-            if fmt is None:
-                ctx.add(None, f"matches no known format (keys: {_keys(raw.value)})")
-            else:
-                ctx.add(None, f"is a record in {fmt} format, unlike the rest of the file ({chosen_format})")
-            problems += ctx.problems
-            continue
-        pair = None
-        if chosen_format == "preference":
-            parsed = _parse_preference(raw.value, ctx)
-            messages = parsed[0] if parsed else None
-            pair = parsed[1] if parsed else None
-        else:
-            messages = _PARSERS[chosen_format](raw.value, ctx)
-        if messages is not None and not ctx.problems:
-            _check_conversation(messages, ctx, _FIELD_OF[chosen_format])
+        messages, pair = _normalise(raw, fmt, chosen_format, format == "auto", ctx)
         if ctx.problems or messages is None:
             if not ctx.problems:
                 ctx.add(None, "could not be read")
             problems += ctx.problems
+            bad_records += 1
             continue
         if persona is not None or any("{{" in m["content"] for m in messages):
             messages = _fill_placeholders(messages, persona or {}, placeholders)
@@ -1039,7 +1018,6 @@ def load_records(
         tool_calls += ctx.tool_calls
 
     total = len(source.rows)
-    bad_records = len({(p.record, p.line) for p in problems})
     if placeholders:
         names = sorted(placeholders)
         unfilled = [n for n in names if not _persona_has(persona or {}, n)]
@@ -1078,6 +1056,31 @@ def load_records(
     if not records:
         raise DataError(f"{label}: none of the {total} records is usable." + _first_problems(problems), problems)
     return result
+
+
+def _normalise(raw: _Raw, detected: str | None, chosen: str, auto: bool, ctx: _Ctx):
+    """One raw record -> (messages, preference pair or None); problems go to ``ctx``."""
+    if raw.error is not None:
+        ctx.add(None, raw.error)
+        return None, None
+    if not isinstance(raw.value, dict):
+        ctx.add(None, f"expected a JSON object, got {_kind(raw.value)}")
+        return None, None
+    if auto and detected != chosen:
+        if detected is None:
+            ctx.add(None, f"matches no known format (keys: {_keys(raw.value)})")
+        else:
+            ctx.add(None, f"is a record in {detected} format, unlike the rest of the file ({chosen})")
+        return None, None
+    pair = None
+    if chosen == "preference":
+        parsed = _parse_preference(raw.value, ctx)
+        messages, pair = parsed if parsed else (None, None)
+    else:
+        messages = _PARSERS[chosen](raw.value, ctx)
+    if messages is not None and not ctx.problems:
+        _check_conversation(messages, ctx, _FIELD_OF[chosen])
+    return messages, pair
 
 
 def _persona_has(persona: dict, name: str) -> bool:

@@ -133,6 +133,15 @@ def test_csv_and_tsv_question_answer(tmp_path):
     assert b.records[1] == [{"role": "user", "content": "P2"}, {"role": "assistant", "content": "C2"}]
 
 
+def test_csv_column_holding_messages_as_json(tmp_path):
+    path = write_csv(tmp_path / "m.csv", ["messages"], [[json.dumps(chat()["messages"])], ["[not json"]])
+    result = load_records(path)
+    assert result.format == "openai" and result.records[0] == chat()["messages"]
+    assert [str(p) for p in result.problems] == [
+        "m.csv, row 3, field 'messages': invalid JSON: Expecting value (column 2)"
+    ]
+
+
 def test_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
