@@ -1394,13 +1394,9 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.max_length <= 0:
         print("error: --max-length must be > 0", file=sys.stderr)
         return 1
-    tokenizer = None
-    if not args.no_tokens:
-        try:
-            tokenizer = _load_tokenizer(args.model)
-        except DataError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+    if not 0 <= args.validation_split < 1:
+        print("error: --validation-split must be in [0, 1)", file=sys.stderr)
+        return 1
     try:
         result, report = inspect_file(
             args.file,
@@ -1409,7 +1405,6 @@ def _inspect(args: argparse.Namespace) -> int:
             persona=dict(args.persona) or None,
             system_prompt=args.system_prompt,
             max_length=args.max_length,
-            tokenizer=tokenizer,
             validation_split=args.validation_split,
             seed=args.seed,
         )
@@ -1419,6 +1414,13 @@ def _inspect(args: argparse.Namespace) -> int:
         else:
             print(f"error: {err}", file=sys.stderr)
         return 1
+    if not args.no_tokens:
+        # The data loaded; a model that cannot be found only costs the token statistics.
+        try:
+            report["tokens"] = token_stats(result.records, _load_tokenizer(args.model), args.max_length)
+        except DataError as err:
+            report["warnings"].append(str(err))
+            print(f"warning: {err}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:

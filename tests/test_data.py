@@ -767,6 +767,11 @@ def test_cli_text_stop_and_errors(tmp_path, capsys):
     assert code == 1 and "nope.csv: not found" in json.loads(out.out)["error"]
     with pytest.raises(SystemExit):
         _run(["inspect", str(path), "--persona", "novalue"], capsys)
+    # a model that cannot be found costs only the token statistics
+    code, out = _run(["inspect", str(path), "--json", "--model", str(tmp_path / "no-model")], capsys)
+    assert code == 0
+    report = json.loads(out.out)
+    assert "tokens" not in report and any("cannot count tokens" in w for w in report["warnings"])
 
 
 def test_cli_main_dispatch(tmp_path, capsys):
