@@ -214,3 +214,43 @@ def plot_frame(rows: list[dict], columns: dict[str, str]):
     if not rows:
         return None
     return pd.DataFrame(rows, columns=list(columns)).astype(columns)
+
+
+def iterate_in_thread(make_iterator, on_close=None):
+    """Drive an engine generator from one thread of its own and yield what it yields.
+
+    Gradio resumes a synchronous generator handler on whatever worker thread is free, so
+    each ``next()`` may run on a different thread; torch's grad and inference modes are
+    per thread, so a generator that entered ``torch.inference_mode()`` finds it gone after
+    such a hop. Running the generator start to end in one thread avoids that. ``on_close``
+    is called if the consumer stops early (e.g. to set a stop flag).
+    """
+    import queue
+    import threading
+
+    items: "queue.Queue[tuple[str, object]]" = queue.Queue(maxsize=64)
+
+    def work():
+        try:
+            for item in make_iterator():
+                items.put(("item", item))
+        except BaseException as err:  # handed to the consumer below
+            items.put(("error", err))
+        else:
+            items.put(("end", None))
+
+    threading.Thread(target=work, daemon=True).start()
+    finished = False
+    try:
+        while True:
+            kind, item = items.get()
+            if kind == "error":
+                finished = True
+                raise item
+            if kind == "end":
+                finished = True
+                return
+            yield item
+    finally:
+        if not finished and on_close is not None:
+            on_close()

@@ -18,10 +18,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from webui.common import AppContext, engine_errors, escape_md, stream_progress
+from webui.common import AppContext, engine_errors, escape_md, iterate_in_thread, stream_progress
 
 BACKENDS = ("base", "tuned", "onnx")
 TITLES = {"base": "Base", "tuned": "Tuned", "onnx": "Tuned (ONNX)"}
+# transformers' loading is not thread-safe (its empty-weights context patches torch globally):
+# two columns loading PyTorch models at once fail with "Cannot copy out of meta tensor".
+MODEL_LOAD_LOCK = threading.Lock()
 SESSION_TTL_S = 3600  # chat histories of an idle session are dropped after this
 
 
@@ -120,6 +123,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     with gr.Row():
         run = gr.Dropdown([], value=None, label="Run", scale=3, elem_id="play-run",
                           info="The tuned columns use this run's adapter and its ONNX export")
+        onnx_precision = gr.Dropdown(["int4", "int8", "fp32"], value="int4", label="ONNX precision", scale=1,
+                                     min_width=110, elem_id="play-onnx-precision")
         refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=90)
     system = gr.Textbox("", label="System prompt", placeholder="Optional; the same for the three models",
                         lines=1, elem_id="play-system")
@@ -142,11 +147,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 notices[backend] = gr.Markdown("", visible=False, elem_id=f"play-notice-{backend}",
                                                elem_classes=["tl-note"])
                 if backend == "onnx":
-                    with gr.Row():
-                        onnx_precision = gr.Dropdown(["int4", "int8", "fp32"], value="int4", label="ONNX precision",
-                                                     scale=1, min_width=100, elem_id="play-onnx-precision")
-                        fix_buttons[backend] = gr.Button("Export to ONNX now", visible=False, scale=1,
-                                                         elem_id="play-export-onnx")
+                    fix_buttons[backend] = gr.Button("Export to ONNX now", visible=False, elem_id="play-export-onnx")
                 elif backend == "tuned":
                     fix_buttons[backend] = gr.Button("Go to the Train tab", visible=False, elem_id="play-go-train")
                 col_states[backend] = gr.State(Column(backend), time_to_live=SESSION_TTL_S)
@@ -203,9 +204,18 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 repetition_penalty=float(rep or 1.0))
             column.stop = threading.Event()
             reply, stats = "", None
-            events = inference.stream_chat(run_dir or ctx.model_choices()[0], backend, history, settings,
-                                           system=system_v or None, stop=column.stop,
-                                           precision=onnx_prec if backend == "onnx" else None)
+            target = run_dir or ctx.model_choices()[0]
+            precision = onnx_prec if backend == "onnx" else None
+            if not inference.is_loaded(target, backend, precision):
+                yield history + [{"role": "assistant", "content": f"(loading the {TITLES[backend]} model...)"}], \
+                    "", column
+                with MODEL_LOAD_LOCK:  # one load at a time: parallel from_pretrained calls break each other
+                    inference.load_chat_model(target, backend, precision=precision)
+            stop = column.stop
+            events = iterate_in_thread(
+                lambda: inference.stream_chat(target, backend, history, settings, system=system_v or None,
+                                              stop=stop, precision=precision),
+                on_close=stop.set)
             for event in events:
                 if event.kind == "status":
                     yield history + [{"role": "assistant", "content": f"({event.text})"}], "", column
