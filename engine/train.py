@@ -181,15 +181,63 @@ def method_configs(method: MethodConfig, precision: str):
 # --------------------------------------------------------------------------- data -> token ids
 
 
+# Phi-3 style (``<|user|>`` ... ``<|end|>``) with generation markers. Phi-3's own template
+# ends every rendering with the eos token, so it does not render conversations prefix by
+# prefix and the prefix masking cannot be used with it.
+PHI3_TRAINING_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|assistant|>\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- else %}{{- eos_token }}{%- endif %}"
+)
+
+
 def chat_templates(tokenizer, config: RunConfig) -> tuple[str, str, str]:
-    """(template to train with, where it comes from, template to save for inference)."""
+    """(template to train with, what it is, template to save with the tokenizer for inference).
+
+    In order: a template with ``{% generation %}`` markers as it is; ChatML templates
+    (SmolLM2, Qwen, ...) as engine.models.CHATML_TRAINING_TEMPLATE; a template TRL has a
+    training variant for (Llama 3, Phi-3, Qwen 2.5/3, Gemma, ...) as that variant; other
+    Phi-3 style templates as PHI3_TRAINING_TEMPLATE; anything else (Llama 3.1/3.2, ...)
+    with masks found by rendering each conversation prefix (engine.data.render_example).
+    """
+    from trl.chat_template_utils import has_generation_markers
+
     from engine.data import training_chat_template
 
     own = config.model.chat_template or tokenizer.chat_template
     if isinstance(own, dict):
         own = own.get("default") or next(iter(own.values()))
     template, source = training_chat_template(tokenizer, config.model.chat_template)
+    if not has_generation_markers(template):
+        trl_variant = _trl_training_template(tokenizer, template)
+        if trl_variant:
+            template, source = trl_variant, "trl-training-variant"
+        elif "<|assistant|>" in template and "<|end|>" in template:
+            template, source = PHI3_TRAINING_TEMPLATE, "phi3-training"
+        else:
+            source = "prefix-mask"
     return template, source, own or template
+
+
+def _trl_training_template(tokenizer, template: str) -> str | None:
+    """TRL's generation-marked variant of ``template``, if TRL knows this template."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        return get_training_chat_template(tokenizer)
+    except ValueError:  # "patching is not supported for this template"
+        return None
+    finally:
+        tokenizer.chat_template = saved
 
 
 def tokenize_conversations(conversations, tokenizer, template: str, source: str, assistant_only: bool, label: str):
@@ -448,7 +496,7 @@ def _deepspeed_from_launcher() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, monitor: RunMonitor | None = None):
+def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, callbacks=()):
     """Tokenizer, model and SFTTrainer for ``config``; returns (trainer, info dict)."""
     from trl import SFTTrainer
 
@@ -484,7 +532,7 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
         eval_dataset=val_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[monitor] if monitor else None,
+        callbacks=list(callbacks) or None,
     )
     if quantization is not None and precision == "fp32":
         # TRL casts QLoRA adapter weights to bf16 (the paper's recipe for GPUs); on a CPU
@@ -552,9 +600,13 @@ def evaluate_base_vs_tuned(trainer, config: RunConfig, base_loss: float | None, 
 # --------------------------------------------------------------------------- the recipe
 
 
-def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None) -> dict:
-    """Train as ``config`` says, writing ``run_dir``. Returns a summary; ``state`` is
-    ``completed`` or ``aborted`` (stop requested). Errors propagate (see classify_error)."""
+def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None, callbacks=()) -> dict:
+    """Train as ``config`` says, writing ``run_dir``.
+
+    Returns a summary: ``state`` (``completed``, or ``aborted`` when a stop was requested),
+    steps, losses, ``eval`` and ``trainer`` (the SFTTrainer, for tests and notebooks).
+    Errors propagate (see classify_error). Extra TrainerCallbacks may be given.
+    """
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -586,7 +638,7 @@ def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None) 
     if config.training.resume and checkpoints_dir.is_dir():
         checkpoint = get_last_checkpoint(str(checkpoints_dir))
     monitor = RunMonitor(run_dir, stop, elapsed_before=_elapsed_so_far(run_dir) if checkpoint else 0.0)
-    trainer, info = build_trainer(config, run_dir, train_records, val_records, monitor)
+    trainer, info = build_trainer(config, run_dir, train_records, val_records, [monitor, *callbacks])
     if main_process:
         runs.update_status(run_dir, precision=info["precision"], precision_reason=info["precision_reason"])
     has_eval = trainer.eval_dataset is not None
@@ -621,6 +673,7 @@ def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None) 
         "train_loss": result.training_loss,
         "train_seconds": round(time.time() - started, 2),
         "tokens_seen": trainer.state.num_input_tokens_seen,
+        "trainer": trainer,
     }
     if stop.requested:
         say(f"stopped at step {trainer.state.global_step}; checkpoint saved in {checkpoints_dir}")

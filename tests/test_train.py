@@ -1,0 +1,357 @@
+"""engine.train on the tiny model, in this process: every method learns, adapters move and
+bases do not, the loss falls on exactly the assistant tokens, the run directory is written."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from engine import runs, train
+from engine.config import RunConfig
+
+
+def write_jsonl(path: Path, conversations: list[list[dict]]) -> Path:
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations), encoding="utf-8")
+    return path
+
+
+def one_word_data(path: Path, n: int = 16) -> Path:
+    return write_jsonl(
+        path,
+        [
+            [
+                {"role": "system", "content": "Answer with one word."},
+                {"role": "user", "content": f"Word {i}?"},
+                {"role": "assistant", "content": "Zebra."},
+            ]
+            for i in range(n)
+        ],
+    )
+
+
+def tiny_config(model_dir: Path, data_path: Path, runs_dir: Path, **sections) -> RunConfig:
+    base = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"path": str(data_path), "max_length": 48, "validation_split": 0.25},
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {
+            "max_steps": 20,
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "eval_steps": 10,
+            "save_steps": 10,
+            "warmup_ratio": 0.0,
+            "lr_scheduler": "constant",
+            "precision": "fp32",
+        },
+        "output": {"runs_dir": str(runs_dir)},
+    }
+    for section, values in sections.items():
+        base[section].update(values)
+    return RunConfig.from_dict(base)
+
+
+class Snapshot(train.TrainerCallback):
+    """Copies every parameter when training begins, and the output of each 4-bit layer on
+    a fixed input (bitsandbytes repacks 4-bit weights for its CPU kernel, so their bytes
+    change layout while their values do not)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {name: p.detach().clone() for name, p in model.named_parameters() if not _is_4bit(p)}
+        self.trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        self.quantized_out = self.quantized_outputs(model)
+
+    @staticmethod
+    def quantized_outputs(model) -> dict:
+        import bitsandbytes as bnb
+        import torch
+
+        outputs = {}
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, bnb.nn.Linear4bit):
+                    x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
+                    mode = module.training
+                    module.eval()  # the CPU kernel differs between training and inference
+                    module(x)  # the first call may repack the weight
+                    outputs[name] = module(x)
+                    module.train(mode)
+        return outputs
+
+
+def _is_4bit(param) -> bool:
+    return type(param).__name__ == "Params4bit"
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "full"])
+def test_method_learns_and_touches_only_what_it_should(method, tiny_model_dir, tmp_path):
+    data = one_word_data(tmp_path / "data.jsonl")
+    lr = 1e-3 if method == "full" else 1e-2
+    config = tiny_config(
+        tiny_model_dir, data, tmp_path / "runs", method={"name": method}, training={"learning_rate": lr}
+    )
+    run_dir = runs.create_run(config)
+    snap = Snapshot()
+    summary = train.train(config, run_dir, callbacks=[snap])
+    assert summary["state"] == "completed"
+    assert summary["global_step"] == 20
+
+    # The loss falls (a few dozen steps on a task a tiny model can learn).
+    losses = [row["loss"] for row in runs.read_metrics(run_dir) if "loss" in row]
+    assert len(losses) == 20
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert evaluation["tuned"]["loss"] < evaluation["base"]["loss"]
+    assert evaluation["tuned"]["perplexity"] == pytest.approx(math.exp(evaluation["tuned"]["loss"]), rel=1e-3)
+
+    model = summary["trainer"].model
+    after = {name: p for name, p in model.named_parameters() if not _is_4bit(p)}
+    moved = {n for n in snap.before if not _same(snap.before[n], after[n])}
+    if method == "full":
+        assert not (run_dir / "adapter").exists() and (run_dir / "model" / "config.json").is_file()
+        assert moved == snap.trainable and len(moved) == len(snap.before)
+        return
+    # Adapters: only adapter weights train, and all of them moved; the base stayed put
+    # (for QLoRA the 4-bit packed bytes are compared).
+    adapter_names = {n for n in snap.before if "lora_" in n}
+    assert snap.trainable == adapter_names
+    assert moved == adapter_names
+    if method == "dora":
+        assert any("lora_magnitude_vector" in n for n in moved)
+    if method == "qlora":
+        import torch
+
+        now = Snapshot.quantized_outputs(model)
+        assert len(now) == 14  # 7 linear layers x 2 blocks, all 4-bit
+        for name, out in snap.quantized_out.items():
+            # Saving a checkpoint unpacks and repacks the 4-bit weights for the CPU kernel,
+            # which rounds by a fraction of a percent; training them would move them by
+            # far more than their size (Adam steps of 1e-2 on weights of about 2e-2).
+            drift = (out - now[name]).abs().max() / out.abs().max()
+            assert drift < 0.02, (name, float(drift))
+    else:
+        assert not snap.quantized_out
+    files = {p.name for p in (run_dir / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    adapter_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["use_dora"] is (method == "dora")
+    assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 16
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and torch.equal(a, b.detach())
+
+
+def test_run_directory_metrics_resume_and_adapter_loads_alone(tiny_model_dir, tmp_path):
+    """metrics.jsonl has every field, tokens/s counts real tokens, a resumed run continues
+    its step count, and adapter/ loads on its own (base + tokenizer found from it)."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    data = one_word_data(tmp_path / "data.jsonl", n=16)  # 12 train / 4 validation
+    config = tiny_config(
+        tiny_model_dir, data, tmp_path / "runs",
+        training={"max_steps": 6, "save_steps": 3, "eval_steps": 3, "save_total_limit": 5},
+    )
+    run_dir = runs.create_run(config)
+    summary = train.train(config, run_dir)
+    rows = runs.read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for row in rows:
+        for key in ("epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "elapsed_s", "eta_s",
+                    "memory_peak_mb"):
+            assert row[key] is not None, (key, row)
+    assert [("eval_loss" in r) for r in rows] == [False, False, True, False, False, True]
+    assert rows[-1]["eta_s"] == 0
+    # 12 training examples, batch 4: 6 steps are exactly 2 epochs, so the real tokens
+    # seen are twice the unpadded lengths of the training split.
+    lengths = [len(ids) for ids in summary["trainer"].train_dataset["input_ids"]]
+    assert len(lengths) == 12
+    assert rows[-1]["tokens"] == 2 * sum(lengths)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+    # Resume with more steps: the step count goes on from the last checkpoint.
+    config2 = config.with_overrides(["training.resume=true", "training.max_steps=8"])
+    summary2 = train.train(config2, run_dir)
+    assert summary2["global_step"] == 8
+    assert [r["step"] for r in runs.read_metrics(run_dir)][6:] == [7, 8]
+    assert runs.read_metrics(run_dir)[-1]["elapsed_s"] > rows[-1]["elapsed_s"]
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    model = AutoPeftModelForCausalLM.from_pretrained(run_dir / "adapter")
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Word 3?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model(**ids)
+    assert out.logits.shape[-1] == len(tokenizer)
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello there."},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "See you."},
+]
+
+
+def _trained_tokens(tiny_model_dir, tmp_path, **model_section):
+    """(tokens, trained?) of CONVERSATION as the collator hands it to the model."""
+    config = tiny_config(tiny_model_dir, write_jsonl(tmp_path / "chat.jsonl", [CONVERSATION]), tmp_path / "runs",
+                         model=model_section)
+    config.data.validation_split = 0.0
+    config.data.max_length = 256
+    trainer, info = train.build_trainer(config, tmp_path / "run", [CONVERSATION], [])
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids = batch["input_ids"][0].tolist()
+    labels = batch["labels"][0].tolist()
+    assert all(label in (-100, token) for token, label in zip(ids, labels))
+    tokens = trainer.processing_class.convert_ids_to_tokens(ids)
+    return info, [(tok, label != -100) for tok, label in zip(tokens, labels)], trainer.processing_class, ids, labels
+
+
+def test_assistant_only_loss_chatml_token_by_token(tiny_model_dir, tmp_path):
+    info, pairs, _, _, _ = _trained_tokens(tiny_model_dir, tmp_path)
+    assert info["chat_template"] == "chatml-training"
+    # Every token of the multi-turn chat, and whether the loss counts it: the two answers
+    # and the end-of-turn token that closes each (so the model learns to stop); not the
+    # newline after it, nor any header, system or user token.
+    T, F = True, False
+    assert pairs == [
+        ("<|im_start|>", F), ("system", F), ("Ċ", F), ("Be", F), ("Ġbrief", F), (".", F), ("<|im_end|>", F), ("Ċ", F),
+        ("<|im_start|>", F), ("user", F), ("Ċ", F), ("Hi", F), ("<|im_end|>", F), ("Ċ", F),
+        ("<|im_start|>", F), ("ass", F), ("istant", F), ("Ċ", F),
+        ("Hello", T), ("Ġthere", T), (".", T), ("<|im_end|>", T), ("Ċ", F),
+        ("<|im_start|>", F), ("user", F), ("Ċ", F), ("By", F), ("e", F), ("<|im_end|>", F), ("Ċ", F),
+        ("<|im_start|>", F), ("ass", F), ("istant", F), ("Ċ", F),
+        ("See", T), ("Ġyou", T), (".", T), ("<|im_end|>", T), ("Ċ", F),
+    ]
+
+
+def test_full_sequence_loss_switch(tiny_model_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, one_word_data(tmp_path / "d.jsonl", 2), tmp_path / "runs",
+                         training={"assistant_only_loss": False})
+    trainer, _ = train.build_trainer(config, tmp_path / "run", [CONVERSATION], [])
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert batch["labels"][0].tolist() == batch["input_ids"][0].tolist()
+
+
+# A Llama-3.1 style template (a default system header with dates, which TRL has no
+# training variant for): the assistant tokens are found by rendering each prefix.
+LLAMA31_STYLE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\n\\n' + system + '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+# A Phi-3 style template (not TRL's exact text): it ends every render with eos, so it is
+# not prefix-preserving and the engine's generation-marked Phi-3 variant is used.
+PHI3_STYLE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def special_tokens_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with Llama-3 and Phi-3 header tokens added as special tokens (as
+    those models' own tokenizers have them), embeddings resized to match."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("models") / "tiny-special"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({
+        "bos_token": "<|begin_of_text|>",
+        "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                                      "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+    })
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "template, source, trained_text",
+    [
+        (LLAMA31_STYLE, "prefix-mask", "Hello there.<|eot_id|>See you.<|eot_id|>"),
+        (PHI3_STYLE, "phi3-training", "Hello there.<|end|>See you.<|end|>"),
+    ],
+)
+def test_assistant_only_loss_other_template_styles(template, source, trained_text, special_tokens_model_dir,
+                                                   tmp_path):
+    info, pairs, tokenizer, ids, labels = _trained_tokens(special_tokens_model_dir, tmp_path, chat_template=template)
+    assert info["chat_template"] == source
+    trained = [i for i, label in zip(ids, labels) if label != -100]
+    assert tokenizer.decode(trained) == trained_text
+    # The trained tokens are two contiguous runs, one per answer.
+    runs_of_trained = sum(1 for k, (_, t) in enumerate(pairs) if t and (k == 0 or not pairs[k - 1][1]))
+    assert runs_of_trained == 2
+    # The full text is the model's own rendering (the variant changes masks, not text).
+    text = tokenizer.apply_chat_template(CONVERSATION, chat_template=template, tokenize=False)
+    assert tokenizer.decode(ids) == text
+
+
+def test_precision_is_always_explicit(tiny_model_dir, tmp_path):
+    """TRL's SFTConfig defaults to bf16=True; the engine never leaves it to that."""
+    from engine.hardware import choose_precision, detect
+
+    config = tiny_config(tiny_model_dir, tmp_path / "d.jsonl", tmp_path / "runs", training={"precision": "auto"})
+    precision, reason = train.resolve_precision(config)
+    assert (precision, reason) == choose_precision(detect())
+    args = train.sft_config(config, tmp_path, "fp32", has_eval=False)
+    assert args.bf16 is False and args.fp16 is False
+    args = train.sft_config(config, tmp_path, "bf16", has_eval=True)
+    assert args.bf16 is True and args.eval_strategy == "steps"
+    assert args.gradient_checkpointing is False  # TRL's default is True; the config's default is off
+
+
+def test_method_configs_map_methods():
+    from engine.config import MethodConfig
+
+    assert train.method_configs(MethodConfig(name="full"), "fp32") == (None, None)
+    lora, quant = train.method_configs(MethodConfig(name="lora", r=4, alpha=8, use_rslora=True), "fp32")
+    assert quant is None and lora.r == 4 and lora.lora_alpha == 8 and lora.use_rslora and not lora.use_dora
+    dora, _ = train.method_configs(MethodConfig(name="dora", target_modules=["q_proj", "v_proj"]), "fp32")
+    assert dora.use_dora and set(dora.target_modules) == {"q_proj", "v_proj"}
+    qlora, quant = train.method_configs(MethodConfig(name="qlora"), "bf16")
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+    assert str(quant.bnb_4bit_compute_dtype) == "torch.bfloat16"
+
+
+def test_bad_inputs_fail_with_a_class(tiny_model_dir, tmp_path):
+    from engine.data import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not json\n{\"nope\": 1}\n")
+    config = tiny_config(tiny_model_dir, bad, tmp_path / "runs")
+    with pytest.raises(DataError) as info:
+        train.train(config, runs.create_run(config))
+    assert train.classify_error(info.value)[0] == "bad data"
+
+    # Prompts that fill max_length leave nothing to train on: a data problem, said plainly.
+    config = tiny_config(tiny_model_dir, one_word_data(tmp_path / "d.jsonl"), tmp_path / "runs",
+                         data={"max_length": 8})
+    with pytest.raises(train.TrainingDataError, match="max_length"):
+        train.train(config, runs.create_run(config))
+
+    from engine.models import ModelNotFoundError
+
+    config = tiny_config(tmp_path / "no-such-model", one_word_data(tmp_path / "d2.jsonl"), tmp_path / "runs")
+    config.model.name_or_path = "nobody/no-such-model"
+    with pytest.raises(ModelNotFoundError) as info:
+        train.train(config, runs.create_run(config))
+    assert train.classify_error(info.value)[0] == "model not found"
