@@ -201,9 +201,9 @@ def stop(run_dir: str | Path, grace_s: float = DEFAULT_GRACE_S, wait: bool = Fal
     killed = False
     while time.time() < deadline:
         status = runs.refresh_status(run_dir)
-        if status.get("state") in runs.FINAL_STATES:
-            return status
         supervised = runs.process_alive(status.get("supervisor_pid"), status.get("supervisor_started"))
+        if status.get("state") in runs.FINAL_STATES and not supervised:  # the supervisor has written its part
+            return status
         if not supervised and not killed and time.time() - now > grace_s and status.get("pid"):
             # No supervisor to enforce the grace period (a run started by hand): do it here.
             _kill(status["pid"], signal.SIGKILL)

@@ -20,6 +20,7 @@ This module imports nothing heavy (no torch), so the UI and ``tunelab runs`` sta
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import os
@@ -73,10 +74,11 @@ def create_run(config, runs_dir: str | Path | None = None) -> Path:
     """Make ``runs_dir/<run-id>`` holding config.yaml and a ``created`` status.json.
 
     The run id is ``config.output.run_id`` when set (it must not exist yet), else a new
-    one; the saved config names it, so the directory alone describes the run.
+    one; the saved copy of the config names it, so the directory alone describes the run.
     """
     from engine.config import ConfigError
 
+    config = copy.deepcopy(config)  # the caller's config keeps its run_id (usually none)
     runs_dir = Path(runs_dir or config.output.runs_dir).expanduser().resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     wanted = config.output.run_id
