@@ -453,7 +453,8 @@ class TorchChatModel(ChatModel):
         torch = self._torch
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False)
-        return out.logits[0].float().cpu()
+            logits = out.logits[0].to("cpu", torch.float32)
+        return logits.clone()  # a normal tensor (inference tensors cannot be edited later)
 
     def score_continuation(self, prompt_ids, continuation):
         torch = self._torch
@@ -802,7 +803,8 @@ def _settings_from_args(args) -> GenerationSettings:
     )
 
 
-def _print_reply(model: ChatModel, messages, settings, system, out=sys.stdout) -> tuple[str, GenerationStats | None]:
+def _print_reply(model: ChatModel, messages, settings, system, out=None) -> tuple[str, GenerationStats | None]:
+    out = out or sys.stdout
     stop = threading.Event()
     parts: list[str] = []
     stats = None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_runs import CHATS, chat_base, make_adapter_run, make_full_run
+from tiny_runs import CHATS, chat_base, make_adapter_run, make_full_run, shared_adapter_run
 
 from engine import export
 from engine.inference import (
@@ -37,7 +37,7 @@ def base_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_run(base_dir, tmp_path_factory) -> Path:
-    return make_adapter_run(tmp_path_factory.mktemp("runs"), base_dir, scale=0.05, save_tokenizer=True)
+    return shared_adapter_run(tmp_path_factory.getbasetemp(), base_dir)
 
 
 @pytest.fixture(scope="module")

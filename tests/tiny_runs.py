@@ -106,3 +106,11 @@ def make_full_run(runs_dir: Path, model_dir: Path, base: Path, name: str = "full
     shutil.copytree(model_dir, run_dir / "model", dirs_exist_ok=True)
     _write_config(run_dir, base, "full")
     return run_dir
+
+
+def shared_adapter_run(root: Path, base: Path) -> Path:
+    """One LoRA run per test session (its exports are reused by every test file)."""
+    run_dir = Path(root) / "shared-runs" / "lora-run"
+    if not (run_dir / "config.yaml").is_file():
+        make_adapter_run(run_dir.parent, base, name=run_dir.name, scale=0.05, save_tokenizer=True)
+    return run_dir
