@@ -194,8 +194,9 @@ def test_qa_csv_rows_and_format_override(tokenizer):
     assert "(as given)" not in data_tab.summary_markdown(forced)
 
 
-def test_upload_is_copied_out_of_the_temporary_cache_once(tmp_path):
-    from webui.data_tab import display_name, stable_copy
+def test_upload_is_copied_out_of_the_temporary_cache_once(tmp_path, monkeypatch):
+    from engine import security
+    from webui.data_tab import stable_copy
 
     src = tmp_path / "tmp" / "my data.jsonl"
     src.parent.mkdir()
@@ -203,9 +204,12 @@ def test_upload_is_copied_out_of_the_temporary_cache_once(tmp_path):
     first = stable_copy(src, tmp_path / ".uploads")
     again = stable_copy(src, tmp_path / ".uploads")
     assert first == again and first.read_text() == src.read_text()
-    assert display_name(first) == "my data.jsonl"
+    assert first.name == "my_data.jsonl" and first.parent.parent == tmp_path / ".uploads"
     src.write_text('{"messages": [1]}\n')
     assert stable_copy(src, tmp_path / ".uploads") != first
+    monkeypatch.setattr(security, "MAX_UPLOAD_BYTES", 4)
+    with pytest.raises(security.UnsafeInputError, match="limited to"):
+        stable_copy(src, tmp_path / ".uploads")
 
 
 def test_preview_pages_escape_html_and_clamp():
@@ -286,7 +290,7 @@ def test_watch_reads_only_new_metric_lines(tmp_path):
         fh.write('ss": 2.2}\n')
     assert watch.read() is True
     frame = loss_frame(watch.points)
-    assert list(frame[frame.series == "eval"].loss) == [2.2] and len(frame[frame.series == "train"]) == 3
+    assert list(frame[frame.series == "eval"].loss.dropna()) == [2.2] and len(frame[frame.series == "train"]) == 3
     assert watch.last["step"] == 3
 
 

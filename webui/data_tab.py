@@ -40,25 +40,27 @@ class Inspection:
         return self.report.get("split", {})
 
 
-def display_name(path: Path) -> str:
-    """The uploaded file's own name (without the hash prefix of the stored copy)."""
-    if path.parent.name == ".uploads" and "-" in path.name:
-        return path.name.split("-", 1)[1]
-    return path.name
-
-
 def stable_copy(src: str | Path, uploads_dir: Path) -> Path:
     """Copy an upload out of Gradio's temporary cache, so that a queued or resumed run still
-    finds it: ``<runs_dir>/.uploads/<hash>-<name>`` (the same file is stored once)."""
+    finds it: ``<runs_dir>/.uploads/<content hash>/<name>`` (the same file is stored once,
+    and the file keeps its name, which the run id is made from)."""
+    from engine.security import MAX_UPLOAD_BYTES, UnsafeInputError, safe_filename
+
     src = Path(src)
+    size = src.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise UnsafeInputError(f"{src.name} is {size / 2**20:.0f} MB; uploads are limited to "
+                               f"{MAX_UPLOAD_BYTES / 2**20:.0f} MB here (TUNELAB_MAX_UPLOAD_MB)")
     digest = hashlib.sha256()
     with src.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    uploads_dir.mkdir(parents=True, exist_ok=True)
-    dest = uploads_dir / f"{digest.hexdigest()[:12]}-{src.name}"
+    dest = uploads_dir / digest.hexdigest()[:16] / safe_filename(src.name)
     if not dest.exists():
-        shutil.copyfile(src, dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
     return dest
 
 
@@ -71,8 +73,8 @@ def inspect_dataset(path: Path, fmt: str, on_error: str, validation_split: float
         result, report = data.inspect_file(str(path), format=fmt, on_error=on_error, max_length=int(max_length),
                                            tokenizer=tokenizer, validation_split=float(validation_split))
     except data.DataError as err:
-        return Inspection(path, display_name(path), [], list(err.problems), {}, stopped=str(err))
-    return Inspection(path, display_name(path), result.records, list(result.problems), report)
+        return Inspection(path, path.name, [], list(err.problems), {}, stopped=str(err))
+    return Inspection(path, path.name, result.records, list(result.problems), report)
 
 
 def dataset_choice(ins: Inspection, on_error: str, validation_split, max_length) -> dict | None:
@@ -212,14 +214,15 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     path_state = gr.State(None)  # stable path of the current file
 
     summary = gr.Markdown(elem_id="data-summary")
-    with gr.Row():
+    with gr.Row(visible=False) as stats_row:
         with gr.Column(scale=1):
             stats_md = gr.Markdown(elem_id="data-stats")
         with gr.Column(scale=2):
             hist = gr.BarPlot(histogram_frame(None), x="tokens", y="records", sort=None, title="Tokens per record", height=260,
                               x_title="tokens", y_title="records", elem_id="data-histogram")
     problems = gr.Dataframe(headers=PROBLEM_COLUMNS, value=[], label="Problems (skipped records, with line numbers)",
-                            interactive=False, wrap=True, elem_id="data-problems", max_height=260)
+                            interactive=False, wrap=True, elem_id="data-problems", max_height=300,
+                            column_widths=["20%", "12%", "18%", "50%"])
     gr.Markdown("#### Preview")
     with gr.Row(equal_height=True):
         prev_btn = gr.Button("< Previous", size="sm", elem_id="data-prev", scale=0, min_width=110)
@@ -256,6 +259,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         tokens = ins.report.get("tokens")
         return (
             summary_markdown(ins),
+            gr.Row(visible=bool(tokens)),
             stats_markdown(tokens),
             gr.BarPlot(value=(frame := histogram_frame(tokens)),
                        sort=list(frame["tokens"]) if frame is not None else None),
@@ -274,7 +278,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return p, page_label(p, len(records)), render_page(records, p, PER_PAGE)
 
     inspect_inputs = [path_state, fmt, on_error, split, max_length, tokenizer_model]
-    inspect_outputs = [summary, stats_md, hist, problems, records_state, page, page_info, preview, links.dataset]
+    inspect_outputs = [summary, stats_row, stats_md, hist, problems, records_state, page, page_info, preview, links.dataset]
     upload.upload(on_upload, inputs=upload, outputs=path_state).success(
         run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
     load_sample.click(on_sample, inputs=sample, outputs=path_state).success(

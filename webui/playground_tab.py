@@ -128,7 +128,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=90)
     system = gr.Textbox("", label="System prompt", placeholder="Optional; the same for the three models",
                         lines=1, elem_id="play-system")
-    with gr.Accordion("Generation settings (shared by the three)", open=False):
+    with gr.Accordion("Generation settings (shared by the three)", open=False, elem_id="play-settings"):
         with gr.Row():
             max_new_tokens = gr.Number(128, label="Max new tokens", precision=0, minimum=1, maximum=4096,
                                        elem_id="play-max-new")

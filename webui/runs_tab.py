@@ -16,6 +16,8 @@ import gradio as gr  # at module level: the select handler's gr.SelectData annot
 
 from webui.common import AppContext, engine_errors, escape_md, fmt_duration, fmt_number, plot_frame
 
+PALETTE = ["#6366f1", "#f97316", "#10b981", "#ef4444", "#0ea5e9", "#a855f7", "#eab308", "#14b8a6", "#ec4899",
+           "#64748b"]
 COLUMNS = ["Run", "Status", "Method", "Model", "Data", "Steps", "Train loss", "Eval loss", "Duration", "Created"]
 
 
@@ -150,7 +152,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return (rows, gr.CheckboxGroup(choices=ids, value=keep), gr.Dropdown(choices=ids, value=sel))
 
     def plot(chosen, which):
-        return loss_curves(ctx.runs_dir, list(chosen or []), which)
+        chosen = list(chosen or [])
+        # A colour per run: a new colour map makes the chart rebuild its legend (it keeps the
+        # categories of the first frame otherwise).
+        colors = {run_id: PALETTE[i % len(PALETTE)] for i, run_id in enumerate(chosen)}
+        return gr.LinePlot(value=loss_curves(ctx.runs_dir, chosen, which), color_map=colors)
 
     def pick_row(evt: gr.SelectData, rows):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index

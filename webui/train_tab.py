@@ -228,7 +228,13 @@ class Watch:
 
 
 def loss_frame(points: list):
-    return plot_frame(points, {"step": "int64", "loss": "float64", "series": "str"})
+    """Train and eval loss by step. An eval row without a value is always there: the chart
+    fixes its colours from the first frame it draws (gradio 6.31), so 'eval' must be known
+    before the first evaluation, or its points would never be drawn; a NaN is not drawn."""
+    if not points:
+        return None
+    placeholder = {"step": points[0]["step"], "loss": float("nan"), "series": "eval"}
+    return plot_frame([*points, placeholder], {"step": "int64", "loss": "float64", "series": "str"})
 
 
 def _total_steps(status: dict, last: dict) -> int | None:
@@ -321,9 +327,9 @@ def find_active_run(runs_dir: Path) -> str | None:
 
 def read_log_tail(run_dir: str) -> str:
     from engine import runs
+    from engine.security import redact
 
-    tail = runs.tail_log(Path(run_dir), LOG_LINES)
-    return tail if isinstance(tail, str) else "\n".join(tail)
+    return redact(runs.tail_log(Path(run_dir), LOG_LINES))
 
 
 # --------------------------------------------------------------------------- layout
@@ -498,7 +504,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     def start(dataset, *values):
         from engine import launch, runs
 
+        from engine import security
+
         cfg = build_config(form_from(values), dataset, ctx.runs_dir)
+        security.check_remote_code(cfg)
+        security.DemoLimits.from_env().check(cfg)
         running = find_active_run(ctx.runs_dir)
         run_dir = launch.submit(cfg, ctx.runs_dir)
         status = runs.read_status(Path(run_dir))

@@ -1,0 +1,285 @@
+"""The web app in a real browser: Playwright drives Debian's Chromium against the real app,
+started as `tunelab ui` would be, with a tiny model added to the model list.
+
+Each test starts its own app on a free port with its own runs directory. The screenshots
+of the five tabs (docs/screenshots/*.png) are written by the end-to-end test, for the
+README.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "assets" / "datasets"
+SCREENSHOTS = REPO / "docs" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1400, "height": 1000}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model taught to answer a few chats (a random one often answers nothing
+    visible), shared with the export tests."""
+    from tiny_runs import chat_base
+
+    return chat_base(tiny_model_dir, tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def app(chat_model, tmp_path):
+    """The real app (`python -m engine.cli ui`) on a free port; yields (url, runs_dir)."""
+    port = _free_port()
+    runs_dir = tmp_path / "runs"
+    log_path = tmp_path / "app.log"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", TUNELAB_EXTRA_MODELS=str(chat_model))
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "ui", "--port", str(port), "--runs-dir", str(runs_dir)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"the app did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url, runs_dir
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    # Trainings this test left running (it stops its own; this is for failures).
+    from engine import launch, runs
+
+    for info in runs.list_runs(runs_dir):
+        if info["state"] in ("created", "queued", "running"):
+            launch.stop(info["path"], grace_s=5, wait=True, timeout=30)
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport=VIEWPORT)
+    pg = context.new_page()
+    pg.set_default_timeout(60_000)
+    yield pg
+    context.close()
+
+
+def _open(page, url):
+    page.goto(url)
+    page.locator("#data-upload").wait_for()
+
+
+def _tab(page, name):
+    page.get_by_role("tab", name=name).click()
+
+
+def _pick(page, elem_id, option):
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def _set_number(page, elem_id, value):
+    box = page.locator(f"#{elem_id} input")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def _shot(page, name):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def _upload(page, path: Path):
+    page.locator("#data-upload input[type=file]").set_input_files(str(path))
+
+
+def _prepare_training(page, chat_model, max_steps, batch=2):
+    _upload(page, SAMPLES / "pip_chat.jsonl")
+    page.locator("#data-summary").get_by_text("Split:").wait_for()
+    _tab(page, "2. Train")
+    page.locator("#train-dataset").get_by_text("pip_chat.jsonl").wait_for()
+    _pick(page, "train-model", str(chat_model))
+    _set_number(page, "train-max-steps", max_steps)
+    _set_number(page, "train-batch", batch)
+    _wait_until(page, lambda: "engine.train" in page.locator("#train-command").inner_text(), what="the command")
+
+
+def _progress(page):
+    return page.locator("#train-progress")
+
+
+def _wait_until(page, condition, timeout_s: float = 60, what: str = "condition"):
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        page.wait_for_timeout(250)
+
+
+def _problem_places(page) -> list[str]:
+    """The 'Line / record' column of the problems table."""
+    return [t.strip() for t in page.locator("#data-problems [data-testid^=cell-][data-testid$='-1']").all_inner_texts()]
+
+
+def test_invalid_file_shows_line_numbered_errors(app, page):
+    url, _ = app
+    _open(page, url)
+    _upload(page, SAMPLES / "broken_example.jsonl")
+    _wait_until(page, lambda: "line 2" in _problem_places(page))
+    places = _problem_places(page)
+    assert places.count("line 2") == 1 and places.count("line 3") == 1, places
+    assert "skipped" in page.locator("#data-summary").inner_text()
+    page.get_by_text("Stop and list every problem").click()
+    page.locator("#data-summary").get_by_text("Stopped: broken_example.jsonl").wait_for()
+    assert _problem_places(page) == places
+    _shot(page, "data-problems")
+
+
+def test_person_trains_exports_and_chats(app, page, chat_model):
+    url, runs_dir = app
+    _open(page, url)
+
+    # Data: upload a sample, see its format and statistics.
+    _upload(page, SAMPLES / "pip_chat.jsonl")
+    summary = page.locator("#data-summary")
+    summary.get_by_text("Split:").wait_for()
+    assert "openai" in summary.inner_text() and "(detected)" in summary.inner_text()
+    assert "Tokens per record" in page.locator("#data-stats").inner_text()
+    page.locator("#data-preview").get_by_text("Record 1 of").wait_for()
+    _shot(page, "data")
+
+    # Train: a short run of the tiny model; the progress reaches 100%.
+    _tab(page, "2. Train")
+    page.locator("#train-comparison").get_by_text("qlora").wait_for()
+    page.locator("#train-dataset").get_by_text("pip_chat.jsonl").wait_for()
+    _pick(page, "train-model", str(chat_model))
+    _set_number(page, "train-max-steps", 8)
+    _set_number(page, "train-batch", 2)
+    _set_number(page, "train-eval-steps", 4)
+    _wait_until(page, lambda: "engine.train" in page.locator("#train-command").inner_text(), what="the command")
+    page.locator("#train-start").click()
+    page.locator("#train-progress[data-state=completed]").wait_for(timeout=240_000)
+    assert _progress(page).get_attribute("data-percent") == "100"
+    assert "step 8 / 8 (100%)" in _progress(page).inner_text()
+    page.locator("#train-loss svg").first.wait_for()
+    _shot(page, "train")
+
+    # Export: ONNX int4 with its parity report.
+    page.locator("#train-open-export").click()
+    page.locator("#export-contents").get_by_text("adapter").first.wait_for()
+    page.locator("#export-onnx").click()
+    status = page.locator("#export-status textarea")
+    _wait_until(page, lambda: "Done." in status.input_value(), 240, "the export")
+    page.locator("#export-parity").get_by_text("onnx-int4").first.wait_for()
+    page.locator("#export-dl-onnx").click()
+    _wait_until(page, lambda: "onnx-int4" in page.locator("#export-files").inner_text(), what="the ONNX zip")
+    _shot(page, "export")
+
+    # Playground: a validation example, then one prompt answered by the three columns.
+    _tab(page, "3. Playground")
+    page.locator("#play-run input").wait_for()
+    page.wait_for_function("document.querySelector('#play-run input').value.includes('completed')")
+    page.locator("#play-example").click()
+    page.locator("#play-reference").get_by_text("Reference answer").wait_for()
+    assert page.locator("#play-prompt textarea").input_value().strip()
+    # The tiny model was taught to answer this one.
+    page.locator("#play-system textarea").fill("")
+    page.locator("#play-prompt textarea").fill("Hi!")
+    page.locator("#play-settings").get_by_text("Generation settings").click()
+    _set_number(page, "play-max-new", 12)
+    page.locator("#play-send").click()
+    for backend in ("base", "tuned", "onnx"):
+        page.locator(f"#play-stats-{backend} .tl-stats").wait_for(timeout=180_000)
+    _shot(page, "playground")
+    for backend in ("base", "tuned", "onnx"):
+        bot = page.locator(f"#play-chat-{backend} .bot").last
+        assert bot.inner_text().strip(), f"{backend} answered nothing"
+        stats = page.locator(f"#play-stats-{backend}").inner_text()
+        assert "first token" in stats and "tokens/s" in stats
+
+    # Runs: the run is listed with its losses.
+    _tab(page, "5. Runs")
+    table = page.locator("#runs-table")
+    _wait_until(page, lambda: "completed" in table.inner_text(), what="the runs table")
+    assert "lora" in table.inner_text()
+    page.locator("#runs-curves svg").first.wait_for()
+    _shot(page, "runs")
+    assert any(p.name.startswith("onnx-int4") for p in runs_dir.glob("*/export/*"))
+
+
+def test_second_start_queues_reload_reattaches_and_stop_stops(app, page, chat_model):
+    url, runs_dir = app
+    _open(page, url)
+    _prepare_training(page, chat_model, max_steps=2000)
+    page.locator("#train-start").click()
+    running = page.locator("#train-progress[data-state=running]")
+    running.wait_for(timeout=120_000)
+    first = running.locator("b").inner_text()
+
+    # A second Start while one trains: queued, and the page says so.
+    page.locator("#train-start").click()
+    page.get_by_text("Queued:").first.wait_for()
+    page.locator("#train-progress[data-state=queued]").wait_for()
+    second = page.locator("#train-progress b").inner_text()
+    assert second != first
+
+    # Reload: the page re-attaches to the running training, with its progress.
+    page.reload()
+    _tab(page, "2. Train")
+    page.locator("#train-progress[data-state=running]").wait_for()
+    assert page.locator("#train-progress b").inner_text() == first
+    page.wait_for_function("/step [1-9]/.test(document.querySelector('#train-progress').innerText)",
+                           timeout=120_000)
+
+    # Stop: the run ends 'aborted' and the failure panel says what to do; the queued run starts.
+    page.locator("#train-stop").click()
+    page.locator("#train-progress[data-state=aborted]").wait_for(timeout=120_000)
+    assert "Training stopped" in page.locator("#train-failure").inner_text()
+    page.reload()
+    _tab(page, "2. Train")
+    page.locator("#train-progress b").get_by_text(second).wait_for(timeout=60_000)
+    page.locator("#train-stop").click()
+    page.locator("#train-progress[data-state=aborted]").wait_for(timeout=120_000)
+    from engine import runs
+
+    states = {info["run_id"]: info["state"] for info in runs.list_runs(runs_dir)}
+    assert states == {first: "aborted", second: "aborted"}
+    shutil.rmtree(runs_dir, ignore_errors=True)
