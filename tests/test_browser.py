@@ -221,6 +221,8 @@ def test_person_trains_exports_and_chats(app, page, chat_model):
     page.locator("#play-reference").get_by_text("Reference answer").wait_for()
     assert page.locator("#play-prompt textarea").input_value().strip()
     # The tiny model was taught to answer this one.
+    page.locator("#play-clear").click()
+    _wait_until(page, lambda: not page.locator("#play-reference").inner_text().strip(), what="Clear")
     page.locator("#play-system textarea").fill("")
     page.locator("#play-prompt textarea").fill("Hi!")
     page.locator("#play-settings").get_by_text("Generation settings").click()
