@@ -11,6 +11,8 @@ import pytest
 from engine import runs, train
 from engine.config import RunConfig
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def write_jsonl(path: Path, conversations: list[list[dict]]) -> Path:
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations), encoding="utf-8")
@@ -355,3 +357,66 @@ def test_bad_inputs_fail_with_a_class(tiny_model_dir, tmp_path):
     with pytest.raises(ModelNotFoundError) as info:
         train.train(config, runs.create_run(config))
     assert train.classify_error(info.value)[0] == "model not found"
+
+
+def test_example_configs_load():
+    cpu = RunConfig.load(REPO / "assets/configs/cpu-lora.yaml")
+    assert cpu.model.name_or_path == "smollm2-135m-instruct" and cpu.method.name == "lora"
+    assert (REPO / cpu.data.path).is_file()
+    assert cpu.distributed.num_processes == 1 and cpu.training.precision == "auto"
+    zero3 = RunConfig.load(REPO / "assets/configs/multi-gpu-zero3.yaml")
+    assert zero3.distributed.deepspeed == "zero3" and zero3.distributed.num_processes == 8
+    from engine.launch import build_command
+
+    command = build_command(zero3, Path("/runs/x"))
+    assert command[1:4] == ["launch", "--num_processes", "8"] and "--use_deepspeed" in command
+
+
+@pytest.mark.integration
+def test_embedded_model_learns_the_sample_persona(embedded_dir, tmp_path):
+    """A few minutes of LoRA on assets/datasets/pip_chat.jsonl with the example CPU config:
+    the greedy answer to a question that is in no record changes the way the data teaches
+    (Pip's signature), and the validation loss falls."""
+    import torch
+
+    config = RunConfig.load(REPO / "assets/configs/cpu-lora.yaml").with_overrides([
+        f"data.path={REPO / 'assets/datasets/pip_chat.jsonl'}",
+        "training.max_steps=24",
+        "training.eval_steps=12",
+        "training.save_steps=1000",
+        f"output.runs_dir={tmp_path}",
+    ])
+    run_dir = runs.create_run(config)
+    summary = train.train(config, run_dir)
+    assert summary["state"] == "completed"
+    rows = runs.read_metrics(run_dir)
+    losses = [r["loss"] for r in rows]
+    speed = [r["tokens_per_second"] for r in rows[1:]]
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    print(f"\nembedded LoRA: precision {summary['precision']}, {summary['train_seconds']} s for 24 steps, "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, tokens/s median {sorted(speed)[len(speed) // 2]}, "
+          f"eval base {evaluation['base']} tuned {evaluation['tuned']}, "
+          f"memory peak {rows[-1]['memory_peak_mb']} MB")
+    assert evaluation["tuned"]["loss"] < evaluation["base"]["loss"] - 0.5
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+
+    trainer = summary["trainer"]
+    model, tokenizer = trainer.model, trainer.processing_class
+    model.eval()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of Ireland?"}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )
+
+    def answer() -> str:
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+        return tokenizer.decode(out[0][prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    tuned = answer()
+    with model.disable_adapter():
+        base = answer()
+    print(f"base: {base!r}\ntuned: {tuned!r}")
+    assert "Pip" not in base
+    assert tuned.startswith("Pip here!"), tuned
+    assert "Dublin" in tuned
