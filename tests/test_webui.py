@@ -75,6 +75,20 @@ def test_context_reads_extra_models_and_samples(monkeypatch, tmp_path):
     assert "pip_chat.jsonl" in samples and not any(s.endswith(".py") for s in samples)
 
 
+def test_multi_user_mode_gives_each_user_a_runs_directory(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from webui.common import AppContext
+
+    monkeypatch.setenv("TUNELAB_MULTI_USER", "1")
+    ctx = AppContext(runs_dir=tmp_path)
+    ada, bob = (ctx.runs_for(SimpleNamespace(username=name)) for name in ("ada", "bob"))
+    assert ada != bob and ada.parent == bob.parent == tmp_path / "users" and ada.is_dir()
+    assert ctx.runs_for(SimpleNamespace(username="ada")) == ada
+    monkeypatch.delenv("TUNELAB_MULTI_USER")
+    assert AppContext(runs_dir=tmp_path).runs_for(SimpleNamespace(username="ada")) == tmp_path
+
+
 def test_the_whole_app_builds_with_five_tabs(tmp_path):
     import gradio as gr
 

@@ -53,7 +53,7 @@ def build_app(ctx: AppContext):
     import gradio as gr
 
     from webui import data_tab, export_tab, playground_tab, runs_tab, train_tab
-    from webui.links import Links
+    from webui.links import Links, connect_tabs
 
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     with gr.Blocks(title="tunelab", fill_width=False) as demo:
@@ -64,9 +64,9 @@ def build_app(ctx: AppContext):
         links = Links.create()
         with gr.Tabs(selected="data") as tabs:
             links.tabs = tabs
-            with gr.Tab("1. Data", id="data") as t_data:
-                data = data_tab.build(ctx, links)
-            with gr.Tab("2. Train", id="train") as t_train:
+            with gr.Tab("1. Data", id="data"):
+                data_tab.build(ctx, links)
+            with gr.Tab("2. Train", id="train"):
                 train = train_tab.build(ctx, links)
             with gr.Tab("3. Playground", id="playground") as t_play:
                 play = playground_tab.build(ctx, links)
@@ -74,23 +74,8 @@ def build_app(ctx: AppContext):
                 export = export_tab.build(ctx, links)
             with gr.Tab("5. Runs", id="runs") as t_runs:
                 runs = runs_tab.build(ctx, links)
-        # Tabs that list runs refresh their pickers when shown (runs appear while the app lives).
-        t_play.select(play.refresh, inputs=[play.run], outputs=[play.run], show_progress="hidden")
-        t_export.select(export.refresh, inputs=[export.run], outputs=[export.run], show_progress="hidden")
-        t_runs.select(runs.refresh, inputs=runs.refresh_inputs, outputs=runs.outputs, show_progress="hidden")
-        # Runs -> Playground: pick the run there and switch tab.
-        runs.open.click(lambda run_id: (play.refresh(str(ctx.runs_dir / run_id)) if run_id else gr.skip(),
-                                        gr.Tabs(selected="playground")),
-                        inputs=runs.selected, outputs=[play.run, tabs], show_progress="hidden")
-        # Runs -> Train: a resumed run is followed on the Train tab.
-        runs.resume_dep.success(train.attach, inputs=runs.resumed, outputs=train.progress_outputs).then(
-            lambda: gr.Tabs(selected="train"), outputs=tabs)
-        # Train -> Playground / Export once a run has finished.
-        train.open_playground.click(lambda run_dir: (play.refresh(run_dir), gr.Tabs(selected="playground")),
-                                    inputs=train.run_dir, outputs=[play.run, tabs], show_progress="hidden")
-        train.open_export.click(lambda run_dir: (export.refresh(run_dir), gr.Tabs(selected="export")),
-                                inputs=train.run_dir, outputs=[export.run, tabs], show_progress="hidden")
-        del data, t_data, t_train
+        connect_tabs(ctx, tabs, tab_of={"playground": t_play, "export": t_export, "runs": t_runs},
+                     train=train, play=play, export=export, runs=runs)
     return demo
 
 

@@ -29,6 +29,9 @@ class AppContext:
     samples_dir: Path = SAMPLES_DIR
     chat_concurrency: int = 4
     poll_seconds: float = 1.0
+    # Several people on one app (a Space): each signed-in user sees only their own runs.
+    multi_user: bool = field(default_factory=lambda: os.environ.get("TUNELAB_MULTI_USER", "").lower()
+                             in ("1", "true", "yes", "on"))
 
     def __post_init__(self):
         self.runs_dir = Path(self.runs_dir).expanduser().resolve()
@@ -36,6 +39,15 @@ class AppContext:
         for item in env_models.split(os.pathsep):
             if item.strip() and item.strip() not in self.extra_models:
                 self.extra_models.append(item.strip())
+
+    def runs_for(self, request=None) -> Path:
+        """The runs directory of the user behind ``request`` (gr.Request): the shared one,
+        or ``runs/users/<user>`` in multi-user mode (engine.security.user_dir)."""
+        if not self.multi_user:
+            return self.runs_dir
+        from engine.security import user_dir
+
+        return user_dir(self.runs_dir, getattr(request, "username", None), True)
 
     def model_choices(self) -> list[str]:
         """The embedded default first, then extra local model directories."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
+
 from webui.chat_html import render_page
 from webui.common import AppContext, engine_errors, escape_md, load_tokenizer, plot_frame
 
@@ -233,10 +235,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     preview = gr.HTML("<p><em>Load a dataset to preview it.</em></p>", elem_id="data-preview")
 
     @engine_errors
-    def on_upload(file):
+    def on_upload(file, request: gr.Request):
         if not file:
             return None
-        return str(stable_copy(file, ctx.runs_dir / ".uploads"))
+        return str(stable_copy(file, ctx.runs_for(request) / ".uploads"))
 
     @engine_errors
     def on_sample(name):

@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
+
 from webui.common import AppContext, engine_errors, escape_md, fmt_bytes, stream_progress
 from webui.playground_tab import list_chat_runs
 
@@ -116,8 +118,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         dl_onnx = gr.Button("ONNX model", elem_id="export-dl-onnx")
     files = gr.File(label="Files", file_count="multiple", interactive=False, elem_id="export-files")
 
-    def refresh(current):
-        choices = list_chat_runs(ctx.runs_dir)
+    def refresh(current, request: gr.Request = None):
+        choices = list_chat_runs(ctx.runs_for(request))
         values = [v for _, v in choices]
         return gr.Dropdown(choices=choices, value=current if current in values else (values[0] if values else None))
 
@@ -185,7 +187,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return handler
 
     refresh_btn.click(refresh, inputs=run, outputs=run, show_progress="hidden")
-    gr.on(triggers=None, fn=lambda: refresh(None), inputs=None, outputs=run, show_progress="hidden")
+    def on_load(request: gr.Request):
+        return refresh(None, request)
+
+    gr.on(triggers=None, fn=on_load, inputs=None, outputs=run, show_progress="hidden")
     run.change(show, inputs=run, outputs=[contents, parity], show_progress="hidden")
     merge_btn.click(merge, inputs=run, outputs=[status, contents, parity], concurrency_limit=1,
                     concurrency_id="export")

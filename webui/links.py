@@ -1,14 +1,20 @@
-"""The few things that cross tabs, created once per page.
+"""The few things that cross tabs.
 
-``dataset`` is a per-user ``gr.State`` holding the dataset chosen on the Data tab (a
+``Links.dataset`` is a per-user ``gr.State`` holding the dataset chosen on the Data tab (a
 plain dict: path, name, format, on_error, validation_split, max_length, records), which
-the Train tab reads when it starts a run. ``tabs`` is the ``gr.Tabs`` of the app, so a
-button can switch tab; it is None when a tab runs alone.
+the Train tab reads when it starts a run. ``Links.tabs`` is the app's ``gr.Tabs``, so a
+button can switch tab; it is None when a tab runs alone. :func:`connect_tabs` wires the
+buttons that lead from one tab to another.
+
+Imported only when a page is built (never by ``tunelab --help``), so gradio is imported
+at module level: handlers annotate ``gr.Request``, which must resolve here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import gradio as gr
 
 
 @dataclass
@@ -18,8 +24,6 @@ class Links:
 
     @classmethod
     def create(cls) -> "Links":
-        import gradio as gr
-
         return cls(dataset=gr.State(None))
 
 
@@ -33,3 +37,33 @@ def dataset_summary(choice: dict | None) -> str:
         f"({choice.get('train')} train / {choice.get('val')} validation, split {split:g}); "
         f"bad records: {choice.get('on_error')}."
     )
+
+
+def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs) -> None:
+    """Wire what leads from one tab to another (call inside the app's Blocks)."""
+    # Tabs that list runs refresh their pickers when shown (runs appear while the app lives).
+    tab_of["playground"].select(play.refresh, inputs=[play.run], outputs=[play.run], show_progress="hidden")
+    tab_of["export"].select(export.refresh, inputs=[export.run], outputs=[export.run], show_progress="hidden")
+    tab_of["runs"].select(runs.refresh, inputs=runs.refresh_inputs, outputs=runs.outputs, show_progress="hidden")
+
+    def open_in_playground(run_id, request: gr.Request):
+        if not run_id:
+            raise gr.Error("Pick a run first.")
+        return play.refresh(str(ctx.runs_for(request) / run_id), request), gr.Tabs(selected="playground")
+
+    def open_run(refresh, tab):
+        def handler(run_dir, request: gr.Request):
+            return refresh(run_dir, request), gr.Tabs(selected=tab)
+
+        return handler
+
+    # Runs -> Playground: pick the run there and switch tab.
+    runs.open.click(open_in_playground, inputs=runs.selected, outputs=[play.run, tabs], show_progress="hidden")
+    # Runs -> Train: a resumed run is followed on the Train tab.
+    runs.resume_dep.success(train.attach, inputs=runs.resumed, outputs=train.progress_outputs).then(
+        lambda: gr.Tabs(selected="train"), outputs=tabs)
+    # Train -> Playground / Export once a run has finished.
+    train.open_playground.click(open_run(play.refresh, "playground"), inputs=train.run_dir,
+                                outputs=[play.run, tabs], show_progress="hidden")
+    train.open_export.click(open_run(export.refresh, "export"), inputs=train.run_dir,
+                            outputs=[export.run, tabs], show_progress="hidden")

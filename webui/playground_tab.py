@@ -18,6 +18,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
+
 from webui.common import AppContext, engine_errors, escape_md, iterate_in_thread, stream_progress
 
 BACKENDS = ("base", "tuned", "onnx")
@@ -163,8 +165,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     # ---- handlers
 
-    def refresh(current):
-        choices = list_chat_runs(ctx.runs_dir)
+    def refresh(current, request: gr.Request = None):
+        choices = list_chat_runs(ctx.runs_for(request))
         values = [v for _, v in choices]
         return gr.Dropdown(choices=choices, value=current if current in values else (values[0] if values else None))
 
@@ -266,7 +268,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                show_progress="hidden")
     gr.on(triggers=None, fn=lambda: show_availability(None), inputs=None, outputs=availability_outputs,
           show_progress="hidden")
-    gr.on(triggers=None, fn=lambda: refresh(None), inputs=None, outputs=run, show_progress="hidden")
+    def on_load(request: gr.Request):
+        return refresh(None, request)
+
+    gr.on(triggers=None, fn=on_load, inputs=None, outputs=run, show_progress="hidden")
     started = gr.on([send_btn.click, prompt.submit], take_prompt, inputs=prompt, outputs=[prompt, pending],
                     show_progress="hidden")
     answer_events = []

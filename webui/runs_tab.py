@@ -145,18 +145,18 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         cancel_btn = gr.Button("Cancel", elem_id="runs-cancel", scale=0)
     details = gr.Markdown("", elem_id="runs-details")
 
-    def refresh(current_selected=None, current_compare=None):
-        rows, ids = run_table(ctx.runs_dir)
+    def refresh(current_selected=None, current_compare=None, request: gr.Request = None):
+        rows, ids = run_table(ctx.runs_for(request))
         keep = [r for r in (current_compare or []) if r in ids] or ids[:3]
         sel = current_selected if current_selected in ids else (ids[0] if ids else None)
         return (rows, gr.CheckboxGroup(choices=ids, value=keep), gr.Dropdown(choices=ids, value=sel))
 
-    def plot(chosen, which):
+    def plot(chosen, which, request: gr.Request):
         chosen = list(chosen or [])
         # A colour per run: a new colour map makes the chart rebuild its legend (it keeps the
         # categories of the first frame otherwise).
         colors = {run_id: PALETTE[i % len(PALETTE)] for i, run_id in enumerate(chosen)}
-        return gr.LinePlot(value=loss_curves(ctx.runs_dir, chosen, which), color_map=colors)
+        return gr.LinePlot(value=loss_curves(ctx.runs_for(request), chosen, which), color_map=colors)
 
     def pick_row(evt: gr.SelectData, rows):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -171,10 +171,13 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return gr.Row(visible=True), f"Delete **{escape_md(run_id)}** and everything in it (adapter, exports)?"
 
     @engine_errors
-    def delete(run_id, chosen):
+    def delete(run_id, chosen, request: gr.Request):
         from engine import runs
+        from engine.security import safe_run_id
 
-        run_dir = ctx.runs_dir / run_id
+        if not run_id:
+            raise gr.Error("Pick a run to delete.")
+        run_dir = ctx.runs_for(request) / safe_run_id(run_id)
         status = runs.refresh_status(run_dir)
         if status.get("state") in ("running", "starting", "queued"):
             raise gr.Error(f"{run_id} is {status.get('state')}: stop it on the Train tab before deleting.")
@@ -184,15 +187,17 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         else:
             shutil.rmtree(run_dir)
         gr.Info(f"Deleted {run_id}.")
-        return (gr.Row(visible=False), *refresh(None, [c for c in (chosen or []) if c != run_id]))
+        return (gr.Row(visible=False), *refresh(None, [c for c in (chosen or []) if c != run_id], request))
 
     @engine_errors
-    def resume(run_id):
+    def resume(run_id, request: gr.Request):
         from engine import launch
 
         if not run_id:
             raise gr.Error("Pick a run to resume.")
-        run_dir = launch.resume(ctx.runs_dir / run_id)
+        from engine.security import safe_run_id
+
+        run_dir = launch.resume(ctx.runs_for(request) / safe_run_id(run_id))
         gr.Info(f"Resuming {run_id} from its last checkpoint; follow it on the Train tab.")
         return str(run_dir)
 
@@ -200,17 +205,23 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     refresh_btn.click(refresh, inputs=[selected, compare], outputs=refresh_outputs, show_progress="hidden")
     gr.on([compare.change, series.change], plot, inputs=[compare, series], outputs=curves, show_progress="hidden")
     table.select(pick_row, inputs=table, outputs=selected, show_progress="hidden")
-    selected.change(lambda r: run_details(ctx.runs_dir, r), inputs=selected, outputs=details, show_progress="hidden")
+    def details_of(run_id, request: gr.Request):
+        return run_details(ctx.runs_for(request), run_id)
+
+    selected.change(details_of, inputs=selected, outputs=details, show_progress="hidden")
     delete_btn.click(ask_delete, inputs=selected, outputs=[confirm_row, confirm_md])
     cancel_btn.click(lambda: gr.Row(visible=False), outputs=confirm_row)
     confirm_btn.click(delete, inputs=[selected, compare], outputs=[confirm_row, *refresh_outputs])
     resumed = gr.State(None)  # the run directory just resumed (the app hands it to the Train tab)
     resume_dep = resume_btn.click(resume, inputs=selected, outputs=resumed)
-    gr.on(triggers=None, fn=lambda: refresh(None, None), inputs=None, outputs=refresh_outputs,
+    def on_load(request: gr.Request):
+        return refresh(None, None, request)
+
+    gr.on(triggers=None, fn=on_load, inputs=None, outputs=refresh_outputs,
           show_progress="hidden")
     return SimpleNamespace(
         table=table, selected=selected, open=open_btn, resume=resume_btn, resume_dep=resume_dep, resumed=resumed,
-        refresh=lambda s, c: refresh(s, c), refresh_inputs=[selected, compare], outputs=refresh_outputs,
+        refresh=refresh, refresh_inputs=[selected, compare], outputs=refresh_outputs,
     )
 
 

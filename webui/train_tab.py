@@ -19,6 +19,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
+
 from webui.common import AppContext, engine_errors, escape_md, fmt_duration, fmt_number, plot_frame
 from webui.links import dataset_summary
 
@@ -443,11 +445,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     # ---- handlers
 
-    def update_command(dataset, *values):
+    def update_command(request: gr.Request, dataset, *values):
         from engine.config import ConfigError
 
         try:
-            return command_preview(form_from(values), dataset, ctx.runs_dir)
+            return command_preview(form_from(values), dataset, ctx.runs_for(request))
         except ConfigError as err:
             return f"# not ready: {err}"
 
@@ -501,16 +503,17 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         )
 
     @engine_errors
-    def start(dataset, *values):
+    def start(request: gr.Request, dataset, *values):
         from engine import launch, runs
 
         from engine import security
 
-        cfg = build_config(form_from(values), dataset, ctx.runs_dir)
+        runs_dir = ctx.runs_for(request)
+        cfg = build_config(form_from(values), dataset, runs_dir)
         security.check_remote_code(cfg)
         security.DemoLimits.from_env().check(cfg)
-        running = find_active_run(ctx.runs_dir)
-        run_dir = launch.submit(cfg, ctx.runs_dir)
+        running = find_active_run(runs_dir)
+        run_dir = launch.submit(cfg, runs_dir)
         status = runs.read_status(Path(run_dir))
         if status.get("state") == "queued":
             other = Path(running).name if running else "another run"
@@ -537,9 +540,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return render(watch, watch.read())
 
     @engine_errors
-    def reattach():
+    def reattach(request: gr.Request):
         """On page load: show the active run (training survives reloads and other devices)."""
-        run_dir = find_active_run(ctx.runs_dir)
+        run_dir = find_active_run(ctx.runs_for(request))
         if run_dir is None:
             return (gr.skip(),) * len(progress_outputs)
         watch = Watch.attach(run_dir)
@@ -564,10 +567,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     defaults = FormValues(model=ctx.model_choices()[0])
 
-    def on_load():
-        """A fresh page: the plan for the default model, and the active run if there is one."""
+    def on_load(request: gr.Request):
+        """A fresh page: the plan and the command for the default form."""
         plan = update_plan(defaults.model, defaults.method, None)
-        return (*plan, update_command(None, *[getattr(defaults, n) for n in FormValues.names()]))
+        return (*plan, update_command(request, None, *[getattr(defaults, n) for n in FormValues.names()]))
 
     # triggers=None with no inputs: runs when the page loads.
     gr.on(triggers=None, fn=on_load, inputs=None, outputs=[*plan_outputs, command], show_progress="hidden")
