@@ -475,7 +475,9 @@ def sft_config(config: RunConfig, run_dir: Path, precision: str, has_eval: bool)
         packing=t.packing,
         assistant_only_loss=False,  # the masks come with the tokenized data (see tokenize_conversations)
         completion_only_loss=False,
-        include_num_input_tokens_seen="non_padding",
+        # Real tokens for tokens/s. Packed batches have no padding at all (and the pad id
+        # may equal a real token, eos), so there every token counts.
+        include_num_input_tokens_seen="all" if t.packing else "non_padding",
         report_to=[],
         disable_tqdm=not sys.stderr.isatty(),  # in train.log, one printed line per log instead of bars
         dataloader_num_workers=0,

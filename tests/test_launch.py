@@ -254,3 +254,48 @@ def test_direct_python_m_engine_train_refuses_a_distributed_config(tmp_path):
     assert proc.returncode == 1
     assert "tunelab train" in proc.stderr and "config error" in proc.stderr
     assert yaml.safe_load(path.read_text())["distributed"]["deepspeed"] == "zero2"
+
+
+def test_tunelab_train_follows_the_log_and_ctrl_c(tiny_model_dir, tmp_path, runs_dir):
+    """`tunelab train` prints the log as it grows. Ctrl-C stops following, not the run;
+    with --foreground, Ctrl-C stops the run (a checkpoint is saved, exit status 3)."""
+    config_file = tmp_path / "run.yaml"
+    make_config(tiny_model_dir, write_data(tmp_path / "d.jsonl"), runs_dir, max_steps=500).save(config_file)
+
+    def start(*extra):
+        return subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "train", "--config", str(config_file), *extra],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+
+    def newest_run():
+        dirs = sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        return dirs[-1] if dirs else None
+
+    cli = start()
+    try:
+        run = wait_for(newest_run, 30, "the run directory")
+        wait_for(lambda: last_step(run) >= 1, 120, "the first step")
+        cli.send_signal(signal.SIGINT)
+        out, _ = cli.communicate(timeout=30)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0
+    assert "[tunelab] run " in out and "stopped following; the run goes on" in out
+    assert runs.refresh_status(run)["state"] == "running"
+    assert launch.stop(run, grace_s=60, wait=True)["state"] == "aborted"
+
+    cli = start("--foreground")
+    try:
+        run2 = wait_for(lambda: (r := newest_run()) != run and r, 30, "the second run directory")
+        wait_for(lambda: last_step(run2) >= 1, 120, "the first step of the second run")
+        cli.send_signal(signal.SIGINT)
+        out, _ = cli.communicate(timeout=120)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == launch.EXIT_ABORTED, out
+    assert "stopping the run" in out and f"run {run2.name}: aborted" in out
+    assert list((run2 / "checkpoints").glob("checkpoint-*"))

@@ -245,6 +245,25 @@ def test_full_sequence_loss_switch(tiny_model_dir, tmp_path):
     assert batch["labels"][0].tolist() == batch["input_ids"][0].tolist()
 
 
+def test_packing_packs_and_keeps_the_masks(tiny_model_dir, tmp_path):
+    data = one_word_data(tmp_path / "d.jsonl", n=12)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "runs",
+                         training={"packing": True, "max_steps": 2, "gradient_checkpointing": True})
+    config.data.validation_split = 0.0
+    config.data.max_length = 128
+    run_dir = runs.create_run(config)
+    summary = train.train(config, run_dir)
+    dataset = summary["trainer"].train_dataset
+    assert len(dataset) < 12  # several chats per 128-token row
+    assert sum(len(s) for s in dataset["seq_lengths"]) == 12
+    trained = sum(label != -100 for row in dataset["labels"] for label in row)
+    answer = summary["trainer"].processing_class("Zebra.<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert trained == 12 * len(answer)  # each chat's answer and its end-of-turn token, nothing else
+    # The packed rows fit in one batch of 4: each of the 2 steps sees every token once.
+    assert len(dataset) <= 4
+    assert runs.read_metrics(run_dir)[-1]["tokens"] == 2 * sum(len(r) for r in dataset["input_ids"])
+
+
 # A Llama-3.1 style template (a default system header with dates, which TRL has no
 # training variant for): the assistant tokens are found by rendering each prefix.
 LLAMA31_STYLE = (
