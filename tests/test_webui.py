@@ -89,15 +89,20 @@ def test_multi_user_mode_gives_each_user_a_runs_directory(monkeypatch, tmp_path)
     assert AppContext(runs_dir=tmp_path).runs_for(SimpleNamespace(username="ada")) == tmp_path
 
 
-def test_the_whole_app_builds_with_five_tabs(tmp_path):
+@pytest.mark.parametrize("demo", ["", "1"])
+def test_the_whole_app_builds_with_five_tabs(tmp_path, monkeypatch, demo):
     import gradio as gr
+
+    monkeypatch.setenv("TUNELAB_DEMO", demo)
 
     from webui.app import build_app
     from webui.common import AppContext
 
-    demo = build_app(AppContext(runs_dir=tmp_path / "runs"))
-    tabs = [b for b in demo.blocks.values() if isinstance(b, gr.Tab)]
+    app = build_app(AppContext(runs_dir=tmp_path / "runs"))
+    tabs = [b for b in app.blocks.values() if isinstance(b, gr.Tab)]
     assert [t.id for t in tabs] == ["data", "train", "playground", "export", "runs"]
+    methods = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "train-method")
+    assert [v for _, v in methods.choices] == (["lora", "dora"] if demo else ["lora", "qlora", "dora", "full"])
     assert (tmp_path / "runs").is_dir()
 
 

@@ -188,6 +188,9 @@ def clamp_page(page, n_records: int) -> int:
 def build(ctx: AppContext, links) -> SimpleNamespace:
     import gradio as gr
 
+    from engine.security import DemoLimits
+
+    demo = DemoLimits.from_env()
     samples = ctx.sample_datasets()
     records_state = gr.State([])  # this user's usable records, for paging the preview
 
@@ -208,7 +211,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                             value="skip", label="Bad records", elem_id="data-on-error")
         split = gr.Slider(0.0, 0.5, value=0.1, step=0.05, label="Validation split",
                           info="Fraction held out to measure base vs tuned", elem_id="data-split")
-        max_length = gr.Number(1024, label="Cutoff length (tokens)", precision=0, minimum=16, maximum=131072,
+        max_length = gr.Number(min(1024, demo.max_length) if demo.enabled else 1024, label="Cutoff length (tokens)", precision=0, minimum=16, maximum=131072,
                                info="Longer records are truncated", elem_id="data-max-length")
         tokenizer_model = gr.Dropdown(ctx.model_choices(), value=ctx.model_choices()[0], allow_custom_value=True,
                                       label="Count tokens with", elem_id="data-tokenizer")

@@ -343,18 +343,25 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     from engine.config import (DEEPSPEED_STAGES, PRECISIONS, SCHEDULERS, MethodConfig, TrainingConfig,
                                field_help)
 
+    from engine.security import DemoLimits
+
+    demo = DemoLimits.from_env()  # a public demo (TUNELAB_DEMO=1) limits steps, models and methods
     th = field_help(TrainingConfig)
     mh = field_help(MethodConfig)
     watch_state = gr.State(None)  # Watch of the run this page shows
     rec_state = gr.State(None)  # the last recommendation's config overrides
 
     dataset_md = gr.Markdown(dataset_summary(None), elem_id="train-dataset")
+    if demo.enabled:
+        gr.Markdown(f"This is a public demo: at most {demo.max_steps} steps, cutoff {demo.max_length} tokens, "
+                    f"methods {', '.join(demo.methods)}, one process.", elem_classes=["tl-note"])
     with gr.Row():
         with gr.Column(scale=3):
-            model = gr.Dropdown(ctx.model_choices(), value=ctx.model_choices()[0], allow_custom_value=True,
+            model = gr.Dropdown(ctx.model_choices(), value=ctx.model_choices()[0], allow_custom_value=not demo.enabled,
                                 label="Model", elem_id="train-model",
                                 info="The embedded SmolLM2-135M-Instruct, a local directory, or a Hub id (org/name)")
-            method = gr.Radio(METHOD_CHOICES, value="lora", label="Method", elem_id="train-method")
+            method = gr.Radio([c for c in METHOD_CHOICES if not demo.enabled or c[1] in demo.methods], value="lora",
+                              label="Method", elem_id="train-method")
         with gr.Column(scale=2):
             apply_btn = gr.Button("Apply recommendation", elem_id="train-apply", variant="secondary")
             gr.Markdown("Sets precision, method, batch size, accumulation, checkpointing and DeepSpeed "
@@ -367,7 +374,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         with gr.Row():
             num_epochs = gr.Number(1.0, label="Epochs (passes)", minimum=0.01, step=0.5, info=th["num_epochs"],
                                    elem_id="train-epochs")
-            max_steps = gr.Number(-1, label="Max steps (optimizer steps, -1 = use epochs)", precision=0,
+            max_steps = gr.Number(demo.max_steps if demo.enabled else -1, label="Max steps (optimizer steps, -1 = use epochs)", precision=0,
                                   minimum=-1, info=th["max_steps"], elem_id="train-max-steps")
             learning_rate = gr.Number(0, label="Learning rate (0 = the method's default)",
                                       minimum=0, step=1e-5, info=th["learning_rate"], elem_id="train-lr")
