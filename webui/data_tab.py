@@ -186,8 +186,6 @@ def clamp_page(page, n_records: int) -> int:
 
 
 def build(ctx: AppContext, links) -> SimpleNamespace:
-    import gradio as gr
-
     from engine.security import DemoLimits
 
     demo = DemoLimits.from_env()
@@ -303,8 +301,6 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
 def create(ctx: AppContext | None = None):
     """This tab alone in its own gr.Blocks."""
-    import gradio as gr
-
     from webui.links import Links
 
     ctx = ctx or AppContext()

@@ -87,8 +87,6 @@ def download_targets(run_dir: Path, kind: str) -> list[Path]:
 
 
 def build(ctx: AppContext, links) -> SimpleNamespace:
-    import gradio as gr
-
     from engine import export
 
     stop_state = gr.State(None)  # threading.Event of this user's export in flight
@@ -204,8 +202,6 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
 
 def create(ctx: AppContext | None = None):
-    import gradio as gr
-
     from webui.links import Links
 
     ctx = ctx or AppContext()

@@ -118,8 +118,6 @@ def validation_example(run_dir: str, rng: random.Random) -> tuple[str, str, str]
 
 
 def build(ctx: AppContext, links) -> SimpleNamespace:
-    import gradio as gr
-
     from engine import inference
 
     with gr.Row():
@@ -301,8 +299,6 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
 
 def create(ctx: AppContext | None = None):
-    import gradio as gr
-
     from webui.links import Links
 
     ctx = ctx or AppContext()

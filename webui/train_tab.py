@@ -26,7 +26,6 @@ from webui.links import dataset_summary
 
 METHOD_CHOICES = [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora"), ("DoRA", "dora"), ("Full fine-tune", "full")]
 ACTIVE_STATES = ("created", "queued", "running")
-FINAL_STATES = ("completed", "failed", "aborted")
 LOG_LINES = 40
 
 # What to do for each failure class the trainer reports (status.json "error_class",
@@ -86,11 +85,10 @@ class FormValues:
     num_processes: int = 1
     offload: bool = False
     run_name: str = ""
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def names(cls) -> list[str]:
-        return [f for f in cls.__dataclass_fields__ if f != "extra"]
+        return list(cls.__dataclass_fields__)
 
 
 def build_config(form: FormValues, dataset: dict | None, runs_dir: Path):
@@ -338,8 +336,6 @@ def read_log_tail(run_dir: str) -> str:
 
 
 def build(ctx: AppContext, links) -> SimpleNamespace:
-    import gradio as gr
-
     from engine.config import (DEEPSPEED_STAGES, PRECISIONS, SCHEDULERS, MethodConfig, TrainingConfig,
                                field_help)
 
@@ -597,8 +593,6 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
 
 def create(ctx: AppContext | None = None):
-    import gradio as gr
-
     from webui.links import Links
 
     ctx = ctx or AppContext()
