@@ -594,6 +594,8 @@ def evaluate_base_vs_tuned(trainer, config: RunConfig, base_loss: float | None, 
     }
     if base_loss is not None:
         result["loss_change"] = round(tuned - base_loss, 5)
+    else:
+        result["note"] = "base not measured: full fine-tuning measures it before training, which DeepSpeed runs skip"
     if config.method.name == "qlora":
         result["note"] = "base = the 4-bit quantised base model the adapter was trained on"
     return result
