@@ -34,9 +34,10 @@ EXIT_OK = 0  # completed, or aborted on request (status.json says which)
 EXIT_FAILED = 1
 
 # Chat conversations are turned into token ids here (not inside TRL), so that every chat
-# template gets the same treatment: a template with {% generation %} markers gives the
-# assistant mask directly; any other prefix-preserving template (Llama-3, Phi-3, ...) gets
-# it by rendering each conversation prefix. engine.data measures with the same functions.
+# template gets the same treatment (see chat_templates): a template with {% generation %}
+# markers gives the assistant mask directly; other prefix-preserving templates (Llama 3.1,
+# ...) get it by rendering each conversation prefix. engine.data measures with the same
+# functions.
 
 
 class TrainingDataError(ValueError):
@@ -69,10 +70,10 @@ class StopFlag:
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
+        # Only set flags here: printing from a signal handler can collide with a print in
+        # progress (a "reentrant call" error) and crash the run it is meant to save.
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        print(f"[tunelab] {self.signal_name} received: saving a checkpoint at the end of this step, then stopping",
-              flush=True)
 
 
 STOP = StopFlag()
@@ -371,6 +372,8 @@ class RunMonitor(TrainerCallback):
         if self._stop_everywhere(args):
             control.should_save = True
             control.should_training_stop = True
+            say(f"stop requested ({self.stop.signal_name or 'another process'}): saving a checkpoint at step "
+                f"{state.global_step}, then stopping")
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -399,8 +402,9 @@ class RunMonitor(TrainerCallback):
             self.t_prev, self.tokens_prev = now, tokens
             if self.pending:
                 self._write(self.pending)
+            # When an evaluation of this step follows, the line waits for its eval_loss.
             self.pending = row
-            if not control.should_evaluate:  # an evaluation of this step follows: wait for its loss
+            if not control.should_evaluate:
                 self._write(self.pending)
                 self.pending = None
             runs.update_status(self.run_dir, step=state.global_step, max_steps=state.max_steps)
@@ -485,7 +489,7 @@ def sft_config(config: RunConfig, run_dir: Path, precision: str, has_eval: bool)
         # DeepSpeed's CPU accelerator talks gloo; without naming it, accelerate counts 1 process.
         ddp_backend="gloo" if distributed_cpu else None,
         # One CPU process: say so, or transformers refuses bf16 without a GPU.
-        use_cpu=not torch.cuda.is_available() and world_size() == 1,
+        use_cpu=world_size() == 1 and not torch.cuda.is_available() and not torch.backends.mps.is_available(),
     )
     if config.distributed.deepspeed != "none" and world_size() > 1 and not _deepspeed_from_launcher():
         from engine.launch import deepspeed_config_file
@@ -537,8 +541,8 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
         callbacks=list(callbacks) or None,
     )
     if quantization is not None and precision == "fp32":
-        # TRL casts QLoRA adapter weights to bf16 (the paper's recipe for GPUs); on a CPU
-        # without bf16 that only slows things down: keep them in fp32.
+        # TRL casts QLoRA adapter weights to bf16 (the paper's recipe for GPUs); a run in
+        # fp32 (no bf16 hardware) keeps them in fp32 like everything else it computes.
         import torch
 
         for param in trainer.model.parameters():
