@@ -9,6 +9,11 @@ feeds the Train tab; "open in playground" switches tabs).
 Options come from the command line, or the environment when not given:
 TUNELAB_HOST, TUNELAB_PORT, TUNELAB_AUTH (user:pass[,user2:pass2]), TUNELAB_RUNS_DIR,
 TUNELAB_EXTRA_MODELS (local model directories added to the model list, separated by ':').
+
+A shared app: with a login (--auth, or "Sign in with Hugging Face" in a Space whose README
+has ``hf_oauth: true``) or TUNELAB_MULTI_USER=1, each person has their own runs directory
+and nobody reaches another's runs, uploads or downloads through the page or Gradio's file
+route (see webui.common.AppContext). TUNELAB_DEMO=1 adds the public demo's limits.
 """
 from __future__ import annotations
 
@@ -53,14 +58,21 @@ def build_app(ctx: AppContext):
     import gradio as gr
 
     from webui import data_tab, export_tab, playground_tab, runs_tab, train_tab
-    from webui.links import Links, connect_tabs
+    from webui.links import Links, connect_tabs, user_banner
 
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     with gr.Blocks(title="tunelab", fill_width=False) as demo:
-        gr.Markdown(
-            "## tunelab\nFine-tune a chat model on your data, then compare base, tuned and ONNX side by side.",
-            elem_id="tl-header",
-        )
+        with gr.Row(equal_height=True):
+            gr.Markdown(
+                "## tunelab\nFine-tune a chat model on your data, then compare base, tuned and ONNX side by side.",
+                elem_id="tl-header",
+            )
+            if ctx.oauth:  # a Space with hf_oauth: true
+                gr.LoginButton(scale=0, min_width=240, elem_id="tl-login")
+        whoami = gr.Markdown("", elem_id="tl-user", visible=ctx.multi_user)
+        if ctx.multi_user:
+            gr.on(triggers=None, fn=user_banner(ctx), inputs=None, outputs=whoami, show_progress="hidden",
+                  api_name="whoami")
         links = Links.create()
         with gr.Tabs(selected="data") as tabs:
             links.tabs = tabs
@@ -80,15 +92,28 @@ def build_app(ctx: AppContext):
 
 
 def launch_kwargs(ctx: AppContext) -> dict:
-    """Arguments of launch() that every entry point (app or single tab) shares."""
+    """Arguments of launch() that every entry point (app or single tab) shares.
+
+    Single user: the runs directory may be served (downloads are zipped there). Shared app:
+    it is blocked from Gradio's file route altogether, so nobody fetches a file of another
+    person's run by its path; downloads are zipped elsewhere (webui.export_tab.downloads_dir)
+    and Gradio serves its own copy. Uploads over MAX_UPLOAD_BYTES are refused as they arrive.
+    """
     import gradio as gr
 
-    return {
+    from engine.security import MAX_UPLOAD_BYTES
+
+    kwargs = {
         "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald"),
         "css": CSS,
         "show_error": True,
-        "allowed_paths": [str(ctx.runs_dir)],
+        "max_file_size": MAX_UPLOAD_BYTES,
     }
+    if ctx.multi_user:
+        kwargs["blocked_paths"] = [str(ctx.runs_dir)]
+    else:
+        kwargs["allowed_paths"] = [str(ctx.runs_dir)]
+    return kwargs
 
 
 def run_cli(args) -> int:
@@ -107,10 +132,16 @@ def run_cli(args) -> int:
         return 2
     runs_dir = args.runs_dir or os.environ.get("TUNELAB_RUNS_DIR") or "runs"
     ctx = AppContext(runs_dir=runs_dir, extra_models=list(args.extra_model),
-                     chat_concurrency=max(1, args.chat_concurrency))
+                     chat_concurrency=max(1, args.chat_concurrency), auth=bool(auth))
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=8)
-    print(f"tunelab: runs in {ctx.runs_dir}; open http://{host}:{port}", flush=True)
+    how = []
+    if ctx.multi_user:
+        how.append("one runs directory per user")
+    if ctx.oauth:
+        how.append("Sign in with Hugging Face")
+    print(f"tunelab: runs in {ctx.runs_dir}{' (' + ', '.join(how) + ')' if how else ''}; "
+          f"open http://{host}:{port}", flush=True)
     demo.launch(server_name=host, server_port=port, share=args.share, auth=auth,
                 auth_message="tunelab: log in" if auth else None, **launch_kwargs(ctx))
     return 0

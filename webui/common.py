@@ -1,8 +1,15 @@
-"""What the tabs share: the app context, engine-error reporting, and small formatters.
+"""What the tabs share: the app context (who is asking, and which runs are theirs),
+engine-error reporting, and small formatters.
 
 Nothing here holds per-user state: that lives in ``gr.State`` inside each tab. The only
 process-wide things are the context (paths and options from the command line) and a cache
 of tokenizers, which are read-only.
+
+Several people on one app (a Space, a team server): :meth:`AppContext.runs_for` gives each
+signed-in user a directory of their own (engine.security.user_dir), and every handler that
+receives a run id, a path or a model reference from the page checks it against that
+directory with :meth:`AppContext.run_dir` / :meth:`AppContext.check_model`, which raise
+``gr.Error`` with a sentence, never a stack trace.
 """
 from __future__ import annotations
 
@@ -10,14 +17,52 @@ import functools
 import inspect
 import logging
 import os
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = REPO_ROOT / "assets" / "datasets"
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 log = logging.getLogger("tunelab.webui")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def oauth_configured(env: dict | None = None) -> bool:
+    """Whether the app runs in a Space with "Sign in with Hugging Face" enabled:
+    ``hf_oauth: true`` in the Space's README makes the Hub set OAUTH_CLIENT_ID (and
+    OAUTH_CLIENT_SECRET, OAUTH_SCOPES, OPENID_PROVIDER_URL) beside SPACE_ID and
+    SYSTEM=spaces. Outside a Space Gradio would replace the sign-in with the machine's own
+    Hugging Face login (and fail to start without one), so SYSTEM=spaces is required too."""
+    env = os.environ if env is None else env
+    return bool(env.get("SPACE_ID") and env.get("OAUTH_CLIENT_ID") and env.get("SYSTEM") == "spaces")
+
+
+def oauth_username(request) -> str | None:
+    """The Hugging Face user name of a request signed in with OAuth (None if not signed in
+    or the sign-in has expired). Reads the session gradio's OAuth routes write."""
+    if request is None:
+        return None
+    underlying = getattr(request, "request", None) or request
+    scope = getattr(underlying, "scope", None)
+    if isinstance(scope, dict):
+        session = scope.get("session") or {}
+    else:
+        session = getattr(underlying, "session", None) or {}
+    info = session.get("oauth_info") if hasattr(session, "get") else None
+    if not isinstance(info, dict):
+        return None
+    expires_at = info.get("expires_at")
+    if isinstance(expires_at, (int, float)) and expires_at < time.time():
+        return None
+    name = (info.get("userinfo") or {}).get("preferred_username")
+    return str(name) if name else None
 
 
 @dataclass
@@ -29,9 +74,13 @@ class AppContext:
     samples_dir: Path = SAMPLES_DIR
     chat_concurrency: int = 4
     poll_seconds: float = 1.0
-    # Several people on one app (a Space): each signed-in user sees only their own runs.
-    multi_user: bool = field(default_factory=lambda: os.environ.get("TUNELAB_MULTI_USER", "").lower()
-                             in ("1", "true", "yes", "on"))
+    # A login is configured (--auth / TUNELAB_AUTH).
+    auth: bool = False
+    # "Sign in with Hugging Face" (a Space with hf_oauth: true).
+    oauth: bool = field(default_factory=oauth_configured)
+    # Several people on one app: each user sees only their own runs. None = decide:
+    # TUNELAB_MULTI_USER when it is set, else on whenever a login (auth or OAuth) exists.
+    multi_user: bool | None = None
 
     def __post_init__(self):
         self.runs_dir = Path(self.runs_dir).expanduser().resolve()
@@ -39,15 +88,106 @@ class AppContext:
         for item in env_models.split(os.pathsep):
             if item.strip() and item.strip() not in self.extra_models:
                 self.extra_models.append(item.strip())
+        if self.multi_user is None:
+            setting = os.environ.get("TUNELAB_MULTI_USER", "").strip()
+            self.multi_user = _truthy(setting) if setting else (self.auth or self.oauth)
+
+    # ---- who is asking, and what is theirs
+
+    def user_of(self, request=None) -> str | None:
+        """The user behind ``request`` (gr.Request): the --auth login name, ``hf:<name>``
+        for a Hugging Face sign-in, or, in multi-user mode with no login configured at all,
+        ``session:<id>`` (a workspace that lasts as long as the page). None: nobody
+        signed in."""
+        name = getattr(request, "username", None)
+        if name:
+            return str(name)
+        hf_name = oauth_username(request) if self.oauth else None
+        if hf_name:
+            return f"hf:{hf_name}"
+        if self.multi_user and not self.auth and not self.oauth:
+            session = getattr(request, "session_hash", None)
+            if session:
+                return f"session:{session}"
+        return None
+
+    def display_name(self, request=None) -> str | None:
+        user = self.user_of(request)
+        if user is None:
+            return None
+        return user.split(":", 1)[1] if user.startswith(("hf:", "session:")) else user
 
     def runs_for(self, request=None) -> Path:
-        """The runs directory of the user behind ``request`` (gr.Request): the shared one,
-        or ``runs/users/<user>`` in multi-user mode (engine.security.user_dir)."""
+        """The runs directory of the user behind ``request``: the shared one, or, in
+        multi-user mode, ``runs/users/<user>`` (engine.security.user_dir). In multi-user
+        mode a request with no user is refused with a gr.Error saying how to sign in."""
         if not self.multi_user:
             return self.runs_dir
         from engine.security import user_dir
 
-        return user_dir(self.runs_dir, getattr(request, "username", None), True)
+        user = self.user_of(request)
+        if user is None:
+            import gradio as gr
+
+            how = ("Sign in with Hugging Face (the button at the top of the page)" if self.oauth
+                   else "Log in")
+            raise gr.Error(f"{how} first: on this shared app each person's data and runs are private.",
+                           title="Not signed in")
+        return user_dir(self.runs_dir, user, True)
+
+    def listing_dir(self, request=None) -> Path | None:
+        """Like :meth:`runs_for`, but None instead of an error (for lists filled on page load)."""
+        if self.multi_user and self.user_of(request) is None:
+            return None
+        return self.runs_for(request)
+
+    def run_dir(self, request, value, must_exist: bool = True) -> Path:
+        """The run directory named by ``value`` from the page (a run id, or a run directory
+        path as the pickers hold), checked to be one of this user's runs.
+
+        Raises gr.Error for an empty value, a run id with separators or dots that would
+        leave the directory, a path outside the user's runs, or (``must_exist``) a run
+        that is not there.
+        """
+        import gradio as gr
+
+        from engine.security import UnsafeInputError, owns, safe_run_id, within
+
+        if not value:
+            raise gr.Error("Pick a run first.")
+        root = self.runs_for(request)
+        text = str(value)
+        name = Path(text).name if ("/" in text or "\\" in text) else text
+        try:
+            path = within(root, safe_run_id(name))
+        except UnsafeInputError as err:
+            raise gr.Error(str(err), title="Refused") from None
+        if name != text and not (owns(root, text) and Path(text).resolve() == path):
+            raise gr.Error(f"Run {name!r} is not one of your runs.", title="Refused")
+        if must_exist and not (path / "status.json").is_file() and not (path / "config.yaml").is_file():
+            raise gr.Error(f"There is no run {name!r} among your runs.", title="Not found")
+        return path
+
+    def check_model(self, request, ref: str) -> str:
+        """A model reference from the page, refused in multi-user mode when it is a local
+        path outside the model list and the user's own runs (one user must not load
+        another's files). Hub ids (``org/name``) and the listed models always pass."""
+        import gradio as gr
+
+        from engine.security import owns
+
+        ref = (ref or "").strip()
+        if not ref:
+            raise gr.Error("Choose a model.")
+        if not self.multi_user or ref in self.model_choices():
+            return ref
+        path = Path(ref).expanduser()
+        if _HUB_ID.match(ref) and not path.exists():
+            return ref
+        if path.is_absolute() and owns(self.runs_for(request), path):
+            return ref
+        raise gr.Error(f"Model {ref!r} is not available here: choose one from the list, a Hugging Face Hub id "
+                       "(org/name), or a model inside one of your runs.", title="Refused")
 
     def model_choices(self) -> list[str]:
         """The embedded default first, then extra local model directories."""
@@ -60,16 +200,27 @@ class AppContext:
         suffixes = {".jsonl", ".json", ".csv", ".tsv", ".parquet"}
         return sorted(p.name for p in self.samples_dir.iterdir() if p.suffix.lower() in suffixes)
 
+    def sample_path(self, name: str) -> Path:
+        """The path of a sample dataset named on the page (only the listed ones)."""
+        import gradio as gr
+
+        if name not in self.sample_datasets():
+            raise gr.Error(f"{name!r} is not one of the sample datasets.", title="Refused")
+        return self.samples_dir / name
+
 
 # --------------------------------------------------------------------------- errors
 
 
 def error_message(err: BaseException) -> str:
-    """The sentence shown in the page for an engine error: its message, never blank."""
+    """The sentence shown in the page for an engine error: its message (secrets removed),
+    never blank."""
+    from engine.security import redact
+
     text = str(err).strip()
     if not text:
         text = f"{type(err).__name__} (no message)"
-    return text
+    return redact(text)
 
 
 def engine_errors(fn):

@@ -1,12 +1,18 @@
 """Export tab: merge a run's adapter into the base model, export to ONNX (int4, int8,
-fp32) with live progress, show the parity report, and offer zip downloads of the adapter,
-the merged model and the ONNX model.
+fp32) with live progress, show the parity report, offer zip downloads of the adapter,
+the merged model and the ONNX model, and push one of them to the Hugging Face Hub with
+a model card (previewed first).
+
+On a shared app (multi-user mode) the zips are built outside the runs directory, which
+the app then never serves directly, and a push uses the user's own Hugging Face sign-in
+or a token they paste, never the server's HF_TOKEN.
 
 Launch alone: ``python -m webui.export_tab``.
 """
 from __future__ import annotations
 
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -64,7 +70,9 @@ def parity_text(run_dir: Path) -> str:
     path = run_dir / "export" / "parity.md"
     if not path.is_file():
         return "No parity report yet: export to ONNX to compare its outputs with the PyTorch model."
-    text = path.read_text(encoding="utf-8")
+    from engine.security import redact
+
+    text = redact(path.read_text(encoding="utf-8"))
     # The report's first line is a page title: make it a smaller heading inside the tab.
     return text.replace("# Export parity:", "##### Export parity:", 1)
 
@@ -86,8 +94,34 @@ def download_targets(run_dir: Path, kind: str) -> list[Path]:
     return wanted
 
 
+def downloads_dir(ctx: AppContext, run_dir: Path) -> Path:
+    """Where the zips of a run are built. Single-user: ``<run>/export/downloads``. Multi-user:
+    a folder of the system's temporary directory named after the user's directory and the run
+    (the runs directory is blocked from Gradio's file route there; Gradio copies what a
+    handler returns from this folder into its own cache)."""
+    if not ctx.multi_user:
+        return run_dir / "export" / "downloads"
+    return Path(tempfile.gettempdir()) / "tunelab-downloads" / run_dir.parent.name / run_dir.name
+
+
+def push_token(ctx: AppContext, pasted: str | None, oauth_token) -> str | None:
+    """The token a push from the page uses: the one pasted, else the user's Hugging Face
+    sign-in; on a single-user app None (engine.hub then reads HF_TOKEN). On a shared app the
+    server's own token is never used for a user's push: gr.Error says what to do instead."""
+    if pasted and pasted.strip():
+        return pasted.strip()
+    if oauth_token is not None and getattr(oauth_token, "token", None):
+        return oauth_token.token
+    if not ctx.multi_user:
+        return None
+    how = "sign in with Hugging Face (top of the page) or paste" if ctx.oauth else "paste"
+    raise gr.Error(f"To push, {how} a Hugging Face token with write access: on a shared app the server's own "
+                   "token is never used for your pushes.", title="No token")
+
+
 def build(ctx: AppContext, links) -> SimpleNamespace:
-    from engine import export
+    from engine import export, hub
+    from engine.security import redact
 
     stop_state = gr.State(None)  # threading.Event of this user's export in flight
     with gr.Row():
@@ -116,23 +150,46 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         dl_onnx = gr.Button("ONNX model", elem_id="export-dl-onnx")
     files = gr.File(label="Files", file_count="multiple", interactive=False, elem_id="export-files")
 
+    gr.Markdown("#### Push to the Hugging Face Hub\nUploads the chosen artefact with a model card "
+                "(base model, data, method, hyperparameters, losses, parity) in one commit.")
+    with gr.Row():
+        hub_artifact = gr.Dropdown(list(hub.ARTIFACTS), value="adapter", label="Artefact", scale=1,
+                                   elem_id="export-hub-artifact")
+        hub_repo = gr.Textbox("", label="Repository id", placeholder="your-name/my-tuned-model", scale=2,
+                              elem_id="export-hub-repo", info="OWNER/NAME; created if it does not exist")
+        hub_private = gr.Checkbox(True, label="Private", scale=0, min_width=100, elem_id="export-hub-private")
+    token_info = ("A token with write access (https://huggingface.co/settings/tokens); used for this push only, "
+                  "never stored." + (" Empty: your Hugging Face sign-in." if ctx.oauth else "")
+                  + ("" if ctx.multi_user else " Empty: HF_TOKEN from the environment."))
+    hub_token_box = gr.Textbox("", label="Hugging Face token", type="password", elem_id="export-hub-token",
+                               info=token_info)
+    with gr.Row():
+        card_btn = gr.Button("Preview model card", elem_id="export-hub-card")
+        push_btn = gr.Button("Push to the Hub", variant="primary", elem_id="export-hub-push")
+    hub_result = gr.Markdown("", elem_id="export-hub-result")
+    card = gr.Code("", language="markdown", label="Model card (README.md of the repository)", interactive=False,
+                   visible=False, elem_id="export-hub-card-text", lines=12, max_lines=40)
+
     def refresh(current, request: gr.Request = None):
-        choices = list_chat_runs(ctx.runs_for(request))
+        root = ctx.listing_dir(request)
+        choices = list_chat_runs(root) if root is not None else []
         values = [v for _, v in choices]
+        current = Path(str(current)).name if current else None
         return gr.Dropdown(choices=choices, value=current if current in values else (values[0] if values else None))
 
-    def show(run_dir):
-        if not run_dir:
-            return "Pick a run.", ""
-        path = Path(run_dir)
-        return artefact_markdown(path), parity_text(path)
+    def need_run(run_id, request) -> Path:
+        return ctx.run_dir(request, run_id)
 
-    def need_run(run_dir) -> Path:
-        if not run_dir:
-            raise gr.Error("Pick a run first.")
-        return Path(run_dir)
+    @engine_errors
+    def show(run_id, request: gr.Request):
+        if not run_id:
+            return "Pick a run.", "", gr.Dropdown()
+        path = need_run(run_id, request)
+        found = [a for a in artefacts(path) if a in hub.ARTIFACTS]
+        return (artefact_markdown(path), parity_text(path),
+                gr.Dropdown(choices=found or list(hub.ARTIFACTS), value=found[0] if found else "adapter"))
 
-    def follow(jobs, run_dir, progress):
+    def follow(jobs, path: Path, progress):
         """Run (label, fn, kwargs) jobs one after another, streaming their progress lines."""
         log: list[str] = []
         for i, (label, fn, kwargs) in enumerate(jobs):
@@ -140,22 +197,22 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             progress(i / len(jobs), desc=label)
             for kind, item in stream_progress(fn, **kwargs):
                 if kind == "line":
-                    log.append(item)
-                    progress(i / len(jobs), desc=f"{label}: {item[:80]}")
+                    log.append(redact(item))
+                    progress(i / len(jobs), desc=f"{label}: {log[-1][:80]}")
                     yield "\n".join(log[-PROGRESS_LINES:]), gr.skip(), gr.skip()
         progress(1.0, desc="Done")
         log.append("Done.")
-        yield ("\n".join(log[-PROGRESS_LINES:]), *show(run_dir))
+        yield "\n".join(log[-PROGRESS_LINES:]), artefact_markdown(path), parity_text(path)
 
     @engine_errors
-    def merge(run_dir, progress=gr.Progress()):
-        path = need_run(run_dir)
+    def merge(run_id, request: gr.Request, progress=gr.Progress()):
+        path = need_run(run_id, request)
         jobs = [("Merging the adapter into the base model", export.merge, {"run_dir": path})]
-        yield from follow(jobs, run_dir, progress)
+        yield from follow(jobs, path, progress)
 
     @engine_errors
-    def onnx(run_dir, chosen, progress=gr.Progress()):
-        path = need_run(run_dir)
+    def onnx(run_id, chosen, request: gr.Request, progress=gr.Progress()):
+        path = need_run(run_id, request)
         if not chosen:
             raise gr.Error("Choose at least one ONNX precision.")
         stop = threading.Event()
@@ -163,7 +220,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         jobs = [(f"ONNX {p}", export.export_onnx, {"run_dir": path, "precision": p, "stop": stop})
                 for p in chosen]
         jobs.append(("Parity report (PyTorch vs ONNX)", export.write_parity_report, {"run_dir": path}))
-        for out in follow(jobs, run_dir, progress):
+        for out in follow(jobs, path, progress):
             yield (*out, stop)
 
     def request_stop(stop):
@@ -173,31 +230,65 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     def download(kind):
         @engine_errors
-        def handler(run_dir, progress=gr.Progress()):
-            path = need_run(run_dir)
+        def handler(run_id, request: gr.Request, progress=gr.Progress()):
+            path = need_run(run_id, request)
             try:
                 wanted = download_targets(path, kind)
             except FileNotFoundError as err:
                 raise gr.Error(str(err)) from err
             progress(0.2, desc="Zipping")
-            return [str(zip_dir(w, path / "export" / "downloads", path.name)) for w in wanted]
+            return [str(zip_dir(w, downloads_dir(ctx, path), path.name)) for w in wanted]
 
+        handler.__name__ = f"download_{kind}"
         return handler
 
-    refresh_btn.click(refresh, inputs=run, outputs=run, show_progress="hidden")
+    @engine_errors
+    def preview_card(run_id, artifact, repo_id, request: gr.Request):
+        path = need_run(run_id, request)
+        text = hub.model_card(path, artifact or "adapter", (repo_id or "").strip() or None)
+        return gr.Code(redact(text), visible=True)
+
+    @engine_errors
+    def push(run_id, artifact, repo_id, private, pasted, request: gr.Request, oauth_token: gr.OAuthToken | None,
+             progress=gr.Progress()):
+        path = need_run(run_id, request)
+        token = push_token(ctx, pasted, oauth_token)
+        log: list[str] = [f"== Push {artifact} of {path.name} to {repo_id or '?'}"]
+        progress(0.0, desc="Pushing to the Hub")
+        kwargs = {"run_dir": path, "artifact": artifact or "adapter", "repo_id": (repo_id or "").strip(),
+                  "private": bool(private), "token": token}
+        try:
+            for kind, item in stream_progress(hub.push_to_hub, **kwargs):
+                if kind == "line":
+                    log.append(hub.scrub(str(item), token))
+                    progress(None, desc=log[-1][:80])
+                    yield "\n".join(log[-PROGRESS_LINES:]), gr.skip()
+                else:
+                    url = hub.scrub(str(item), token)
+                    log.append(f"Done: {url}")
+                    yield ("\n".join(log[-PROGRESS_LINES:]),
+                           f"Pushed **{escape_md(artifact)}** to [{escape_md(url)}]({url}) "
+                           f"({'private' if private else 'public'}).")
+        except hub.HubError as err:
+            raise gr.Error(hub.scrub(str(err), token), title="Push failed", print_exception=False) from None
+
+    refresh_btn.click(refresh, inputs=run, outputs=run, show_progress="hidden", api_name="export_runs")
     def on_load(request: gr.Request):
         return refresh(None, request)
 
     gr.on(triggers=None, fn=on_load, inputs=None, outputs=run, show_progress="hidden")
-    run.change(show, inputs=run, outputs=[contents, parity], show_progress="hidden")
+    run.change(show, inputs=run, outputs=[contents, parity, hub_artifact], show_progress="hidden",
+               api_name="export_contents")
     merge_btn.click(merge, inputs=run, outputs=[status, contents, parity], concurrency_limit=1,
                     concurrency_id="export")
     onnx_btn.click(onnx, inputs=[run, precisions], outputs=[status, contents, parity, stop_state],
                    concurrency_limit=1, concurrency_id="export")
     stop_btn.click(request_stop, inputs=stop_state, outputs=None, concurrency_limit=None)
-    dl_adapter.click(download("adapter"), inputs=run, outputs=files)
-    dl_merged.click(download("merged"), inputs=run, outputs=files)
-    dl_onnx.click(download("onnx"), inputs=run, outputs=files)
+    for button, kind in ((dl_adapter, "adapter"), (dl_merged, "merged"), (dl_onnx, "onnx")):
+        button.click(download(kind), inputs=run, outputs=files, api_name=f"download_{kind}")
+    card_btn.click(preview_card, inputs=[run, hub_artifact, hub_repo], outputs=card, api_name="model_card")
+    push_btn.click(push, inputs=[run, hub_artifact, hub_repo, hub_private, hub_token_box],
+                   outputs=[status, hub_result], concurrency_limit=2, concurrency_id="hub-push", api_name="push")
     return SimpleNamespace(run=run, refresh=refresh)
 
 

@@ -39,6 +39,24 @@ def dataset_summary(choice: dict | None) -> str:
     )
 
 
+def user_banner(ctx):
+    """A handler for the line at the top of a shared app: who is signed in, and that their
+    runs are theirs alone (or how to sign in)."""
+    from webui.common import escape_md
+
+    def whoami(request: gr.Request):
+        name = ctx.display_name(request)
+        if name is None:
+            how = "Sign in with Hugging Face (button above)" if ctx.oauth else "Log in"
+            return f"You are not signed in. {how} to upload data and train; each person's runs are private here."
+        if (ctx.user_of(request) or "").startswith("session:"):
+            return ("Your runs are private to this page: reloading it starts a new workspace "
+                    "(the operator can add a login to keep them).")
+        return f"Signed in as **{escape_md(name)}**: only you see your data, runs and downloads."
+
+    return whoami
+
+
 def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs) -> None:
     """Wire what leads from one tab to another (call inside the app's Blocks)."""
     # Tabs that list runs refresh their pickers when shown (runs appear while the app lives).
@@ -47,9 +65,8 @@ def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs) -> None:
     tab_of["runs"].select(runs.refresh, inputs=runs.refresh_inputs, outputs=runs.outputs, show_progress="hidden")
 
     def open_in_playground(run_id, request: gr.Request):
-        if not run_id:
-            raise gr.Error("Pick a run first.")
-        return play.refresh(str(ctx.runs_for(request) / run_id), request), gr.Tabs(selected="playground")
+        run_dir = ctx.run_dir(request, run_id)  # refuses ids that are not this user's runs
+        return play.refresh(run_dir.name, request), gr.Tabs(selected="playground")
 
     def open_run(refresh, tab):
         def handler(run_dir, request: gr.Request):

@@ -34,7 +34,8 @@ SESSION_TTL_S = 3600  # chat histories of an idle session are dropped after this
 
 
 def list_chat_runs(runs_dir: Path) -> list[tuple[str, str]]:
-    """(label, run_dir) of the runs that have trained weights, newest first."""
+    """(label, run id) of the runs in ``runs_dir``, newest first; the label says whether the
+    run has trained weights yet. The page holds run ids, never paths of this machine."""
     from engine import runs
 
     if not runs_dir.is_dir():
@@ -45,7 +46,7 @@ def list_chat_runs(runs_dir: Path) -> list[tuple[str, str]]:
         state = info.get("state") or "?"
         has_weights = (run_dir / "adapter").is_dir() or (run_dir / "model").is_dir()
         label = f"{run_dir.name} ({state}{'' if has_weights else ', no weights yet'})"
-        choices.append((label, str(run_dir)))
+        choices.append((label, run_dir.name))
     return choices
 
 
@@ -164,11 +165,19 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     # ---- handlers
 
     def refresh(current, request: gr.Request = None):
-        choices = list_chat_runs(ctx.runs_for(request))
+        root = ctx.listing_dir(request)
+        choices = list_chat_runs(root) if root is not None else []
         values = [v for _, v in choices]
+        current = Path(str(current)).name if current else None
         return gr.Dropdown(choices=choices, value=current if current in values else (values[0] if values else None))
 
-    def show_availability(run_dir, onnx_prec="int4"):
+    def run_path(run_id, request) -> str | None:
+        """The checked directory of this user's run ``run_id`` (None when none is picked)."""
+        return str(ctx.run_dir(request, run_id)) if run_id else None
+
+    @engine_errors
+    def show_availability(run_id, onnx_prec="int4", request: gr.Request = None):
+        run_dir = run_path(run_id, request)
         out = []
         for backend in BACKENDS:
             ok, why = backend_availability(run_dir, backend, onnx_prec)
@@ -191,9 +200,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     def make_answer(backend: str):
         @engine_errors
-        def answer(text, column: Column, run_dir, system_v, max_new, temp, top_p_v, rep, onnx_prec):
+        def answer(text, column: Column, run_id, system_v, max_new, temp, top_p_v, rep, onnx_prec,
+                   request: gr.Request):
             if not text:
                 return
+            run_dir = run_path(run_id, request)  # the base column uses the run's base model
             ok, _ = backend_availability(run_dir, backend, onnx_prec)
             if not ok:  # the column's notice says what to do
                 yield column.history, "", column
@@ -240,28 +251,30 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return [[] for _ in columns] + ["" for _ in columns] + [*columns, ""]
 
     @engine_errors
-    def try_example(run_dir, rng):
-        if not run_dir:
+    def try_example(run_id, rng, request: gr.Request):
+        if not run_id:
             raise gr.Error("Pick a run first: its held-out validation split supplies the examples.")
+        run_dir = run_path(run_id, request)
         rng = rng or random.Random()
         system_v, prompt_v, ref = validation_example(run_dir, rng)
         return system_v, prompt_v, f"**Reference answer** (from the validation split):\n\n> {escape_md(ref)}", rng
 
     @engine_errors
-    def export_onnx(run_dir, precision, progress=gr.Progress()):
+    def export_onnx(run_id, precision, request: gr.Request, progress=gr.Progress()):
         from engine import export
 
-        if not run_dir:
+        if not run_id:
             raise gr.Error("Pick a trained run first.")
+        run_dir = run_path(run_id, request)
         progress(None, desc=f"Exporting {Path(run_dir).name} to ONNX {precision}")
         for kind, item in stream_progress(export.export_onnx, run_dir=Path(run_dir), precision=precision):
             if kind == "line":
                 progress(None, desc=str(item)[:120])
         gr.Info(f"ONNX {precision} export ready.")
-        return show_availability(run_dir, precision)
+        return show_availability(run_id, precision, request)
 
     # ---- events
-    refresh_btn.click(refresh, inputs=run, outputs=run, show_progress="hidden")
+    refresh_btn.click(refresh, inputs=run, outputs=run, show_progress="hidden", api_name="playground_runs")
     run.change(show_availability, inputs=[run, onnx_precision], outputs=availability_outputs,
                show_progress="hidden")
     gr.on(triggers=None, fn=lambda: show_availability(None), inputs=None, outputs=availability_outputs,

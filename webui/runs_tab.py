@@ -78,29 +78,35 @@ def run_table(runs_dir: Path) -> tuple[list[list], list[str]]:
 
 
 def loss_curves(runs_dir: Path, run_ids: list[str], series: str = "train"):
-    """A DataFrame (step, loss, run) of the chosen runs' train or eval loss."""
+    """A DataFrame (step, loss, run) of the chosen runs' train or eval loss.
+
+    Raises engine.security.UnsafeInputError for a run id that would leave ``runs_dir``."""
     from engine import runs
+    from engine.security import safe_run_id, within
 
     key = "loss" if series == "train" else "eval_loss"
     points = []
     for run_id in run_ids:
-        for row in runs.read_metrics(runs_dir / run_id):
+        for row in runs.read_metrics(within(runs_dir, safe_run_id(run_id))):
             if row.get(key) is not None and row.get("step") is not None:
                 points.append({"step": row["step"], "loss": float(row[key]), "run": run_id})
     return plot_frame(points, {"step": "int64", "loss": "float64", "run": "str"})
 
 
 def run_details(runs_dir: Path, run_id: str | None) -> str:
-    """Status, base-vs-tuned evaluation and the command of one run."""
+    """Status, base-vs-tuned evaluation and the command of one run (secrets redacted).
+
+    Raises engine.security.UnsafeInputError for a run id that would leave ``runs_dir``."""
     from engine import runs
+    from engine.security import redact, safe_run_id, within
 
     if not run_id:
         return "Select a run (click a row, or pick it below)."
-    run_dir = runs_dir / run_id
+    run_dir = within(runs_dir, safe_run_id(run_id))
     status = runs.refresh_status(run_dir)
     lines = [f"### {escape_md(run_id)} - {escape_md(status.get('state', '?'))}"]
     if status.get("error_class"):
-        lines.append(f"**{escape_md(status['error_class'])}**: {escape_md(status.get('error') or '')}")
+        lines.append(f"**{escape_md(status['error_class'])}**: {escape_md(redact(status.get('error') or ''))}")
     eval_path = run_dir / "eval.json"
     if eval_path.is_file():
         try:
@@ -117,7 +123,7 @@ def run_details(runs_dir: Path, run_id: str | None) -> str:
         lines.append(f"Validation (held-out split): {escape_md(', '.join(parts))}")
     cmd = run_dir / "command.txt"
     if cmd.is_file():
-        lines.append(f"```\n{cmd.read_text(encoding='utf-8').strip()}\n```")
+        lines.append(f"```\n{redact(cmd.read_text(encoding='utf-8').strip())}\n```")
     return "\n\n".join(lines)
 
 
@@ -132,7 +138,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             compare = gr.CheckboxGroup(ids, value=ids[:3], label="Compare loss curves", elem_id="runs-compare")
             series = gr.Radio([("Train loss", "train"), ("Eval loss", "eval")], value="train", label="Curve")
         with gr.Column(scale=3):
-            curves = gr.LinePlot(loss_curves(ctx.runs_dir, [], "train"), x="step", y="loss", color="run", title="Loss by run", height=300,
+            curves = gr.LinePlot(None, x="step", y="loss", color="run", title="Loss by run", height=300,
                                  elem_id="runs-curves")
     with gr.Row():
         selected = gr.Dropdown(ids, value=ids[0] if ids else None, label="Run", elem_id="runs-selected", scale=2)
@@ -146,13 +152,15 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     details = gr.Markdown("", elem_id="runs-details")
 
     def refresh(current_selected=None, current_compare=None, request: gr.Request = None):
-        rows, ids = run_table(ctx.runs_for(request))
+        root = ctx.listing_dir(request)
+        rows, ids = run_table(root) if root is not None else ([], [])
         keep = [r for r in (current_compare or []) if r in ids] or ids[:3]
         sel = current_selected if current_selected in ids else (ids[0] if ids else None)
         return (rows, gr.CheckboxGroup(choices=ids, value=keep), gr.Dropdown(choices=ids, value=sel))
 
+    @engine_errors
     def plot(chosen, which, request: gr.Request):
-        chosen = list(chosen or [])
+        chosen = [ctx.run_dir(request, c).name for c in (chosen or [])]
         # A colour per run: a new colour map makes the chart rebuild its legend (it keeps the
         # categories of the first frame otherwise).
         colors = {run_id: PALETTE[i % len(PALETTE)] for i, run_id in enumerate(chosen)}
@@ -173,11 +181,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     @engine_errors
     def delete(run_id, chosen, request: gr.Request):
         from engine import runs
-        from engine.security import safe_run_id
 
         if not run_id:
             raise gr.Error("Pick a run to delete.")
-        run_dir = ctx.runs_for(request) / safe_run_id(run_id)
+        run_dir = ctx.run_dir(request, run_id)
         status = runs.refresh_status(run_dir)
         if status.get("state") in ("running", "starting", "queued"):
             raise gr.Error(f"{run_id} is {status.get('state')}: stop it on the Train tab before deleting.")
@@ -186,6 +193,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             delete_run(run_dir)
         else:
             shutil.rmtree(run_dir)
+        from webui.export_tab import downloads_dir
+
+        staged = downloads_dir(ctx, run_dir)
+        if ctx.multi_user and staged.is_dir():  # its zips, built outside the runs directory
+            shutil.rmtree(staged)
         gr.Info(f"Deleted {run_id}.")
         return (gr.Row(visible=False), *refresh(None, [c for c in (chosen or []) if c != run_id], request))
 
@@ -195,25 +207,29 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
         if not run_id:
             raise gr.Error("Pick a run to resume.")
-        from engine.security import safe_run_id
-
-        run_dir = launch.resume(ctx.runs_for(request) / safe_run_id(run_id))
+        run_dir = launch.resume(ctx.run_dir(request, run_id))
         gr.Info(f"Resuming {run_id} from its last checkpoint; follow it on the Train tab.")
         return str(run_dir)
 
     refresh_outputs = [table, compare, selected]
-    refresh_btn.click(refresh, inputs=[selected, compare], outputs=refresh_outputs, show_progress="hidden")
-    gr.on([compare.change, series.change], plot, inputs=[compare, series], outputs=curves, show_progress="hidden")
+    refresh_btn.click(refresh, inputs=[selected, compare], outputs=refresh_outputs, show_progress="hidden",
+                      api_name="list_runs")
+    gr.on([compare.change, series.change], plot, inputs=[compare, series], outputs=curves, show_progress="hidden",
+          api_name="loss_curves")
     table.select(pick_row, inputs=table, outputs=selected, show_progress="hidden")
+    @engine_errors
     def details_of(run_id, request: gr.Request):
-        return run_details(ctx.runs_for(request), run_id)
+        if not run_id:
+            return run_details(ctx.runs_dir, None)
+        run_dir = ctx.run_dir(request, run_id)
+        return run_details(run_dir.parent, run_dir.name)
 
-    selected.change(details_of, inputs=selected, outputs=details, show_progress="hidden")
+    selected.change(details_of, inputs=selected, outputs=details, show_progress="hidden", api_name="run_details")
     delete_btn.click(ask_delete, inputs=selected, outputs=[confirm_row, confirm_md])
     cancel_btn.click(lambda: gr.Row(visible=False), outputs=confirm_row)
-    confirm_btn.click(delete, inputs=[selected, compare], outputs=[confirm_row, *refresh_outputs])
+    confirm_btn.click(delete, inputs=[selected, compare], outputs=[confirm_row, *refresh_outputs], api_name="delete_run")
     resumed = gr.State(None)  # the run directory just resumed (the app hands it to the Train tab)
-    resume_dep = resume_btn.click(resume, inputs=selected, outputs=resumed)
+    resume_dep = resume_btn.click(resume, inputs=selected, outputs=resumed, api_name="resume_run")
     def on_load(request: gr.Request):
         return refresh(None, None, request)
 
