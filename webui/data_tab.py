@@ -42,23 +42,69 @@ class Inspection:
         return self.report.get("split", {})
 
 
-def stable_copy(src: str | Path, uploads_dir: Path) -> Path:
+def uploads_in_use(runs_dir: Path) -> set[Path]:
+    """The upload folders that a run in ``runs_dir`` trains on (read from each config.yaml)."""
+    import yaml
+
+    used = set()
+    for config in runs_dir.glob("*/config.yaml"):
+        try:
+            data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # a run being written; it is not counted as using an upload
+        path = (data.get("data") or {}).get("path")
+        if path:
+            used.add(Path(str(path)).resolve().parent)
+    return used
+
+
+def make_room_for_upload(uploads_dir: Path, limit: int) -> None:
+    """Keep at most ``limit`` uploads per user: the oldest ones that no run trains on are
+    removed to make room; when every upload is in use, UnsafeInputError says what to do."""
+    from engine.security import UnsafeInputError
+
+    if not uploads_dir.is_dir():
+        return
+    kept = sorted((p for p in uploads_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    if len(kept) < limit:
+        return
+    used = uploads_in_use(uploads_dir.parent)
+    for folder in list(kept):
+        if len(kept) < limit:
+            return
+        if folder.resolve() not in used:
+            shutil.rmtree(folder)
+            kept.remove(folder)
+    if len(kept) >= limit:
+        raise UnsafeInputError(
+            f"You have {len(kept)} uploaded files, the most this app keeps per person ({limit}, "
+            "TUNELAB_MAX_UPLOADS), and runs use every one of them: delete runs you no longer need on the "
+            "Runs tab, then upload again.")
+
+
+def stable_copy(src: str | Path, uploads_dir: Path, max_uploads: int | None = None) -> Path:
     """Copy an upload out of Gradio's temporary cache, so that a queued or resumed run still
     finds it: ``<runs_dir>/.uploads/<content hash>/<name>`` (the same file is stored once,
-    and the file keeps its name, which the run id is made from)."""
-    from engine.security import MAX_UPLOAD_BYTES, UnsafeInputError, safe_filename
+    and the file keeps its name, sanitised, which the run id is made from).
+
+    Refuses files over MAX_UPLOAD_BYTES, and a new file beyond ``max_uploads`` (default
+    MAX_UPLOADS_PER_USER) when no older unused upload can make room.
+    """
+    from engine import security
+    from engine.security import UnsafeInputError, safe_filename
 
     src = Path(src)
     size = src.stat().st_size
-    if size > MAX_UPLOAD_BYTES:
-        raise UnsafeInputError(f"{src.name} is {size / 2**20:.0f} MB; uploads are limited to "
-                               f"{MAX_UPLOAD_BYTES / 2**20:.0f} MB here (TUNELAB_MAX_UPLOAD_MB)")
+    if size > security.MAX_UPLOAD_BYTES:
+        raise UnsafeInputError(f"{safe_filename(src.name)} is {size / 2**20:.1f} MB; uploads are limited to "
+                               f"{security.MAX_UPLOAD_BYTES / 2**20:.0f} MB here (TUNELAB_MAX_UPLOAD_MB)")
     digest = hashlib.sha256()
     with src.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     dest = uploads_dir / digest.hexdigest()[:16] / safe_filename(src.name)
     if not dest.exists():
+        make_room_for_upload(uploads_dir, security.MAX_UPLOADS_PER_USER if max_uploads is None else max_uploads)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".partial")
         shutil.copyfile(src, tmp)
@@ -104,10 +150,18 @@ def where(problem) -> str:
 
 
 def problem_rows(problems: list) -> list[list]:
-    return [[Path(str(p.file)).name, where(p), p.field or "", p.message] for p in problems]
+    from engine.security import redact
+
+    return [[Path(str(p.file)).name, where(p), p.field or "", redact(p.message)] for p in problems]
 
 
 def summary_markdown(ins: Inspection) -> str:
+    from engine.security import redact
+
+    return redact(_summary_markdown(ins))
+
+
+def _summary_markdown(ins: Inspection) -> str:
     if ins.stopped:
         first = ins.stopped.splitlines()[0]
         return (
@@ -189,6 +243,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     from engine.security import DemoLimits
 
     demo = DemoLimits.from_env()
+    from webui.train_tab import demo_defaults
+
+    _, start_max_length = demo_defaults(demo)
     samples = ctx.sample_datasets()
     records_state = gr.State([])  # this user's usable records, for paging the preview
 
@@ -209,7 +266,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                             value="skip", label="Bad records", elem_id="data-on-error")
         split = gr.Slider(0.0, 0.5, value=0.1, step=0.05, label="Validation split",
                           info="Fraction held out to measure base vs tuned", elem_id="data-split")
-        max_length = gr.Number(min(1024, demo.max_length) if demo.enabled else 1024, label="Cutoff length (tokens)", precision=0, minimum=16, maximum=131072,
+        max_length = gr.Number(start_max_length, label="Cutoff length (tokens)", precision=0, minimum=16,
+                               maximum=demo.max_length if demo.enabled else 131072,
                                info="Longer records are truncated", elem_id="data-max-length")
         tokenizer_model = gr.Dropdown(ctx.model_choices(), value=ctx.model_choices()[0], allow_custom_value=True,
                                       label="Count tokens with", elem_id="data-tokenizer")
@@ -245,14 +303,20 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     def on_sample(name):
         if not name:
             raise gr.Error("Choose a sample dataset first.")
-        return str(ctx.samples_dir / name)
+        return str(ctx.sample_path(name))
 
     @engine_errors
-    def run_inspect(path, fmt_v, on_error_v, split_v, max_len_v, tok_model, progress=gr.Progress()):
+    def run_inspect(path, fmt_v, on_error_v, split_v, max_len_v, tok_model, request: gr.Request,
+                    progress=gr.Progress()):
+        from engine.security import owns
+
         if not path:
             raise gr.Error("Upload a dataset file or load a sample first.")
+        if ctx.multi_user and not (owns(ctx.samples_dir, path) or owns(ctx.runs_for(request), path)):
+            raise gr.Error("That file is not one of your uploads: upload it again.", title="Refused")
+        tok_model = ctx.check_model(request, tok_model or ctx.model_choices()[0])
         progress(0.1, desc="Loading the tokenizer")
-        tokenizer = load_tokenizer(tok_model or ctx.model_choices()[0])
+        tokenizer = load_tokenizer(tok_model)
         progress(0.3, desc="Reading, validating and counting tokens")
         ins = inspect_dataset(Path(path), fmt_v, on_error_v, split_v or 0.0, max_len_v or 1024, tokenizer)
         if ins.stopped:
@@ -282,9 +346,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     inspect_inputs = [path_state, fmt, on_error, split, max_length, tokenizer_model]
     inspect_outputs = [summary, stats_row, stats_md, hist, problems, records_state, page, page_info, preview, links.dataset]
-    upload.upload(on_upload, inputs=upload, outputs=path_state).success(
+    upload.upload(on_upload, inputs=upload, outputs=path_state, api_name="upload").success(
         run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
-    load_sample.click(on_sample, inputs=sample, outputs=path_state).success(
+    load_sample.click(on_sample, inputs=sample, outputs=path_state, api_name="load_sample").success(
         run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
     inspect_btn.click(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
     for widget in (fmt, on_error):
