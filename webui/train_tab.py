@@ -84,6 +84,7 @@ class FormValues:
     deepspeed: str = "none"
     num_processes: int = 1
     offload: bool = False
+    trust_remote_code: bool = False
     run_name: str = ""
 
     @classmethod
@@ -107,7 +108,7 @@ def build_config(form: FormValues, dataset: dict | None, runs_dir: Path):
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     data = {
-        "model": {"name_or_path": (form.model or "").strip()},
+        "model": {"name_or_path": (form.model or "").strip(), "trust_remote_code": bool(form.trust_remote_code)},
         "data": {
             "path": dataset["path"],
             "format": dataset.get("format", "auto"),
@@ -152,9 +153,11 @@ def command_preview(form: FormValues, dataset: dict | None, runs_dir: Path) -> s
     """The command line that Start would run (the run id is a placeholder until it starts)."""
     from engine import launch
 
+    from engine.security import redact
+
     cfg = build_config(form, dataset, runs_dir)
     run_dir = runs_dir / (cfg.output.run_id or "<run-id>")
-    return shlex.join(str(part) for part in launch.build_command(cfg, run_dir))
+    return redact(shlex.join(str(part) for part in launch.build_command(cfg, run_dir)))
 
 
 # --------------------------------------------------------------------------- recommendation
@@ -290,7 +293,10 @@ def progress_html(status: dict, last: dict, run_dir: str) -> str:
 
 
 def failure_markdown(status: dict) -> str:
-    """The failure panel: error class, message and what to do ('' when nothing failed)."""
+    """The failure panel: error class, message and what to do ('' when nothing failed);
+    secrets from the environment never reach the page (engine.security.redact)."""
+    from engine.security import redact
+
     state = status.get("state")
     if state not in ("failed", "aborted"):
         return ""
@@ -308,7 +314,7 @@ def failure_markdown(status: dict) -> str:
     if exit_code not in (None, 0):
         lines.append(f"Exit code {exit_code}.")
     lines.append(f"What to do: {advice}")
-    return "\n\n".join(lines)
+    return redact("\n\n".join(lines))
 
 
 def find_active_run(runs_dir: Path) -> str | None:
@@ -332,6 +338,58 @@ def read_log_tail(run_dir: str) -> str:
     return redact(runs.tail_log(Path(run_dir), LOG_LINES))
 
 
+# --------------------------------------------------------------------------- shared-app checks
+
+
+def demo_defaults(limits) -> tuple[int, int]:
+    """(max_steps, max_length) the form starts with: the config defaults, clamped into a
+    public demo's limits (DemoLimits.clamp)."""
+    from engine.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.training.max_steps = -1
+    cfg.data.max_length = 1024
+    limits.clamp(cfg)
+    return cfg.training.max_steps, cfg.data.max_length
+
+
+def demo_model_choices(ctx: AppContext, limits) -> list[str]:
+    """The models a demo lets people pick (all of the app's models when not a demo)."""
+    choices = ctx.model_choices()
+    if not limits.enabled:
+        return choices
+    allowed = set(limits.models) | set(limits.extra_models)
+    return [m for m in choices if m in allowed] + [m for m in limits.extra_models if m not in choices] or choices
+
+
+def check_run_allowed(cfg, dataset: dict | None, limits) -> None:
+    """Refuse, with the message shown in the page, what this app may not run:
+    trust_remote_code unless the operator allowed it (engine.security.check_remote_code),
+    and in a public demo anything over DemoLimits (steps, cutoff, model, method, processes,
+    records)."""
+    from engine import security
+
+    security.check_remote_code(cfg)
+    limits.check(cfg)
+    records = int((dataset or {}).get("records") or 0)
+    if limits.enabled and records > limits.max_records:
+        raise security.UnsafeInputError(
+            f"This is a demo with limits: the dataset has {records} usable records (at most {limits.max_records}); "
+            "upload a smaller file.")
+
+
+def check_dataset_path(ctx: AppContext, request, dataset: dict | None) -> None:
+    """The dataset must be a sample or one of this user's uploads (on a shared app)."""
+    from engine.security import owns
+
+    if not dataset or not ctx.multi_user:
+        return
+    path = Path(str(dataset.get("path") or ""))
+    if not (owns(ctx.samples_dir, path) or owns(ctx.runs_for(request), path)):
+        raise gr.Error(f"The dataset {path.name!r} is not one of your uploads: load it again on the Data tab.",
+                       title="Refused")
+
+
 # --------------------------------------------------------------------------- layout
 
 
@@ -342,6 +400,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     from engine.security import DemoLimits
 
     demo = DemoLimits.from_env()  # a public demo (TUNELAB_DEMO=1) limits steps, models and methods
+    start_steps, _ = demo_defaults(demo)
+    models = demo_model_choices(ctx, demo)
     th = field_help(TrainingConfig)
     mh = field_help(MethodConfig)
     watch_state = gr.State(None)  # Watch of the run this page shows
@@ -353,7 +413,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                     f"methods {', '.join(demo.methods)}, one process.", elem_classes=["tl-note"])
     with gr.Row():
         with gr.Column(scale=3):
-            model = gr.Dropdown(ctx.model_choices(), value=ctx.model_choices()[0], allow_custom_value=not demo.enabled,
+            model = gr.Dropdown(models, value=models[0], allow_custom_value=not demo.enabled,
                                 label="Model", elem_id="train-model",
                                 info="The embedded SmolLM2-135M-Instruct, a local directory, or a Hub id (org/name)")
             method = gr.Radio([c for c in METHOD_CHOICES if not demo.enabled or c[1] in demo.methods], value="lora",
@@ -370,7 +430,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         with gr.Row():
             num_epochs = gr.Number(1.0, label="Epochs (passes)", minimum=0.01, step=0.5, info=th["num_epochs"],
                                    elem_id="train-epochs")
-            max_steps = gr.Number(demo.max_steps if demo.enabled else -1, label="Max steps (optimizer steps, -1 = use epochs)", precision=0,
+            max_steps = gr.Number(start_steps, label="Max steps (optimizer steps, -1 = use epochs)", precision=0,
                                   minimum=-1, info=th["max_steps"], elem_id="train-max-steps")
             learning_rate = gr.Number(0, label="Learning rate (0 = the method's default)",
                                       minimum=0, step=1e-5, info=th["learning_rate"], elem_id="train-lr")
@@ -410,10 +470,17 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         with gr.Row():
             deepspeed = gr.Dropdown(list(DEEPSPEED_STAGES), value="none", label="DeepSpeed ZeRO stage",
                                     info="zero2 shards gradients and optimizer states; zero3 the weights too",
-                                    elem_id="train-deepspeed")
+                                    elem_id="train-deepspeed", interactive=not demo.enabled)
             num_processes = gr.Number(1, label="Processes (one per GPU)", precision=0, minimum=1,
-                                      info="More than 1 uses accelerate launch", elem_id="train-nproc")
-            offload = gr.Checkbox(False, label="Offload to CPU", info="ZeRO: optimizer states (and zero3 weights)")
+                                      info="More than 1 uses accelerate launch", elem_id="train-nproc",
+                                      interactive=not demo.enabled)
+            offload = gr.Checkbox(False, label="Offload to CPU", info="ZeRO: optimizer states (and zero3 weights)",
+                                  interactive=not demo.enabled)
+    with gr.Accordion("Model code", open=False):
+        trust_remote_code = gr.Checkbox(
+            False, label="Trust remote code", elem_id="train-trust-remote-code",
+            info="Run Python code shipped with a Hub model. Refused unless the operator sets "
+                 "TUNELAB_ALLOW_REMOTE_CODE=1.")
     run_name = gr.Textbox("", label="Run name (optional)", placeholder="generated from the date, model and method",
                           elem_id="train-run-name")
     command = gr.Code("", language="shell", label="Command that will run (copy it to run on a cluster)",
@@ -440,7 +507,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     form_inputs = [model, method, num_epochs, max_steps, learning_rate, batch_size, grad_accum, warmup_ratio,
                    weight_decay, lr_scheduler, precision, assistant_only, packing, grad_ckpt, logging_steps,
                    eval_steps, save_steps, seed, lora_r, lora_alpha, lora_dropout, target_modules, use_rslora,
-                   deepspeed, num_processes, offload, run_name]
+                   deepspeed, num_processes, offload, trust_remote_code, run_name]
     assert len(form_inputs) == len(FormValues.names())
 
     def form_from(values) -> FormValues:
@@ -452,17 +519,20 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         from engine.config import ConfigError
 
         try:
-            return command_preview(form_from(values), dataset, ctx.runs_for(request))
+            return command_preview(form_from(values), dataset, ctx.listing_dir(request) or ctx.runs_dir)
         except ConfigError as err:
             return f"# not ready: {err}"
 
-    def update_plan(model_ref, method_v, dataset):
+    def update_plan(model_ref, method_v, dataset, request: gr.Request = None):
         from engine.models import ModelNotFoundError
+        from engine.security import redact
 
         try:
+            ctx.check_model(request, model_ref)
             rec = recommendation_for(model_ref, method_v, dataset)
-        except (ModelNotFoundError, OSError, KeyError, ValueError) as err:
-            msg = f"Cannot estimate for {escape_md(model_ref)}: {escape_md(str(err))}"
+        except (ModelNotFoundError, OSError, KeyError, ValueError, gr.Error) as err:
+            why = err.message if isinstance(err, gr.Error) else str(err)
+            msg = f"Cannot estimate for {escape_md(model_ref)}: {escape_md(redact(why))}"
             return msg, msg, None
         return comparison_markdown(rec, model_ref, dataset), reasons_markdown(rec), rec.config_overrides()
 
@@ -509,12 +579,12 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     def start(request: gr.Request, dataset, *values):
         from engine import launch, runs
 
-        from engine import security
-
         runs_dir = ctx.runs_for(request)
-        cfg = build_config(form_from(values), dataset, runs_dir)
-        security.check_remote_code(cfg)
-        security.DemoLimits.from_env().check(cfg)
+        form = form_from(values)
+        ctx.check_model(request, form.model)
+        check_dataset_path(ctx, request, dataset)
+        cfg = build_config(form, dataset, runs_dir)
+        check_run_allowed(cfg, dataset, DemoLimits.from_env())
         running = find_active_run(runs_dir)
         run_dir = launch.submit(cfg, runs_dir)
         status = runs.read_status(Path(run_dir))
@@ -545,7 +615,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     @engine_errors
     def reattach(request: gr.Request):
         """On page load: show the active run (training survives reloads and other devices)."""
-        run_dir = find_active_run(ctx.runs_for(request))
+        root = ctx.listing_dir(request)
+        run_dir = find_active_run(root) if root is not None else None
         if run_dir is None:
             return (gr.skip(),) * len(progress_outputs)
         watch = Watch.attach(run_dir)
@@ -568,11 +639,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     method.change(lambda m: gr.Accordion(open=m != "full"), inputs=method, outputs=lora_box,
                   show_progress="hidden")
 
-    defaults = FormValues(model=ctx.model_choices()[0])
+    defaults = FormValues(model=models[0], max_steps=start_steps)
 
     def on_load(request: gr.Request):
         """A fresh page: the plan and the command for the default form."""
-        plan = update_plan(defaults.model, defaults.method, None)
+        plan = update_plan(defaults.model, defaults.method, None, request)
         return (*plan, update_command(request, None, *[getattr(defaults, n) for n in FormValues.names()]))
 
     # triggers=None with no inputs: runs when the page loads.
