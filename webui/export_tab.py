@@ -11,6 +11,7 @@ Launch alone: ``python -m webui.export_tab``.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import threading
@@ -96,12 +97,15 @@ def download_targets(run_dir: Path, kind: str) -> list[Path]:
 
 def downloads_dir(ctx: AppContext, run_dir: Path) -> Path:
     """Where the zips of a run are built. Single-user: ``<run>/export/downloads``. Multi-user:
-    a folder of the system's temporary directory named after the user's directory and the run
-    (the runs directory is blocked from Gradio's file route there; Gradio copies what a
-    handler returns from this folder into its own cache)."""
+    a private folder of the system's temporary directory, one per run directory (the runs
+    directory is blocked from Gradio's file route there; Gradio copies what a handler
+    returns from this folder into its own cache)."""
     if not ctx.multi_user:
         return run_dir / "export" / "downloads"
-    return Path(tempfile.gettempdir()) / "tunelab-downloads" / run_dir.parent.name / run_dir.name
+    base = Path(tempfile.gettempdir()) / "tunelab-downloads"
+    base.mkdir(mode=0o700, exist_ok=True)
+    key = hashlib.sha256(str(run_dir.resolve()).encode("utf-8")).hexdigest()[:16]
+    return base / f"{run_dir.name}-{key}"
 
 
 def push_token(ctx: AppContext, pasted: str | None, oauth_token) -> str | None:
