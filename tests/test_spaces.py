@@ -84,7 +84,8 @@ def shared(tmp_path, monkeypatch):
 
 
 def refused(call, *args, match: str = ""):
-    """The handler refuses with a gr.Error (a message in the page), optionally matching."""
+    """The handler refuses with a gr.Error (a message in the page, never a traceback),
+    optionally matching."""
     import gradio as gr
 
     with pytest.raises(gr.Error) as caught:
@@ -92,6 +93,7 @@ def refused(call, *args, match: str = ""):
         if hasattr(out, "__next__"):  # a streaming handler runs when iterated
             list(out)
     assert match.lower() in caught.value.message.lower(), caught.value.message
+    assert "Traceback" not in caught.value.message
     return caught.value.message
 
 
@@ -298,8 +300,12 @@ def test_demo_mode_prefills_its_limits_and_refuses_a_run_over_them(tmp_path, mon
 
     start, alice = handlers(app)["start"], user("alice")
     data = SAMPLES / "pip_chat.jsonl"
-    message = refused(start, alice, _dataset(data, max_length=2048), *_start_values(max_steps=500, method="full"),
-                      match="This is a demo with limits")
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as caught:
+        start(alice, _dataset(data, max_length=2048), *_start_values(max_steps=500, method="full"))
+    message = caught.value.message
+    assert message.startswith("This is a demo with limits") and caught.value.title == "Not allowed here"
     for limit in ("training.max_steps 500 (at most 60)", "method 'full'", "data.max_length 2048 (at most 512)"):
         assert limit in message, message
     refused(start, alice, _dataset(data), *_start_values(max_steps=-1), match="training.max_steps -1 (at most 60)")

@@ -233,9 +233,13 @@ def engine_errors(fn):
     """
     import gradio as gr
 
+    from engine.security import UnsafeInputError
+
     def convert(err: BaseException) -> gr.Error:
         log.exception("handler %s failed", fn.__name__)
-        return gr.Error(error_message(err), title=type(err).__name__, print_exception=False)
+        # A refusal of the shared app (path, limit, demo) is not a failure of the engine.
+        title = "Not allowed here" if isinstance(err, UnsafeInputError) else type(err).__name__
+        return gr.Error(error_message(err), title=title, print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
 
