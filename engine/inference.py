@@ -504,7 +504,6 @@ def load_torch_model(model_dir: Path, adapter_dir: Path | None = None, *, merge:
     The base is always loaded in full precision (also for QLoRA adapters: 4-bit loading
     is a training-memory trick, and inference and merging want the real weights).
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     say = progress or (lambda msg: None)
@@ -711,6 +710,9 @@ def build_chat_model(target: Target, *, merge: bool = False, progress: Progress 
 _CACHE: "OrderedDict[tuple, tuple[tuple, ChatModel]]" = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _KEY_LOCKS: dict[tuple, threading.Lock] = {}
+# One load at a time in this process: concurrent from_pretrained calls in threads can
+# interfere, and two loads at once only compete for the same disk and memory.
+_LOAD_LOCK = threading.Lock()
 
 
 def _cache_key(run, backend, precision, merge):
@@ -745,7 +747,8 @@ def load_chat_model(run: str | Path, backend: str, *, precision: str | None = No
                 return hit[1]
         started = time.perf_counter()
         say(f"Loading {target.label} from {target.files}...")
-        chat_model = build_chat_model(target, merge=merge, progress=progress)
+        with _LOAD_LOCK:
+            chat_model = build_chat_model(target, merge=merge, progress=progress)
         say(f"{target.label} loaded in {time.perf_counter() - started:.1f} s")
         with _CACHE_LOCK:
             _CACHE[key] = (signature, chat_model)

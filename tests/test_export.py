@@ -236,3 +236,26 @@ def test_export_cli(lora_run, capsys):
     assert result["path"] == str(lora_run / "export" / "merged")
     assert _cli([str(lora_run / "missing"), "--format", "merged"]) == 1
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_perplexity_uses_the_validation_split_when_the_run_has_one(base_dir, tmp_path):
+    from engine.config import RunConfig
+
+    data = tmp_path / "chats.jsonl"
+    with data.open("w", encoding="utf-8") as f:
+        for i in range(8):
+            question, answer = CHATS[i % len(CHATS)]
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"{question} ({i})"},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    run = make_adapter_run(tmp_path, base_dir, name="with-data", seed=2)
+    cfg = RunConfig.load(run / "config.yaml").with_overrides([f"data.path={data}", "data.validation_split=0.5"])
+    cfg.save(run / "config.yaml")
+    export.merge(run)
+    report = export.write_parity_report(run, new_tokens=4, speed_tokens=2)
+    assert report["perplexity"]["source"] == "validation split (4 chats)"
+    assert report["perplexity"]["pytorch_merged"] > 1.0 and report["perplexity"]["answer_tokens"] > 10
+
+    (run / "config.yaml").write_text(RunConfig.load(run / "config.yaml").with_overrides(
+        ["data.validation_split=0"]).to_yaml())
+    report = export.write_parity_report(run, new_tokens=4, speed_tokens=2)
+    assert report["perplexity"]["source"].startswith("probe prompts")

@@ -88,7 +88,7 @@ def test_every_backend_stops_at_im_end(tuned, onnx):
 @pytest.mark.parametrize("backend", ["tuned", "onnx"])
 def test_a_stopped_generation_stops(backend, tuned, onnx):
     model = {"tuned": tuned, "onnx": onnx}[backend]
-    settings = GenerationSettings(greedy=True, max_new_tokens=200, min_new_tokens=200)
+    settings = GenerationSettings(greedy=True, max_new_tokens=60, min_new_tokens=60)
     stop = threading.Event()
     pieces = 0
     stats = None
@@ -102,7 +102,7 @@ def test_a_stopped_generation_stops(backend, tuned, onnx):
     assert stats.finish_reason == "stopped"
     assert 3 <= stats.new_tokens < 10
     # without the stop it runs to the end
-    assert model.complete(OPEN_PROMPT, settings)[1].new_tokens == 200
+    assert model.complete(OPEN_PROMPT, settings)[1].new_tokens == 60
 
 
 def test_stop_from_another_thread_and_before_start(tuned):
