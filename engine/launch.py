@@ -32,6 +32,7 @@ from pathlib import Path
 from engine import runs
 
 QUEUE_LOCK = ".queue.lock"
+USERS_DIR = "users"  # the web app's per-user runs directories live under <runs>/users/
 POLL_S = 0.5
 DEFAULT_GRACE_S = 120.0
 CREATED_TIMEOUT_S = 60.0
@@ -112,7 +113,10 @@ def build_command(
 
 
 def child_env(extra: dict | None = None) -> dict:
+    """The environment of the supervisor and trainer: ours, without the app's login
+    (the trainer never needs it), with the project on PYTHONPATH."""
     env = dict(os.environ)
+    env.pop("TUNELAB_AUTH", None)
     root = str(package_root())
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
@@ -158,7 +162,7 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
     from engine.config import RunConfig
 
     run_dir = Path(run_dir).resolve()
-    with runs.locked(run_dir.parent / QUEUE_LOCK):
+    with runs.locked(queue_root(run_dir) / QUEUE_LOCK):
         status = runs.refresh_status(run_dir)
         if status.get("state") not in runs.FINAL_STATES:
             raise runs.RunError(
@@ -185,7 +189,7 @@ def stop(run_dir: str | Path, grace_s: float = DEFAULT_GRACE_S, wait: bool = Fal
     """
     run_dir = Path(run_dir).resolve()
     now = time.time()
-    with runs.locked(run_dir.parent / QUEUE_LOCK):
+    with runs.locked(queue_root(run_dir) / QUEUE_LOCK):
         status = runs.refresh_status(run_dir)
         state = status.get("state")
         if state in ("created", "queued"):
@@ -272,6 +276,26 @@ def _start_supervisor(run_dir: Path) -> subprocess.Popen:
     return proc
 
 
+def queue_root(run_dir: Path) -> Path:
+    """The directory whose runs share one queue: the runs directory, or, for the web app's
+    per-user layout (``<runs>/users/<user>/<run>``), the top runs directory, so several
+    users' trainings still run one at a time on the machine."""
+    parent = run_dir.parent
+    if parent.parent.name == USERS_DIR:
+        return parent.parent.parent
+    return parent
+
+
+def queue_members(root: Path):
+    """Every run directory that shares ``root``'s queue."""
+    yield from (p for p in root.iterdir() if (p / runs.STATUS_FILE).is_file())
+    users = root / USERS_DIR
+    if users.is_dir():
+        for user in users.iterdir():
+            if user.is_dir():
+                yield from (p for p in user.iterdir() if (p / runs.STATUS_FILE).is_file())
+
+
 def _reap() -> None:
     """Collect supervisors of this process that have ended (no zombies left behind)."""
     for proc in list(_started):
@@ -282,8 +306,8 @@ def _reap() -> None:
 def _my_turn(run_dir: Path, status: dict) -> bool:
     """No run is running in this runs directory, and no older one is queued."""
     mine = (status.get("queued_at") or 0.0, run_dir.name)
-    for other in run_dir.parent.iterdir():
-        if other == run_dir or not (other / runs.STATUS_FILE).is_file():
+    for other in queue_members(queue_root(run_dir)):
+        if other == run_dir:
             continue
         theirs = runs.refresh_status(other)
         if theirs.get("state") == "running":
@@ -300,7 +324,7 @@ def _log(message: str) -> None:
 def supervise(run_dir: str | Path) -> dict:
     """Wait for the machine, run the command in command.txt, record how it ended."""
     run_dir = Path(run_dir).resolve()
-    lock = run_dir.parent / QUEUE_LOCK
+    lock = queue_root(run_dir) / QUEUE_LOCK
 
     # 1. Wait for our turn.
     waiting_since = time.time()

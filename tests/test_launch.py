@@ -299,3 +299,25 @@ def test_tunelab_train_follows_the_log_and_ctrl_c(tiny_model_dir, tmp_path, runs
     assert cli.returncode == launch.EXIT_ABORTED, out
     assert "stopping the run" in out and f"run {run2.name}: aborted" in out
     assert list((run2 / "checkpoints").glob("checkpoint-*"))
+
+
+def test_users_of_one_app_share_one_queue(tmp_path, runs_dir):
+    """The web app keeps each user's runs in <runs>/users/<user>/: a run of bob's waits for
+    alice's running one, and the queue lock sits at the top runs directory."""
+    alice_dir = runs_dir / "users" / "alice-1"
+    bob_dir = runs_dir / "users" / "bob-2"
+    config = RunConfig()
+    alice = runs.create_run(config, alice_dir)
+    runs.update_status(alice, state="running", pid=os.getpid(), pid_started=runs.process_identity(os.getpid()),
+                       supervisor_pid=os.getpid(), supervisor_started=runs.process_identity(os.getpid()),
+                       queued_at=1.0)
+    bob = runs.create_run(config, bob_dir)
+    me = runs.update_status(bob, state="queued", supervisor_pid=os.getpid(),
+                            supervisor_started=runs.process_identity(os.getpid()), queued_at=2.0)
+    assert launch.queue_root(bob) == launch.queue_root(alice) == runs_dir
+    assert set(launch.queue_members(runs_dir)) == {alice, bob}
+    assert not launch._my_turn(bob, me), "bob must wait while alice trains"
+    runs.update_status(alice, state="completed")
+    assert launch._my_turn(bob, me)
+    # A plain runs directory is its own queue.
+    assert launch.queue_root(runs.create_run(config, tmp_path / "plain")) == tmp_path / "plain"
