@@ -241,8 +241,10 @@ def _trl_training_template(tokenizer, template: str) -> str | None:
         tokenizer.chat_template = saved
 
 
-def tokenize_conversations(conversations, tokenizer, template: str, source: str, assistant_only: bool, label: str):
-    """A ``datasets.Dataset`` of ``input_ids`` (and ``assistant_masks`` for assistant-only loss).
+def tokenize_conversations(conversations, tokenizer, template: str, source: str, assistant_only: bool, label: str,
+                           max_length: int | None = None):
+    """A ``datasets.Dataset`` of ``input_ids`` (and ``assistant_masks`` for assistant-only loss),
+    each cut to ``max_length`` tokens.
 
     Conversations the template refuses (e.g. a template that allows no system message)
     are skipped and counted; if none is left, :class:`TrainingDataError`.
@@ -251,7 +253,7 @@ def tokenize_conversations(conversations, tokenizer, template: str, source: str,
 
     from engine.data import render_example
 
-    ids_list, masks, refused = [], [], []
+    ids_list, masks, refused, emptied = [], [], [], 0
     for index, messages in enumerate(conversations):
         try:
             ids, mask = render_example(messages, tokenizer, template, source)
@@ -268,11 +270,23 @@ def tokenize_conversations(conversations, tokenizer, template: str, source: str,
         except Exception as err:  # jinja2 raise_exception() in a template: report and go on
             refused.append(f"{label} example {index + 1}: {type(err).__name__}: {err}")
             continue
+        if max_length:
+            ids, mask = ids[:max_length], mask[:max_length]
+        if assistant_only and not any(mask):
+            emptied += 1  # the cut left no assistant token: nothing to learn from it
+            continue
         ids_list.append(ids)
         masks.append(mask)
     if refused:
         say(f"the chat template refused {len(refused)} {label} example(s); first: {refused[0]}")
+    if emptied:
+        say(f"{emptied} {label} example(s) keep no assistant token within data.max_length={max_length}: left out")
     if conversations and not ids_list:
+        if emptied:
+            raise TrainingDataError(
+                f"no {label} example keeps any assistant token within data.max_length={max_length} "
+                "(the prompts alone fill it): raise data.max_length"
+            )
         raise TrainingDataError(f"the chat template refused every {label} example; first: {refused[0]}")
     columns = {"input_ids": ids_list}
     if assistant_only:
@@ -475,13 +489,19 @@ def sft_config(config: RunConfig, run_dir: Path, precision: str, has_eval: bool)
         save_total_limit=t.save_total_limit,
         seed=t.seed,
         data_seed=t.seed,
-        max_length=config.data.max_length,
+        # Without packing, batches are padding-free: the examples of a batch are laid end to
+        # end in one row with position_ids restarting at each, and transformers builds a
+        # block-diagonal causal mask from them, so no compute goes to padding and no token
+        # sees another example (the loss equals the padded one: tests/test_train.py).
+        # Examples are already cut to data.max_length (tokenize_conversations).
+        padding_free=not t.packing,
+        max_length=config.data.max_length if t.packing else None,
         packing=t.packing,
         assistant_only_loss=False,  # the masks come with the tokenized data (see tokenize_conversations)
         completion_only_loss=False,
-        # Real tokens for tokens/s. Packed batches have no padding at all (and the pad id
-        # may equal a real token, eos), so there every token counts.
-        include_num_input_tokens_seen="all" if t.packing else "non_padding",
+        # Real tokens for tokens/s. Batches are padding-free (packed or not), so every token
+        # counts; the pad id (eos) is also a real token, so "non_padding" would undercount.
+        include_num_input_tokens_seen="all",
         report_to=[],
         disable_tqdm=not sys.stderr.isatty(),  # in train.log, one printed line per log instead of bars
         dataloader_num_workers=0,
@@ -521,9 +541,12 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
     assistant_only = config.training.assistant_only_loss
     say(f"chat template: {template_source}; loss on {'assistant tokens only' if assistant_only else 'every token'}")
 
-    train_ds = tokenize_conversations(train_records, tokenizer, template, template_source, assistant_only, "train")
+    cutoff = config.data.max_length
+    train_ds = tokenize_conversations(train_records, tokenizer, template, template_source, assistant_only, "train",
+                                      cutoff)
     val_ds = (
-        tokenize_conversations(val_records, tokenizer, template, template_source, assistant_only, "validation")
+        tokenize_conversations(val_records, tokenizer, template, template_source, assistant_only, "validation",
+                               cutoff)
         if val_records
         else None
     )

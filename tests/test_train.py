@@ -242,7 +242,50 @@ def test_full_sequence_loss_switch(tiny_model_dir, tmp_path):
                          training={"assistant_only_loss": False})
     trainer, _ = train.build_trainer(config, tmp_path / "run", [CONVERSATION], [])
     batch = trainer.data_collator([trainer.train_dataset[0]])
-    assert batch["labels"][0].tolist() == batch["input_ids"][0].tolist()
+    # Every token carries loss but the first, which nothing before it predicts.
+    assert batch["labels"][0, 1:].tolist() == batch["input_ids"][0, 1:].tolist()
+    assert batch["labels"][0, 0].item() == -100
+
+
+def test_padding_free_batches_match_padded_ones(tiny_model_dir, tmp_path):
+    """Batches are padding-free: examples end to end in one row, position_ids restarting
+    at each. The loss and every example's logits equal those of a padded batch, so no
+    token attends across examples and nothing is spent on padding."""
+    import torch
+
+    data = one_word_data(tmp_path / "d.jsonl", 2)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "runs")
+    chats = [CONVERSATION, CONVERSATION[:3], [{"role": "user", "content": "A much longer question, with words?"},
+                                             {"role": "assistant", "content": "Yes."}]]
+    trainer, _ = train.build_trainer(config, tmp_path / "run", chats, [])
+    examples = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(examples)
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert batch["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in batch
+    assert batch["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+
+    model = trainer.model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for example, n in zip(examples, lengths):
+            alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start:start + n], alone, atol=1e-4, rtol=1e-4)
+            start += n
+        # The training loss is the padded batch's: mean over the same assistant tokens.
+        longest = max(lengths)
+        ids = torch.full((3, longest), trainer.processing_class.pad_token_id)
+        mask = torch.zeros((3, longest), dtype=torch.long)
+        labels = torch.full((3, longest), -100)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            ids[row, :n] = torch.tensor(example["input_ids"])
+            mask[row, :n] = 1
+            labels[row, :n] = trainer.data_collator([example])["labels"][0]
+        padded_loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        free_loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                          use_cache=False).loss
+    torch.testing.assert_close(free_loss, padded_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_packing_packs_and_keeps_the_masks(tiny_model_dir, tmp_path):
