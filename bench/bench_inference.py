@@ -197,9 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     builds = {}
     for precision in ("fp32", "int4"):
         t0 = time.perf_counter()
-        path = export.export_onnx(run_dir, precision, block_size=block_size,
-                                  progress=lambda m: print("  " + m, flush=True) if "Saving" not in m else None)
-        builds[precision] = {"seconds": round(time.perf_counter() - t0, 1), "bytes": export._dir_size(path)}
+        messages: list[str] = []
+
+        def show(message: str) -> None:
+            messages.append(message)
+            print("  " + message, flush=True)
+
+        path = export.export_onnx(run_dir, precision, block_size=block_size, progress=show)
+        builds[precision] = {"seconds": round(time.perf_counter() - t0, 1), "bytes": export._dir_size(path),
+                             "reused": any(f"ONNX {precision} export is up to date" in m for m in messages)}
     result["exports"] = builds
 
     probes_all = _probes()
@@ -259,6 +265,10 @@ LABELS = {
 }
 
 
+def _build_time(build: dict) -> str:
+    return "reused (built earlier)" if build.get("reused") else f"{build['seconds']} s"
+
+
 def to_markdown(result: dict) -> str:
     machine = result.get("machine", {})
     lines = [
@@ -281,7 +291,7 @@ def to_markdown(result: dict) -> str:
     lines += ["", f"int4 (block size {result['int4_block_size']}) decodes {result['int4_speedup_vs_pytorch_fp32']}x "
               f"as fast as PyTorch fp32 (target 5x: {'met' if result['target_int4_5x'] else 'not met'}). "
               f"Export sizes: fp32 {exports['fp32']['bytes'] / 1e6:.0f} MB, int4 {exports['int4']['bytes'] / 1e6:.0f} MB; "
-              f"build times {exports['fp32']['seconds']} s and {exports['int4']['seconds']} s."]
+              f"build times: fp32 {_build_time(exports['fp32'])}, int4 {_build_time(exports['int4'])}."]
     return "\n".join(lines) + "\n"
 
 
