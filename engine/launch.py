@@ -197,7 +197,9 @@ def stop(run_dir: str | Path, grace_s: float = DEFAULT_GRACE_S, wait: bool = Fal
         if state != "running":
             return status
         status = runs.update_status(run_dir, stop_requested_at=now, stop_grace_s=grace_s)
-    if runs.process_alive(status.get("pid"), status.get("pid_started")):
+    supervisor_alive = runs.process_alive(status.get("supervisor_pid"), status.get("supervisor_started"))
+    if not supervisor_alive and runs.process_alive(status.get("pid"), status.get("pid_started")):
+        # A supervised run gets its SIGTERM from its supervisor (once); one started by hand, from here.
         _signal_trainer(run_dir, status["pid"], signal.SIGTERM)
     if not wait:
         return runs.read_status(run_dir)

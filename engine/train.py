@@ -827,6 +827,9 @@ def main(argv=None) -> int:
     # 2-7. The recipe.
     try:
         summary = train(config, run_dir)
+        # The work is saved: a late or repeated stop request must not turn this clean exit
+        # into a death by SIGTERM (Python restores the default handler while it shuts down).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except KeyboardInterrupt:
         return _fail(run_dir, runs.ERROR_KILLED, "interrupted (Ctrl-C)", supervised)
     except Exception as err:  # record why, for the UI and the queue, then exit non-zero
