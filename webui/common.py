@@ -421,3 +421,23 @@ def iterate_in_thread(make_iterator, on_close=None):
     finally:
         if not finished and on_close is not None:
             on_close()
+
+
+def standalone_tab(build, name: str, ctx: "AppContext | None" = None):
+    """One tab alone in its own gr.Blocks (each tab module's ``create``)."""
+    import gradio as gr
+
+    from webui.links import Links
+
+    ctx = ctx or AppContext()
+    with gr.Blocks(title=f"tunelab - {name}") as demo:
+        build(ctx, Links.create())
+    return demo
+
+
+def launch_standalone(create) -> None:
+    """``python -m webui.<tab>``: serve one tab with the app's launch settings."""
+    from webui.app import launch_kwargs
+
+    ctx = AppContext()
+    create(ctx).launch(**launch_kwargs(ctx))

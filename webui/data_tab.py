@@ -15,7 +15,15 @@ from types import SimpleNamespace
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
 from webui.chat_html import render_page
-from webui.common import AppContext, engine_errors, escape_md, load_tokenizer, plot_frame
+from webui.common import (
+    AppContext,
+    engine_errors,
+    escape_md,
+    launch_standalone,
+    load_tokenizer,
+    plot_frame,
+    standalone_tab,
+)
 
 FORMATS = ("auto", "openai", "sharegpt", "alpaca", "qa", "preference")
 PER_PAGE = 4
@@ -365,16 +373,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
 def create(ctx: AppContext | None = None):
     """This tab alone in its own gr.Blocks."""
-    from webui.links import Links
-
-    ctx = ctx or AppContext()
-    with gr.Blocks(title="tunelab - data") as demo:
-        build(ctx, Links.create())
-    return demo
+    return standalone_tab(build, "data", ctx)
 
 
 if __name__ == "__main__":
-    from webui.app import launch_kwargs
-
-    _ctx = AppContext()
-    create(_ctx).launch(**launch_kwargs(_ctx))
+    launch_standalone(create)

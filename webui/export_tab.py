@@ -20,7 +20,15 @@ from types import SimpleNamespace
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
-from webui.common import AppContext, engine_errors, escape_md, fmt_bytes, stream_progress
+from webui.common import (
+    AppContext,
+    engine_errors,
+    escape_md,
+    fmt_bytes,
+    launch_standalone,
+    standalone_tab,
+    stream_progress,
+)
 from webui.playground_tab import list_chat_runs
 
 ONNX_PRECISIONS = ("int4", "int8", "fp32")
@@ -297,16 +305,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
 
 def create(ctx: AppContext | None = None):
-    from webui.links import Links
-
-    ctx = ctx or AppContext()
-    with gr.Blocks(title="tunelab - export") as demo:
-        build(ctx, Links.create())
-    return demo
+    """This tab alone in its own gr.Blocks."""
+    return standalone_tab(build, "export", ctx)
 
 
 if __name__ == "__main__":
-    from webui.app import launch_kwargs
-
-    _ctx = AppContext()
-    create(_ctx).launch(**launch_kwargs(_ctx))
+    launch_standalone(create)

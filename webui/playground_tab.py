@@ -20,7 +20,15 @@ from typing import Any
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
-from webui.common import AppContext, engine_errors, escape_md, iterate_in_thread, stream_progress
+from webui.common import (
+    AppContext,
+    engine_errors,
+    escape_md,
+    iterate_in_thread,
+    launch_standalone,
+    standalone_tab,
+    stream_progress,
+)
 
 BACKENDS = ("base", "tuned", "onnx")
 TITLES = {"base": "Base", "tuned": "Tuned", "onnx": "Tuned (ONNX)"}
@@ -312,16 +320,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
 
 def create(ctx: AppContext | None = None):
-    from webui.links import Links
-
-    ctx = ctx or AppContext()
-    with gr.Blocks(title="tunelab - playground") as demo:
-        build(ctx, Links.create())
-    return demo
+    """This tab alone in its own gr.Blocks."""
+    return standalone_tab(build, "playground", ctx)
 
 
 if __name__ == "__main__":
-    from webui.app import launch_kwargs
-
-    _ctx = AppContext()
-    create(_ctx).launch(**launch_kwargs(_ctx))
+    launch_standalone(create)

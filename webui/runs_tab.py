@@ -14,7 +14,16 @@ from types import SimpleNamespace
 
 import gradio as gr  # at module level: the select handler's gr.SelectData annotation must resolve
 
-from webui.common import AppContext, engine_errors, escape_md, fmt_duration, fmt_number, plot_frame
+from webui.common import (
+    AppContext,
+    engine_errors,
+    escape_md,
+    fmt_duration,
+    fmt_number,
+    launch_standalone,
+    plot_frame,
+    standalone_tab,
+)
 
 PALETTE = ["#6366f1", "#f97316", "#10b981", "#ef4444", "#0ea5e9", "#a855f7", "#eab308", "#14b8a6", "#ec4899",
            "#64748b"]
@@ -242,16 +251,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
 
 def create(ctx: AppContext | None = None):
-    from webui.links import Links
-
-    ctx = ctx or AppContext()
-    with gr.Blocks(title="tunelab - runs") as demo:
-        build(ctx, Links.create())
-    return demo
+    """This tab alone in its own gr.Blocks."""
+    return standalone_tab(build, "runs", ctx)
 
 
 if __name__ == "__main__":
-    from webui.app import launch_kwargs
-
-    _ctx = AppContext()
-    create(_ctx).launch(**launch_kwargs(_ctx))
+    launch_standalone(create)

@@ -21,7 +21,16 @@ from typing import Any
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
-from webui.common import AppContext, engine_errors, escape_md, fmt_duration, fmt_number, plot_frame
+from webui.common import (
+    AppContext,
+    engine_errors,
+    escape_md,
+    fmt_duration,
+    fmt_number,
+    launch_standalone,
+    plot_frame,
+    standalone_tab,
+)
 from webui.links import dataset_summary
 
 METHOD_CHOICES = [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora"), ("DoRA", "dora"), ("Full fine-tune", "full")]
@@ -664,16 +673,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
 
 def create(ctx: AppContext | None = None):
-    from webui.links import Links
-
-    ctx = ctx or AppContext()
-    with gr.Blocks(title="tunelab - train") as demo:
-        build(ctx, Links.create())
-    return demo
+    """This tab alone in its own gr.Blocks."""
+    return standalone_tab(build, "train", ctx)
 
 
 if __name__ == "__main__":
-    from webui.app import launch_kwargs
-
-    _ctx = AppContext()
-    create(_ctx).launch(**launch_kwargs(_ctx))
+    launch_standalone(create)
