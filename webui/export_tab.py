@@ -29,7 +29,7 @@ from webui.common import (
     standalone_tab,
     stream_progress,
 )
-from webui.playground_tab import list_chat_runs
+from webui.playground_tab import run_picker
 
 ONNX_PRECISIONS = ("int4", "int8", "fp32")
 PROGRESS_LINES = 12
@@ -183,11 +183,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                    visible=False, elem_id="export-hub-card-text", lines=12, max_lines=40)
 
     def refresh(current, request: gr.Request = None):
-        root = ctx.listing_dir(request)
-        choices = list_chat_runs(root) if root is not None else []
-        values = [v for _, v in choices]
-        current = Path(str(current)).name if current else None
-        return gr.Dropdown(choices=choices, value=current if current in values else (values[0] if values else None))
+        return run_picker(ctx, current, request)
 
     def need_run(run_id, request) -> Path:
         return ctx.run_dir(request, run_id)

@@ -173,11 +173,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     # ---- handlers
 
     def refresh(current, request: gr.Request = None):
-        root = ctx.listing_dir(request)
-        choices = list_chat_runs(root) if root is not None else []
-        values = [v for _, v in choices]
-        current = Path(str(current)).name if current else None
-        return gr.Dropdown(choices=choices, value=current if current in values else (values[0] if values else None))
+        return run_picker(ctx, current, request)
 
     def run_path(run_id, request) -> str | None:
         """The checked directory of this user's run ``run_id`` (None when none is picked)."""
@@ -317,6 +313,15 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     if links.tabs is not None:
         fix_buttons["tuned"].click(lambda: gr.Tabs(selected="train"), outputs=links.tabs)
     return SimpleNamespace(run=run, refresh=refresh, prompt=prompt, send=send_btn, chatbots=chatbots)
+
+
+def run_picker(ctx: AppContext, current, request=None):
+    """The run dropdown, refreshed from this user's runs, keeping ``current`` when it is still there."""
+    root = ctx.listing_dir(request)
+    choices = list_chat_runs(root) if root is not None else []
+    values = [v for _, v in choices]
+    current = Path(str(current)).name if current else None
+    return gr.Dropdown(choices=choices, value=current if current in values else (values[0] if values else None))
 
 
 def create(ctx: AppContext | None = None):
