@@ -331,6 +331,28 @@ def test_onnx_export_directory_can_be_chatted_with_directly(run):
     assert model.complete("Hi!", GenerationSettings(greedy=True, max_new_tokens=20))[1].finish_reason == "eos"
 
 
+def test_onnx_sessions_use_every_core_unless_told_otherwise(run, monkeypatch, tmp_path):
+    import os
+
+    export_dir = run / "export" / "onnx-fp32"
+    monkeypatch.delenv("TUNELAB_ONNX_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert OnnxChatModel(export_dir).threads == cores
+    monkeypatch.setenv("TUNELAB_ONNX_THREADS", "1")
+    one = OnnxChatModel(export_dir)
+    assert one.threads == 1
+    assert one.complete("Hi!", GenerationSettings(greedy=True, max_new_tokens=5))[1].new_tokens > 0
+    monkeypatch.setenv("TUNELAB_ONNX_THREADS", "0")
+    assert OnnxChatModel(export_dir).threads is None  # ONNX Runtime's own default
+    monkeypatch.setenv("TUNELAB_ONNX_THREADS", "many")
+    with pytest.raises(InferenceError, match="TUNELAB_ONNX_THREADS"):
+        OnnxChatModel(export_dir)
+    monkeypatch.delenv("TUNELAB_ONNX_THREADS")
+    # a count written into the export's own genai_config.json is kept
+    config = {"model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}}
+    assert inference.onnx_threads(config) is None
+
+
 # ---------------------------------------------------------------- CLI
 
 
