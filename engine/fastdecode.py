@@ -17,8 +17,9 @@ Every emitted token is therefore the float32 model's greedy token; the draft onl
 how many are checked per weight read. Both models keep a static KV cache that rolls back
 by moving a length pointer.
 
-Only greedy decoding is accelerated (sampling settings use the plain decoder), and only
-architectures whose forward this module reproduces: ``llama`` and ``qwen2``-style decoders
+Only greedy decoding (with or without a repetition penalty) is accelerated; sampling uses
+the plain decoder. Only architectures whose forward this module reproduces are:
+``llama`` and ``qwen2``-style decoders
 (RMSNorm, rotary embeddings, grouped-query attention, gated SiLU MLP), optionally wrapped
 in a PEFT LoRA adapter, whose update is added to the float32 weights here.
 """
@@ -277,27 +278,44 @@ class LeanModel:
         """Whether a prompt and reply of ``tokens`` in all stay within the model's context."""
         return tokens + self.draft_tokens + 1 <= self.target.max_len
 
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int, stop_ids, min_new_tokens: int = 0):
-        """Yield the float32 model's greedy reply, token by token (a generator)."""
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int, stop_ids, min_new_tokens: int = 0,
+               repetition_penalty: float = 1.0):
+        """Yield the float32 model's greedy reply, token by token (a generator).
+
+        The choice at each position is engine.inference's greedy choice: the repetition
+        penalty over every token seen so far (prompt and reply: positive logits divided,
+        negative ones multiplied), stop tokens barred before ``min_new_tokens``, argmax."""
         import torch
 
         stop = set(stop_ids)
+        barred = [t for t in stop if t < self.vocab_size]
         k = self.draft_tokens
+        seen = torch.zeros(self.vocab_size, dtype=torch.bool)
+        seen[torch.tensor([t for t in prompt_ids if 0 <= t < self.vocab_size], dtype=torch.long)] = True
+
+        def choose(row, step: int, extra: list[int]) -> int:
+            """The choice at reply index ``step`` when ``extra`` tokens precede it unseen."""
+            if repetition_penalty != 1.0:
+                row = row.clone()
+                mask = seen
+                if extra:
+                    mask = seen.clone()
+                    mask[extra] = True
+                picked = row[mask]
+                row[mask] = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
+            if step < min_new_tokens:
+                row = row.clone()
+                row[barred] = float("-inf")
+            return int(torch.argmax(row))
+
         with torch.inference_mode():
             need = len(prompt_ids) + max_new_tokens + k + 1
             self.target.reserve(need)
             self.draft.reserve(need)
             logits = self.target.forward(prompt_ids, last_only=True)[-1]
             self.draft.forward(prompt_ids, last_only=True)
-            produced = 0
-
-            def choose(row, step):
-                if step < min_new_tokens:
-                    row = row.clone()
-                    row[[t for t in stop if t < row.shape[0]]] = float("-inf")
-                return int(torch.argmax(row))
-
-            seq = list(prompt_ids) + [choose(logits, 0)]  # prompt + reply so far
+            seq = list(prompt_ids) + [choose(logits, 0, [])]  # prompt + reply so far
+            seen[seq[-1]] = True
             produced = 1
             yield seq[-1]
             while seq[-1] not in stop and produced < max_new_tokens:
@@ -308,13 +326,13 @@ class LeanModel:
                 feed = seq[self.draft.length :]
                 for j in range(k):
                     row = self.draft.forward(feed, last_only=True)[-1]
-                    guesses.append(choose(row, produced + j))
+                    guesses.append(choose(row, produced + j, guesses))
                     feed = guesses[-1:]
                 # the target checks them in one pass: row j is its choice after seq + guesses[:j]
                 rows = self.target.forward([seq[-1]] + guesses)
                 accepted: list[int] = []
                 for j in range(k + 1):
-                    accepted.append(choose(rows[j], produced + j))
+                    accepted.append(choose(rows[j], produced + j, guesses[:j]))
                     if j == k or accepted[-1] != guesses[j] or accepted[-1] in stop:
                         break
                 # both caches keep only positions whose tokens stand
@@ -322,6 +340,7 @@ class LeanModel:
                 self.draft.length = min(self.draft.length, base + len(accepted))
                 for mine in accepted:
                     seq.append(mine)
+                    seen[mine] = True
                     produced += 1
                     yield mine
                     if mine in stop or produced >= max_new_tokens:

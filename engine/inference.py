@@ -472,7 +472,7 @@ class TorchChatModel(ChatModel):
         return self._lean
 
     def decoder_name(self, settings: GenerationSettings, prompt_tokens: int = 0) -> str:
-        if (settings.is_greedy and settings.repetition_penalty == 1.0 and self.lean_model() is not None
+        if (settings.is_greedy and self.lean_model() is not None
                 and self._lean.fits(prompt_tokens + settings.max_new_tokens)):
             return "speculative (4-bit draft, float32 check)"
         return "plain"
@@ -486,7 +486,8 @@ class TorchChatModel(ChatModel):
 
             try:
                 yield from self._lean.greedy(prompt_ids, settings.max_new_tokens, self.stop_ids,
-                                             min_new_tokens=settings.min_new_tokens)
+                                             min_new_tokens=settings.min_new_tokens,
+                                             repetition_penalty=settings.repetition_penalty)
                 return
             except fastdecode.Unsupported as err:  # e.g. the chat outgrew the model's context
                 raise InferenceError(str(err)) from err

@@ -41,6 +41,23 @@ def test_greedy_replies_equal_transformers_generate(chat):
         assert len(forced) == 30 and forced == _hf_greedy(chat, prompt, 30, min_new_tokens=30)
 
 
+@pytest.mark.parametrize("penalty", [1.15, 1.6])
+def test_a_repetition_penalty_gives_the_plain_loops_reply(chat, penalty):
+    """With a penalty, each choice depends on the tokens before it, guesses included."""
+    plain = TorchChatModel(chat.model, chat.tokenizer, backend=chat.backend, label="plain", source="test",
+                           fast_decode=False)
+    for messages in PROMPTS:
+        settings = GenerationSettings(greedy=True, repetition_penalty=penalty, max_new_tokens=40)
+        fast = chat.complete(messages, settings)[1]
+        reference = plain.complete(messages, settings)[1]
+        assert fast.decoder.startswith("speculative") and reference.decoder == "plain"
+        assert fast.token_ids == reference.token_ids
+    with torch.inference_mode():  # and the penalty does change the reply
+        prompt = chat.encode_prompt(normalize_messages(PROMPTS[0]))
+        assert list(chat.lean_model().greedy(prompt, 40, chat.stop_ids, repetition_penalty=1.6)) != \
+            list(chat.lean_model().greedy(prompt, 40, chat.stop_ids))
+
+
 def test_a_useless_draft_changes_nothing_but_speed(chat, monkeypatch):
     """Replace the draft's guesses by noise: every guess is rejected or accepted by the
     float32 check alone, so the reply must still be the model's greedy reply."""
@@ -53,9 +70,14 @@ def test_a_useless_draft_changes_nothing_but_speed(chat, monkeypatch):
         return torch.randn(rows.shape, generator=generator)
 
     monkeypatch.setattr(lean.draft, "forward", noisy)
+    plain = TorchChatModel(chat.model, chat.tokenizer, backend=chat.backend, label="plain", source="test",
+                           fast_decode=False)
+    penalised = GenerationSettings(greedy=True, repetition_penalty=1.3, max_new_tokens=40)
     for messages in PROMPTS[:2]:
         prompt = chat.encode_prompt(normalize_messages(messages))
         assert list(lean.greedy(prompt, 40, chat.stop_ids)) == _hf_greedy(chat, prompt, 40)
+        fast = [t for t in lean.greedy(prompt, 40, chat.stop_ids, repetition_penalty=1.3) if t not in chat.stop_ids]
+        assert fast == plain.complete(messages, penalised)[1].token_ids
 
 
 def test_target_logits_match_the_model_and_survive_a_rollback(chat):
@@ -84,8 +106,6 @@ def test_the_chat_loop_uses_it_for_greedy_replies_only(chat, monkeypatch):
     assert stats.token_ids == _hf_greedy(chat, chat.encode_prompt(normalize_messages(PROMPTS[0])), 20)[: len(stats.token_ids)]
     sampled = GenerationSettings(temperature=0.8, seed=1, max_new_tokens=8)
     assert chat.complete(PROMPTS[0], sampled)[1].decoder == "plain"
-    penalised = GenerationSettings(greedy=True, repetition_penalty=1.3, max_new_tokens=8)
-    assert chat.complete(PROMPTS[0], penalised)[1].decoder == "plain"
     too_long = GenerationSettings(greedy=True, max_new_tokens=chat.model.config.max_position_embeddings)
     assert chat.decoder_name(too_long, 10) == "plain"
 

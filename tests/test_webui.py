@@ -403,7 +403,10 @@ def test_stats_line_shows_time_to_first_token_and_speed():
                             total_s=0.5, finish_reason="length")
     line = stats_line(stats, "onnx")
     assert "first token 0.12 s" in line and "87.5 tokens/s" in line and "32 tokens" in line
-    assert "hit max new tokens" in line
+    assert "hit max new tokens" in line and "speculative" not in line
+    fast = GenerationStats(backend="tuned", prompt_tokens=10, new_tokens=5, ttft_s=0.1, decode_tokens_per_s=48.0,
+                           total_s=0.2, finish_reason="eos", decoder="speculative (4-bit draft, float32 check)")
+    assert "speculative decoding" in stats_line(fast, "tuned")
     assert stats_line(None, "base") == ""
 
 

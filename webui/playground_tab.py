@@ -98,6 +98,8 @@ def stats_line(stats, backend: str) -> str:
         return ""
     parts = [f"first token {stats.ttft_s:.2f} s", f"{stats.decode_tokens_per_s:.1f} tokens/s",
              f"{stats.new_tokens} tokens"]
+    if stats.decoder.startswith("speculative"):
+        parts.append("speculative decoding")
     if stats.finish_reason != "eos":
         parts.append({"length": "hit max new tokens", "stopped": "stopped"}.get(stats.finish_reason,
                                                                                stats.finish_reason))
