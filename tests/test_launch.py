@@ -83,7 +83,8 @@ def test_stop_queue_bad_data_and_resume(tiny_model_dir, tmp_path, runs_dir):
     mid-way (aborted, checkpoint kept); B then starts and fails as `bad data`; A resumes to
     completion with its step count continuing."""
     data = write_data(tmp_path / "data.jsonl")
-    run_a = launch.submit(make_config(tiny_model_dir, data, runs_dir), runs_dir)
+    # enough steps that the stop below lands mid-run however fast the machine trains
+    run_a = launch.submit(make_config(tiny_model_dir, data, runs_dir, max_steps=60), runs_dir)
     assert (run_a / "command.txt").read_text().split()[1:3] == ["-m", "engine.train"]
 
     bad = tmp_path / "bad.jsonl"
@@ -106,7 +107,7 @@ def test_stop_queue_bad_data_and_resume(tiny_model_dir, tmp_path, runs_dir):
         assert status_a["state"] == "aborted"
         assert status_a["exit_code"] == 0
         checkpoints = sorted(int(p.name.split("-")[1]) for p in (run_a / "checkpoints").glob("checkpoint-*"))
-        assert len(checkpoints) == 1 and 2 <= checkpoints[0] < 12
+        assert len(checkpoints) == 1 and 2 <= checkpoints[0] < 60
         stopped_at = checkpoints[0]
         assert last_step(run_a) == stopped_at
         assert not (run_a / "adapter").exists()
@@ -125,9 +126,9 @@ def test_stop_queue_bad_data_and_resume(tiny_model_dir, tmp_path, runs_dir):
     launch.resume(run_a)
     status_a = final(run_a)
     assert status_a["state"] == "completed", status_a
-    assert status_a["step"] == 12
+    assert status_a["step"] == 60
     steps = [r["step"] for r in runs.read_metrics(run_a)]
-    assert steps == list(range(1, stopped_at + 1)) + list(range(stopped_at + 1, 13))
+    assert steps == list(range(1, stopped_at + 1)) + list(range(stopped_at + 1, 61))
     assert [h["state"] for h in status_a["history"]] == ["aborted"]
     assert (run_a / "adapter" / "adapter_model.safetensors").is_file()
     evaluation = json.loads((run_a / "eval.json").read_text())

@@ -288,6 +288,68 @@ def test_padding_free_batches_match_padded_ones(tiny_model_dir, tmp_path):
     torch.testing.assert_close(free_loss, padded_loss, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_label_positions_loss_equals_trls_loss_and_gradients(method, tiny_model_dir, tmp_path):
+    """On the CPU the loss projects only labelled positions (engine.train.trainer_class);
+    its value and every gradient must equal TRL's chunked loss over all positions."""
+    import torch
+    from trl import SFTTrainer
+
+    data = one_word_data(tmp_path / "d.jsonl", 2)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "runs", method={"name": method})
+    chats = [CONVERSATION, CONVERSATION[:3], [{"role": "user", "content": "A much longer question, with words?"},
+                                             {"role": "assistant", "content": "Yes."}]]
+    trainer, _ = train.build_trainer(config, tmp_path / "run", chats, [])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    labelled = int((batch["labels"][0, 1:] != -100).sum())
+    assert 0 < labelled < batch["input_ids"].shape[1] - 1  # prompts carry no label: fewer positions to score
+    model = trainer.model.eval()  # no dropout: both passes see the same network
+    assert trainer._label_positions(batch) is not None
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute(trainer, model, dict(batch), num_items_in_batch=torch.tensor(labelled))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours, our_grads = loss_and_grads(type(trainer).compute_loss)
+    theirs, their_grads = loss_and_grads(SFTTrainer.compute_loss)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert our_grads.keys() == their_grads.keys() and our_grads
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert trainer._metrics["eval"]["mean_token_accuracy"] and trainer._metrics["eval"]["entropy"]
+    # a padded batch (several rows) goes to TRL's own loss
+    assert trainer._label_positions({**batch, "input_ids": batch["input_ids"].repeat(2, 1)}) is None
+
+
+def test_cheap_dropout_keeps_the_expected_share_and_is_swapped_in(tiny_model_dir, tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    layer = train.cheap_dropout(0.05)
+    x = torch.ones(1000, 1000)
+    y = layer.train()(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - 0.95) < 0.002
+    assert abs(y.mean().item() - 1.0) < 0.003  # scaled back to the input's expectation
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], layer.scale))
+    assert not torch.equal(layer(x), y)  # a new mask each call
+    assert torch.equal(layer.eval()(x), x) and torch.equal(train.cheap_dropout(0.0).train()(x), x)
+    # gradients flow through the kept elements only
+    w = torch.ones(4, 8, requires_grad=True)
+    out = layer.train()(w)
+    out.sum().backward()
+    assert torch.equal(w.grad != 0, out != 0)
+
+    data = one_word_data(tmp_path / "d.jsonl", 2)
+    config = tiny_config(tiny_model_dir, data, tmp_path / "runs", method={"dropout": 0.1})
+    trainer, _ = train.build_trainer(config, tmp_path / "run", [CONVERSATION], [])
+    swapped = [m for m in trainer.model.modules() if type(m).__name__ == "CheapDropout"]
+    assert swapped and all(m.p == 0.1 for m in swapped)
+    assert not [m for m in trainer.model.modules() if type(m) is torch.nn.Dropout and m.p > 0]
+
+
 def test_packing_packs_and_keeps_the_masks(tiny_model_dir, tmp_path):
     data = one_word_data(tmp_path / "d.jsonl", n=12)
     config = tiny_config(tiny_model_dir, data, tmp_path / "runs",
