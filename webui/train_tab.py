@@ -31,6 +31,7 @@ from webui.common import (
     plot_frame,
     standalone_tab,
 )
+from engine.config import RunConfig
 from webui.links import dataset_summary
 
 METHOD_CHOICES = [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora"), ("DoRA", "dora"), ("Full fine-tune", "full")]
@@ -63,37 +64,42 @@ def hardware_profile():
 # --------------------------------------------------------------------------- config
 
 
+_DEFAULTS = RunConfig()
+_T, _M, _D = _DEFAULTS.training, _DEFAULTS.method, _DEFAULTS.distributed
+
+
 @dataclass
 class FormValues:
-    """The Train tab's widgets, in the order they are passed to handlers."""
+    """The Train tab's widgets, in the order they are passed to handlers; every default is
+    engine.config's, so the form starts from the same run as a bare config file."""
 
-    model: str = "smollm2-135m-instruct"
-    method: str = "lora"
-    num_epochs: float = 1.0
-    max_steps: int = -1
-    learning_rate: float | None = None
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    precision: str = "auto"
-    assistant_only_loss: bool = True
-    packing: bool = False
-    gradient_checkpointing: bool = False
-    logging_steps: int = 1
-    eval_steps: int = 0
-    save_steps: int = 50
-    seed: int = 42
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str = "all-linear"
-    use_rslora: bool = False
-    deepspeed: str = "none"
-    num_processes: int = 1
-    offload: bool = False
-    trust_remote_code: bool = False
+    model: str = _DEFAULTS.model.name_or_path
+    method: str = _M.name
+    num_epochs: float = _T.num_epochs
+    max_steps: int = _T.max_steps
+    learning_rate: float | None = _T.learning_rate
+    batch_size: int = _T.batch_size
+    gradient_accumulation_steps: int = _T.gradient_accumulation_steps
+    warmup_ratio: float = _T.warmup_ratio
+    weight_decay: float = _T.weight_decay
+    lr_scheduler: str = _T.lr_scheduler
+    precision: str = _T.precision
+    assistant_only_loss: bool = _T.assistant_only_loss
+    packing: bool = _T.packing
+    gradient_checkpointing: bool = _T.gradient_checkpointing
+    logging_steps: int = _T.logging_steps
+    eval_steps: int = _T.eval_steps
+    save_steps: int = _T.save_steps
+    seed: int = _T.seed
+    r: int = _M.r
+    alpha: int = _M.alpha
+    dropout: float = _M.dropout
+    target_modules: str = _M.target_modules if isinstance(_M.target_modules, str) else ",".join(_M.target_modules)
+    use_rslora: bool = _M.use_rslora
+    deepspeed: str = _D.deepspeed
+    num_processes: int = _D.num_processes
+    offload: bool = _D.offload
+    trust_remote_code: bool = _DEFAULTS.model.trust_remote_code
     run_name: str = ""
 
     @classmethod
@@ -103,7 +109,7 @@ class FormValues:
 
 def build_config(form: FormValues, dataset: dict | None, runs_dir: Path):
     """A RunConfig from the form and the dataset chosen on the Data tab (raises ConfigError)."""
-    from engine.config import ConfigError, RunConfig
+    from engine.config import ConfigError
 
     if not dataset:
         raise ConfigError("data.path", "no dataset chosen: load one on the Data tab first")
@@ -353,7 +359,6 @@ def read_log_tail(run_dir: str) -> str:
 def demo_defaults(limits) -> tuple[int, int]:
     """(max_steps, max_length) the form starts with: the config defaults, clamped into a
     public demo's limits (DemoLimits.clamp)."""
-    from engine.config import RunConfig
 
     cfg = RunConfig()
     cfg.training.max_steps = -1
