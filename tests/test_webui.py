@@ -164,6 +164,50 @@ def test_stream_progress_yields_lines_then_the_result_and_reraises():
         next(gen)
 
 
+def test_engine_work_runs_on_the_serving_main_thread_and_survives_a_leaving_consumer():
+    """`tunelab ui` serves MainThreadRunner on the main thread (PyTorch on the CPU runs ~2x
+    slower from other threads): handlers' generators and progress jobs run there, and a
+    consumer that stops early must not leave the main thread blocked."""
+    import threading
+
+    from webui.common import MAIN_THREAD, iterate_in_thread, stream_progress
+
+    main = threading.main_thread()
+    assert threading.current_thread() is main  # pytest runs tests on the main thread
+    where: dict[str, object] = {}
+
+    def counting():
+        where["generator"] = threading.current_thread()
+        yield from range(1000)  # more than the hand-over queue holds
+
+    def job(progress):
+        where["job"] = threading.current_thread()
+        progress("working")
+        return 7
+
+    def handlers():
+        try:
+            stream = iterate_in_thread(counting)
+            assert [next(stream) for _ in range(3)] == [0, 1, 2]
+            stream.close()  # the consumer leaves with the generator still running
+            where["progress"] = list(stream_progress(job))
+            where["after"] = list(iterate_in_thread(lambda: iter([1, 2])))
+        finally:
+            MAIN_THREAD.stop()
+
+    MAIN_THREAD.open()
+    thread = threading.Thread(target=handlers)
+    thread.start()
+    MAIN_THREAD.serve(until=lambda: not thread.is_alive())  # returns when handlers() is done
+    thread.join(5)
+    assert where["generator"] is main and where["job"] is main
+    assert where["progress"] == [("line", "working"), ("done", 7)] and where["after"] == [1, 2]
+    assert not MAIN_THREAD.serving
+    # nobody serving: the work runs in a thread of its own
+    assert list(iterate_in_thread(lambda: iter("ab"))) == ["a", "b"]
+    assert where["generator"] is main  # unchanged: that generator was not run again
+
+
 # --------------------------------------------------------------------------- data tab
 
 

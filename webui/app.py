@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 
-from webui.common import CSS, AppContext
+from webui.common import CSS, AppContext, launch_and_serve
 
 TAB_IDS = ("data", "train", "playground", "export", "runs")
 
@@ -142,8 +142,8 @@ def run_cli(args) -> int:
         how.append("Sign in with Hugging Face")
     print(f"tunelab: runs in {ctx.runs_dir}{' (' + ', '.join(how) + ')' if how else ''}; "
           f"open http://{host}:{port}", flush=True)
-    demo.launch(server_name=host, server_port=port, share=args.share, auth=auth,
-                auth_message="tunelab: log in" if auth else None, **launch_kwargs(ctx))
+    launch_and_serve(demo, server_name=host, server_port=port, share=args.share, auth=auth,
+                     auth_message="tunelab: log in" if auth else None, **launch_kwargs(ctx))
     return 0
 
 

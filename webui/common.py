@@ -337,16 +337,88 @@ CSS = """
 """
 
 
+class MainThreadRunner:
+    """Runs submitted jobs on the process's main thread, while Gradio serves from others.
+
+    PyTorch on the CPU (its OpenMP and MKL pools) is much slower when called from a thread
+    other than the main one: measured here, small linears 2.6x and attention 7x slower, a
+    SmolLM2 reply 41 -> 22 tokens/s. ``tunelab ui`` therefore starts Gradio without
+    blocking and serves this runner on the main thread; the playground's replies and the
+    export's measurements run there, one at a time (the CPU would share its cores between
+    them anyway). Without a serving main thread (tests, notebooks) jobs run in threads.
+    """
+
+    def __init__(self):
+        import queue
+        import threading
+
+        self._jobs: "queue.Queue" = queue.Queue()
+        self._stop = threading.Event()
+        self.serving = False
+
+    def open(self) -> None:
+        """Accept jobs from now on (they wait in the queue until ``serve`` runs them)."""
+        self._stop.clear()
+        self.serving = True
+
+    def submit(self, job) -> bool:
+        """Queue ``job()`` for the main thread; False when nobody serves (run it yourself)."""
+        if not self.serving:
+            return False
+        self._jobs.put(job)
+        return True
+
+    def serve(self, until=None) -> None:
+        """Run jobs on this (the main) thread until ``stop()`` or ``until()`` is true."""
+        import queue
+
+        self.open()
+        try:
+            while not self._stop.is_set() and not (until is not None and until()):
+                try:
+                    job = self._jobs.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                job()  # jobs hand their own errors to whoever waits for them
+        finally:
+            self.serving = False
+            while not self._jobs.empty():  # nobody will run these now: run them here
+                self._jobs.get_nowait()()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+MAIN_THREAD = MainThreadRunner()
+
+
+def _start_work(work) -> None:
+    """Run ``work`` on the serving main thread, else in a daemon thread of its own."""
+    import threading
+
+    if not (torch_on_cpu() and MAIN_THREAD.submit(work)):
+        threading.Thread(target=work, daemon=True).start()
+
+
+@functools.lru_cache(maxsize=1)
+def torch_on_cpu() -> bool:
+    """True when PyTorch has no GPU here (its work then belongs on the main thread)."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def stream_progress(fn, *args, **kwargs):
-    """Run ``fn(*args, progress=callback, **kwargs)`` in a thread and yield each progress line
-    as it comes; the last item yielded is ``("done", result)``. An exception in ``fn`` is
-    re-raised here, in the handler's thread, so the page shows its message.
+    """Run ``fn(*args, progress=callback, **kwargs)`` away from the handler's thread and
+    yield each progress line as it comes; the last item yielded is ``("done", result)``. An
+    exception in ``fn`` is re-raised here, in the handler's thread, so the page shows its
+    message.
 
     Used for long engine calls that report progress as strings (export, model conversion),
-    so the page shows what is happening instead of a frozen spinner.
+    so the page shows what is happening instead of a frozen spinner. ``fn`` runs on the
+    main thread when the app serves it (see MainThreadRunner).
     """
     import queue
-    import threading
 
     lines: "queue.Queue[tuple[str, object]]" = queue.Queue()
 
@@ -358,8 +430,7 @@ def stream_progress(fn, *args, **kwargs):
         else:
             lines.put(("done", result))
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
+    _start_work(work)
     while True:
         kind, item = lines.get()
         if kind == "error":
@@ -384,29 +455,48 @@ def plot_frame(rows: list[dict], columns: dict[str, str]):
 
 
 def iterate_in_thread(make_iterator, on_close=None):
-    """Drive an engine generator from one thread of its own and yield what it yields.
+    """Drive an engine generator from one thread and yield what it yields.
 
     Gradio resumes a synchronous generator handler on whatever worker thread is free, so
     each ``next()`` may run on a different thread; torch's grad and inference modes are
     per thread, so a generator that entered ``torch.inference_mode()`` finds it gone after
-    such a hop. Running the generator start to end in one thread avoids that. ``on_close``
-    is called if the consumer stops early (e.g. to set a stop flag).
+    such a hop. Running the generator start to end in one thread avoids that: the main
+    thread when the app serves it (see MainThreadRunner), else a thread of its own.
+    ``on_close`` is called if the consumer stops early (e.g. to set a stop flag); the
+    generator is then closed after its next item instead of waiting to hand it over.
     """
     import queue
     import threading
 
     items: "queue.Queue[tuple[str, object]]" = queue.Queue(maxsize=64)
+    abandoned = threading.Event()
+
+    def hand_over(entry) -> bool:
+        while not abandoned.is_set():
+            try:
+                items.put(entry, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work():
+        iterator = None
         try:
-            for item in make_iterator():
-                items.put(("item", item))
+            iterator = make_iterator()
+            for item in iterator:
+                if not hand_over(("item", item)):
+                    break
         except BaseException as err:  # handed to the consumer below
-            items.put(("error", err))
+            hand_over(("error", err))
         else:
-            items.put(("end", None))
+            hand_over(("end", None))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
-    threading.Thread(target=work, daemon=True).start()
+    _start_work(work)
     finished = False
     try:
         while True:
@@ -419,8 +509,10 @@ def iterate_in_thread(make_iterator, on_close=None):
                 return
             yield item
     finally:
-        if not finished and on_close is not None:
-            on_close()
+        if not finished:
+            abandoned.set()
+            if on_close is not None:
+                on_close()
 
 
 def standalone_tab(build, name: str, ctx: "AppContext | None" = None):
@@ -435,9 +527,24 @@ def standalone_tab(build, name: str, ctx: "AppContext | None" = None):
     return demo
 
 
+def launch_and_serve(demo, **kwargs) -> None:
+    """``demo.launch(**kwargs)`` without blocking, then the main thread runs the engine's
+    torch work (MainThreadRunner) until Ctrl-C, and the server is closed."""
+    MAIN_THREAD.open()  # requests arriving before serve() starts wait for it
+    try:
+        demo.launch(prevent_thread_lock=True, **kwargs)
+        MAIN_THREAD.serve()
+    except KeyboardInterrupt:
+        print("\nKeyboard interruption: closing the server.", flush=True)
+    finally:
+        MAIN_THREAD.stop()
+        MAIN_THREAD.serving = False
+        demo.close()
+
+
 def launch_standalone(create) -> None:
     """``python -m webui.<tab>``: serve one tab with the app's launch settings."""
     from webui.app import launch_kwargs
 
     ctx = AppContext()
-    create(ctx).launch(**launch_kwargs(ctx))
+    launch_and_serve(create(ctx), **launch_kwargs(ctx))

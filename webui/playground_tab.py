@@ -3,16 +3,19 @@ tuned model (PyTorch, adapter applied) and the tuned model exported to ONNX - ea
 its time to first token and tokens per second.
 
 Per-user things live in ``gr.State``: each column's history and its loaded model (freed
-when the session ends). The three columns are three events fired by the same click, so
-they stream together; ``concurrency_limit`` bounds how many chats run at once for all
-users together.
+when the session ends). The three columns are three events fired by the same click; with
+a GPU they stream together, on a CPU-only machine they take turns (DECODE_LOCK), so each
+column's tokens per second is its own and not a share of the cores. ``concurrency_limit``
+bounds how many chats run at once for all users together.
 
 Launch alone: ``python -m webui.playground_tab``.
 """
 from __future__ import annotations
 
+import functools
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +35,20 @@ from webui.common import (
 
 BACKENDS = ("base", "tuned", "onnx")
 TITLES = {"base": "Base", "tuned": "Tuned", "onnx": "Tuned (ONNX)"}
+STREAM_INTERVAL_S = 0.15  # the chat is redrawn at most this often while a reply streams
+
+# Without a GPU the three columns decode one at a time: on a few CPU cores, models decoding
+# side by side slow each other several-fold (each would show a fraction of its speed).
+DECODE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def decode_one_at_a_time() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 # transformers' loading is not thread-safe (its empty-weights context patches torch globally):
 # two columns loading PyTorch models at once fail with "Cannot copy out of meta tensor".
 MODEL_LOAD_LOCK = threading.Lock()
@@ -223,24 +240,43 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             reply, stats = "", None
             target = run_dir or ctx.model_choices()[0]
             precision = onnx_prec if backend == "onnx" else None
-            if not inference.is_loaded(target, backend, precision):
-                yield history + [{"role": "assistant", "content": f"(loading the {TITLES[backend]} model...)"}], \
-                    "", column
-                with MODEL_LOAD_LOCK:  # one load at a time: parallel from_pretrained calls break each other
-                    inference.load_chat_model(target, backend, precision=precision)
             stop = column.stop
-            events = iterate_in_thread(
-                lambda: inference.stream_chat(target, backend, history, settings, system=system_v or None,
-                                              stop=stop, precision=precision),
-                on_close=stop.set)
-            for event in events:
-                if event.kind == "status":
-                    yield history + [{"role": "assistant", "content": f"({event.text})"}], "", column
-                elif event.kind == "text":
-                    reply += event.text
-                    yield history + [{"role": "assistant", "content": reply}], "", column
-                elif event.kind == "done":
-                    stats = event.stats
+            turn = decode_one_at_a_time()
+            if turn and not DECODE_LOCK.acquire(blocking=False):
+                yield history + [{"role": "assistant", "content": "(waiting: on this CPU the models answer one "
+                                                                  "at a time)"}], "", column
+                while not DECODE_LOCK.acquire(timeout=0.25):
+                    if stop.is_set():
+                        column.history = history + [{"role": "assistant", "content": "(stopped)"}]
+                        yield column.history, "", column
+                        return
+            try:
+                if not inference.is_loaded(target, backend, precision):
+                    yield history + [{"role": "assistant", "content": f"(loading the {TITLES[backend]} model...)"}], \
+                        "", column
+                    with MODEL_LOAD_LOCK:  # one load at a time: parallel from_pretrained calls break each other
+                        inference.load_chat_model(target, backend, precision=precision)
+                events = iterate_in_thread(
+                    lambda: inference.stream_chat(target, backend, history, settings, system=system_v or None,
+                                                  stop=stop, precision=precision),
+                    on_close=stop.set)
+                shown_at = 0.0
+                for event in events:
+                    if event.kind == "status":
+                        yield history + [{"role": "assistant", "content": f"({event.text})"}], "", column
+                    elif event.kind == "text":
+                        reply += event.text
+                        # at most STREAM_INTERVAL_S between page updates: redrawing the chat per
+                        # token (200 a second from ONNX) costs the server and the browser more
+                        # CPU than the model itself on a small machine
+                        if time.perf_counter() - shown_at >= STREAM_INTERVAL_S:
+                            shown_at = time.perf_counter()
+                            yield history + [{"role": "assistant", "content": reply}], "", column
+                    elif event.kind == "done":
+                        stats = event.stats
+            finally:
+                if turn:
+                    DECODE_LOCK.release()
             column.history = history + [{"role": "assistant", "content": reply}]
             yield column.history, stats_line(stats, backend), column
 
