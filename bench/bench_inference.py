@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -287,14 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
 
-    markdown = to_markdown(result)
-    print()
-    print(markdown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "inference.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out / "inference.md").write_text(markdown, encoding="utf-8")
-    print(f"wrote {out / 'inference.json'} and {out / 'inference.md'}")
+    from bench.machine import write_results
+
+    write_results(args.out, "inference", result, to_markdown(result))
     if tmp_root is not None:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return 0

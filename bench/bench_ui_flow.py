@@ -12,7 +12,6 @@ bench/results/ui_flow.{json,md}. Run it on an idle machine; it is not part of `m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from playwright.sync_api import sync_playwright
 
-    from bench.machine import describe
+    from bench.machine import describe, write_results
 
     work = Path(tempfile.mkdtemp(prefix="tunelab-ui-flow-"))
     started = time.perf_counter()
@@ -167,13 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe()
     result.update(app_start_s=app_start, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                   machine=f"{machine['cpu']}, {machine['logical_cores']} cores, torch {machine['torch']}")
-    markdown = to_markdown(result)
-    print()
-    print(markdown)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ui_flow.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (out / "ui_flow.md").write_text(markdown, encoding="utf-8")
+    write_results(args.out, "ui_flow", result, to_markdown(result))
     return 0
 
 

@@ -61,6 +61,20 @@ def describe() -> dict:
     }
 
 
+def write_results(out_dir, name: str, result: dict, markdown: str) -> None:
+    """Print a benchmark's Markdown table and write ``<name>.json`` and ``<name>.md`` in ``out_dir``."""
+    import json
+    from pathlib import Path
+
+    print()
+    print(markdown)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    (out / f"{name}.md").write_text(markdown, encoding="utf-8")
+    print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
+
+
 if __name__ == "__main__":
     import json
 
