@@ -14,7 +14,10 @@ from bench import bench_inference, bench_train
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0]).parse_args(argv)
     started = time.perf_counter()
     rc = bench_train.main([]) or bench_inference.main([])
     print("\n# Benchmark results\n")
