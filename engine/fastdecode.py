@@ -25,8 +25,6 @@ in a PEFT LoRA adapter, whose update is added to the float32 weights here.
 """
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 
 SUPPORTED = ("llama", "qwen2")
@@ -103,7 +101,7 @@ class _Int4:
         return out if self.bias is None else out + self.bias
 
 
-def _merged_weight(module, torch):
+def _merged_weight(module):
     """float32 weight (and bias) of a Linear, a PEFT LoRA update included."""
     base = getattr(module, "base_layer", None)
     if base is None:
@@ -123,8 +121,6 @@ class _Stack:
     """One copy of the decoder's weights (float32 dense or 4-bit) and its KV cache."""
 
     def __init__(self, layers, norm, head, rotary, cfg, max_len: int, dtype):
-        import torch
-
         self.layers = layers
         self.norm = norm
         self.head = head
@@ -249,13 +245,13 @@ class LeanModel:
         with torch.no_grad():
             for block in decoder.layers:
                 att, mlp = block.self_attn, block.mlp
-                parts = [_merged_weight(m, torch) for m in (att.q_proj, att.k_proj, att.v_proj)]
+                parts = [_merged_weight(m) for m in (att.q_proj, att.k_proj, att.v_proj)]
                 qkv_w = torch.cat([w for w, _ in parts])
                 qkv_b = None if parts[0][1] is None else torch.cat([b for _, b in parts])
-                o_w, o_b = _merged_weight(att.o_proj, torch)
-                g_w, _ = _merged_weight(mlp.gate_proj, torch)
-                u_w, _ = _merged_weight(mlp.up_proj, torch)
-                d_w, d_b = _merged_weight(mlp.down_proj, torch)
+                o_w, o_b = _merged_weight(att.o_proj)
+                g_w, _ = _merged_weight(mlp.gate_proj)
+                u_w, _ = _merged_weight(mlp.up_proj)
+                d_w, d_b = _merged_weight(mlp.down_proj)
                 gu_w = torch.cat([g_w, u_w])
                 ln1 = block.input_layernorm.weight.detach().float()
                 ln2 = block.post_attention_layernorm.weight.detach().float()
@@ -263,7 +259,7 @@ class LeanModel:
                                     _Dense(gu_w, None, width), _Dense(d_w, d_b, width)))
                 quant.append(_Layer(ln1.to(torch.bfloat16), ln2.to(torch.bfloat16), _Int4(qkv_w, qkv_b),
                                     _Int4(o_w, o_b), _Int4(gu_w), _Int4(d_w, d_b)))
-            head_w, head_b = _merged_weight(inner.get_output_embeddings(), torch)
+            head_w, head_b = _merged_weight(inner.get_output_embeddings())
             embed = inner.get_input_embeddings().weight.detach()
             norm = decoder.norm.weight.detach().float()
             self.target = _Stack(dense, norm, _Dense(head_w, head_b, width), decoder.rotary_emb, cfg, max_len,

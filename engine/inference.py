@@ -463,7 +463,7 @@ class TorchChatModel(ChatModel):
             try:
                 needed = 2.2 * sum(p.numel() * 4 for p in self.model.parameters())
                 available = _available_memory()
-                if available is not None and needed > 0.6 * available:
+                if needed > 0.6 * available:
                     raise fastdecode.Unsupported(
                         f"its weight copies need {needed / 1e9:.1f} GB and {available / 1e9:.1f} GB are free")
                 self._lean = fastdecode.LeanModel(self.model)
@@ -523,16 +523,11 @@ class TorchChatModel(ChatModel):
         return greedy, nll
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory this machine can still give (MemAvailable), None when unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+def _available_memory() -> int:
+    """Bytes of memory this machine can still give (what engine.hardware reports as available)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _stop_ids_from(tokenizer, generation_config=None) -> set[int]:

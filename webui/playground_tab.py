@@ -12,7 +12,6 @@ Launch alone: ``python -m webui.playground_tab``.
 """
 from __future__ import annotations
 
-import functools
 import random
 import threading
 import time
@@ -31,6 +30,7 @@ from webui.common import (
     launch_standalone,
     standalone_tab,
     stream_progress,
+    torch_on_cpu,
 )
 
 BACKENDS = ("base", "tuned", "onnx")
@@ -40,13 +40,6 @@ STREAM_INTERVAL_S = 0.15  # the chat is redrawn at most this often while a reply
 # Without a GPU the three columns decode one at a time: on a few CPU cores, models decoding
 # side by side slow each other several-fold (each would show a fraction of its speed).
 DECODE_LOCK = threading.Lock()
-
-
-@functools.lru_cache(maxsize=1)
-def decode_one_at_a_time() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 # transformers' loading is not thread-safe (its empty-weights context patches torch globally):
@@ -241,7 +234,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             target = run_dir or ctx.model_choices()[0]
             precision = onnx_prec if backend == "onnx" else None
             stop = column.stop
-            turn = decode_one_at_a_time()
+            turn = torch_on_cpu()
             if turn and not DECODE_LOCK.acquire(blocking=False):
                 yield history + [{"role": "assistant", "content": "(waiting: on this CPU the models answer one "
                                                                   "at a time)"}], "", column
