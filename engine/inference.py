@@ -461,7 +461,7 @@ class TorchChatModel(ChatModel):
             from engine import fastdecode
 
             try:
-                needed = 2.2 * sum(p.numel() * 4 for p in self.model.parameters())
+                needed = fastdecode.memory_factor() * sum(p.numel() * 4 for p in self.model.parameters())
                 available = _available_memory()
                 if needed > 0.6 * available:
                     raise fastdecode.Unsupported(
@@ -474,7 +474,8 @@ class TorchChatModel(ChatModel):
     def decoder_name(self, settings: GenerationSettings, prompt_tokens: int = 0) -> str:
         if (settings.is_greedy and self.lean_model() is not None
                 and self._lean.fits(prompt_tokens + settings.max_new_tokens)):
-            return "speculative (4-bit draft, float32 check)"
+            kernels = ", native kernels" if self._lean.native is not None else ""
+            return f"speculative (4-bit draft, float32 check{kernels})"
         return "plain"
 
     def token_stream(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[int]:

@@ -1,12 +1,13 @@
 """The lean speculative decoder (engine/fastdecode.py): the float32 model's greedy reply,
-token for token, whatever its 4-bit draft proposes."""
+token for token, whatever its 4-bit draft proposes, with the native kernels
+(engine/kernels/lean.c) and with its PyTorch path."""
 from __future__ import annotations
 
 import pytest
 import torch
 from tiny_runs import CHATS, chat_base, shared_adapter_run
 
-from engine import fastdecode
+from engine import fastdecode, native
 from engine.inference import GenerationSettings, TorchChatModel, load_chat_model, normalize_messages
 
 PROMPTS = [[{"role": "user", "content": q}] for q, _ in CHATS[:3]] + [
@@ -24,6 +25,15 @@ def chat(request, run) -> TorchChatModel:
     return load_chat_model(run, request.param)
 
 
+def _leans(chat) -> dict:
+    """The chat model's own lean decoder (native kernels where they load) and one on the PyTorch path."""
+    leans = {"default": chat.lean_model()}
+    assert leans["default"] is not None, chat.lean_note
+    if leans["default"].native is not None:
+        leans["pytorch"] = fastdecode.LeanModel(chat.model, native=False)
+    return leans
+
+
 def _hf_greedy(chat, prompt, new_tokens, min_new_tokens=0):
     with torch.inference_mode():
         out = chat.model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=min_new_tokens,
@@ -32,13 +42,22 @@ def _hf_greedy(chat, prompt, new_tokens, min_new_tokens=0):
 
 
 def test_greedy_replies_equal_transformers_generate(chat):
-    lean = chat.lean_model()
-    assert lean is not None, chat.lean_note
-    for messages in PROMPTS:
-        prompt = chat.encode_prompt(normalize_messages(messages))
-        assert list(lean.greedy(prompt, 40, chat.stop_ids)) == _hf_greedy(chat, prompt, 40)
-        forced = list(lean.greedy(prompt, 30, chat.stop_ids, min_new_tokens=30))
-        assert len(forced) == 30 and forced == _hf_greedy(chat, prompt, 30, min_new_tokens=30)
+    for lean in _leans(chat).values():
+        for messages in PROMPTS:
+            prompt = chat.encode_prompt(normalize_messages(messages))
+            assert list(lean.greedy(prompt, 40, chat.stop_ids)) == _hf_greedy(chat, prompt, 40)
+            forced = list(lean.greedy(prompt, 30, chat.stop_ids, min_new_tokens=30))
+            assert len(forced) == 30 and forced == _hf_greedy(chat, prompt, 30, min_new_tokens=30)
+
+
+def test_this_machine_runs_the_native_kernels():
+    """The native kernels are what make greedy chat fast on x86-64 with AVX-512; where
+    the machine has both it and a C compiler they must load (not silently fall back)."""
+    flags = native._cpu_flags()
+    if "avx512f" not in flags or not native.shutil.which("cc"):
+        pytest.skip("no AVX-512 or no C compiler here: the PyTorch path is tested instead")
+    lib = native.load()
+    assert lib.tl_init(2) >= 1
 
 
 @pytest.mark.parametrize("penalty", [1.15, 1.6])
@@ -52,6 +71,13 @@ def test_a_repetition_penalty_gives_the_plain_loops_reply(chat, penalty):
         reference = plain.complete(messages, settings)[1]
         assert fast.decoder.startswith("speculative") and reference.decoder == "plain"
         assert fast.token_ids == reference.token_ids
+    for lean in _leans(chat).values():
+        for messages in PROMPTS[:2]:
+            settings = GenerationSettings(greedy=True, repetition_penalty=penalty, max_new_tokens=40)
+            prompt = chat.encode_prompt(normalize_messages(messages))
+            fast = [t for t in lean.greedy(prompt, 40, chat.stop_ids, repetition_penalty=penalty)
+                    if t not in chat.stop_ids]
+            assert fast == plain.complete(messages, settings)[1].token_ids
     with torch.inference_mode():  # and the penalty does change the reply
         prompt = chat.encode_prompt(normalize_messages(PROMPTS[0]))
         assert list(chat.lean_model().greedy(prompt, 40, chat.stop_ids, repetition_penalty=1.6)) != \
@@ -61,42 +87,47 @@ def test_a_repetition_penalty_gives_the_plain_loops_reply(chat, penalty):
 def test_a_useless_draft_changes_nothing_but_speed(chat, monkeypatch):
     """Replace the draft's guesses by noise: every guess is rejected or accepted by the
     float32 check alone, so the reply must still be the model's greedy reply."""
-    lean = chat.lean_model()
-    real = lean.draft.forward
-    generator = torch.Generator().manual_seed(0)
-
-    def noisy(ids, last_only=False):
-        rows = real(ids, last_only)
-        return torch.randn(rows.shape, generator=generator)
-
-    monkeypatch.setattr(lean.draft, "forward", noisy)
     plain = TorchChatModel(chat.model, chat.tokenizer, backend=chat.backend, label="plain", source="test",
                            fast_decode=False)
     penalised = GenerationSettings(greedy=True, repetition_penalty=1.3, max_new_tokens=40)
-    for messages in PROMPTS[:2]:
-        prompt = chat.encode_prompt(normalize_messages(messages))
-        assert list(lean.greedy(prompt, 40, chat.stop_ids)) == _hf_greedy(chat, prompt, 40)
-        fast = [t for t in lean.greedy(prompt, 40, chat.stop_ids, repetition_penalty=1.3) if t not in chat.stop_ids]
-        assert fast == plain.complete(messages, penalised)[1].token_ids
+    for lean in _leans(chat).values():
+        real = lean.propose
+        generator = torch.Generator().manual_seed(0)
+
+        def noisy(seq, guesses, real=real, generator=generator):
+            row = real(seq, guesses)
+            return torch.randn(row.shape, generator=generator)
+
+        monkeypatch.setattr(lean, "propose", noisy)
+        for messages in PROMPTS[:2]:
+            prompt = chat.encode_prompt(normalize_messages(messages))
+            assert list(lean.greedy(prompt, 40, chat.stop_ids)) == _hf_greedy(chat, prompt, 40)
+            fast = [t for t in lean.greedy(prompt, 40, chat.stop_ids, repetition_penalty=1.3)
+                    if t not in chat.stop_ids]
+            assert fast == plain.complete(messages, penalised)[1].token_ids
 
 
 def test_target_logits_match_the_model_and_survive_a_rollback(chat):
-    lean = chat.lean_model()
     ids = chat.encode_prompt(normalize_messages(PROMPTS[0]))
-    with torch.inference_mode():
-        reference = chat.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
-        lean.target.reserve(len(ids) + 8)
-        head = lean.target.forward(ids[:-5])
-        tail = lean.target.forward(ids[-5:])
-        assert torch.allclose(torch.cat([head, tail]), reference, atol=1e-4)
-        lean.target.length = len(ids) - 5  # roll back, then one token at a time
-        rows = [lean.target.forward([t])[0] for t in ids[-5:]]
-        assert torch.allclose(torch.stack(rows), reference[-5:], atol=1e-4)
-        # the draft is a different (4-bit) model, yet close to it
-        lean.draft.reserve(len(ids))
-        draft = lean.draft.forward(ids)
-    assert not torch.equal(draft, reference)
-    assert (draft.argmax(-1) == reference.argmax(-1)).float().mean() > 0.5
+    for name, lean in _leans(chat).items():
+        with torch.inference_mode():
+            reference = chat.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+            lean.target.reserve(len(ids) + 8)
+            head = lean.target.forward(ids[:-5])  # the prompt pass (PyTorch on both paths)
+            tail = lean.check(ids[-5:], len(ids) - 5)  # the check pass (native where it loads)
+            assert torch.allclose(torch.cat([head, tail]), reference, atol=1e-4), name
+            rows = [lean.check([t], len(ids) - 5 + i)[0].clone() for i, t in enumerate(ids[-5:])]  # rolled back
+            assert torch.allclose(torch.stack(rows), reference[-5:], atol=1e-4), name
+            # the draft is a different (4-bit) model, yet close to it
+            lean.target.length = len(ids) - 5
+            if lean.draft is not None:
+                lean.draft.reserve(len(ids))
+                lean.draft.length = 0
+                lean.draft.forward(ids[:-5])
+            # seq = ids[:-4] (its last token not in the cache yet), then j earlier guesses
+            draft = torch.stack([lean.propose(ids[:-4], ids[-4:len(ids) - 4 + j]).clone() for j in range(5)])
+        assert not torch.equal(draft, reference[-5:]), name
+        assert (draft.argmax(-1) == reference[-5:].argmax(-1)).float().mean() >= 0.6, name
 
 
 def test_the_chat_loop_uses_it_for_greedy_replies_only(chat, monkeypatch):
@@ -126,3 +157,107 @@ def test_it_can_be_switched_off_and_refuses_what_it_cannot_run(run, monkeypatch)
     half = AutoModelForCausalLM.from_pretrained(chat.model.name_or_path, dtype=torch.bfloat16)
     with pytest.raises(fastdecode.Unsupported, match="float32"):
         fastdecode.LeanModel(half)
+
+
+def test_without_the_native_kernels_it_says_why_and_uses_pytorch(run, monkeypatch, tmp_path):
+    chat = load_chat_model(run, "base")
+    monkeypatch.setenv("TUNELAB_NATIVE", "0")
+    lean = fastdecode.LeanModel(chat.model)
+    assert lean.native is None and lean.draft is not None and "TUNELAB_NATIVE=0" in lean.native_note
+    with pytest.raises(fastdecode.Unsupported, match="TUNELAB_NATIVE=0"):
+        fastdecode.LeanModel(chat.model, native=True)
+    monkeypatch.delenv("TUNELAB_NATIVE")
+    # a machine without a compiler: the build is refused with the reason, nothing cached
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_loaded", {})
+    if {"avx512f", "f16c", "fma"} <= native._cpu_flags():
+        with pytest.raises(native.NativeUnavailable, match="no C compiler"):
+            native.load()
+        assert not (tmp_path / "cache" / "kernels").exists() or not any((tmp_path / "cache" / "kernels").iterdir())
+
+
+def _native_or_skip():
+    try:
+        return native.load()
+    except native.NativeUnavailable as err:
+        pytest.skip(f"native kernels unavailable here: {err}")
+
+
+def _head_only_model(lib, vocab: int = 200, hidden: int = 96, rows: int = 3):
+    """A model with no layers (final norm and an int4 head) and its buffers, made with torch."""
+    generator = torch.Generator().manual_seed(0)
+    head = torch.randn(vocab, hidden, generator=generator)
+    buffers = {"norm": torch.ones(hidden), "head": head,
+               "blocks": torch.empty(-(-vocab // 16) * (hidden // 32) * 320, dtype=torch.uint8),
+               "dims": torch.tensor([0, hidden, 2, 1, 16, 32, vocab], dtype=torch.int64),
+               "x": torch.randn(rows, hidden, generator=generator), "logits": torch.full((rows, vocab), float("nan")),
+               "cache": torch.zeros(1, 1, 8, 16), "angles": torch.zeros(8, 16)}
+    assert lib.tl_pack_int4(head.data_ptr(), vocab, hidden, buffers["blocks"].data_ptr()) == 0
+    buffers["table"] = torch.tensor([buffers["norm"].data_ptr(), 0, buffers["blocks"].data_ptr(), 0], dtype=torch.int64)
+    buffers["caches"] = torch.tensor([buffers["cache"].data_ptr()], dtype=torch.int64)
+    model = lib.tl_model(buffers["dims"].data_ptr(), buffers["table"].data_ptr(), 1e-5)
+    buffers["scratch"] = torch.zeros(lib.tl_scratch_floats(model, rows))
+    return model, buffers
+
+
+def _head_only_forward(lib, model, b) -> int:
+    """One pass over b["x"] (a copy: the pass overwrites its input) into b["logits"]; no torch ops."""
+    rows = b["x"].shape[0]
+    x = b["x"].clone() if "x_work" not in b else b["x_work"]
+    b["x_work"] = x
+    return lib.tl_forward(model, x.data_ptr(), rows, 0, b["caches"].data_ptr(), b["caches"].data_ptr(), 8,
+                          b["angles"].data_ptr(), b["angles"].data_ptr(), b["logits"].data_ptr(), 0,
+                          b["scratch"].data_ptr())
+
+
+def test_int4_packing_keeps_each_weight_within_half_a_step():
+    """A head-only model (no layers) in int4 against the same product in float32 with the
+    weights each moved by at most half a quantization step: the logits differ by no more
+    than that bound, and the top choices mostly agree."""
+    lib = _native_or_skip()
+    model, b = _head_only_model(lib)  # 200 rows: the last block of 16 is padded
+    try:
+        assert _head_only_forward(lib, model, b) == 0
+    finally:
+        lib.tl_model_free(model)
+    hidden, head, logits = b["head"].shape[1], b["head"], b["logits"]
+    normed = torch.nn.functional.rms_norm(b["x"], (hidden,), b["norm"], 1e-5)
+    exact = normed @ head.T
+    groups = head.view(head.shape[0], -1, 32)
+    half_step = ((groups.amax(-1) - groups.amin(-1)) / 15 / 2).repeat_interleave(32, 1)  # [vocab, hidden]
+    bound = normed.abs() @ half_step.T * 1.01 + 1e-3  # plus float16 rounding of scale and minimum
+    assert torch.isfinite(logits).all()
+    assert ((logits - exact).abs() <= bound).all()
+    assert (logits - exact).abs().max() > 0  # it is quantized
+    assert (logits.argmax(-1) == exact.argmax(-1)).sum() >= 2
+
+
+def _child_pass(lib, model, buffers, queue):
+    # no torch operations here: torch's own OpenMP pool does not survive fork() either
+    status = _head_only_forward(lib, model, buffers)
+    queue.put((status, buffers["logits"].tolist()))
+
+
+def test_a_forked_process_runs_the_native_pass_alone():
+    """Threads do not survive fork(): a child process runs the native pass on its own
+    thread instead of waiting for workers that are not there."""
+    import multiprocessing
+
+    lib = _native_or_skip()
+    model, buffers = _head_only_model(lib)
+    assert _head_only_forward(lib, model, buffers) == 0  # the parent's pool is running now
+    expected = buffers["logits"].tolist()
+    buffers["logits"].fill_(float("nan"))
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_pass, args=(lib, model, buffers, queue))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    lib.tl_model_free(model)
+    assert not alive, "the forked child hung in the native forward pass"
+    status, logits = queue.get(timeout=10)
+    assert child.exitcode == 0 and status == 0 and logits == expected
