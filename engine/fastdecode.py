@@ -423,20 +423,30 @@ class LeanModel:
         seen = torch.zeros(self.vocab_size, dtype=torch.bool)
         seen[torch.tensor([t for t in prompt_ids if 0 <= t < self.vocab_size], dtype=torch.long)] = True
 
+        barred_ids = torch.tensor(barred, dtype=torch.long)
+
         def choose(row, step: int, extra: list[int]) -> int:
-            """The choice at reply index ``step`` when ``extra`` tokens precede it unseen."""
+            """The choice at reply index ``step`` when ``extra`` tokens precede it unseen.
+
+            The row is changed in place and restored (no copy of the vocabulary-sized row:
+            allocating one per token costs more than the choice itself)."""
+            changed = []
             if repetition_penalty != 1.0:
-                row = row.clone()
                 mask = seen
                 if extra:
                     mask = seen.clone()
                     mask[extra] = True
-                picked = row[mask]
-                row[mask] = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
-            if step < min_new_tokens:
-                row = row.clone()
-                row[barred] = float("-inf")
-            return int(torch.argmax(row))
+                ids = mask.nonzero().squeeze(1)
+                picked = row[ids]
+                changed.append((ids, picked))
+                row[ids] = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
+            if step < min_new_tokens and len(barred_ids):
+                changed.append((barred_ids, row[barred_ids]))
+                row[barred_ids] = float("-inf")
+            choice = int(torch.argmax(row))
+            for ids, values in reversed(changed):
+                row[ids] = values
+            return choice
 
         with torch.inference_mode():
             need = len(prompt_ids) + max_new_tokens + k + 1
