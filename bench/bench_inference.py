@@ -12,12 +12,15 @@ memory at a time:
 * PyTorch base fp32 with transformers' own ``generate`` (the plain reference every
   speed-up is measured against),
 * PyTorch base fp32, tuned (adapter unmerged) and tuned merged, through engine.inference's
-  chat loop (greedy replies there use the speculative decoder of engine.fastdecode),
+  chat loop (greedy replies there use the speculative decoder of engine.fastdecode, with
+  its native kernels where the machine allows),
 * ONNX fp32 and ONNX int4 through onnxruntime-genai.
 
 It prints a Markdown table and writes bench/results/inference.json and .md, with each
 backend's weight bytes read per second against the copy bandwidth measured in the same
-run, and how many greedy replies of the chat loop equal generate()'s. Agreement is
+run (bytes of the weights one plain decode step reads: a model's parameters, an export's
+initializers without the rotary tables), and how many greedy replies of the chat loop
+equal generate()'s. Agreement is
 teacher-forced: along the tuned PyTorch greedy reply, the share of positions where the
 export's greedy choice is the same token.
 """
@@ -150,13 +153,42 @@ def same_as_generate(chat, probes, new_tokens: int) -> dict:
     return {"identical": identical, "replies": len(probes)}
 
 
+# tables of which one decode step reads a single row: the rotary cos/sin caches of an export
+ROW_TABLES = ("cos_cache", "sin_cache")
+
+
+def onnx_weight_bytes(model_path: Path) -> int:
+    """Bytes of an ONNX model's initializers (in the file or its external data), less the
+    rotary tables, of which a decode step reads one row."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.name.endswith(ROW_TABLES):
+            continue
+        external = {entry.key: entry.value for entry in tensor.external_data}
+        if "length" in external:
+            total += int(external["length"])
+        elif tensor.raw_data:
+            total += len(tensor.raw_data)
+        else:
+            count = 1
+            for dim in tensor.dims:
+                count *= dim
+            total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
+
+
 def weights_read_per_token(model) -> int:
-    """Bytes of weights one plain decode step reads: parameters (PyTorch) or the export's files (ONNX)."""
+    """Bytes of weights one plain decode step reads: parameters (PyTorch) or the export's
+    initializers (ONNX; an embedding tied to the output layer is counted once, as the
+    output layer reads all of it)."""
     if isinstance(model, PlainGenerate):
         model = model.chat
     export_dir = getattr(model, "export_dir", None)
     if export_dir is not None:
-        return sum(f.stat().st_size for f in Path(export_dir).glob("model.onnx*"))
+        return onnx_weight_bytes(Path(export_dir) / "model.onnx")
     return sum(p.numel() * p.element_size() for p in model.model.parameters())
 
 
