@@ -46,7 +46,8 @@ EXTRA_PROBES = [
 
 
 def make_demo_run(root: Path, base: str = "smollm2-135m-instruct", scale: float = 0.01, seed: int = 0) -> Path:
-    """A run directory whose adapter is a LoRA (r=16, all linear layers) with random B weights."""
+    """A run directory whose adapter is a LoRA (r=16, all linear layers) with random weights,
+    the same for the same seed (so int4 agreement is comparable between runs)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -57,6 +58,7 @@ def make_demo_run(root: Path, base: str = "smollm2-135m-instruct", scale: float 
     run_dir = root / "bench-lora"
     run_dir.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(base), dtype=torch.float32)
+    torch.manual_seed(seed)  # PEFT draws the A matrices from the global generator
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0,
                                              task_type="CAUSAL_LM"))

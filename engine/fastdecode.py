@@ -329,6 +329,8 @@ class _Native:
                                      v_table.data_ptr(), stack.k[0].shape[2], stack.cos.data_ptr(),
                                      stack.sin.data_ptr(), self.logits.data_ptr(), int(last_only),
                                      self.scratch.data_ptr())
+        if status == -2:
+            raise MemoryError("out of memory in the native forward pass")
         if status != 0:
             raise Unsupported(f"the native forward pass refused {n} positions at {start}")
         return self.logits[: 1 if last_only else n]

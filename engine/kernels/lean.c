@@ -29,7 +29,6 @@
 #define BLOCK_ROWS 16
 #define BLOCK_BYTES 320
 #define MAX_THREADS 64
-#define MAX_ROWS 16
 #ifndef PREFETCH
 #define PREFETCH 256 /* floats ahead in each weight row */
 #endif
@@ -391,6 +390,8 @@ typedef struct {
     float *logits;     /* [R_out, vocab] */
     int last_only;
     float *h, *xs, *qkv, *att, *gu, *act; /* scratch */
+    float *scores;     /* attention weights: per thread, `span` floats */
+    int64_t span;
 } Pass;
 
 static void rms_norm_rows(const float *x, const float *w, float *out, int64_t R, int64_t D, float eps) {
@@ -432,7 +433,7 @@ static void attend(Pass *p, int64_t layer, int tid, int nthreads) {
     int64_t qkv_out = (m->heads + 2 * m->kv_heads) * hd;
     int64_t jobs = p->R * m->heads;
     float scale = 1.0f / sqrtf((float)hd);
-    float *scores = malloc(sizeof(float) * (size_t)(p->start + p->R + 16));
+    float *scores = p->scores + tid * p->span;
     for (int64_t job = tid; job < jobs; job += nthreads) {
         int64_t r = job / m->heads, h = job % m->heads, kvh = h / per_kv;
         const float *q = p->qkv + r * qkv_out + h * hd;
@@ -473,7 +474,6 @@ static void attend(Pass *p, int64_t layer, int tid, int nthreads) {
         __m512 iv = _mm512_set1_ps(inv);
         for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(out + c * 16, _mm512_mul_ps(o[c], iv));
     }
-    free(scores);
 }
 
 static void forward_task(int tid, int nthreads, void *arg) {
@@ -545,7 +545,8 @@ static void forward_task(int tid, int nthreads, void *arg) {
 
 /* One forward pass of R positions starting at `start`: x holds their embeddings (and is
    overwritten); their keys and values go into the caches; logits of every position (or of
-   the last one) go to `logits`. `scratch` has room for tl_scratch_floats(model, R). */
+   the last one) go to `logits`. `scratch` has room for tl_scratch_floats(model, R).
+   Returns 0, -1 for shapes the kernels do not handle, -2 when out of memory. */
 int tl_forward(void *model, float *x, int64_t R, int64_t start, const int64_t *k_caches, const int64_t *v_caches,
                int64_t capacity, const float *cos, const float *sin, float *logits, int last_only, float *scratch) {
     Model *m = model;
@@ -574,7 +575,11 @@ int tl_forward(void *model, float *x, int64_t R, int64_t start, const int64_t *k
     p.att = s; s += R * m->heads * m->head_dim;
     p.gu = s; s += R * 2 * m->inter;
     p.act = s;
+    p.span = start + R + 16;
+    p.scores = malloc(sizeof(float) * (size_t)(p.span * MAX_THREADS));
+    if (!p.scores) return -2;
     run_parallel(forward_task, &p);
+    free(p.scores);
     return 0;
 }
 
