@@ -88,7 +88,10 @@ def load(threads: int | None = None):
         if lib is None:
             path = library_path()
             if not path.is_file():
-                _build(path)
+                try:
+                    _build(path)
+                except OSError as err:  # e.g. a read-only cache folder
+                    raise NativeUnavailable(f"building {path} failed: {err}") from err
             try:
                 lib = ctypes.CDLL(str(path))
             except OSError as err:

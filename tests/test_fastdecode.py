@@ -175,6 +175,13 @@ def test_without_the_native_kernels_it_says_why_and_uses_pytorch(run, monkeypatc
         with pytest.raises(native.NativeUnavailable, match="no C compiler"):
             native.load()
         assert not (tmp_path / "cache" / "kernels").exists() or not any((tmp_path / "cache" / "kernels").iterdir())
+        # a cache folder that cannot be written: refused with the reason too
+        monkeypatch.delenv("CC")
+        blocker = tmp_path / "file-not-folder"
+        blocker.write_text("x")
+        monkeypatch.setenv("TUNELAB_CACHE", str(blocker))
+        with pytest.raises(native.NativeUnavailable, match="building"):
+            native.load()
 
 
 def _native_or_skip():
