@@ -476,6 +476,18 @@ static void attend(Pass *p, int64_t layer, int tid, int nthreads) {
     }
 }
 
+/* out = rms_norm(x) @ L^T, every thread waiting for the norm and for the product */
+static void normed_linear(Pass *p, const float *norm, const Lin *L, float *out, int tid, int nthreads, int *sense) {
+    Model *m = p->m;
+    if (tid == 0) {
+        rms_norm_rows(p->x, norm, p->h, p->R, m->hidden, m->eps);
+        if (!L->w) group_sums(p->h, p->xs, p->R, m->hidden);
+    }
+    barrier(nthreads, sense);
+    linear(L, p->h, p->xs, p->R, out, tid, nthreads, 0);
+    barrier(nthreads, sense);
+}
+
 static void forward_task(int tid, int nthreads, void *arg) {
     Pass *p = arg;
     Model *m = p->m;
@@ -484,13 +496,7 @@ static void forward_task(int tid, int nthreads, void *arg) {
     int64_t qkv_out = (m->heads + 2 * m->kv_heads) * hd, inter = m->inter;
     for (int64_t i = 0; i < m->layers; i++) {
         Layer *l = &m->layer[i];
-        if (tid == 0) {
-            rms_norm_rows(p->x, l->ln1, p->h, R, D, m->eps);
-            if (!l->qkv.w) group_sums(p->h, p->xs, R, D);
-        }
-        barrier(nthreads, &sense);
-        linear(&l->qkv, p->h, p->xs, R, p->qkv, tid, nthreads, 0);
-        barrier(nthreads, &sense);
+        normed_linear(p, l->ln1, &l->qkv, p->qkv, tid, nthreads, &sense);
         if (tid == 0) {
             for (int64_t r = 0; r < R; r++) {
                 int64_t pos = p->start + r;
@@ -511,13 +517,7 @@ static void forward_task(int tid, int nthreads, void *arg) {
         barrier(nthreads, &sense);
         linear(&l->o, p->att, p->xs, R, p->x, tid, nthreads, 1);
         barrier(nthreads, &sense);
-        if (tid == 0) {
-            rms_norm_rows(p->x, l->ln2, p->h, R, D, m->eps);
-            if (!l->gate_up.w) group_sums(p->h, p->xs, R, D);
-        }
-        barrier(nthreads, &sense);
-        linear(&l->gate_up, p->h, p->xs, R, p->gu, tid, nthreads, 0);
-        barrier(nthreads, &sense);
+        normed_linear(p, l->ln2, &l->gate_up, p->gu, tid, nthreads, &sense);
         if (tid == 0) {
             for (int64_t r = 0; r < R; r++) {
                 const float *g = p->gu + r * 2 * inter, *u = g + inter;
