@@ -245,8 +245,10 @@ class ChatModel:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
-    def token_stream(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[int]:
-        """Yield sampled token ids one by one (the consumer stops the loop)."""
+    def token_stream(self, prompt_ids: list[int], settings: GenerationSettings,
+                     used: list[str] | None = None) -> Iterator[int]:
+        """Yield sampled token ids one by one (the consumer stops the loop). A decoder that
+        can fall back to another loop names the one it runs in ``used[0]``."""
         raise NotImplementedError
 
     def decoder_name(self, settings: GenerationSettings, prompt_tokens: int = 0) -> str:
@@ -267,12 +269,12 @@ class ChatModel:
         messages = normalize_messages(messages, system)
         prompt_ids = self.encode_prompt(messages)
         detok = _Detokenizer(self.decode)
-        decoder = self.decoder_name(settings, len(prompt_ids))
+        used = [self.decoder_name(settings, len(prompt_ids))]
         reply_ids: list[int] = []
         sampled = 0
         first_at = last_at = None
         finish = "length"
-        stream = self.token_stream(prompt_ids, settings)
+        stream = self.token_stream(prompt_ids, settings, used)
         try:
             if stop is not None and stop.is_set():
                 finish = "stopped"
@@ -309,7 +311,7 @@ class ChatModel:
             total_s=ended - started,
             finish_reason=finish,
             token_ids=reply_ids,
-            decoder=decoder,
+            decoder=used[0],
         )
         yield ChatEvent("done", stats=stats)
 
@@ -478,13 +480,18 @@ class TorchChatModel(ChatModel):
             return f"speculative (4-bit draft, float32 check{kernels})"
         return "plain"
 
-    def token_stream(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[int]:
+    def token_stream(self, prompt_ids: list[int], settings: GenerationSettings,
+                     used: list[str] | None = None) -> Iterator[int]:
         torch = self._torch
+        if used is not None:
+            used[:] = ["plain"]  # unless the speculative decoder below takes the reply
         if self.decoder_name(settings, len(prompt_ids)) != "plain" and self._lean_lock.acquire(blocking=False):
             # one speculative reply at a time per model (its caches are shared); a
             # concurrent reply takes the plain decoder below
             from engine import fastdecode
 
+            if used is not None:
+                used[:] = [self.decoder_name(settings, len(prompt_ids))]
             try:
                 yield from self._lean.greedy(prompt_ids, settings.max_new_tokens, self.stop_ids,
                                              min_new_tokens=settings.min_new_tokens,
@@ -679,7 +686,8 @@ class OnnxChatModel(ChatModel):
         params.set_search_options(**options)
         return og.Generator(self.model, params)
 
-    def token_stream(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[int]:
+    def token_stream(self, prompt_ids: list[int], settings: GenerationSettings,
+                     used: list[str] | None = None) -> Iterator[int]:
         np = self._np
         generator = self._generator(len(prompt_ids), settings, settings.max_new_tokens)
         try:

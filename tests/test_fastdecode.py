@@ -141,6 +141,20 @@ def test_the_chat_loop_uses_it_for_greedy_replies_only(chat, monkeypatch):
     assert chat.decoder_name(too_long, 10) == "plain"
 
 
+def test_a_reply_while_the_decoder_is_busy_uses_and_names_the_plain_loop(chat):
+    """One speculative reply at a time per model: another one meanwhile (another thread)
+    takes the plain loop, and its statistics say so."""
+    greedy = GenerationSettings(greedy=True, max_new_tokens=12)
+    fast = chat.complete(PROMPTS[1], greedy)[1]
+    assert fast.decoder.startswith("speculative")
+    assert chat._lean_lock.acquire(blocking=False)  # as if another reply held it
+    try:
+        busy = chat.complete(PROMPTS[1], greedy)[1]
+    finally:
+        chat._lean_lock.release()
+    assert busy.decoder == "plain" and busy.token_ids == fast.token_ids
+
+
 def test_it_can_be_switched_off_and_refuses_what_it_cannot_run(run, monkeypatch):
     from transformers import AutoModelForCausalLM
 
