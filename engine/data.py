@@ -33,7 +33,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 FORMATS = ("openai", "sharegpt", "alpaca", "qa", "preference")
 ROLES = ("system", "user", "assistant", "tool")

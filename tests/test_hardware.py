@@ -2,8 +2,6 @@
 import json
 from types import SimpleNamespace
 
-import pytest
-
 from engine import hardware as hw
 
 AVX2_ONLY = "model name\t: Test CPU\nflags\t\t: fpu sse2 avx fma avx2\n"

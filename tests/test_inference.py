@@ -22,7 +22,6 @@ from engine.inference import (
     GenerationSettings,
     InferenceError,
     OnnxChatModel,
-    Target,
     TorchChatModel,
     build_chat_model,
     load_chat_model,

@@ -124,8 +124,6 @@ def test_method_learns_and_touches_only_what_it_should(method, tiny_model_dir, t
     if method == "dora":
         assert any("lora_magnitude_vector" in n for n in moved)
     if method == "qlora":
-        import torch
-
         now = Snapshot.quantized_outputs(model)
         assert len(now) == 14  # 7 linear layers x 2 blocks, all 4-bit
         for name, out in snap.quantized_out.items():
