@@ -106,6 +106,10 @@ class _Int4:
         n, k = weight.shape
         if k % group:
             raise Unsupported(f"a {n} x {k} weight does not split into groups of {group} columns")
+        self.rows = n
+        if n % 16:  # the kernel packs rows in sixteens: pad with zero rows, cut them off after
+            weight = torch.cat([weight, weight.new_zeros(16 - n % 16, k)])
+            n = weight.shape[0]
         w = weight.float().reshape(n, k // group, group)
         low = w.amin(-1, keepdim=True)
         high = w.amax(-1, keepdim=True)
@@ -123,6 +127,8 @@ class _Int4:
         import torch
 
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_zero)
+        if out.shape[-1] != self.rows:
+            out = out[..., : self.rows]
         return out if self.bias is None else out + self.bias
 
 

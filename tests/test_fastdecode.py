@@ -282,3 +282,39 @@ def test_a_forked_process_runs_the_native_pass_alone():
     assert not alive, "the forked child hung in the native forward pass"
     status, logits = queue.get(timeout=10)
     assert child.exitcode == 0 and status == 0 and logits == expected
+
+
+def test_a_qwen2_model_with_attention_biases_decodes_the_same():
+    """Qwen2-style decoders add a bias to q, k and v: the lean passes (native and PyTorch)
+    must carry it through the check and the draft."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # biases large enough to matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                assert proj.bias is not None
+                proj.bias.normal_(0, 0.5)
+    prompt = [5, 17, 42, 99, 7, 3, 250, 11]
+    with torch.inference_mode():
+        reference = model(input_ids=torch.tensor([prompt]), use_cache=False).logits[0]
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    leans = {"pytorch": fastdecode.LeanModel(model, native=False)}
+    try:
+        leans["native"] = fastdecode.LeanModel(model, native=True)
+    except fastdecode.Unsupported as err:
+        if "avx512f" in native._cpu_flags() and native.shutil.which("cc"):
+            raise
+        print(f"native path not tested here: {err}")
+    for name, lean in leans.items():
+        with torch.inference_mode():
+            lean.target.reserve(len(prompt) + 30)
+            lean.target.forward(prompt[:-4])
+            rows = lean.check(prompt[-4:], len(prompt) - 4)
+            assert torch.allclose(rows, reference[-4:], atol=1e-4), name
+        assert list(lean.greedy(prompt, 20, set())) == expected, name

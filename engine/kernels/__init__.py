@@ -1,0 +1,1 @@
+"""C sources of engine.native (data of the package; nothing to import here)."""
