@@ -405,7 +405,15 @@ class LeanModel:
             self.draft = None
             self.native = None
             if lib is not None:
-                self.native = _Native(lib, weights, norm, (head_w.contiguous(), head_b), cfg, width)
+                try:
+                    self.native = _Native(lib, weights, norm, (head_w.contiguous(), head_b), cfg, width)
+                except Unsupported as err:
+                    if native:
+                        raise
+                    # a shape the kernels do not take: the PyTorch path, built afresh
+                    self.__init__(model, draft_tokens=draft_tokens, max_len=max_len, native=False)
+                    self.native_note = str(err)
+                    return
             else:
                 self.draft = _Stack(quant, norm.to(torch.bfloat16), _Int4(head_w, head_b), decoder.rotary_emb, cfg,
                                     max_len, torch.bfloat16)

@@ -318,3 +318,18 @@ def test_a_qwen2_model_with_attention_biases_decodes_the_same():
             rows = lean.check(prompt[-4:], len(prompt) - 4)
             assert torch.allclose(rows, reference[-4:], atol=1e-4), name
         assert list(lean.greedy(prompt, 20, set())) == expected, name
+
+
+def test_a_shape_the_kernels_do_not_take_falls_back_to_pytorch(run, monkeypatch):
+    chat = load_chat_model(run, "base")
+
+    def refuse(*args, **kwargs):
+        raise fastdecode.Unsupported("the native kernels need a head size divisible by 16 (it is 12)")
+
+    monkeypatch.setattr(fastdecode, "_Native", refuse)
+    lean = fastdecode.LeanModel(chat.model)
+    assert lean.native is None and lean.draft is not None and "head size" in lean.native_note
+    prompt = chat.encode_prompt(normalize_messages(PROMPTS[0]))
+    assert list(lean.greedy(prompt, 20, chat.stop_ids)) == _hf_greedy(chat, prompt, 20)
+    with pytest.raises(fastdecode.Unsupported, match="head size"):
+        fastdecode.LeanModel(chat.model, native=True)
