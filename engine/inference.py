@@ -483,15 +483,15 @@ class TorchChatModel(ChatModel):
     def token_stream(self, prompt_ids: list[int], settings: GenerationSettings,
                      used: list[str] | None = None) -> Iterator[int]:
         torch = self._torch
+        name = self.decoder_name(settings, len(prompt_ids))
+        # one speculative reply at a time per model (its caches are shared); a concurrent
+        # reply takes the plain decoder below
+        speculative = name != "plain" and self._lean_lock.acquire(blocking=False)
         if used is not None:
-            used[:] = ["plain"]  # unless the speculative decoder below takes the reply
-        if self.decoder_name(settings, len(prompt_ids)) != "plain" and self._lean_lock.acquire(blocking=False):
-            # one speculative reply at a time per model (its caches are shared); a
-            # concurrent reply takes the plain decoder below
+            used[:] = [name if speculative else "plain"]
+        if speculative:
             from engine import fastdecode
 
-            if used is not None:
-                used[:] = [self.decoder_name(settings, len(prompt_ids))]
             try:
                 yield from self._lean.greedy(prompt_ids, settings.max_new_tokens, self.stop_ids,
                                              min_new_tokens=settings.min_new_tokens,
