@@ -247,6 +247,7 @@ def model_config(model) -> dict:
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return {"eps": cfg.rms_norm_eps, "heads": heads, "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim,
+            "hidden": cfg.hidden_size, "inter": cfg.intermediate_size,
             "max_len": getattr(cfg, "max_position_embeddings", 2048)}
 
 
@@ -262,17 +263,23 @@ class _Native:
     reading and writing the KV cache of the PyTorch target stack (which fills it for the
     prompt)."""
 
+    @staticmethod
+    def refusal(cfg: dict) -> str:
+        """Why the kernels cannot run a model of this shape ("" when they can)."""
+        sizes = (("hidden size", cfg["hidden"]), ("MLP width", cfg["inter"]),
+                 ("attention width", cfg["heads"] * cfg["head_dim"]))
+        for name, size in sizes:
+            if size % 32:
+                return f"the native kernels need a {name} divisible by 32 (it is {size})"
+        if cfg["head_dim"] % 16 or cfg["head_dim"] > 512:
+            return f"the native kernels need a head size divisible by 16, at most 512 (it is {cfg['head_dim']})"
+        return ""
+
     def __init__(self, lib, weights, norm, head, cfg: dict, rows: int):
         import torch
 
-        hidden = norm.shape[0]
-        inter = weights[0][2][2][0].shape[0] // 2
+        hidden, inter = cfg["hidden"], cfg["inter"]
         heads, kv_heads, head_dim = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-        for name, size in (("hidden size", hidden), ("MLP width", inter), ("attention width", heads * head_dim)):
-            if size % 32:
-                raise Unsupported(f"the native kernels need a {name} divisible by 32 (it is {size})")
-        if head_dim % 16 or head_dim > 512:
-            raise Unsupported(f"the native kernels need a head size divisible by 16, at most 512 (it is {head_dim})")
         self.lib = lib
         self.keep: list = []  # every tensor whose memory the library reads
 
@@ -370,10 +377,13 @@ class LeanModel:
 
             try:
                 lib = native_kernels.load()
+                problem = _Native.refusal(cfg)
+                if problem:
+                    raise native_kernels.NativeUnavailable(problem)
             except native_kernels.NativeUnavailable as err:
                 if native:
                     raise Unsupported(str(err)) from err
-                self.native_note = str(err)
+                lib, self.native_note = None, str(err)
         weights, dense, quant = [], [], []
         with torch.no_grad():
             for block in decoder.layers:
@@ -405,15 +415,7 @@ class LeanModel:
             self.draft = None
             self.native = None
             if lib is not None:
-                try:
-                    self.native = _Native(lib, weights, norm, (head_w.contiguous(), head_b), cfg, width)
-                except Unsupported as err:
-                    if native:
-                        raise
-                    # a shape the kernels do not take: the PyTorch path, built afresh
-                    self.__init__(model, draft_tokens=draft_tokens, max_len=max_len, native=False)
-                    self.native_note = str(err)
-                    return
+                self.native = _Native(lib, weights, norm, (head_w.contiguous(), head_b), cfg, width)
             else:
                 self.draft = _Stack(quant, norm.to(torch.bfloat16), _Int4(head_w, head_b), decoder.rotary_emb, cfg,
                                     max_len, torch.bfloat16)
@@ -508,7 +510,7 @@ class LeanModel:
         if self.native is not None:
             # the draft reads the target's cache and writes its guesses' positions there;
             # the check overwrites them
-            token = (seq + guesses)[-1]
+            token = guesses[-1] if guesses else seq[-1]
             return self.native.forward("draft", self.target, [token], len(seq) - 1 + len(guesses), last_only=True)[-1]
         feed = (seq + guesses)[self.draft.length :]
         return self.draft.forward(feed, last_only=True)[-1]
