@@ -543,6 +543,25 @@ static void forward_task(int tid, int nthreads, void *arg) {
     linear(&m->head, p->h, p->xs, rows, p->logits, tid, nthreads, 0);
 }
 
+/* The scratch buffers of a pass of R positions, carved from `base` (when p is not NULL);
+   returns how many floats they take. */
+static int64_t scratch_layout(const Model *m, int64_t R, float *base, Pass *p) {
+    int64_t qkv_out = (m->heads + 2 * m->kv_heads) * m->head_dim;
+    int64_t widest = m->inter > m->hidden ? m->inter : m->hidden;
+    if (m->heads * m->head_dim > widest) widest = m->heads * m->head_dim;
+    int64_t sizes[6] = {R * m->hidden, R * (widest / GROUP + 1), R * qkv_out, R * m->heads * m->head_dim,
+                        R * 2 * m->inter, R * m->inter};
+    int64_t used = 0;
+    for (int i = 0; i < 6; i++) {
+        if (p) {
+            float **slot[6] = {&p->h, &p->xs, &p->qkv, &p->att, &p->gu, &p->act};
+            *slot[i] = base + used;
+        }
+        used += sizes[i];
+    }
+    return used;
+}
+
 /* One forward pass of R positions starting at `start`: x holds their embeddings (and is
    overwritten); their keys and values go into the caches; logits of every position (or of
    the last one) go to `logits`. `scratch` has room for tl_scratch_floats(model, R).
@@ -565,31 +584,16 @@ int tl_forward(void *model, float *x, int64_t R, int64_t start, const int64_t *k
     p.sin = sin;
     p.logits = logits;
     p.last_only = last_only;
-    int64_t qkv_out = (m->heads + 2 * m->kv_heads) * m->head_dim;
-    int64_t widest = m->inter > m->hidden ? m->inter : m->hidden;
-    if (m->heads * m->head_dim > widest) widest = m->heads * m->head_dim;
-    float *s = scratch;
-    p.h = s; s += R * m->hidden;
-    p.xs = s; s += R * (widest / GROUP + 1);
-    p.qkv = s; s += R * qkv_out;
-    p.att = s; s += R * m->heads * m->head_dim;
-    p.gu = s; s += R * 2 * m->inter;
-    p.act = s;
+    scratch_layout(m, R, scratch, &p);
     p.span = start + R + 16;
-    p.scores = malloc(sizeof(float) * (size_t)(p.span * MAX_THREADS));
+    p.scores = malloc(sizeof(float) * (size_t)(p.span * pool_threads)); /* one span per thread */
     if (!p.scores) return -2;
     run_parallel(forward_task, &p);
     free(p.scores);
     return 0;
 }
 
-int64_t tl_scratch_floats(void *model, int64_t R) {
-    Model *m = model;
-    int64_t qkv_out = (m->heads + 2 * m->kv_heads) * m->head_dim;
-    int64_t widest = m->inter > m->hidden ? m->inter : m->hidden;
-    if (m->heads * m->head_dim > widest) widest = m->heads * m->head_dim;
-    return R * (m->hidden + widest / GROUP + 1 + qkv_out + m->heads * m->head_dim + 3 * m->inter);
-}
+int64_t tl_scratch_floats(void *model, int64_t R) { return scratch_layout(model, R, NULL, NULL); }
 
 /* Pack a float32 [n, k] weight into int4 blocks (see the layout above); out has
    ceil(n / 16) * (k / 32) * 320 bytes. Returns 0, or -1 when k is not a multiple of 32. */
