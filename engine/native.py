@@ -47,11 +47,12 @@ def _compiler() -> str:
     return path
 
 
-def library_path() -> Path:
-    """Where the compiled library for this source, compiler and CPU is cached."""
+def library_path(flags: set[str] | None = None) -> Path:
+    """Where the compiled library for this source, compiler and CPU (``flags``: its
+    /proc/cpuinfo flags, read when not given) is cached."""
     from engine.models import cache_root
 
-    flags = _cpu_flags()
+    flags = _cpu_flags() if flags is None else flags
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
     key.update(_compiler().encode())
@@ -78,6 +79,9 @@ def load(threads: int | None = None):
     """The loaded library (ctypes), its thread pool started with ``threads`` threads."""
     if os.environ.get("TUNELAB_NATIVE", "1") == "0":
         raise NativeUnavailable("TUNELAB_NATIVE=0")
+    lib = _loaded.get("lean")
+    if lib is not None:  # loaded earlier in this process: the checks below have passed
+        return lib
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise NativeUnavailable(f"the native kernels are written for x86-64, not {platform.machine()}")
     flags = _cpu_flags()
@@ -86,7 +90,7 @@ def load(threads: int | None = None):
     with _lock:
         lib = _loaded.get("lean")
         if lib is None:
-            path = library_path()
+            path = library_path(flags)
             if not path.is_file():
                 try:
                     _build(path)
