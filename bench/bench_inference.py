@@ -221,6 +221,22 @@ def agreement(references, model, probes, new_tokens: int) -> dict:
     return {"token_agreement": round(agree / total, 4), "tokens": total, "greedy_identical": f"{exact}/{len(probes)}"}
 
 
+def kernel_build_cost() -> dict:
+    """What compiling the native kernels costs on a fresh machine (built once into a
+    temporary folder, whatever the cache holds), and which instruction set they are for."""
+    from engine import native
+
+    try:
+        isa = native.choose_isa(native._cpu_flags())
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            native._build(Path(tmp) / "lean.so", isa)
+            seconds = time.perf_counter() - t0
+    except native.NativeUnavailable as err:
+        return {"available": False, "reason": str(err)}
+    return {"available": True, "isa": isa, "compile_s": round(seconds, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="Run directory to benchmark (default: a demo LoRA run).")
@@ -276,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     probes_all = _probes()
     timed = probes_all[: args.probes]
     source = export.run_source(run_dir)
+    result["first_reply_costs"] = {"native_kernels": kernel_build_cost()}
     print("Loading the backends...", flush=True)
     base = build_chat_model(resolve_target(run_dir, "base"))
     tuned = build_chat_model(resolve_target(run_dir, "tuned"))
@@ -287,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         "onnx_fp32": OnnxChatModel(run_dir / "export" / "onnx-fp32"),
         "onnx_int4": OnnxChatModel(run_dir / "export" / "onnx-int4"),
     }
+    # the lean decoder of each PyTorch chat model is built on its first greedy reply: timed here, apart
+    for name in ("pytorch_base", "pytorch_tuned", "pytorch_tuned_merged"):
+        t0 = time.perf_counter()
+        lean = models[name].lean_model()
+        result["first_reply_costs"][f"lean_decoder_{name}_s"] = round(time.perf_counter() - t0, 2)
+        if lean is None:
+            result["first_reply_costs"][f"lean_decoder_{name}_note"] = models[name].lean_note
     print(f"Timing {len(models)} backends in turn ({args.repeats} x {len(timed)} replies each)...", flush=True)
     rows = measure_round_robin(models, timed, args.new_tokens, args.repeats)
     print("Greedy references of tuned PyTorch and agreement of the exports...", flush=True)
@@ -315,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     identical = result["chat_loop_vs_generate"]
     result["target_chat_2x_same_greedy"] = (result["chat_loop_speedup_vs_generate"] >= 2.0
                                             and identical["identical"] == identical["replies"])
+    result["target_chat_ttft_no_worse"] = rows["pytorch_base"]["ttft_s"] <= rows["pytorch_base_generate"]["ttft_s"]
     result["method"] = source["config"].method.name
     result["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -346,6 +371,20 @@ def _met(flag: bool) -> str:
     return "met" if flag else "NOT met"
 
 
+def _first_reply_costs(result: dict) -> str:
+    costs = result.get("first_reply_costs", {})
+    kernels = costs.get("native_kernels", {})
+    if kernels.get("available"):
+        parts = [f"compiling the native {kernels['isa']} kernels {kernels['compile_s']} s (once per machine, then cached)"]
+    else:
+        parts = [f"no native kernels ({kernels.get('reason', 'not measured')})"]
+    builds = [f"{LABELS[name.removeprefix('lean_decoder_').removesuffix('_s')].split(',')[0].removeprefix('PyTorch ')}"
+              f" {seconds} s" for name, seconds in costs.items() if name.startswith("lean_decoder_") and name.endswith("_s")]
+    if builds:
+        parts.append("building the lean decoder (float32 copy + 4-bit draft): " + ", ".join(builds))
+    return "; ".join(parts)
+
+
 def to_markdown(result: dict) -> str:
     machine = result.get("machine", {})
     bandwidth = machine.get("bandwidth_gbs", "?")
@@ -361,6 +400,7 @@ def to_markdown(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     plain_rate = result["backends"]["pytorch_base_generate"]["decode_tokens_per_s"]
+    plain_ttft = result["backends"]["pytorch_base_generate"]["ttft_s"]
     for name, row in result["backends"].items():
         agree = result["agreement_vs_tuned_pytorch"].get(name)
         agree_text = f"{agree['token_agreement']:.1%} ({agree['greedy_identical']} replies identical)" if agree else "-"
@@ -379,6 +419,10 @@ def to_markdown(result: dict) -> str:
         f"- The chat loop ({result['chat_loop_decoder']} decoder) decodes {result['chat_loop_speedup_vs_generate']}x "
         f"as fast as generate(); its greedy replies equal generate()'s in {same['identical']}/{same['replies']} "
         f"probes (target 2x with identical replies: {_met(result['target_chat_2x_same_greedy'])}).",
+        f"- Time to first token (median, warm-up reply excluded): chat loop "
+        f"{result['backends']['pytorch_base']['ttft_s'] * 1000:.0f} ms, generate() "
+        f"{plain_ttft * 1000:.0f} ms (target no worse: {_met(result['target_chat_ttft_no_worse'])}).",
+        f"- One-off costs of a model's first greedy reply, not in the figures above: {_first_reply_costs(result)}.",
         "- \"weights read/s\" is the weight bytes of one plain decode step times decode tokens/s; the speculative "
         "chat loop checks several tokens per read of the float32 weights, so its figure can pass the ceiling.",
         f"- Export sizes: fp32 {exports['fp32']['bytes'] / 1e6:.0f} MB, int4 {exports['int4']['bytes'] / 1e6:.0f} MB; "

@@ -129,7 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--precisions", default="fp32,bf16", help="Comma-separated; bf16 only where the CPU has it.")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="Comma-separated; bf16 is skipped on a CPU without bf16 instructions (it would be "
+                             "emulated there, and tunelab trains such a CPU in fp32).")
     args = parser.parse_args(argv)
 
     from bench.machine import describe, matmul_peak_flops
@@ -139,16 +141,28 @@ def main(argv=None) -> int:
     model_dir = resolve_model("smollm2-135m-instruct")
     params = ModelShape.from_dir(model_dir).params
     machine = describe()
-    peaks = {"fp32": matmul_peak_flops("float32"), "bf16": matmul_peak_flops("bfloat16")}
-    auto_precision, auto_reason = choose_precision(detect())
-    print(f"machine: {machine}\nmatmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    profile = detect()
+    precisions, skipped = [], []
+    for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
+        if precision == "bf16" and not profile.gpus and not profile.cpu.native_bf16:
+            skipped.append(f"bf16 skipped: this CPU ({profile.cpu.model}) has no bf16 instructions (no AVX512-BF16 "
+                           "or AMX), so bf16 would be emulated and its timing says nothing; tunelab trains here in fp32.")
+            continue
+        precisions.append(precision)
+    peaks = {"fp32": matmul_peak_flops("float32")}
+    if "bf16" in precisions:
+        peaks["bf16"] = matmul_peak_flops("bfloat16")
+    auto_precision, auto_reason = choose_precision(profile)
+    print(f"machine: {machine}\nmatmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
     print(f"tunelab's automatic precision here: {auto_precision} ({auto_reason})", flush=True)
+    for line in skipped:
+        print(line, flush=True)
 
     results = []
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
         out = Path(tmp)
         train, val, n_train = split_data(Path(args.data), out)
-        for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
+        for precision in precisions:
             for runner in (run_trl, run_tunelab):
                 print(f"training: {runner.__name__} {precision} ...", flush=True)
                 row = runner(model_dir, train, out, args.steps, args.batch, precision, args.max_length)
@@ -183,8 +197,9 @@ def main(argv=None) -> int:
     for precision, s in sorted(speedups.items()):
         table.append(f"- {precision}: tunelab is {s['tokens_per_second_ratio']:.2f}x the TRL script's tokens/s; "
                      f"validation loss differs by {s['val_loss_relative_diff']:+.1%}.")
-    table.append(f"- matmul peak measured in this run: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
-                 f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; MFU counts 4·N FLOPs per token (N = {params / 1e6:.1f}M).")
+    table.append("- matmul peak measured in this run: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+                 + f"; MFU counts 4·N FLOPs per token (N = {params / 1e6:.1f}M).")
+    table += [f"- {line}" for line in skipped]
     table.append(f"- final train loss = mean of the last 5 logged steps. tunelab's automatic precision here: "
                  f"{auto_precision}.")
     text = "\n".join(table)
@@ -193,7 +208,7 @@ def main(argv=None) -> int:
     (RESULTS / "train.md").write_text(text + "\n")
     (RESULTS / "train.json").write_text(json.dumps({
         "machine": machine, "matmul_peak_flops": peaks, "steps": args.steps, "batch": args.batch,
-        "results": results, "speedups": speedups, "auto_precision": auto_precision,
+        "results": results, "speedups": speedups, "auto_precision": auto_precision, "skipped": skipped,
     }, indent=2) + "\n")
     return 0
 

@@ -1,7 +1,10 @@
-"""`make bench`: the training benchmark, then the inference benchmark, in one run.
+"""`make bench`: the benchmarks in one run (all of them, or the sections named with --only).
 
-Each writes its JSON and Markdown table to bench/results/; this prints both tables at the
+Each writes its JSON and Markdown table to bench/results/; this prints the tables at the
 end. Run it on an otherwise idle machine: the figures are wall-clock speeds.
+
+    python -m bench.run                      # every section
+    python -m bench.run --only inference     # just one (comma-separated for several)
 """
 from __future__ import annotations
 
@@ -9,23 +12,54 @@ import sys
 import time
 from pathlib import Path
 
-from bench import bench_inference, bench_train
-
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _train(argv: list[str]) -> int:
+    from bench import bench_train
+
+    return bench_train.main(argv)
+
+
+def _inference(argv: list[str]) -> int:
+    from bench import bench_inference
+
+    return bench_inference.main(argv)
+
+
+# section -> (what it measures, its entry point, the result tables it writes)
+SECTIONS = {
+    "train": ("training speed and loss: tunelab vs the TRL script", _train, ("train.md",)),
+    "inference": ("decode speed, time to first token and export agreement of every chat backend", _inference,
+                  ("inference.md",)),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0]).parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0],
+                                     epilog="sections: " + "; ".join(f"{k}: {v[0]}" for k, v in SECTIONS.items()))
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"Comma-separated sections to run (default: all of {', '.join(SECTIONS)}).")
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown or not chosen:
+        parser.error(f"--only: unknown section(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(SECTIONS)}")
     started = time.perf_counter()
-    rc = bench_train.main([]) or bench_inference.main([])
+    rc = 0
+    for name in chosen:
+        print(f"\n## bench section: {name}\n", flush=True)
+        rc = SECTIONS[name][1]([]) or rc
     print("\n# Benchmark results\n")
-    for name in ("train.md", "inference.md"):
-        path = RESULTS / name
-        if path.exists():
-            print(path.read_text())
-    print(f"(make bench took {(time.perf_counter() - started) / 60:.1f} min)")
+    for name in chosen:
+        for table in SECTIONS[name][2]:
+            path = RESULTS / table
+            if path.exists():
+                print(path.read_text())
+    print(f"(make bench took {(time.perf_counter() - started) / 60:.1f} min; sections: {', '.join(chosen)})")
     return rc
 
 

@@ -476,7 +476,7 @@ class TorchChatModel(ChatModel):
     def decoder_name(self, settings: GenerationSettings, prompt_tokens: int = 0) -> str:
         if (settings.is_greedy and self.lean_model() is not None
                 and self._lean.fits(prompt_tokens + settings.max_new_tokens)):
-            kernels = ", native kernels" if self._lean.native is not None else ""
+            kernels = f", native {self._lean.native.lib.isa} kernels" if self._lean.native is not None else ""
             return f"speculative (4-bit draft, float32 check{kernels})"
         return "plain"
 

@@ -1,11 +1,17 @@
 """Build and load engine/kernels/lean.c, the lean decoder's native forward pass.
 
 The library is compiled with the system C compiler (``$CC``, else ``cc``) for the CPU it
-runs on (``-march=native``) the first time it is needed, in about a second, and cached
-under ``<tunelab cache>/kernels/`` by a key of the source, the compiler and the CPU's
-flags. It needs an x86-64 CPU with AVX-512; anywhere else (or with no compiler, or with
-``TUNELAB_NATIVE=0``) :func:`load` raises :class:`NativeUnavailable` with the reason and
-engine.fastdecode keeps its PyTorch path.
+runs on the first time it is needed, in about a second, and cached under
+``<tunelab cache>/kernels/`` by a key of the source, the compiler, the instruction set and
+the CPU's flags. Two instruction sets are built from the same source:
+
+* ``avx512``: x86-64 with AVX-512 (``avx512f``), F16C and FMA;
+* ``avx2``: x86-64 with AVX2, F16C and FMA (most laptops, the AMD EPYC machines here).
+
+:func:`choose_isa` picks the best one the CPU reports; ``TUNELAB_NATIVE`` overrides it
+(``avx2`` or ``avx512`` asks for that one, ``0`` turns the kernels off). Anywhere else
+(another architecture, an older CPU, no compiler) :func:`load` raises
+:class:`NativeUnavailable` with the reason and engine.fastdecode keeps its PyTorch path.
 """
 from __future__ import annotations
 
@@ -20,6 +26,13 @@ import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "lean.c"
+# instruction set -> the CPU flags it needs and the compiler flags that target it, best first.
+# The AVX2 build is made for this CPU with AVX-512 switched off, so that it is also what an
+# AVX-512 machine runs when asked for it (TUNELAB_NATIVE=avx2: tests and benchmarks).
+ISAS = {
+    "avx512": ({"avx512f", "f16c", "fma"}, ["-march=native"]),
+    "avx2": ({"avx2", "f16c", "fma"}, ["-march=native", "-mno-avx512f"]),
+}
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
@@ -28,15 +41,37 @@ class NativeUnavailable(RuntimeError):
     """The native kernels cannot be used here; the message says why."""
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+def _cpu_flags(cpuinfo_text: str | None = None) -> set[str]:
+    """This CPU's flags from /proc/cpuinfo (or from ``cpuinfo_text``), as engine.hardware reads them."""
+    from engine.hardware import _read_cpuinfo
+
+    return set(_read_cpuinfo(cpuinfo_text).flags)
+
+
+def choose_isa(flags: set[str], requested: str | None = None, machine: str | None = None) -> str:
+    """The instruction set the kernels are built for on a CPU with ``flags``.
+
+    ``requested`` is ``TUNELAB_NATIVE``'s value (read when None): "" / "1" / "auto" for
+    the best the CPU has, "avx512" or "avx2" for that one, "0" for none. Raises
+    NativeUnavailable with the reason (naming the missing flags) when none can run."""
+    requested = (os.environ.get("TUNELAB_NATIVE", "") if requested is None else requested).strip().lower()
+    machine = (platform.machine() if machine is None else machine).lower()
+    if requested in ("0", "off", "no", "false"):
+        raise NativeUnavailable(f"TUNELAB_NATIVE={requested}")
+    if machine not in ("x86_64", "amd64"):
+        raise NativeUnavailable(f"the native kernels are written for x86-64, not {machine}")
+    if requested in ("", "1", "auto", "on", "yes", "true"):
+        for isa, (needs, _) in ISAS.items():
+            if needs <= flags:
+                return isa
+        missing = " ".join(sorted(ISAS["avx2"][0] - flags))
+        raise NativeUnavailable(f"the native kernels need AVX2 with FMA and F16C or AVX-512 (this CPU lacks {missing})")
+    if requested not in ISAS:
+        raise NativeUnavailable(f"TUNELAB_NATIVE={requested!r} is none of 0, auto, {', '.join(ISAS)}")
+    missing = ISAS[requested][0] - flags
+    if missing:
+        raise NativeUnavailable(f"TUNELAB_NATIVE={requested} asks for CPU flags this CPU lacks: {' '.join(sorted(missing))}")
+    return requested
 
 
 def _compiler() -> str:
@@ -47,53 +82,50 @@ def _compiler() -> str:
     return path
 
 
-def library_path(flags: set[str] | None = None) -> Path:
-    """Where the compiled library for this source, compiler and CPU (``flags``: its
-    /proc/cpuinfo flags, read when not given) is cached."""
+def library_path(flags: set[str] | None = None, isa: str = "avx512") -> Path:
+    """Where the library compiled for ``isa`` on this source, compiler and CPU (``flags``:
+    its /proc/cpuinfo flags, read when not given) is cached."""
     from engine.models import cache_root
 
     flags = _cpu_flags() if flags is None else flags
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
     key.update(_compiler().encode())
+    key.update(" ".join(ISAS[isa][1]).encode())
     key.update(" ".join(sorted(flags)).encode())
-    return cache_root() / "kernels" / f"lean-{key.hexdigest()[:16]}.so"
+    return cache_root() / "kernels" / f"lean-{isa}-{key.hexdigest()[:16]}.so"
 
 
-def _build(target: Path) -> None:
+def _build(target: Path, isa: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [_compiler(), "-O3", "-march=native", "-shared", "-fPIC", "-o", str(out), str(SOURCE), "-lm", "-lpthread"]
+        cmd = [_compiler(), "-O3", *ISAS[isa][1], "-shared", "-fPIC", "-o", str(out), str(SOURCE), "-lm", "-lpthread"]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as err:
             raise NativeUnavailable(f"compiling {SOURCE.name} failed: {err}") from err
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            raise NativeUnavailable(f"compiling {SOURCE.name} failed: {first}")
+            raise NativeUnavailable(f"compiling {SOURCE.name} for {isa} failed: {first}")
         os.replace(out, target)  # atomic: a concurrent build of the same key is harmless
 
 
-def load(threads: int | None = None):
-    """The loaded library (ctypes), its thread pool started with ``threads`` threads."""
-    if os.environ.get("TUNELAB_NATIVE", "1") == "0":
-        raise NativeUnavailable("TUNELAB_NATIVE=0")
-    lib = _loaded.get("lean")
+def load(threads: int | None = None, isa: str | None = None):
+    """The loaded library (ctypes) for ``isa`` (None: :func:`choose_isa`'s choice), its
+    thread pool started with ``threads`` threads. ``lib.isa`` names its instruction set."""
+    flags = _cpu_flags()
+    isa = choose_isa(flags, isa)
+    lib = _loaded.get(isa)
     if lib is not None:  # loaded earlier in this process: the checks below have passed
         return lib
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise NativeUnavailable(f"the native kernels are written for x86-64, not {platform.machine()}")
-    flags = _cpu_flags()
-    if not {"avx512f", "f16c", "fma"} <= flags:
-        raise NativeUnavailable("the native kernels need AVX-512 (this CPU does not report avx512f)")
     with _lock:
-        lib = _loaded.get("lean")
+        lib = _loaded.get(isa)
         if lib is None:
-            path = library_path(flags)
+            path = library_path(flags, isa)
             if not path.is_file():
                 try:
-                    _build(path)
+                    _build(path, isa)
                 except OSError as err:  # e.g. a read-only cache folder
                     raise NativeUnavailable(f"building {path} failed: {err}") from err
             try:
@@ -101,17 +133,22 @@ def load(threads: int | None = None):
             except OSError as err:
                 raise NativeUnavailable(f"loading {path} failed: {err}") from err
             _declare(lib)
+            lib.isa = lib.tl_isa().decode()
+            if lib.isa != isa:
+                raise NativeUnavailable(f"{path} was built for {lib.isa}, not {isa}")
             if threads is None:
                 import torch
 
                 threads = torch.get_num_threads()
             lib.tl_init(max(1, int(threads)))
-            _loaded["lean"] = lib
+            _loaded[isa] = lib
     return lib
 
 
 def _declare(lib) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.tl_isa.argtypes = []
+    lib.tl_isa.restype = ctypes.c_char_p
     lib.tl_init.argtypes = [i32]
     lib.tl_init.restype = i32
     lib.tl_model.argtypes = [p, p, f32]

@@ -25,13 +25,37 @@ def chat(request, run) -> TorchChatModel:
     return load_chat_model(run, request.param)
 
 
+def _runnable_isas() -> list[str]:
+    """The native kernels' instruction sets this machine can build and run."""
+    runnable = []
+    for isa in native.ISAS:
+        try:
+            native.load(isa=isa)
+        except native.NativeUnavailable:
+            continue
+        runnable.append(isa)
+    return runnable
+
+
 def _leans(chat) -> dict:
-    """The chat model's own lean decoder (native kernels where they load) and one on the PyTorch path."""
+    """The chat model's own lean decoder (native kernels where they load), one on the
+    PyTorch path, and one on each other instruction set of the kernels this CPU runs."""
     leans = {"default": chat.lean_model()}
     assert leans["default"] is not None, chat.lean_note
     if leans["default"].native is not None:
         leans["pytorch"] = fastdecode.LeanModel(chat.model, native=False)
+        for isa in _runnable_isas():
+            if isa != leans["default"].native.lib.isa:
+                leans[isa] = fastdecode.LeanModel(chat.model, native=isa)
     return leans
+
+
+def _lib_or_skip(isa: str):
+    """The kernels built for ``isa``, or a skip that names what this machine lacks."""
+    try:
+        return native.load(isa=isa)
+    except native.NativeUnavailable as err:
+        pytest.skip(f"the {isa} kernels cannot run here: {err}")
 
 
 def _hf_greedy(chat, prompt, new_tokens, min_new_tokens=0):
@@ -41,23 +65,83 @@ def _hf_greedy(chat, prompt, new_tokens, min_new_tokens=0):
     return out[0, len(prompt):].tolist()
 
 
-def test_greedy_replies_equal_transformers_generate(chat):
-    for lean in _leans(chat).values():
+def test_greedy_replies_equal_transformers_generate(chat, monkeypatch):
+    leans = _leans(chat)
+    for name, lean in leans.items():
         for messages in PROMPTS:
             prompt = chat.encode_prompt(normalize_messages(messages))
-            assert list(lean.greedy(prompt, 40, chat.stop_ids)) == _hf_greedy(chat, prompt, 40)
+            assert list(lean.greedy(prompt, 40, chat.stop_ids)) == _hf_greedy(chat, prompt, 40), name
             forced = list(lean.greedy(prompt, 30, chat.stop_ids, min_new_tokens=30))
-            assert len(forced) == 30 and forced == _hf_greedy(chat, prompt, 30, min_new_tokens=30)
+            assert len(forced) == 30 and forced == _hf_greedy(chat, prompt, 30, min_new_tokens=30), name
+    # a prompt longer than the native prompt pass takes goes through PyTorch's, then native checks
+    monkeypatch.setattr(fastdecode, "NATIVE_PROMPT", 3)
+    for name, lean in leans.items():
+        prompt = chat.encode_prompt(normalize_messages(PROMPTS[3]))
+        assert list(lean.greedy(prompt, 30, chat.stop_ids)) == _hf_greedy(chat, prompt, 30), name
 
 
-def test_this_machine_runs_the_native_kernels():
-    """The native kernels are what make greedy chat fast on x86-64 with AVX-512; where
-    the machine has both it and a C compiler they must load (not silently fall back)."""
-    flags = native._cpu_flags()
-    if "avx512f" not in flags or not native.shutil.which("cc"):
-        pytest.skip("no AVX-512 or no C compiler here: the PyTorch path is tested instead")
-    lib = native.load()
-    assert lib.tl_init(2) >= 1
+# /proc/cpuinfo of the CPU kinds tunelab meets (flags shortened to those that matter)
+EPYC_AVX2 = "model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx f16c fma avx2 bmi2\n"
+XEON_AMX = ("model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu sse2 avx f16c fma avx2 avx512f "
+            "avx512bw avx512vl avx512_bf16 amx_bf16 amx_tile\n")
+EPYC_AVX512 = "model name\t: AMD EPYC 9B45\nflags\t\t: fpu sse2 avx f16c fma avx2 avx512f avx512_bf16\n"
+OLD_AVX = "model name\t: Intel(R) Xeon(R) E5-2670\nflags\t\t: fpu sse2 avx\n"
+
+
+def test_the_instruction_set_follows_the_cpu_flags():
+    """The choice between the AVX-512 and the AVX2 build, on faked /proc/cpuinfo flags."""
+    flags = {name: native._cpu_flags(text) for name, text in
+             {"epyc_avx2": EPYC_AVX2, "xeon": XEON_AMX, "epyc_avx512": EPYC_AVX512, "old": OLD_AVX}.items()}
+    assert "avx2" in flags["epyc_avx2"] and "avx512f" not in flags["epyc_avx2"]
+    x86 = {"machine": "x86_64"}
+    assert native.choose_isa(flags["epyc_avx2"], "", **x86) == "avx2"
+    assert native.choose_isa(flags["xeon"], "", **x86) == "avx512"
+    assert native.choose_isa(flags["epyc_avx512"], "auto", **x86) == "avx512"
+    assert native.choose_isa(flags["xeon"], "avx2", **x86) == "avx2"  # asked for: AVX-512 CPUs run AVX2
+    with pytest.raises(native.NativeUnavailable, match="avx2 f16c fma"):
+        native.choose_isa(flags["old"], "", **x86)
+    with pytest.raises(native.NativeUnavailable, match="lacks: avx512f"):
+        native.choose_isa(flags["epyc_avx2"], "avx512", **x86)
+    with pytest.raises(native.NativeUnavailable, match="TUNELAB_NATIVE=0"):
+        native.choose_isa(flags["xeon"], "0", **x86)
+    with pytest.raises(native.NativeUnavailable, match="none of"):
+        native.choose_isa(flags["xeon"], "sse9", **x86)
+    with pytest.raises(native.NativeUnavailable, match="x86-64, not aarch64"):
+        native.choose_isa(flags["xeon"], "", machine="aarch64")
+    # each instruction set is built and cached on its own (the key names the compiler)
+    if native.shutil.which(native.os.environ.get("CC") or "cc"):
+        assert native.library_path(flags["xeon"], "avx2") != native.library_path(flags["xeon"], "avx512")
+
+
+@pytest.mark.parametrize("isa", list(native.ISAS))
+def test_this_machine_runs_the_kernels_its_cpu_allows(isa):
+    """Where the CPU reports the flags an instruction set needs and a C compiler is there,
+    its kernels must load (not silently fall back) and be built for that instruction set."""
+    needs = native.ISAS[isa][0]
+    missing = needs - native._cpu_flags()
+    if missing or native.platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip(f"this CPU lacks {' '.join(sorted(missing)) or 'x86-64'}: the {isa} kernels cannot run here")
+    if not native.shutil.which(native.os.environ.get("CC") or "cc"):
+        pytest.skip("no C compiler here: the PyTorch path is tested instead")
+    lib = native.load(isa=isa)
+    assert lib.isa == isa and lib.tl_init(2) >= 1
+    if native.ISAS["avx512"][0] <= native._cpu_flags():
+        assert native.choose_isa(native._cpu_flags(), "") == "avx512"
+
+
+def test_the_avx2_build_uses_no_avx512_instructions():
+    """An AVX-512 machine builds the AVX2 kernels too (tests, benchmarks): that library
+    must hold no AVX-512 instruction, or it would crash on the AVX2 machines it is for."""
+    lib = _lib_or_skip("avx2")
+    objdump = native.shutil.which("objdump")
+    if not objdump:
+        pytest.skip("objdump (binutils) is not installed")
+    code = native.subprocess.run([objdump, "-d", lib._name], capture_output=True, text=True, check=True).stdout
+    assert "vfmadd" in code and "ymm" in code  # it is vectorised
+    import re
+
+    evex = re.findall(r"%zmm\d+|%[xy]mm(?:1[6-9]|2\d|3[01])\b|%k[1-7]\b", code)
+    assert not evex, f"AVX-512 registers in the AVX2 build: {sorted(set(evex))[:5]}"
 
 
 @pytest.mark.parametrize("penalty", [1.15, 1.6])
@@ -116,6 +200,12 @@ def test_target_logits_match_the_model_and_survive_a_rollback(chat):
             head = lean.target.forward(ids[:-5])  # the prompt pass (PyTorch on both paths)
             tail = lean.check(ids[-5:], len(ids) - 5)  # the check pass (native where it loads)
             assert torch.allclose(torch.cat([head, tail]), reference, atol=1e-4), name
+            lean.target.reserve(len(ids) + 8)
+            last = lean.prefill(ids[:-5])  # the prompt pass of a reply (native where it loads)
+            assert lean.target.length == len(ids) - 5
+            assert torch.allclose(last, reference[-6], atol=1e-4), name
+            tail = lean.check(ids[-5:], len(ids) - 5)  # reads the keys and values prefill cached
+            assert torch.allclose(tail, reference[-5:], atol=1e-4), name
             rows = [lean.check([t], len(ids) - 5 + i)[0].clone() for i, t in enumerate(ids[-5:])]  # rolled back
             assert torch.allclose(torch.stack(rows), reference[-5:], atol=1e-4), name
             # the draft is a different (4-bit) model, yet close to it
@@ -185,7 +275,12 @@ def test_without_the_native_kernels_it_says_why_and_uses_pytorch(run, monkeypatc
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_loaded", {})
-    if {"avx512f", "f16c", "fma"} <= native._cpu_flags():
+    try:
+        native.choose_isa(native._cpu_flags(), "")
+        cpu_ok = True
+    except native.NativeUnavailable:
+        cpu_ok = False
+    if cpu_ok:
         with pytest.raises(native.NativeUnavailable, match="no C compiler"):
             native.load()
         assert not (tmp_path / "cache" / "kernels").exists() or not any((tmp_path / "cache" / "kernels").iterdir())
@@ -232,11 +327,12 @@ def _head_only_forward(lib, model, b) -> int:
                           b["scratch"].data_ptr())
 
 
-def test_int4_packing_keeps_each_weight_within_half_a_step():
+@pytest.mark.parametrize("isa", list(native.ISAS))
+def test_int4_packing_keeps_each_weight_within_half_a_step(isa):
     """A head-only model (no layers) in int4 against the same product in float32 with the
     weights each moved by at most half a quantization step: the logits differ by no more
     than that bound, and the top choices mostly agree."""
-    lib = _native_or_skip()
+    lib = _lib_or_skip(isa)
     model, b = _head_only_model(lib)  # 200 rows: the last block of 16 is padded
     try:
         assert _head_only_forward(lib, model, b) == 0
@@ -260,12 +356,13 @@ def _child_pass(lib, model, buffers, queue):
     queue.put((status, buffers["logits"].tolist()))
 
 
-def test_a_forked_process_runs_the_native_pass_alone():
+@pytest.mark.parametrize("isa", list(native.ISAS))
+def test_a_forked_process_runs_the_native_pass_alone(isa):
     """Threads do not survive fork(): a child process runs the native pass on its own
     thread instead of waiting for workers that are not there."""
     import multiprocessing
 
-    lib = _native_or_skip()
+    lib = _lib_or_skip(isa)
     model, buffers = _head_only_model(lib)
     assert _head_only_forward(lib, model, buffers) == 0  # the parent's pool is running now
     expected = buffers["logits"].tolist()
@@ -305,12 +402,8 @@ def test_a_qwen2_model_with_attention_biases_decodes_the_same():
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     leans = {"pytorch": fastdecode.LeanModel(model, native=False)}
-    try:
-        leans["native"] = fastdecode.LeanModel(model, native=True)
-    except fastdecode.Unsupported as err:
-        if "avx512f" in native._cpu_flags() and native.shutil.which("cc"):
-            raise
-        print(f"native path not tested here: {err}")
+    for isa in _runnable_isas():
+        leans[isa] = fastdecode.LeanModel(model, native=isa)
     for name, lean in leans.items():
         with torch.inference_mode():
             lean.target.reserve(len(prompt) + 30)
@@ -321,6 +414,7 @@ def test_a_qwen2_model_with_attention_biases_decodes_the_same():
 
 
 def test_a_shape_the_kernels_do_not_take_falls_back_to_pytorch(run, monkeypatch):
+    _native_or_skip()  # the refusal is only reached where the kernels load
     chat = load_chat_model(run, "base")
 
     monkeypatch.setattr(fastdecode._Native, "refusal",

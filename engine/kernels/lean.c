@@ -1,10 +1,17 @@
-/* The lean decoder's forward pass for Llama-family models on x86-64 CPUs with AVX-512.
+/* The lean decoder's forward pass for Llama-family models on x86-64 CPUs with AVX-512, or
+ * with AVX2 + FMA + F16C (most laptops and the AMD EPYC machines here).
  *
- * engine/fastdecode.py builds this file with the system C compiler (once per machine,
- * cached) and calls it through ctypes. It computes one forward pass of a few positions
- * (the float32 check of drafted tokens, or one step of the 4-bit draft) in a single call:
- * no Python between operations, weights streamed at close to memory speed, and the two
- * (or more) cores working on every matrix product through a small thread pool of its own.
+ * engine/fastdecode.py builds this file with the system C compiler (once per machine and
+ * instruction set, cached) and calls it through ctypes. It computes one forward pass of a
+ * few positions (the float32 check of drafted tokens, or one step of the 4-bit draft) in a
+ * single call: no Python between operations, weights streamed at close to memory speed,
+ * and the two (or more) cores working on every matrix product through a small thread pool
+ * of its own.
+ *
+ * Which instruction set it is built for follows the compiler's target (engine/native.py
+ * picks the flags from what the CPU reports): with __AVX512F__ a vector holds 16 floats,
+ * otherwise 8 (AVX2). Both share every loop below; only the few helpers in "vector math"
+ * and the int4 kernel's inner step differ. tl_isa() says which one a library was built for.
  *
  * Layout contract (all float32 unless said, all contiguous, all owned by Python):
  *   dense weight  [n_out, n_in] row-major, optional bias [n_out]
@@ -146,27 +153,87 @@ static void run_parallel(task_fn task, void *arg) {
 
 /* ---------------------------------------------------------------- vector math */
 
-static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+/* exp's shared core: r = x - n ln 2 (in two parts), p = e^r by a degree-6 polynomial. */
+#define EXP_POLY                                                                 \
+    vec r = vfmadd(n, vset1(-0.693359375f), x);                                  \
+    r = vfmadd(n, vset1(2.12194440e-4f), r);                                     \
+    vec p = vset1(1.9875691500e-4f);                                             \
+    p = vfmadd(p, r, vset1(1.3981999507e-3f));                                   \
+    p = vfmadd(p, r, vset1(8.3334519073e-3f));                                   \
+    p = vfmadd(p, r, vset1(4.1665795894e-2f));                                   \
+    p = vfmadd(p, r, vset1(1.6666665459e-1f));                                   \
+    p = vfmadd(p, r, vset1(5.0000001201e-1f));                                   \
+    p = vfmadd(p, vmul(r, r), vadd(r, vset1(1.0f)));
+
+#if defined(__AVX512F__)
+#define VW 16    /* floats per vector */
+#define NCOLS 4  /* weight rows per step of the dense kernel: 6 x 4 accumulators fit 32 registers */
+typedef __m512 vec;
+static const char ISA[] = "avx512";
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vzero _mm512_setzero_ps
+#define vset1 _mm512_set1_ps
+#define vfmadd _mm512_fmadd_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmul _mm512_mul_ps
+#define vdiv _mm512_div_ps
+
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 
 /* exp(x) for x <= ~88, float32, about 1 ulp (range reduction by ln 2, degree-6 polynomial). */
-static inline __m512 vexp(__m512 x) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f);
-    const __m512 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+static inline vec vexp(vec x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
     x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-    r = _mm512_fnmadd_ps(n, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    EXP_POLY
     return _mm512_scalef_ps(p, n);
 }
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define VW 8
+#define NCOLS 2  /* 6 x 2 accumulators + 2 weights + 1 input fit the 16 registers */
+typedef __m256 vec;
+static const char ISA[] = "avx2";
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vzero _mm256_setzero_ps
+#define vset1 _mm256_set1_ps
+#define vfmadd _mm256_fmadd_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmul _mm256_mul_ps
+#define vdiv _mm256_div_ps
+
+static inline float vsum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The same exp as the AVX-512 one, 2^n built in the exponent bits: x is held at -87 or
+   above (exp(-87) is near float32's smallest normal number; such terms come out as 0 or
+   about 1e-38, which changes no sum here). */
+static inline vec vexp(vec x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.7f));
+    vec n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    EXP_POLY
+    /* 2^n as p * 2^(n - 1) * 2: n reaches 128 for x near 88.7, one past the largest exponent */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23);
+    return _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(2.0f));
+}
+
+#else
+#error "lean.c needs AVX-512 (-mavx512f) or AVX2 with FMA and F16C (-mavx2 -mfma -mf16c)"
+#endif
+
+/* Which instruction set this library was built for: "avx512" or "avx2". */
+const char *tl_isa(void) { return ISA; }
 
 /* ---------------------------------------------------------------- model description */
 
@@ -246,49 +313,46 @@ void tl_model_free(void *model) {
 
 /* ---------------------------------------------------------------- matrix products */
 
-/* y[r, n] (+)= sum_k x[r, k] * W[n, k] (+ bias[n]) for rows n in [n0, n1), R = rows of x. */
+/* y[r, n] (+)= sum_k x[r, k] * W[n, k] (+ bias[n]) for rows n in [n0, n1), R = rows of x:
+   NCOLS weight rows at a time against all R rows of x (R x NCOLS accumulators in registers). */
 #define DENSE_KERNEL(R)                                                                          \
     static void dense_##R(const float *x, int64_t K, const float *W, const float *bias, float *y, \
                           int64_t N, int64_t n0, int64_t n1, int acc) {                          \
         int64_t n = n0;                                                                          \
-        for (; n + 4 <= n1; n += 4) {                                                            \
-            __m512 a[R][4];                                                                      \
+        for (; n + NCOLS <= n1; n += NCOLS) {                                                    \
+            vec a[R][NCOLS];                                                                     \
+            const float *w[NCOLS];                                                               \
+            for (int c = 0; c < NCOLS; c++) w[c] = W + (n + c) * K;                              \
             for (int r = 0; r < R; r++)                                                          \
-                for (int c = 0; c < 4; c++) a[r][c] = _mm512_setzero_ps();                       \
-            const float *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;               \
-            for (int64_t k = 0; k < K; k += 16) {                                                \
-                _mm_prefetch((const char *)(w0 + k + PREFETCH), _MM_HINT_T0);                    \
-                _mm_prefetch((const char *)(w1 + k + PREFETCH), _MM_HINT_T0);                    \
-                _mm_prefetch((const char *)(w2 + k + PREFETCH), _MM_HINT_T0);                    \
-                _mm_prefetch((const char *)(w3 + k + PREFETCH), _MM_HINT_T0);                    \
-                __m512 b0 = _mm512_loadu_ps(w0 + k), b1 = _mm512_loadu_ps(w1 + k);               \
-                __m512 b2 = _mm512_loadu_ps(w2 + k), b3 = _mm512_loadu_ps(w3 + k);               \
+                for (int c = 0; c < NCOLS; c++) a[r][c] = vzero();                               \
+            for (int64_t k = 0; k < K; k += VW) {                                                \
+                vec b[NCOLS];                                                                    \
+                for (int c = 0; c < NCOLS; c++) {                                                \
+                    _mm_prefetch((const char *)(w[c] + k + PREFETCH), _MM_HINT_T0);              \
+                    b[c] = vload(w[c] + k);                                                      \
+                }                                                                                \
                 for (int r = 0; r < R; r++) {                                                    \
-                    __m512 xv = _mm512_loadu_ps(x + r * K + k);                                  \
-                    a[r][0] = _mm512_fmadd_ps(xv, b0, a[r][0]);                                  \
-                    a[r][1] = _mm512_fmadd_ps(xv, b1, a[r][1]);                                  \
-                    a[r][2] = _mm512_fmadd_ps(xv, b2, a[r][2]);                                  \
-                    a[r][3] = _mm512_fmadd_ps(xv, b3, a[r][3]);                                  \
+                    vec xv = vload(x + r * K + k);                                               \
+                    for (int c = 0; c < NCOLS; c++) a[r][c] = vfmadd(xv, b[c], a[r][c]);         \
                 }                                                                                \
             }                                                                                    \
             for (int r = 0; r < R; r++)                                                          \
-                for (int c = 0; c < 4; c++) {                                                    \
-                    float v = hsum(a[r][c]) + (bias ? bias[n + c] : 0.0f);                       \
+                for (int c = 0; c < NCOLS; c++) {                                                \
+                    float v = vsum(a[r][c]) + (bias ? bias[n + c] : 0.0f);                       \
                     float *out = y + r * N + n + c;                                              \
                     *out = acc ? *out + v : v;                                                   \
                 }                                                                                \
         }                                                                                        \
         for (; n < n1; n++) {                                                                    \
-            __m512 a[R];                                                                         \
-            for (int r = 0; r < R; r++) a[r] = _mm512_setzero_ps();                              \
+            vec a[R];                                                                            \
+            for (int r = 0; r < R; r++) a[r] = vzero();                                          \
             const float *w0 = W + n * K;                                                         \
-            for (int64_t k = 0; k < K; k += 16) {                                                \
-                __m512 b0 = _mm512_loadu_ps(w0 + k);                                             \
-                for (int r = 0; r < R; r++)                                                      \
-                    a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + k), b0, a[r]);            \
+            for (int64_t k = 0; k < K; k += VW) {                                                \
+                vec b0 = vload(w0 + k);                                                          \
+                for (int r = 0; r < R; r++) a[r] = vfmadd(vload(x + r * K + k), b0, a[r]);       \
             }                                                                                    \
             for (int r = 0; r < R; r++) {                                                        \
-                float v = hsum(a[r]) + (bias ? bias[n] : 0.0f);                                  \
+                float v = vsum(a[r]) + (bias ? bias[n] : 0.0f);                                  \
                 float *out = y + r * N + n;                                                      \
                 *out = acc ? *out + v : v;                                                       \
             }                                                                                    \
@@ -302,61 +366,115 @@ DENSE_KERNEL(4)
 DENSE_KERNEL(5)
 DENSE_KERNEL(6)
 
+/* Bytes of weight rows one tile holds: small enough to stay in the L2 cache while every
+   chunk of x's rows passes over it (a prompt of many positions), so the weights are read
+   from memory once per pass. */
+#define TILE_BYTES (256 * 1024)
+
 static void dense_rows(const float *x, int64_t R, int64_t K, const float *W, const float *bias, float *y,
                        int64_t N, int64_t n0, int64_t n1, int acc) {
-    /* rows of x in chunks the register file holds; the weights stay in cache between chunks */
-    for (int64_t r = 0; r < R;) {
-        int64_t take = R - r > 6 ? (R - r == 7 ? 4 : 6) : R - r;
-        const float *xr = x + r * K;
-        float *yr = y + r * N;
-        switch (take) {
-        case 1: dense_1(xr, K, W, bias, yr, N, n0, n1, acc); break;
-        case 2: dense_2(xr, K, W, bias, yr, N, n0, n1, acc); break;
-        case 3: dense_3(xr, K, W, bias, yr, N, n0, n1, acc); break;
-        case 4: dense_4(xr, K, W, bias, yr, N, n0, n1, acc); break;
-        case 5: dense_5(xr, K, W, bias, yr, N, n0, n1, acc); break;
-        default: dense_6(xr, K, W, bias, yr, N, n0, n1, acc); break;
+    int64_t tile = n1 - n0;
+    if (R > 6) {
+        tile = TILE_BYTES / (K * (int64_t)sizeof(float)) / NCOLS * NCOLS;
+        if (tile < NCOLS) tile = NCOLS;
+    }
+    for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+        int64_t t1 = t0 + tile < n1 ? t0 + tile : n1;
+        /* rows of x in chunks the register file holds */
+        for (int64_t r = 0; r < R;) {
+            int64_t take = R - r > 6 ? (R - r == 7 ? 4 : 6) : R - r;
+            const float *xr = x + r * K;
+            float *yr = y + r * N;
+            switch (take) {
+            case 1: dense_1(xr, K, W, bias, yr, N, t0, t1, acc); break;
+            case 2: dense_2(xr, K, W, bias, yr, N, t0, t1, acc); break;
+            case 3: dense_3(xr, K, W, bias, yr, N, t0, t1, acc); break;
+            case 4: dense_4(xr, K, W, bias, yr, N, t0, t1, acc); break;
+            case 5: dense_5(xr, K, W, bias, yr, N, t0, t1, acc); break;
+            default: dense_6(xr, K, W, bias, yr, N, t0, t1, acc); break;
+            }
+            r += take;
         }
-        r += take;
     }
 }
+
+/* Sixteen rows' dot products with one group of 32 inputs of x, not yet scaled: a block's
+   bytes j (rows 0..15 at input j, and at input j + 16 in the high halves) times xg[j] and
+   xg[j + 16]. AVX-512 holds the sixteen rows in one vector, AVX2 in two (lo: rows 0-7). */
+#if VW == 16
+typedef struct { __m512 v; } rows16;
+static inline rows16 rows16_zero(void) { return (rows16){_mm512_setzero_ps()}; }
+static inline rows16 int4_group(const uint8_t *blk, const float *xg) {
+    const __m512i low = _mm512_set1_epi32(15);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int j = 0; j < 16; j += 2) {
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + j * 16)));
+        __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + j * 16 + 16)));
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), _mm512_set1_ps(xg[j]), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_set1_ps(xg[j + 16]), a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(u, low)), _mm512_set1_ps(xg[j + 1]), a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u, 4)), _mm512_set1_ps(xg[j + 17]), a3);
+    }
+    return (rows16){_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))};
+}
+/* total += dot * scale + minimum * xsum, the sixteen scales and minimums read as float16 */
+static inline rows16 int4_scale(rows16 total, rows16 dot, const uint8_t *blk, float xsum) {
+    __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256)));
+    __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 288)));
+    return (rows16){_mm512_fmadd_ps(minimum, _mm512_set1_ps(xsum), _mm512_fmadd_ps(dot.v, scale, total.v))};
+}
+static inline void rows16_store(rows16 t, float *out) { _mm512_storeu_ps(out, t.v); }
+#else
+typedef struct { __m256 lo, hi; } rows16;
+static inline rows16 rows16_zero(void) { return (rows16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline rows16 int4_group(const uint8_t *blk, const float *xg) {
+    const __m256i low = _mm256_set1_epi32(15);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    for (int j = 0; j < 16; j++) {
+        __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + j * 16)));
+        __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + j * 16 + 8)));
+        __m256 x0 = _mm256_set1_ps(xg[j]), x1 = _mm256_set1_ps(xg[j + 16]);
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), x0, a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), x1, a1);
+        b0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(u, low)), x0, b0);
+        b1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(u, 4)), x1, b1);
+    }
+    return (rows16){_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1)};
+}
+static inline rows16 int4_scale(rows16 total, rows16 dot, const uint8_t *blk, float xsum) {
+    __m256 xs = _mm256_set1_ps(xsum);
+    __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 256)));
+    __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 272)));
+    __m256 m0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 288)));
+    __m256 m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 304)));
+    return (rows16){_mm256_fmadd_ps(m0, xs, _mm256_fmadd_ps(dot.lo, s0, total.lo)),
+                    _mm256_fmadd_ps(m1, xs, _mm256_fmadd_ps(dot.hi, s1, total.hi))};
+}
+static inline void rows16_store(rows16 t, float *out) {
+    _mm256_storeu_ps(out, t.lo);
+    _mm256_storeu_ps(out + 8, t.hi);
+}
+#endif
 
 /* one row of x against the int4 row blocks [b0, b1); xs[g] = sum of x over group g */
 static void int4_blocks(const float *x, const float *xs, int64_t K, const uint8_t *Q, const float *bias, float *y,
                         int64_t N, int64_t b0, int64_t b1, int acc) {
     const int64_t groups = K / GROUP;
-    const __m512i low = _mm512_set1_epi32(15);
     for (int64_t b = b0; b < b1; b++) {
         const uint8_t *blk = Q + b * groups * BLOCK_BYTES;
-        __m512 total = _mm512_setzero_ps(), mins = _mm512_setzero_ps();
+        rows16 total = rows16_zero();
         for (int64_t g = 0; g < groups; g++, blk += BLOCK_BYTES) {
-            const float *xg = x + g * GROUP;
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
-                   a3 = _mm512_setzero_ps();
-            _mm_prefetch((const char *)(blk + 4 * BLOCK_BYTES), _MM_HINT_T0);
-            _mm_prefetch((const char *)(blk + 4 * BLOCK_BYTES + 64), _MM_HINT_T0);
-            _mm_prefetch((const char *)(blk + 4 * BLOCK_BYTES + 128), _MM_HINT_T0);
-            _mm_prefetch((const char *)(blk + 4 * BLOCK_BYTES + 192), _MM_HINT_T0);
-            _mm_prefetch((const char *)(blk + 4 * BLOCK_BYTES + 256), _MM_HINT_T0);
-            for (int j = 0; j < 16; j += 2) {
-                __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + j * 16)));
-                __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + j * 16 + 16)));
-                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), _mm512_set1_ps(xg[j]), a0);
-                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), _mm512_set1_ps(xg[j + 16]), a1);
-                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(u, low)), _mm512_set1_ps(xg[j + 1]), a2);
-                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u, 4)), _mm512_set1_ps(xg[j + 17]), a3);
-            }
-            __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 256)));
-            __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 288)));
-            total = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), scale, total);
-            mins = _mm512_fmadd_ps(minimum, _mm512_set1_ps(xs[g]), mins);
+            for (int line = 0; line < BLOCK_BYTES; line += 64)
+                _mm_prefetch((const char *)(blk + 4 * BLOCK_BYTES + line), _MM_HINT_T0);
+            total = int4_scale(total, int4_group(blk, x + g * GROUP), blk, xs[g]);
         }
-        total = _mm512_add_ps(total, mins);
+        float out[BLOCK_ROWS];
+        rows16_store(total, out);
         int64_t n = b * BLOCK_ROWS, valid = N - n < BLOCK_ROWS ? N - n : BLOCK_ROWS;
-        __mmask16 mask = (__mmask16)((1u << valid) - 1);
-        if (bias) total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(mask, bias + n));
-        if (acc) total = _mm512_add_ps(total, _mm512_maskz_loadu_ps(mask, y + n));
-        _mm512_mask_storeu_ps(y + n, mask, total);
+        for (int64_t r = 0; r < valid; r++) {
+            float v = out[r] + (bias ? bias[n + r] : 0.0f);
+            y[n + r] = acc ? y[n + r] + v : v;
+        }
     }
 }
 
@@ -397,24 +515,24 @@ typedef struct {
 static void rms_norm_rows(const float *x, const float *w, float *out, int64_t R, int64_t D, float eps) {
     for (int64_t r = 0; r < R; r++) {
         const float *xr = x + r * D;
-        __m512 s = _mm512_setzero_ps();
-        for (int64_t k = 0; k < D; k += 16) {
-            __m512 v = _mm512_loadu_ps(xr + k);
-            s = _mm512_fmadd_ps(v, v, s);
+        vec s = vzero();
+        for (int64_t k = 0; k < D; k += VW) {
+            vec v = vload(xr + k);
+            s = vfmadd(v, v, s);
         }
-        float scale = 1.0f / sqrtf(hsum(s) / (float)D + eps);
-        __m512 sv = _mm512_set1_ps(scale);
-        for (int64_t k = 0; k < D; k += 16)
-            _mm512_storeu_ps(out + r * D + k,
-                             _mm512_mul_ps(_mm512_loadu_ps(w + k), _mm512_mul_ps(_mm512_loadu_ps(xr + k), sv)));
+        vec sv = vset1(1.0f / sqrtf(vsum(s) / (float)D + eps));
+        for (int64_t k = 0; k < D; k += VW) vstore(out + r * D + k, vmul(vload(w + k), vmul(vload(xr + k), sv)));
     }
 }
 
 static void group_sums(const float *x, float *xs, int64_t R, int64_t D) {
     for (int64_t r = 0; r < R; r++)
-        for (int64_t g = 0; g < D / GROUP; g++)
-            xs[r * (D / GROUP) + g] = hsum(_mm512_add_ps(_mm512_loadu_ps(x + r * D + g * GROUP),
-                                                         _mm512_loadu_ps(x + r * D + g * GROUP + 16)));
+        for (int64_t g = 0; g < D / GROUP; g++) {
+            const float *xg = x + r * D + g * GROUP;
+            vec s = vload(xg);
+            for (int k = VW; k < GROUP; k += VW) s = vadd(s, vload(xg + k));
+            xs[r * (D / GROUP) + g] = vsum(s);
+        }
 }
 
 static void rotate(float *v, const float *cos, const float *sin, int64_t hd) {
@@ -442,37 +560,33 @@ static void attend(Pass *p, int64_t layer, int tid, int nthreads) {
         int64_t T = p->start + r + 1;
         float top = -INFINITY;
         for (int64_t t = 0; t < T; t++) {
-            __m512 s = _mm512_setzero_ps();
-            for (int64_t k = 0; k < hd; k += 16)
-                s = _mm512_fmadd_ps(_mm512_loadu_ps(q + k), _mm512_loadu_ps(K + t * hd + k), s);
-            float v = hsum(s) * scale;
+            vec s = vzero();
+            for (int64_t k = 0; k < hd; k += VW) s = vfmadd(vload(q + k), vload(K + t * hd + k), s);
+            float v = vsum(s) * scale;
             scores[t] = v;
             if (v > top) top = v;
         }
-        __m512 tv = _mm512_set1_ps(top), sum = _mm512_setzero_ps();
-        int64_t t = 0;
-        for (; t + 16 <= T; t += 16) {
-            __m512 e = vexp(_mm512_sub_ps(_mm512_loadu_ps(scores + t), tv));
-            _mm512_storeu_ps(scores + t, e);
-            sum = _mm512_add_ps(sum, e);
+        /* the scores buffer has VW floats of room past T: the last vector is padded with
+           scores of -inf (weight 0) instead of masked */
+        int64_t padded = (T + VW - 1) / VW * VW;
+        for (int64_t t = T; t < padded; t++) scores[t] = -INFINITY;
+        vec tv = vset1(top), sum = vzero();
+        for (int64_t t = 0; t < padded; t += VW) {
+            vec e = vexp(vsub(vload(scores + t), tv));
+            vstore(scores + t, e);
+            sum = vadd(sum, e);
         }
-        if (t < T) {
-            __mmask16 mask = (__mmask16)((1u << (T - t)) - 1);
-            __m512 e = vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + t), tv));
-            _mm512_mask_storeu_ps(scores + t, mask, e);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
-        }
-        float inv = 1.0f / hsum(sum);
-        __m512 o[32];
-        int64_t chunks = hd / 16;
-        for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_setzero_ps();
+        float inv = 1.0f / vsum(sum);
+        vec o[512 / VW];
+        int64_t chunks = hd / VW;
+        for (int64_t c = 0; c < chunks; c++) o[c] = vzero();
         for (int64_t u = 0; u < T; u++) {
-            __m512 w = _mm512_set1_ps(scores[u]);
-            for (int64_t c = 0; c < chunks; c++) o[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(V + u * hd + c * 16), o[c]);
+            vec w = vset1(scores[u]);
+            for (int64_t c = 0; c < chunks; c++) o[c] = vfmadd(w, vload(V + u * hd + c * VW), o[c]);
         }
         float *out = p->att + r * m->heads * hd + h * hd;
-        __m512 iv = _mm512_set1_ps(inv);
-        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(out + c * 16, _mm512_mul_ps(o[c], iv));
+        vec iv = vset1(inv);
+        for (int64_t c = 0; c < chunks; c++) vstore(out + c * VW, vmul(o[c], iv));
     }
 }
 
@@ -522,10 +636,10 @@ static void forward_task(int tid, int nthreads, void *arg) {
             for (int64_t r = 0; r < R; r++) {
                 const float *g = p->gu + r * 2 * inter, *u = g + inter;
                 float *a = p->act + r * inter;
-                for (int64_t k = 0; k < inter; k += 16) {
-                    __m512 gv = _mm512_loadu_ps(g + k);
-                    __m512 sg = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), vexp(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-                    _mm512_storeu_ps(a + k, _mm512_mul_ps(sg, _mm512_loadu_ps(u + k)));
+                for (int64_t k = 0; k < inter; k += VW) {
+                    vec gv = vload(g + k);
+                    vec sg = vdiv(gv, vadd(vset1(1.0f), vexp(vsub(vzero(), gv))));
+                    vstore(a + k, vmul(sg, vload(u + k)));
                 }
             }
             if (!l->down.w) group_sums(p->act, p->xs, R, inter);
