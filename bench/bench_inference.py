@@ -305,12 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         "onnx_int4": OnnxChatModel(run_dir / "export" / "onnx-int4"),
     }
     # the lean decoder of each PyTorch chat model is built on its first greedy reply: timed here, apart
-    for name in ("pytorch_base", "pytorch_tuned", "pytorch_tuned_merged"):
+    builds = result["first_reply_costs"]["lean_decoder_s"] = {}
+    for name in LEAN_BUILDS:
         t0 = time.perf_counter()
         lean = models[name].lean_model()
-        result["first_reply_costs"][f"lean_decoder_{name}_s"] = round(time.perf_counter() - t0, 2)
+        builds[name] = round(time.perf_counter() - t0, 2)
         if lean is None:
-            result["first_reply_costs"][f"lean_decoder_{name}_note"] = models[name].lean_note
+            result["first_reply_costs"].setdefault("lean_decoder_notes", {})[name] = models[name].lean_note
     print(f"Timing {len(models)} backends in turn ({args.repeats} x {len(timed)} replies each)...", flush=True)
     rows = measure_round_robin(models, timed, args.new_tokens, args.repeats)
     print("Greedy references of tuned PyTorch and agreement of the exports...", flush=True)
@@ -363,6 +364,10 @@ LABELS = {
 }
 
 
+# the chat models whose lean decoder build is timed, with their short names
+LEAN_BUILDS = {"pytorch_base": "base", "pytorch_tuned": "tuned unmerged", "pytorch_tuned_merged": "tuned merged"}
+
+
 def _build_time(build: dict) -> str:
     return "reused (built earlier)" if build.get("reused") else f"{build['seconds']} s"
 
@@ -378,8 +383,7 @@ def _first_reply_costs(result: dict) -> str:
         parts = [f"compiling the native {kernels['isa']} kernels {kernels['compile_s']} s (once per machine, then cached)"]
     else:
         parts = [f"no native kernels ({kernels.get('reason', 'not measured')})"]
-    builds = [f"{LABELS[name.removeprefix('lean_decoder_').removesuffix('_s')].split(',')[0].removeprefix('PyTorch ')}"
-              f" {seconds} s" for name, seconds in costs.items() if name.startswith("lean_decoder_") and name.endswith("_s")]
+    builds = [f"{LEAN_BUILDS[name]} {seconds} s" for name, seconds in costs.get("lean_decoder_s", {}).items()]
     if builds:
         parts.append("building the lean decoder (float32 copy + 4-bit draft): " + ", ".join(builds))
     return "; ".join(parts)

@@ -425,3 +425,35 @@ def test_a_shape_the_kernels_do_not_take_falls_back_to_pytorch(run, monkeypatch)
     assert list(lean.greedy(prompt, 20, chat.stop_ids)) == _hf_greedy(chat, prompt, 20)
     with pytest.raises(fastdecode.Unsupported, match="head size"):
         fastdecode.LeanModel(chat.model, native=True)
+
+
+def test_the_kernels_refuse_real_shapes_they_cannot_run():
+    """The shape guard on real model configs: SmolLM2's shape passes; sizes the kernels'
+    vectors and int4 groups do not divide are refused with the size named."""
+    smollm2 = {"hidden": 576, "inter": 1536, "heads": 9, "kv_heads": 3, "head_dim": 64}
+    assert fastdecode._Native.refusal(smollm2) == ""
+    assert "hidden size divisible by 32 (it is 48)" in fastdecode._Native.refusal({**smollm2, "hidden": 48})
+    assert "MLP width divisible by 32 (it is 100)" in fastdecode._Native.refusal({**smollm2, "inter": 100})
+    assert "head size divisible by 16" in fastdecode._Native.refusal({**smollm2, "heads": 8, "head_dim": 72})
+    assert "at most 512 (it is 1024)" in fastdecode._Native.refusal({**smollm2, "heads": 1, "head_dim": 1024})
+
+
+def test_a_model_whose_shape_the_kernels_refuse_decodes_on_pytorch():
+    """A real Llama model with heads of 24 dimensions (not a multiple of 16): the native
+    kernels refuse it, the PyTorch path decodes it, and the reply is generate()'s."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _native_or_skip()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    lean = fastdecode.LeanModel(model)
+    assert lean.native is None and "head size divisible by 16, at most 512 (it is 24)" in lean.native_note
+    with pytest.raises(fastdecode.Unsupported, match="head size"):
+        fastdecode.LeanModel(model, native=True)
+    prompt = [5, 17, 42, 99, 7]
+    with torch.inference_mode():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert list(lean.greedy(prompt, 16, set())) == expected
