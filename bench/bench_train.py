@@ -103,8 +103,7 @@ def validation_loss(model_dir: Path, adapter: str, val: Path, max_length: int) -
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.data import render_example
-    from engine.models import CHATML_TRAINING_TEMPLATE
+    from engine.templates import training_example
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -113,7 +112,7 @@ def validation_loss(model_dir: Path, adapter: str, val: Path, max_length: int) -
     with torch.inference_mode():
         for line in val.read_text().splitlines():
             messages = json.loads(line)["messages"]
-            ids, mask = render_example(messages, tokenizer, CHATML_TRAINING_TEMPLATE, "chatml-training")
+            ids, mask = training_example(messages, tokenizer, tokenizer.chat_template)
             ids, mask = ids[:max_length], mask[:max_length]
             labels = torch.tensor([i if m else -100 for i, m in zip(ids, mask)])
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()

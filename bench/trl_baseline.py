@@ -31,11 +31,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from engine.models import CHATML_TRAINING_TEMPLATE
+    from engine.templates import SMOLLM2_MARKED
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     # SmolLM2's own template has no {% generation %} markers, which assistant_only_loss needs.
-    tokenizer.chat_template = CHATML_TRAINING_TEMPLATE
+    tokenizer.chat_template = SMOLLM2_MARKED
     model = AutoModelForCausalLM.from_pretrained(args.model_dir)
     dataset = load_dataset("json", data_files=args.data, split="train")
     config = SFTConfig(

@@ -1155,72 +1155,6 @@ def load_for_training(data_config) -> tuple[LoadResult, list, list]:
 
 # --------------------------------------------------------------------------- token statistics
 
-_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-
-def training_chat_template(tokenizer, chat_template: str | None = None) -> tuple[str | None, str]:
-    """The template to render training examples with, and where it comes from.
-
-    * an explicit ``chat_template`` ("config"), or the tokenizer's own if it already has
-      ``{% generation %}`` markers ("tokenizer"): assistant masks come from the template;
-    * a ChatML template (``<|im_start|>``) or none: ``CHATML_TRAINING_TEMPLATE``
-      ("chatml-training"), which renders the same text with markers;
-    * any other template ("tokenizer+prefix-mask"): masks are found by rendering each
-      conversation prefix (see :func:`render_example`).
-    """
-    from engine.models import CHATML_TRAINING_TEMPLATE
-
-    if chat_template:
-        return chat_template, "config"
-    own = getattr(tokenizer, "chat_template", None)
-    if isinstance(own, dict):  # several named templates
-        own = own.get("default") or next(iter(own.values()), None)
-    if own and _GENERATION_TAG.search(own):
-        return own, "tokenizer"
-    if not own or "<|im_start|>" in own:
-        return CHATML_TRAINING_TEMPLATE, "chatml-training"
-    return own, "tokenizer+prefix-mask"
-
-
-def render_example(messages: list[dict], tokenizer, template: str, source: str) -> tuple[list[int], list[int]]:
-    """Token ids of one conversation and its assistant mask (1 = trained on)."""
-    if _GENERATION_TAG.search(template):
-        out = tokenizer.apply_chat_template(
-            messages,
-            chat_template=template,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-        )
-        return list(out["input_ids"]), list(out["assistant_masks"])
-    return _prefix_mask(messages, tokenizer, template)
-
-
-def _prefix_mask(messages: list[dict], tokenizer, template: str) -> tuple[list[int], list[int]]:
-    """Assistant mask for templates without generation markers: each assistant turn is
-    the text between the render of the turns before it (with a generation prompt) and
-    the render that includes it. A token is trained on when it starts inside that text."""
-
-    def render(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
-
-    full = render(messages, False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(messages[:i], True) if i else ""
-        upto = render(messages[: i + 1], False)
-        if not (full.startswith(upto) and upto.startswith(before)):
-            raise ValueError("the chat template does not render conversations prefix by prefix")
-        # The answer ends where its text does: white space the template puts after the
-        # end-of-turn token belongs to the next turn, as with {% generation %} markers.
-        spans.append((len(before), len(upto.rstrip())))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [int(any(s <= a < e for s, e in spans)) for a, b in enc["offset_mapping"]]
-    return list(enc["input_ids"]), mask
-
-
 def _percentile(sorted_values: list[int], q: float) -> float:
     if not sorted_values:
         return 0.0
@@ -1260,13 +1194,15 @@ def token_stats(
     ``no_assistant_after_truncation`` (examples truncated before any answer),
     ``histogram`` (``edges`` and ``counts``), ``template`` and ``render_errors``.
     """
-    template, source = training_chat_template(tokenizer, chat_template)
+    from engine import templates
+
+    template, source = templates.model_template(tokenizer, chat_template)
     lengths, turns = [], []
     assistant_total = assistant_kept = truncated = lost = 0
     errors: list[str] = []
     for index, messages in enumerate(records):
         try:
-            ids, mask = render_example(messages, tokenizer, template, source)
+            ids, mask = templates.training_example(messages, tokenizer, template)
         except Exception as err:  # jinja raise_exception() and template bugs: count, report, go on
             errors.append(f"record {index + 1}: {err}")
             continue
@@ -1285,7 +1221,7 @@ def token_stats(
     total_tokens = sum(lengths)
     return {
         "records": len(lengths),
-        "template": source,
+        "template": f"{templates.template_name(template)} ({source})",
         "max_length": max_length,
         "turns": {
             "total": sum(turns),

@@ -173,7 +173,7 @@ def run_source(run_dir: Path) -> dict:
 def _save_tokenizer(tokenizer, directory: Path, chat_template: str | None) -> None:
     """Save the tokenizer with an inference chat template and eos = <|im_end|> when the
     vocabulary has it, so every runtime stops at the end of a chat turn."""
-    from engine.inference import inference_template
+    from engine.templates import inference_template
 
     template = inference_template(chat_template or tokenizer.chat_template)
     if template:
@@ -329,7 +329,8 @@ def _finish_onnx_dir(out_dir: Path, hf_dir: Path) -> None:
             shutil.copy2(hf_dir / name, out_dir / name)
     from transformers import AutoTokenizer
 
-    from engine.inference import _stop_ids_from, inference_template
+    from engine.inference import _stop_ids_from
+    from engine.templates import inference_template
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     if tokenizer.chat_template:
@@ -443,10 +444,11 @@ def _probe_prompts(model, probes) -> list[list[int]]:
 
 
 def _answer_ids(model, answer: str) -> list[int]:
-    """Token ids of an assistant answer followed by the end-of-turn token."""
-    from engine.inference import CHAT_END_TOKEN
+    """Token ids of an assistant answer followed by the model's end-of-turn marker."""
+    from engine.templates import turn_end_marker
 
-    return model.tokenizer(answer + CHAT_END_TOKEN, add_special_tokens=False)["input_ids"][:64]
+    marker = turn_end_marker(model.tokenizer, model.chat_template or model.tokenizer.chat_template)
+    return model.tokenizer(answer + marker, add_special_tokens=False)["input_ids"][:64]
 
 
 def _perplexity_texts(cfg, probes, progress) -> tuple[list[dict], str]:

@@ -52,10 +52,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.templates import END_OF_TURN_MARKERS, end_of_turn_ids, inference_template
+
 BACKENDS = ("base", "tuned", "onnx")
 ONNX_PRECISIONS = ("int4", "int8", "fp32")
 ROLES = ("system", "user", "assistant")
-CHAT_END_TOKEN = "<|im_end|>"
 MAX_LOADED = int(os.environ.get("TUNELAB_MAX_LOADED_MODELS", "4"))
 
 Progress = Callable[[str], None]
@@ -178,17 +179,6 @@ def normalize_messages(messages: Any, system: str | None = None) -> list[dict]:
     if not out or out[-1]["role"] != "user":
         raise InferenceError("messages: the last message must come from the user")
     return out
-
-
-def inference_template(template: str | None) -> str | None:
-    """A chat template without TRL's ``{% generation %}`` markers (which only tag the
-    assistant tokens for the loss and render nothing). Runtimes other than transformers,
-    onnxruntime-genai's among them, do not know these tags."""
-    if not template:
-        return template
-    import re
-
-    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
 
 
 # --------------------------------------------------------------------------- streaming core
@@ -439,7 +429,8 @@ class TorchChatModel(ChatModel):
         self._lean_lock = threading.Lock()
         self.lean_note = ""  # why the lean decoder is not used, once that is known
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.stop_ids = frozenset(_stop_ids_from(tokenizer, getattr(model, "generation_config", None)))
+        self.stop_ids = frozenset(_stop_ids_from(tokenizer, getattr(model, "generation_config", None),
+                                                 self.chat_template))
         self._torch = torch
 
     def render(self, messages: list[dict]) -> str:
@@ -538,11 +529,11 @@ def _available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _stop_ids_from(tokenizer, generation_config=None) -> set[int]:
-    ids: set[int] = set()
-    for tid in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(CHAT_END_TOKEN)):
-        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
-            ids.add(tid)
+def _stop_ids_from(tokenizer, generation_config=None, template: str | None = None) -> set[int]:
+    """Where generation stops: eos and the end-of-turn markers of the chat template
+    (``template``, else the tokenizer's own; engine.templates), and the eos ids of
+    ``generation_config``."""
+    ids = end_of_turn_ids(tokenizer, template or tokenizer.chat_template)
     eos = getattr(generation_config, "eos_token_id", None)
     if isinstance(eos, int):
         ids.add(eos)
@@ -644,13 +635,18 @@ class OnnxChatModel(ChatModel):
         self.tokenizer = og.Tokenizer(self.model)
         self.context_length = int(config["model"].get("context_length", 2048))
         eos = config["model"].get("eos_token_id", [])
-        self.stop_ids = frozenset([eos] if isinstance(eos, int) else eos) | frozenset(self._chat_end_id())
         template_path = self.export_dir / "chat_template.jinja"
         self.chat_template = inference_template(template_path.read_text(encoding="utf-8")) if template_path.is_file() else None
+        self.stop_ids = frozenset([eos] if isinstance(eos, int) else eos) | frozenset(self._chat_end_ids())
 
-    def _chat_end_id(self) -> list[int]:
-        ids = self.tokenizer.encode(CHAT_END_TOKEN).tolist()
-        return ids if len(ids) == 1 else []
+    def _chat_end_ids(self) -> list[int]:
+        """The template's end-of-turn markers that are one token of this tokenizer."""
+        ids = []
+        for marker in END_OF_TURN_MARKERS:
+            if marker in (self.chat_template or "<|im_end|>"):
+                encoded = self.tokenizer.encode(marker).tolist()
+                ids += encoded if len(encoded) == 1 else []
+        return ids
 
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(

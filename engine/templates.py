@@ -71,6 +71,22 @@ PLAIN_CHATML = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# SmolLM2's own template with TRL's {% generation %} markers around each answer: what TRL's
+# assistant_only_loss needs (TRL ships no such variant for SmolLM2). tunelab does not train
+# with it; the TRL baseline of `make bench` does, and tests compare masks with it.
+SMOLLM2_MARKED = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 # Appended to an answer to find where the template puts its end (a private-use character:
 # no template treats it specially, no stripping removes it).
 _PROBE = "\ue000"
@@ -268,3 +284,15 @@ def training_example(messages: list[dict], tokenizer, template: str) -> tuple[li
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask
+
+
+def turn_end_marker(tokenizer, template: str) -> str:
+    """The end-of-turn marker an answer of this template ends with ("" when it writes
+    none): found by rendering a one-turn conversation."""
+    messages = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]
+    try:
+        text, spans = assistant_spans(messages, tokenizer, template)
+    except (TemplateError, ValueError, TypeError) as err:  # a template that refuses this conversation
+        raise TemplateError(f"{template_name(template)} cannot render a one-turn conversation: {err}") from err
+    trained = text[spans[0][0]:spans[0][1]]
+    return next((stop for stop in end_of_turn_texts(tokenizer, template) if trained.endswith(stop)), "")

@@ -27,17 +27,15 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from engine import runs
+from engine import runs, templates
 from engine.config import ConfigError, MethodConfig, RunConfig
 
 EXIT_OK = 0  # completed, or aborted on request (status.json says which)
 EXIT_FAILED = 1
 
 # Chat conversations are turned into token ids here (not inside TRL), so that every chat
-# template gets the same treatment (see chat_templates): a template with {% generation %}
-# markers gives the assistant mask directly; other prefix-preserving templates (Llama 3.1,
-# ...) get it by rendering each conversation prefix. engine.data measures with the same
-# functions.
+# template gets the same treatment: engine.templates renders each with the model's own
+# template and finds the answers in that text. engine.data measures with the same functions.
 
 
 class TrainingDataError(ValueError):
@@ -182,91 +180,36 @@ def method_configs(method: MethodConfig, precision: str):
 # --------------------------------------------------------------------------- data -> token ids
 
 
-# Phi-3 style (``<|user|>`` ... ``<|end|>``) with generation markers. Phi-3's own template
-# ends every rendering with the eos token, so it does not render conversations prefix by
-# prefix and the prefix masking cannot be used with it.
-PHI3_TRAINING_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|assistant|>\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|end|>' }}{%- endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- else %}{{- eos_token }}{%- endif %}"
-)
-
-
-def chat_templates(tokenizer, config: RunConfig) -> tuple[str, str, str]:
-    """(template to train with, what it is, template to save with the tokenizer for inference).
-
-    In order: a template with ``{% generation %}`` markers as it is; ChatML templates
-    (SmolLM2, Qwen, ...) as engine.models.CHATML_TRAINING_TEMPLATE; a template TRL has a
-    training variant for (Llama 3, Phi-3, Qwen 2.5/3, Gemma, ...) as that variant; other
-    Phi-3 style templates as PHI3_TRAINING_TEMPLATE; anything else (Llama 3.1/3.2, ...)
-    with masks found by rendering each conversation prefix (engine.data.render_example).
-    """
-    from trl.chat_template_utils import has_generation_markers
-
-    from engine.data import training_chat_template
-
-    own = config.model.chat_template or tokenizer.chat_template
-    if isinstance(own, dict):
-        own = own.get("default") or next(iter(own.values()))
-    template, source = training_chat_template(tokenizer, config.model.chat_template)
-    if not has_generation_markers(template):
-        trl_variant = _trl_training_template(tokenizer, template)
-        if trl_variant:
-            template, source = trl_variant, "trl-training-variant"
-        elif "<|assistant|>" in template and "<|end|>" in template:
-            template, source = PHI3_TRAINING_TEMPLATE, "phi3-training"
-        else:
-            source = "prefix-mask"
-    return template, source, own or template
-
-
-def _trl_training_template(tokenizer, template: str) -> str | None:
-    """TRL's generation-marked variant of ``template``, if TRL knows this template."""
-    from trl.chat_template_utils import get_training_chat_template
-
-    saved = tokenizer.chat_template
-    tokenizer.chat_template = template
-    try:
-        return get_training_chat_template(tokenizer)
-    except ValueError:  # "patching is not supported for this template"
-        return None
-    finally:
-        tokenizer.chat_template = saved
-
-
-def tokenize_conversations(conversations, tokenizer, template: str, source: str, assistant_only: bool, label: str,
+def tokenize_conversations(conversations, tokenizer, template: str, assistant_only: bool, label: str,
                            max_length: int | None = None):
     """A ``datasets.Dataset`` of ``input_ids`` (and ``assistant_masks`` for assistant-only loss),
-    each cut to ``max_length`` tokens.
+    each cut to ``max_length`` tokens: the model's own rendering of each conversation
+    (engine.templates).
 
     Conversations the template refuses (e.g. a template that allows no system message)
-    are skipped and counted; if none is left, :class:`TrainingDataError`.
+    are skipped and counted; if none is left, :class:`TrainingDataError`. A template
+    whose answers cannot be found in its own rendering (engine.templates.TemplateError)
+    stops the run with a ConfigError that names it, when the loss is on answers only.
     """
     from datasets import Dataset
 
-    from engine.data import render_example
+    from engine import templates
 
     ids_list, masks, refused, emptied = [], [], [], 0
     for index, messages in enumerate(conversations):
         try:
-            ids, mask = render_example(messages, tokenizer, template, source)
-        except ValueError as err:
-            if "prefix by prefix" in str(err):
-                raise ConfigError(
-                    "model.chat_template",
-                    "the chat template does not render conversations prefix by prefix, so the assistant tokens "
-                    "cannot be found: give a template with {% generation %} markers in model.chat_template, or "
-                    "set training.assistant_only_loss: false",
-                ) from err
-            refused.append(f"{label} example {index + 1}: {err}")
-            continue
+            if assistant_only:
+                ids, mask = templates.training_example(messages, tokenizer, template)
+            else:
+                text = templates.render(messages, tokenizer, template)
+                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+                mask = [1] * len(ids)
+        except templates.TemplateError as err:
+            raise ConfigError(
+                "model.chat_template",
+                f"{err} (in {label} example {index + 1}), or set training.assistant_only_loss: false to train on "
+                "every token",
+            ) from err
         except Exception as err:  # jinja2 raise_exception() in a template: report and go on
             refused.append(f"{label} example {index + 1}: {type(err).__name__}: {err}")
             continue
@@ -660,17 +603,17 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
     say(f"precision {precision}: {precision_reason}")
     model_dir = resolve_model(config.model.name_or_path, progress=say)
     tokenizer = load_tokenizer(model_dir, config)
-    template, template_source, inference_template = chat_templates(tokenizer, config)
-    tokenizer.chat_template = inference_template  # what adapter/ or model/ will carry
+    template, template_source = templates.model_template(tokenizer, config.model.chat_template)
+    template = templates.inference_template(template)
+    tokenizer.chat_template = template  # what adapter/ or model/ will carry: the template trained with
     assistant_only = config.training.assistant_only_loss
-    say(f"chat template: {template_source}; loss on {'assistant tokens only' if assistant_only else 'every token'}")
+    say(f"chat template: {templates.template_name(template)} ({template_source}); loss on "
+        f"{'assistant tokens only' if assistant_only else 'every token'}")
 
     cutoff = config.data.max_length
-    train_ds = tokenize_conversations(train_records, tokenizer, template, template_source, assistant_only, "train",
-                                      cutoff)
+    train_ds = tokenize_conversations(train_records, tokenizer, template, assistant_only, "train", cutoff)
     val_ds = (
-        tokenize_conversations(val_records, tokenizer, template, template_source, assistant_only, "validation",
-                               cutoff)
+        tokenize_conversations(val_records, tokenizer, template, assistant_only, "validation", cutoff)
         if val_records
         else None
     )
@@ -705,7 +648,7 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
         "model_dir": str(model_dir),
         "precision": precision,
         "precision_reason": precision_reason,
-        "chat_template": template_source,
+        "chat_template": f"{templates.template_name(template)} ({template_source})",
         "train_examples": len(trainer.train_dataset),
         "validation_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
     }

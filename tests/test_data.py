@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import data
+from engine import data, templates
 from engine.config import DataConfig
 from engine.data import DataError, Problem, load_for_training, load_records, split_records, token_stats
 
@@ -551,8 +551,7 @@ def test_load_for_training_applies_max_records_and_split(tmp_path):
 
 
 def test_token_stats_counts_and_assistant_mask(tokenizer):
-    from engine.models import CHATML_TRAINING_TEMPLATE
-
+    own = tokenizer.chat_template  # SmolLM2's own ChatML template
     records = [
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}],
         [
@@ -565,10 +564,10 @@ def test_token_stats_counts_and_assistant_mask(tokenizer):
     ]
     stats = token_stats(records, tokenizer, max_length=1024)
     lengths = [
-        len(tokenizer.apply_chat_template(r, chat_template=CHATML_TRAINING_TEMPLATE, tokenize=True, return_dict=True)["input_ids"])
+        len(tokenizer.apply_chat_template(r, chat_template=own, tokenize=True, return_dict=True)["input_ids"])
         for r in records
     ]
-    assert stats["template"] == "chatml-training"
+    assert stats["template"] == "a ChatML template (tokenizer)"
     assert stats["records"] == 2
     assert stats["tokens"]["min"] == min(lengths) and stats["tokens"]["max"] == max(lengths)
     assert stats["tokens"]["total"] == sum(lengths)
@@ -584,7 +583,7 @@ def test_token_stats_counts_and_assistant_mask(tokenizer):
     # cut the first record right before its answer
     cutoff = len(
         tokenizer.apply_chat_template(
-            records[0][:1], chat_template=CHATML_TRAINING_TEMPLATE, add_generation_prompt=True, tokenize=True,
+            records[0][:1], chat_template=own, add_generation_prompt=True, tokenize=True,
             return_dict=True,
         )["input_ids"]
     )
@@ -605,40 +604,44 @@ def test_percentiles_and_histogram_bins(tokenizer):
     assert t["min"] < t["median"] < t["p95"] < t["max"]
     assert t["max"] - t["p95"] < t["max"] - t["median"]
     assert stats["over_max_length"] == sum(
-        1 for r in records if len(data.render_example(r, tokenizer, *data.training_chat_template(tokenizer))[0]) > 64
+        1 for r in records if len(templates.training_example(r, tokenizer, tokenizer.chat_template)[0]) > 64
     )
     assert len(stats["histogram"]["counts"]) == 10 and sum(stats["histogram"]["counts"]) == 40
 
 
-def test_prefix_mask_matches_generation_markers(tokenizer):
-    """Without {% generation %} markers, masks come from prefix rendering; on ChatML both agree."""
-    from engine.models import CHATML_TRAINING_TEMPLATE
-
+def test_masks_from_the_own_template_equal_generation_markers(tokenizer):
+    """The masks found in the model's own rendering equal those of a generation-marked copy
+    (transformers' return_assistant_tokens_mask); the text is the model's own, its default
+    system prompt included."""
     messages = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
         {"role": "tool", "content": "{}"},
         {"role": "assistant", "content": "Done."},
     ]
-    marked = data.render_example(messages, tokenizer, CHATML_TRAINING_TEMPLATE, "chatml-training")
-    own_template = tokenizer.chat_template
-    assert not data._GENERATION_TAG.search(own_template)
-    prefixed = data.render_example(messages, tokenizer, own_template, "tokenizer+prefix-mask")
-    assert prefixed == marked
-    ids, mask = prefixed
+    own = tokenizer.chat_template
+    assert not templates.GENERATION_TAG.search(own)
+    ids, mask = templates.training_example(messages, tokenizer, own)
+    marked = tokenizer.apply_chat_template(messages, chat_template=templates.SMOLLM2_MARKED, tokenize=True, return_dict=True,
+                                           return_assistant_tokens_mask=True)
+    assert ids == list(marked["input_ids"]) and mask == list(marked["assistant_masks"])
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert "named SmolLM" in tokenizer.decode(ids)
     assert tokenizer.decode([t for t, m in zip(ids, mask) if m]) == "Hello!<|im_end|>Done.<|im_end|>"
+    # a marked template given in the config trains the same tokens (its markers render nothing)
+    assert templates.training_example(messages, tokenizer, templates.SMOLLM2_MARKED) == (ids, mask)
 
 
-def test_other_templates_use_prefix_mask(tokenizer):
+def test_other_templates_train_the_answer_and_its_end_of_turn(tokenizer):
     template = (
         "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
         "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}"
     )
-    source_template, source = data.training_chat_template(type("T", (), {"chat_template": template})())
-    assert source == "tokenizer+prefix-mask" and source_template == template
+    assert templates.model_template(tokenizer, template) == (template, "config")
     records = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]]
     stats = token_stats(records, tokenizer, 100, chat_template=template)
-    ids, mask = data._prefix_mask(records[0], tokenizer, template)
+    assert stats["template"] == "a custom template (config)"
+    ids, mask = templates.training_example(records[0], tokenizer, template)
     assert tokenizer.decode([t for t, m in zip(ids, mask) if m]).strip() == "Hello</s>"
     assert stats["assistant_tokens"] == sum(mask)
     bad = "{{ raise_exception('roles must alternate') }}"

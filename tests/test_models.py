@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine import models
-from engine.models import CHATML_TRAINING_TEMPLATE, ModelNotFoundError, resolve_model
+from engine.models import ModelNotFoundError, resolve_model
 
 CHAT = [
     {"role": "system", "content": "You are terse."},
@@ -50,16 +50,6 @@ def test_corrected_tokenizer_renders_one_start_token_and_stops_at_im_end(embedde
     out = model.generate(torch.tensor([ids]), max_new_tokens=60, do_sample=False)[0][len(ids):].tolist()
     assert im_end in out, "generation must stop at <|im_end|>"
     assert out.index(im_end) == len(out) - 1
-
-
-def test_training_template_renders_like_the_model_template(embedded_dir):
-    tok = AutoTokenizer.from_pretrained(embedded_dir)
-    for conv in (CHAT[:3], CHAT[1:3], CHAT + [{"role": "assistant", "content": "Red."}]):
-        for gen in (False, True):
-            a = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
-            b = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen,
-                                        chat_template=CHATML_TRAINING_TEMPLATE)
-            assert a == b
 
 
 def test_tiny_model_has_the_embedded_tokenizer(tiny_model_dir, embedded_dir):

@@ -219,7 +219,7 @@ def _trained_tokens(tiny_model_dir, tmp_path, **model_section):
 
 def test_assistant_only_loss_chatml_token_by_token(tiny_model_dir, tmp_path):
     info, pairs, _, _, _ = _trained_tokens(tiny_model_dir, tmp_path)
-    assert info["chat_template"] == "chatml-training"
+    assert info["chat_template"] == "a ChatML template (tokenizer)"
     # Every token of the multi-turn chat, and whether the loss counts it: the two answers
     # and the end-of-turn token that closes each (so the model learns to stop); not the
     # newline after it, nor any header, system or user token.
@@ -380,8 +380,8 @@ LLAMA31_STYLE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
-# A Phi-3 style template (not TRL's exact text): it ends every render with eos, so it is
-# not prefix-preserving and the engine's generation-marked Phi-3 variant is used.
+# A Phi-3 style template (not TRL's exact text): it ends every render with eos, which is
+# not the model's to write after an answer that <|end|> already closed.
 PHI3_STYLE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
@@ -411,8 +411,8 @@ def special_tokens_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "template, source, trained_text",
     [
-        (LLAMA31_STYLE, "prefix-mask", "Hello there.<|eot_id|>See you.<|eot_id|>"),
-        (PHI3_STYLE, "phi3-training", "Hello there.<|end|>See you.<|end|>"),
+        (LLAMA31_STYLE, "a custom template (config)", "Hello there.<|eot_id|>See you.<|eot_id|>"),
+        (PHI3_STYLE, "a custom template (config)", "Hello there.<|end|>See you.<|end|>"),
     ],
 )
 def test_assistant_only_loss_other_template_styles(template, source, trained_text, special_tokens_model_dir,
@@ -424,7 +424,7 @@ def test_assistant_only_loss_other_template_styles(template, source, trained_tex
     # The trained tokens are two contiguous runs, one per answer.
     runs_of_trained = sum(1 for k, (_, t) in enumerate(pairs) if t and (k == 0 or not pairs[k - 1][1]))
     assert runs_of_trained == 2
-    # The full text is the model's own rendering (the variant changes masks, not text).
+    # The full text is the model's own rendering.
     text = tokenizer.apply_chat_template(CONVERSATION, chat_template=template, tokenize=False)
     assert tokenizer.decode(ids) == text
 

@@ -221,7 +221,7 @@ def test_inspect_sample_shows_format_split_stats_and_histogram(tokenizer):
     assert f"{ins.split['train']} train / {ins.split['validation']} validation" in summary
     assert ins.split["train"] + ins.split["validation"] == len(ins.records)
     stats = data_tab.stats_markdown(ins.report["tokens"])
-    assert "Tokens per record" in stats and "chatml" in stats
+    assert "Tokens per record" in stats and "a ChatML template (tokenizer)" in stats
     frame = data_tab.histogram_frame(ins.report["tokens"])
     assert frame["records"].sum() == len(ins.records)
     assert frame["tokens"].iloc[0].startswith("0-")

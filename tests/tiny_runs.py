@@ -90,11 +90,7 @@ def make_adapter_run(runs_dir: Path, base: Path, name: str = "lora-run", method:
     if save_tokenizer:
         from transformers import AutoTokenizer
 
-        from engine.models import CHATML_TRAINING_TEMPLATE
-
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        tokenizer.chat_template = CHATML_TRAINING_TEMPLATE
-        tokenizer.save_pretrained(run_dir / "adapter")
+        AutoTokenizer.from_pretrained(base).save_pretrained(run_dir / "adapter")
     _write_config(run_dir, base, method)
     return run_dir
 
