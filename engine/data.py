@@ -716,6 +716,11 @@ def _turns(value: Any, ctx: _Ctx, fld: str, role_map: dict[str, str]) -> list[di
         if content is None:
             ok = False
             continue
+        reasoning = turn.get("reasoning_content") if role == "assistant" else None
+        if isinstance(reasoning, str) and reasoning.strip() and "</think>" not in content:
+            from engine.templates import with_reasoning
+
+            content = with_reasoning(content, reasoning)
         messages.append({"role": role, "content": content})
     return messages if ok else None
 

@@ -96,6 +96,14 @@ class TemplateError(ValueError):
     """A chat template that cannot be trained on as the model renders it; the message names it."""
 
 
+def with_reasoning(content: str, reasoning: str) -> str:
+    """An answer whose reasoning came in its own field (``reasoning_content``), written as
+    the reasoning families write it: ``<think>...</think>`` before the answer. Their
+    templates (Qwen3, Nemotron, ...) read it back out of the content; other templates keep
+    it as text."""
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{content.lstrip()}"
+
+
 def model_template(tokenizer, override: str | None = None) -> tuple[str, str]:
     """(template, where it comes from): ``override`` ("config"), else the tokenizer's own
     ("tokenizer"; its default one when it has several), else :data:`PLAIN_CHATML`

@@ -229,6 +229,25 @@ def test_openai_tool_calls(tmp_path):
     assert result.counts["tool_calls"] == 1
 
 
+def test_reasoning_content_is_kept_as_a_think_block(tmp_path, tokenizer):
+    """An answer's separate reasoning field stays with it, written as <think>...</think>
+    (which Qwen3's template reads back out); an answer that already holds its reasoning is
+    left as it is."""
+    records = [
+        {"messages": [{"role": "user", "content": "2 + 3?"},
+                      {"role": "assistant", "content": "5.", "reasoning_content": "Two plus three.\n"}]},
+        {"messages": [{"role": "user", "content": "4 + 4?"},
+                      {"role": "assistant", "content": "<think>\nFour and four.\n</think>\n\n8.",
+                       "reasoning_content": "ignored: the answer has its own"}]},
+    ]
+    result = load_records(write_jsonl(tmp_path / "reasoning.jsonl", records))
+    assert result.records[0][-1]["content"] == "<think>\nTwo plus three.\n</think>\n\n5."
+    assert result.records[1][-1]["content"] == "<think>\nFour and four.\n</think>\n\n8."
+    qwen3 = (Path(__import__("trl").__file__).parent / "chat_templates" / "qwen3.jinja").read_text()
+    text, spans = templates.assistant_spans(result.records[0], tokenizer, qwen3)
+    assert text[spans[0][0]:spans[0][1]] == "<think>\nTwo plus three.\n</think>\n\n5.<|im_end|>"
+
+
 def test_alpaca_with_input_system_and_history(tmp_path):
     record = {
         "instruction": "Translate to French.",
