@@ -163,6 +163,7 @@ class LoadResult:
     pairs: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     placeholders: list[str] = field(default_factory=list)
+    unfilled: list[str] = field(default_factory=list)  # placeholders no persona value fills
     counts: dict = field(default_factory=dict)
 
     @property
@@ -181,6 +182,7 @@ class LoadResult:
             "skipped": self.skipped,
             "counts": self.counts,
             "placeholders": self.placeholders,
+            "placeholders_unfilled": self.unfilled,
             "warnings": self.warnings,
             "problems": [p.to_dict() for p in self.problems],
         }
@@ -1023,15 +1025,14 @@ def load_records(
         tool_calls += ctx.tool_calls
 
     total = len(source.rows)
-    if placeholders:
-        names = sorted(placeholders)
-        unfilled = [n for n in names if not _persona_has(persona or {}, n)]
-        if unfilled:
-            warnings.append(
-                "the data holds placeholders that no persona value fills: "
-                + ", ".join("{{" + n + "}}" for n in unfilled)
-                + " (give values, e.g. --persona name=Pip)"
-            )
+    unfilled = [n for n in sorted(placeholders) if not _persona_has(persona or {}, n)]
+    if unfilled:
+        warnings.append(
+            "the data holds placeholders that no persona value fills: "
+            + ", ".join("{{" + n + "}}" for n in unfilled)
+            + " (give values: " + " ".join(f"{n}=..." for n in unfilled) + " in the Data tab's Fill placeholders "
+            "field, data.persona in a config, or --persona on the command line)"
+        )
     result = LoadResult(
         path=str(path),
         format=chosen_format,
@@ -1044,6 +1045,7 @@ def load_records(
         pairs=pairs,
         warnings=warnings,
         placeholders=sorted(placeholders),
+        unfilled=unfilled,
         counts={
             "messages": role_counts,
             "turns": sum(role_counts.values()),
@@ -1295,16 +1297,85 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("--seed", type=int, default=42, help="Seed of the split.")
     inspect.add_argument("--no-tokens", action="store_true", help="Skip the token statistics (no tokenizer needed).")
     inspect.add_argument("--max-problems", type=int, default=50, help="Problems listed in text output (default 50).")
+    from engine.config import DataConfig, ModelConfig
+
+    preview = sub.add_parser(
+        "preview",
+        help="Show one example as the model will train on it: its exact text and the tokens that carry the loss.",
+        description="Render one record through the model's own chat template (engine.templates) and show the "
+        "exact text, the trained (assistant) tokens between \u27e6 \u27e7, and the cut at --max-length.",
+    )
+    preview.add_argument("file", help="The dataset file (any format `tunelab data inspect` reads).")
+    preview.add_argument("--model", default=ModelConfig.name_or_path,
+                         help=f"Model whose tokenizer and chat template render it (default {ModelConfig.name_or_path}).")
+    preview.add_argument("--index", type=int, default=1, help="Which record, counted from 1 (default 1).")
+    preview.add_argument("--max-length", type=int, default=DataConfig.max_length,
+                         help=f"The trainer's cut, in tokens (default {DataConfig.max_length}).")
+    preview.add_argument("--chat-template", default=None, metavar="FILE",
+                         help="A Jinja chat template file to use instead of the model's own.")
+    preview.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="Force a format (default: detect).")
+    preview.add_argument("--persona", nargs="+", action="extend", type=_persona_item, default=[], metavar="KEY=VALUE",
+                         help="Fill {{key}} placeholders, e.g. --persona name=Pip.")
+    preview.add_argument("--system-prompt", default=None, help="System prompt for records that have none.")
+    preview.add_argument("--json", action="store_true",
+                         help="Print one JSON object: text, token_ids, tokens, trained (per-token mask), kept.")
     parser.set_defaults(_data_parser=parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    if getattr(args, "data_command", None) != "inspect":
-        parser = getattr(args, "_data_parser", None)
-        if parser is not None:
-            parser.print_help()
-        return 2
-    return _inspect(args)
+    command = getattr(args, "data_command", None)
+    if command == "inspect":
+        return _inspect(args)
+    if command == "preview":
+        return _preview(args)
+    parser = getattr(args, "_data_parser", None)
+    if parser is not None:
+        parser.print_help()
+    return 2
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from engine import templates
+
+    def fail(message: str) -> int:
+        print(json.dumps({"error": message}) if args.json else f"error: {message}", file=sys.stdout if args.json
+              else sys.stderr)
+        return 1
+
+    if args.max_length <= 0:
+        return fail("--max-length must be > 0")
+    try:
+        result = load_records(args.file, format=args.format, persona=dict(args.persona) or None,
+                              system_prompt=args.system_prompt)
+        if not 1 <= args.index <= len(result.records):
+            return fail(f"--index {args.index}: {args.file} has {len(result.records)} usable records (1 to "
+                        f"{len(result.records)})")
+        tokenizer = _load_tokenizer(args.model)
+    except DataError as err:
+        return fail(str(err))
+    override = None
+    if args.chat_template:
+        try:
+            override = Path(args.chat_template).read_text(encoding="utf-8")
+        except OSError as err:
+            return fail(f"--chat-template {args.chat_template}: {err.strerror or err}")
+    template, source = templates.model_template(tokenizer, override)
+    try:
+        view = templates.preview(result.records[args.index - 1], tokenizer, template, args.max_length)
+    except templates.TemplateError as err:
+        return fail(str(err))
+    view.update(record=args.index, template_source=source, placeholders=result.unfilled)
+    if args.json:
+        print(json.dumps(view, indent=2, ensure_ascii=False))
+        return 0
+    print(templates.preview_text(view))
+    cut = f"; cut at {view['cut_at']}" if view["cut_at"] is not None else ""
+    print(f"\n[record {args.index} of {len(result.records)}; {view['template']} ({source}); {view['length']} tokens, "
+          f"{view['trained_tokens']} trained (between \u27e6 \u27e7){cut}]")
+    if result.unfilled:
+        print("warning: unfilled placeholders " + ", ".join("{{" + p + "}}" for p in result.unfilled)
+              + f": fill them with --persona {' '.join(p + '=...' for p in result.unfilled)}", file=sys.stderr)
+    return 0
 
 
 def inspect_file(
@@ -1318,9 +1389,13 @@ def inspect_file(
     tokenizer=None,
     validation_split: float = 0.1,
     seed: int = 42,
+    max_records: int | None = None,
 ) -> tuple[LoadResult, dict]:
-    """Load and measure a dataset; the report the CLI and the UI show. Raises DataError."""
+    """Load and measure a dataset (its first ``max_records`` usable records, as training
+    takes them); the report the CLI and the UI show. Raises DataError."""
     result = load_records(path, format=format, on_error=on_error, persona=persona, system_prompt=system_prompt)
+    if max_records:
+        result.records = result.records[:max_records]
     train, val = split_records(result.records, validation_split, seed)
     report = result.summary()
     report["split"] = {"train": len(train), "validation": len(val), "seed": seed, "validation_split": validation_split}

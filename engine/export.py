@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import re
 import selectors
 import shutil
 import subprocess
@@ -346,6 +347,56 @@ def _finish_onnx_dir(out_dir: Path, hf_dir: Path) -> None:
     config_path.write_text(json.dumps(config, indent=4), encoding="utf-8")
 
 
+def builder_architectures() -> list[str]:
+    """The architectures (config.json "architectures") onnxruntime-genai's model builder has
+    a recipe for, read from the installed builder itself (it has no list to ask)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime_genai.models.builder")
+    if spec is None or not spec.origin:
+        return []
+    source = Path(spec.origin).read_text(encoding="utf-8", errors="replace")
+    return sorted(set(re.findall(r'config\.architectures\[0\] == "(\w+)"', source)))
+
+
+def _builder_failure(hf_dir: Path, code: int, log_path: Path) -> str:
+    """A sentence for a failed builder run: the model's architecture, the builder's version
+    and its own error line (not its traceback), and where the whole log is."""
+    lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines() if log_path.is_file() else []
+    errors = [line.strip() for line in lines if re.match(r"^\s*[A-Za-z_.]*(Error|Exception)\b", line)]
+    try:
+        architecture = (json.loads((hf_dir / "config.json").read_text(encoding="utf-8")).get("architectures")
+                        or ["this model"])[0]
+    except (OSError, ValueError):
+        architecture = "this model"
+    try:
+        from importlib.metadata import version
+
+        builder = f"onnxruntime-genai {version('onnxruntime-genai')}"
+    except ImportError:
+        builder = "onnxruntime-genai"
+    said = errors[-1] if errors else (lines[-1] if lines else f"exit code {code}, no output")
+    return (f"the ONNX model builder ({builder}) could not export {architecture}: {said}. The PyTorch columns "
+            f"of the playground still chat with this model. Full log: {log_path}")
+
+
+def _check_architecture(hf_dir: Path) -> None:
+    """ExportError naming the model's architecture when the builder has no recipe for it
+    (a directory without config.json is left to the builder to describe)."""
+    if not (hf_dir / "config.json").is_file():
+        return
+    try:
+        config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{hf_dir / 'config.json'} cannot be read: {err}") from err
+    architecture = (config.get("architectures") or ["(none given)"])[0]
+    supported = builder_architectures()
+    if supported and architecture not in supported:
+        raise ExportError(
+            f"{architecture} is not one the ONNX model builder (onnxruntime-genai) can export; it exports "
+            f"{', '.join(supported)}. The PyTorch columns of the playground still chat with this model.")
+
+
 def build_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "int4", *,
                execution_provider: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE,
                progress: Progress | None = None, stop: threading.Event | None = None) -> Path:
@@ -357,6 +408,7 @@ def build_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "int4",
         raise ExportError(f"execution provider: {execution_provider!r} is not one of {', '.join(EXECUTION_PROVIDERS)}")
     ep = default_execution_provider() if execution_provider == "auto" else execution_provider
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    _check_architecture(hf_dir)
     tmp = _fresh_tmp(out_dir)
     cache_dir = tmp.with_name(tmp.name + "-cache")
     log_path = out_dir.with_name(out_dir.name + ".log")
@@ -366,11 +418,7 @@ def build_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "int4",
     try:
         code = _stream_process(cmd, log_path, say, stop)
         if code != 0 or not (tmp / "genai_config.json").is_file():
-            tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
-            raise ExportError(
-                f"the ONNX model builder failed (exit code {code}); full log in {log_path}. Last lines:\n"
-                + "\n".join(tail)
-            )
+            raise ExportError(_builder_failure(hf_dir, code, log_path))
         _finish_onnx_dir(tmp, hf_dir)
         stamp = {"source": str(hf_dir), "source_signature": _signature(hf_dir), "precision": precision,
                  "execution_provider": ep, "block_size": block_size if precision != "fp32" else None,

@@ -304,3 +304,48 @@ def turn_end_marker(tokenizer, template: str) -> str:
         raise TemplateError(f"{template_name(template)} cannot render a one-turn conversation: {err}") from err
     trained = text[spans[0][0]:spans[0][1]]
     return next((stop for stop in end_of_turn_texts(tokenizer, template) if trained.endswith(stop)), "")
+
+
+def preview(messages: list[dict], tokenizer, template: str, max_length: int | None = None) -> dict:
+    """What the model learns from one conversation, token by token (the Data tab's view and
+    ``tunelab data preview``): the text, and per token its id, its text, whether it carries
+    the loss and whether it lies within ``max_length`` (the cut the trainer makes)."""
+    ids, mask = training_example(messages, tokenizer, template)
+    pieces = [tokenizer.decode([tid]) for tid in ids]
+    kept = len(ids) if not max_length else min(len(ids), max_length)
+    return {
+        "template": template_name(inference_template(template)),
+        "text": tokenizer.decode(ids),
+        "token_ids": ids,
+        "tokens": pieces,
+        "trained": mask,
+        "kept": [int(i < kept) for i in range(len(ids))],
+        "length": len(ids),
+        "max_length": max_length,
+        "cut_at": kept if kept < len(ids) else None,
+        "trained_tokens": sum(mask[:kept]),
+        "trained_tokens_cut": sum(mask[kept:]),
+    }
+
+
+def preview_text(view: dict, trained: tuple[str, str] = ("\u27e6", "\u27e7")) -> str:
+    """A preview for a terminal: trained tokens between the two marks (⟦ ⟧), the cut at
+    max_length marked on a line of its own."""
+    out, inside = [], False
+    for i, (piece, on, kept) in enumerate(zip(view["tokens"], view["trained"], view["kept"])):
+        on = on and kept  # past the cut nothing is trained
+        if view["cut_at"] is not None and i == view["cut_at"]:
+            if inside:
+                out.append(trained[1])
+                inside = False
+            out.append(f"\n----- cut at max_length={view['max_length']}: the {view['length'] - i} tokens below "
+                       "are not trained -----\n")
+        if on and not inside:
+            out.append(trained[0])
+        elif not on and inside:
+            out.append(trained[1])
+        inside = bool(on)
+        out.append(piece)
+    if inside:
+        out.append(trained[1])
+    return "".join(out)

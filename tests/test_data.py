@@ -796,6 +796,32 @@ def test_cli_text_stop_and_errors(tmp_path, capsys):
     assert "tokens" not in report and any("cannot count tokens" in w for w in report["warnings"])
 
 
+def test_cli_preview_shows_the_trained_tokens_and_the_cut(tmp_path, tiny_model_dir, capsys):
+    """`tunelab data preview`: the exact text of a record, its trained tokens (the answer and
+    its end-of-turn token), the cut at --max-length; --json holds ids, strings and the mask."""
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(), chat("Hi", "I am {{name}}.")])
+    code, out = _run(["preview", str(path), "--model", str(tiny_model_dir), "--index", "2", "--json",
+                      "--persona", "name=Pip"], capsys)
+    assert code == 0
+    view = json.loads(out.out)
+    assert len(view["token_ids"]) == len(view["tokens"]) == len(view["trained"]) == view["length"]
+    assert "".join(view["tokens"]) == view["text"] and "I am Pip." in view["text"]
+    assert "".join(t for t, m in zip(view["tokens"], view["trained"]) if m) == "I am Pip.<|im_end|>"
+    assert view["cut_at"] is None and view["record"] == 2 and view["template"] == "a ChatML template"
+    # text: the answer between the marks; a cut before the answer is marked and counted
+    code, out = _run(["preview", str(path), "--model", str(tiny_model_dir), "--max-length", "30"], capsys)
+    assert code == 0
+    assert "\u27e65.<|im_end|>\u27e7" not in out.out  # cut off: not trained
+    assert "----- cut at max_length=30" in out.out and "0 trained" in out.out
+    code, out = _run(["preview", str(path), "--model", str(tiny_model_dir)], capsys)
+    assert "\u27e65.<|im_end|>\u27e7" in out.out and "3 trained" in out.out
+    # placeholders left unfilled are named with the flag that fills them
+    code, out = _run(["preview", str(path), "--model", str(tiny_model_dir), "--index", "2"], capsys)
+    assert code == 0 and "--persona name=..." in out.err
+    code, out = _run(["preview", str(path), "--model", str(tiny_model_dir), "--index", "3"], capsys)
+    assert code == 1 and "--index 3: " in out.err and "has 2 usable records" in out.err
+
+
 def test_cli_main_dispatch(tmp_path, capsys):
     from engine import cli
 

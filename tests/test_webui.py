@@ -229,6 +229,22 @@ def test_inspect_sample_shows_format_split_stats_and_histogram(tokenizer):
     assert choice["format"] == "openai" and choice["records"] == len(ins.records) and choice["mean_tokens"] > 0
 
 
+
+def test_data_tab_shows_what_the_model_learns(tokenizer):
+    """The Data tab's training view: the answer and its end-of-turn token highlighted as
+    trained, the system and user text not, and what lies past the cutoff marked cut off."""
+    from webui import data_tab
+
+    record = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, I am Pip."}]
+    pieces, info = data_tab.learned_view(record, tokenizer, 1024)
+    assert "".join(p for p, _ in pieces) == tokenizer.apply_chat_template(record, tokenize=False)
+    assert "".join(p for p, label in pieces if label == "trained") == "Hello, I am Pip.<|im_end|>"
+    assert "cut off" not in {label for _, label in pieces} and "trained" in info and "cut at" not in info
+    short, info = data_tab.learned_view(record, tokenizer, 20)
+    assert [label for _, label in short[20:]] == ["cut off"] * (len(short) - 20)
+    assert "cut at 20 tokens" in info and "trained tokens lost" in info
+
+
 def test_broken_file_lists_problems_by_line_and_stop_refuses_it(tokenizer):
     from webui import data_tab
 
@@ -310,6 +326,34 @@ def test_form_builds_a_validated_run_config(tmp_path):
         build_config(form, None, tmp_path)
     with pytest.raises(ConfigError, match="training.batch_size"):
         build_config(FormValues(batch_size=0), _dataset_choice(SAMPLES / "pip_chat.jsonl"), tmp_path)
+
+
+def test_placeholders_are_filled_on_the_page_and_start_asks_when_they_are_not(shared_datasets, tokenizer, tmp_path):
+    """identity.json holds {{name}} and {{author}}: the Data tab says how to fill them (its
+    own field, not only the CLI's flag), the fill and the record limit reach the run's
+    config, and Start asks before training on placeholders nothing fills."""
+    from webui import data_tab
+    from webui.train_tab import FormValues, build_config, unfilled_question
+
+    path = shared_datasets / "identity.json"
+    ins = data_tab.inspect_dataset(path, "auto", "skip", 0.1, 1024, tokenizer)
+    choice = data_tab.dataset_choice(ins, "skip", 0.1, 1024)
+    assert choice["placeholders"] == ["author", "name"]
+    assert "Fill placeholders" in data_tab.summary_markdown(ins) and "name=..." in data_tab.summary_markdown(ins)
+    question = unfilled_question(choice)
+    assert "{{author}}, {{name}}" in question and "press Start again" in question
+    persona = data_tab.parse_persona("name=Pip,\nauthor = tunelab")
+    assert persona == {"name": "Pip", "author": "tunelab"}
+    filled = data_tab.inspect_dataset(path, "auto", "skip", 0.1, 1024, tokenizer, persona=persona, max_records=10)
+    choice = data_tab.dataset_choice(filled, "skip", 0.1, 1024, persona, 10)
+    assert len(filled.records) == 10 and choice["placeholders"] == [] and unfilled_question(choice) is None
+    assert "Pip" in filled.records[0][-1]["content"] and "{{" not in str(filled.records)
+    cfg = build_config(FormValues(max_steps=1), choice, tmp_path)
+    assert cfg.data.persona == persona and cfg.data.max_records == 10
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="'Pip' is not of the form name=value"):
+        data_tab.parse_persona("name=Ada, Pip")
 
 
 def test_recommendation_panel_compares_the_four_methods(tiny_model_dir):

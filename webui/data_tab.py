@@ -120,20 +120,37 @@ def stable_copy(src: str | Path, uploads_dir: Path, max_uploads: int | None = No
     return dest
 
 
+def parse_persona(text: str | None) -> dict[str, str]:
+    """``name=Pip, author=tunelab`` (commas or new lines between pairs) as a dict; a pair
+    without ``=`` is a gr.Error that names it."""
+    persona = {}
+    for item in (text or "").replace("\n", ",").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise gr.Error(f"Fill placeholders: {item.strip()!r} is not of the form name=value (e.g. name=Pip).")
+        persona[key.strip()] = value.strip()
+    return persona
+
+
 def inspect_dataset(path: Path, fmt: str, on_error: str, validation_split: float, max_length: int,
-                    tokenizer) -> Inspection:
-    """One engine call: read, validate, measure and split (a DataError becomes a 'stopped' view)."""
+                    tokenizer, persona: dict | None = None, max_records: int | None = None) -> Inspection:
+    """One engine call: read, validate, fill placeholders, keep the first ``max_records``,
+    measure and split (a DataError becomes a 'stopped' view)."""
     from engine import data
 
     try:
         result, report = data.inspect_file(str(path), format=fmt, on_error=on_error, max_length=int(max_length),
-                                           tokenizer=tokenizer, validation_split=float(validation_split))
+                                           tokenizer=tokenizer, validation_split=float(validation_split),
+                                           persona=persona or None, max_records=max_records or None)
     except data.DataError as err:
         return Inspection(path, path.name, [], list(err.problems), {}, stopped=str(err))
     return Inspection(path, path.name, result.records, list(result.problems), report)
 
 
-def dataset_choice(ins: Inspection, on_error: str, validation_split, max_length) -> dict | None:
+def dataset_choice(ins: Inspection, on_error: str, validation_split, max_length, persona: dict | None = None,
+                   max_records: int | None = None) -> dict | None:
     """What the Train tab needs to know about a usable dataset (None if it cannot be trained)."""
     if ins.stopped or not ins.records or ins.format == "preference":
         return None
@@ -144,6 +161,8 @@ def dataset_choice(ins: Inspection, on_error: str, validation_split, max_length)
         "records": len(ins.records), "train": ins.split.get("train", len(ins.records)),
         "val": ins.split.get("validation", 0),
         "mean_tokens": int(tokens["mean"]) if tokens.get("mean") else None,
+        "persona": dict(persona or {}), "max_records": int(max_records) if max_records else None,
+        "placeholders": list(ins.report.get("placeholders_unfilled", [])),
     }
 
 
@@ -233,6 +252,22 @@ def histogram_frame(tokens: dict | None):
     return plot_frame(rows, {"tokens": "str", "records": "int64"})
 
 
+def learned_view(messages: list[dict], tokenizer, max_length: int) -> tuple[list[tuple[str, str | None]], str]:
+    """One record as the model trains on it (engine.templates.preview), as the highlighted
+    pieces of gr.HighlightedText ("trained", "cut off" or none) and a one-line summary."""
+    from engine import templates
+
+    template, source = templates.model_template(tokenizer)
+    view = templates.preview(messages, tokenizer, template, max_length)
+    pieces = [(piece, "cut off" if not kept else ("trained" if on else None))
+              for piece, on, kept in zip(view["tokens"], view["trained"], view["kept"])]
+    cut = (f"; cut at {view['cut_at']} tokens: {view['trained_tokens_cut']} trained tokens lost"
+           if view["cut_at"] is not None else "")
+    info = (f"{view['length']} tokens, {view['trained_tokens']} trained, rendered by {view['template']} "
+            f"({source}){cut}.")
+    return pieces, info
+
+
 def page_label(page: int, n_records: int) -> str:
     pages = max(1, -(-n_records // PER_PAGE))
     return f"Page {page} of {pages} ({n_records} records)"
@@ -279,6 +314,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                                info="Longer records are truncated", elem_id="data-max-length")
         tokenizer_model = gr.Dropdown(ctx.model_choices(), value=ctx.model_choices()[0], allow_custom_value=True,
                                       label="Count tokens with", elem_id="data-tokenizer")
+    with gr.Row():
+        persona = gr.Textbox(label="Fill placeholders", placeholder="name=Pip, author=tunelab", elem_id="data-persona",
+                             info="Values for {{placeholders}} in the data (the CLI's --persona)")
+        max_records = gr.Number(0, label="Use the first N records (0 = all)", precision=0, minimum=0,
+                                elem_id="data-max-records")
     inspect_btn = gr.Button("Inspect", variant="primary", elem_id="data-inspect")
     path_state = gr.State(None)  # stable path of the current file
 
@@ -300,6 +340,16 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         next_btn = gr.Button("Next >", size="sm", elem_id="data-next", scale=0, min_width=110)
         page_info = gr.Markdown("", elem_id="data-page-info")
     preview = gr.HTML("<p><em>Load a dataset to preview it.</em></p>", elem_id="data-preview")
+    gr.Markdown("#### What the model learns")
+    with gr.Row(equal_height=True):
+        learn_index = gr.Number(1, label="Record", precision=0, minimum=1, elem_id="data-learn-index", scale=0,
+                                min_width=120)
+        learn_btn = gr.Button("Show the training text", size="sm", elem_id="data-learn", scale=0, min_width=200)
+        learn_info = gr.Markdown("", elem_id="data-learn-info")
+    learned = gr.HighlightedText(label="The exact text the model trains on (highlighted: the tokens that carry "
+                                 "the loss; grey: cut off at the cutoff length)", combine_adjacent=True,
+                                 show_legend=True, color_map={"trained": "green", "cut off": "gray"},
+                                 elem_id="data-learned")
 
     @engine_errors
     def on_upload(file, request: gr.Request):
@@ -314,8 +364,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return str(ctx.sample_path(name))
 
     @engine_errors
-    def run_inspect(path, fmt_v, on_error_v, split_v, max_len_v, tok_model, request: gr.Request,
-                    progress=gr.Progress()):
+    def run_inspect(path, fmt_v, on_error_v, split_v, max_len_v, tok_model, persona_v, max_records_v,
+                    request: gr.Request, progress=gr.Progress()):
         from engine.security import owns
 
         if not path:
@@ -326,7 +376,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         progress(0.1, desc="Loading the tokenizer")
         tokenizer = load_tokenizer(tok_model)
         progress(0.3, desc="Reading, validating and counting tokens")
-        ins = inspect_dataset(Path(path), fmt_v, on_error_v, split_v or 0.0, max_len_v or 1024, tokenizer)
+        filled = parse_persona(persona_v)
+        limit = int(max_records_v or 0) or None
+        ins = inspect_dataset(Path(path), fmt_v, on_error_v, split_v or 0.0, max_len_v or 1024, tokenizer,
+                              persona=filled, max_records=limit)
         if ins.stopped:
             gr.Warning(f"{ins.name}: {len(ins.problems)} problem(s); loading stopped. See the list.")
         elif ins.problems:
@@ -345,14 +398,25 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             1,
             page_label(1, len(ins.records)),
             render_page(ins.records, 1, PER_PAGE),
-            dataset_choice(ins, on_error_v, split_v, max_len_v),
+            dataset_choice(ins, on_error_v, split_v, max_len_v, filled, limit),
         )
+
+    @engine_errors
+    def show_learned(records, index, tok_model, max_len_v, request: gr.Request):
+        if not records:
+            raise gr.Error("Load a dataset first.")
+        index = int(index or 1)
+        if not 1 <= index <= len(records):
+            raise gr.Error(f"Record {index}: the dataset has {len(records)} usable records (1 to {len(records)}).")
+        tokenizer = load_tokenizer(ctx.check_model(request, tok_model or ctx.model_choices()[0]))
+        pieces, info = learned_view(records[index - 1], tokenizer, int(max_len_v or 1024))
+        return pieces, f"Record {index} of {len(records)}: {info}"
 
     def show_page(records, page_v, delta=0):
         p = clamp_page((page_v or 1) + delta, len(records))
         return p, page_label(p, len(records)), render_page(records, p, PER_PAGE)
 
-    inspect_inputs = [path_state, fmt, on_error, split, max_length, tokenizer_model]
+    inspect_inputs = [path_state, fmt, on_error, split, max_length, tokenizer_model, persona, max_records]
     inspect_outputs = [summary, stats_row, stats_md, hist, problems, records_state, page, page_info, preview, links.dataset]
     upload.upload(on_upload, inputs=upload, outputs=path_state, api_name="upload").success(
         run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
@@ -362,13 +426,18 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     for widget in (fmt, on_error):
         widget.input(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
     split.release(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
-    max_length.submit(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
+    for widget in (max_length, persona, max_records):
+        widget.submit(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
     prev_btn.click(lambda r, p: show_page(r, p, -1), inputs=[records_state, page], outputs=[page, page_info, preview],
                    show_progress="hidden")
     next_btn.click(lambda r, p: show_page(r, p, +1), inputs=[records_state, page], outputs=[page, page_info, preview],
                    show_progress="hidden")
     page.submit(show_page, inputs=[records_state, page], outputs=[page, page_info, preview], show_progress="hidden")
-    return SimpleNamespace(upload=upload, sample=sample, summary=summary, problems=problems, preview=preview)
+    learn_inputs = [records_state, learn_index, tokenizer_model, max_length]
+    learn_btn.click(show_learned, inputs=learn_inputs, outputs=[learned, learn_info])
+    learn_index.submit(show_learned, inputs=learn_inputs, outputs=[learned, learn_info])
+    return SimpleNamespace(upload=upload, sample=sample, summary=summary, problems=problems, preview=preview,
+                           learned=learned)
 
 
 def create(ctx: AppContext | None = None):

@@ -130,6 +130,8 @@ def build_config(form: FormValues, dataset: dict | None, runs_dir: Path):
             "validation_split": float(dataset.get("validation_split", 0.1)),
             "max_length": int(dataset.get("max_length", 1024)),
             "on_error": dataset.get("on_error", "skip"),
+            "persona": dict(dataset.get("persona") or {}),
+            "max_records": dataset.get("max_records") or None,
         },
         "method": {
             "name": form.method, "r": num(form.r, int, 16), "alpha": num(form.alpha, int, 32),
@@ -407,6 +409,17 @@ def check_dataset_path(ctx: AppContext, request, dataset: dict | None) -> None:
 # --------------------------------------------------------------------------- layout
 
 
+def unfilled_question(dataset: dict | None) -> str | None:
+    """What Start asks before training on data with placeholders nothing fills (None: no question)."""
+    unfilled = (dataset or {}).get("placeholders") or []
+    if not unfilled:
+        return None
+    names = ", ".join("{{" + name + "}}" for name in unfilled)
+    return (f"{dataset.get('name', 'The dataset')} holds placeholders that nothing fills: {names}. The model would "
+            f"learn them as they are. Fill them on the Data tab (Fill placeholders, e.g. "
+            f"{' '.join(n + '=...' for n in unfilled)}) and inspect again, or press Start again to train with them.")
+
+
 def build(ctx: AppContext, links) -> SimpleNamespace:
     from engine.config import (DEEPSPEED_STAGES, PRECISIONS, SCHEDULERS, MethodConfig, TrainingConfig,
                                field_help)
@@ -590,9 +603,13 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         )
 
     @engine_errors
-    def start(request: gr.Request, dataset, *values):
+    def start(request: gr.Request, dataset, asked, *values):
         from engine import launch, runs
 
+        question = unfilled_question(dataset)
+        if question and asked != question:  # ask once; the same Start again trains as it is
+            gr.Warning(question, duration=None)
+            return (*[gr.skip()] * len(progress_outputs), question)
         runs_dir = ctx.runs_for(request)
         form = form_from(values)
         ctx.check_model(request, form.model)
@@ -608,7 +625,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         else:
             gr.Info(f"Started {Path(run_dir).name}.")
         watch = Watch.attach(run_dir)
-        return render(watch, watch.read(), first=True)
+        return (*render(watch, watch.read(), first=True), None)
 
     @engine_errors
     def stop(watch: Watch | None):
@@ -645,7 +662,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     links.dataset.change(dataset_summary, inputs=links.dataset, outputs=dataset_md, show_progress="hidden")
     apply_btn.click(apply_recommendation, inputs=rec_state,
                     outputs=[precision, method, batch_size, grad_accum, grad_ckpt, deepspeed, num_processes])
-    start_btn.click(start, inputs=[links.dataset, *form_inputs], outputs=progress_outputs,
+    asked_state = gr.State(None)  # the question Start asked about this dataset, once answered by a second Start
+    start_btn.click(start, inputs=[links.dataset, asked_state, *form_inputs], outputs=[*progress_outputs, asked_state],
                     concurrency_limit=1, concurrency_id="train-start")
     stop_btn.click(stop, inputs=watch_state, outputs=progress_outputs)
     timer.tick(tick, inputs=watch_state, outputs=progress_outputs, show_progress="hidden",
