@@ -143,6 +143,12 @@ def submit(config, runs_dir: str | Path | None = None, **launch_options) -> Path
 
     ``launch_options`` go to :func:`build_command` (machine_rank, main_process_ip, ...).
     """
+    from engine.config import ConfigError
+    from engine.models import availability
+
+    problem = availability(config.model.name_or_path)
+    if problem:  # said now, before a run exists, not by the trainer later
+        raise ConfigError("model.name_or_path", problem)
     _reap()
     _absolute_paths(config)
     run_dir = runs.create_run(config, runs_dir)

@@ -224,6 +224,92 @@ def _download_from_hub(repo_id: str, progress=None) -> Path:
         raise ModelNotFoundError(f"Cannot download {repo_id!r}: {err}") from err
 
 
+# --------------------------------------------------------------------------- the model catalog
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    """A Hub model the Train tab offers next to the embedded one. Its config's shape ships
+    in engine/model_configs/, so its size and estimates need no network."""
+
+    hub_id: str
+    label: str
+    gated: bool = False  # the Hub asks for an accepted licence and a token
+
+    def config(self) -> dict:
+        return json.loads((CONFIGS_DIR / f"{self.hub_id.replace('/', '--')}.json").read_text(encoding="utf-8"))
+
+
+CATALOG = (
+    CatalogModel("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2 135M Instruct (Hub)"),
+    CatalogModel("HuggingFaceTB/SmolLM2-360M-Instruct", "SmolLM2 360M Instruct"),
+    CatalogModel("HuggingFaceTB/SmolLM2-1.7B-Instruct", "SmolLM2 1.7B Instruct"),
+    CatalogModel("Qwen/Qwen2.5-0.5B-Instruct", "Qwen2.5 0.5B Instruct"),
+    CatalogModel("Qwen/Qwen2.5-1.5B-Instruct", "Qwen2.5 1.5B Instruct"),
+    CatalogModel("Qwen/Qwen3-0.6B", "Qwen3 0.6B"),
+    CatalogModel("Qwen/Qwen3-1.7B", "Qwen3 1.7B"),
+    CatalogModel("meta-llama/Llama-3.2-1B-Instruct", "Llama 3.2 1B Instruct", gated=True),
+    CatalogModel("microsoft/Phi-3.5-mini-instruct", "Phi-3.5 mini Instruct"),
+    CatalogModel("microsoft/Phi-4-mini-instruct", "Phi-4 mini Instruct"),
+    CatalogModel("google/gemma-3-1b-it", "Gemma 3 1B Instruct", gated=True),
+)
+
+
+def catalog_entry(ref: str) -> CatalogModel | None:
+    return next((m for m in CATALOG if m.hub_id.lower() == (ref or "").strip().lower()), None)
+
+
+def model_config(ref: str) -> dict:
+    """A model's config.json without downloading weights: the embedded model's, a local
+    directory's, a catalog model's shipped shape, or a cached Hub model's (else
+    ModelNotFoundError, as resolve_model would give)."""
+    entry = catalog_entry(ref)
+    if entry is not None:
+        return entry.config()
+    if is_hub_id((ref or "").strip()) and not Path(ref).expanduser().exists():
+        cached = _cached_hub_file(ref.strip(), "config.json")
+        if cached is not None:
+            return json.loads(cached.read_text(encoding="utf-8"))
+    return json.loads((resolve_model(ref) / "config.json").read_text(encoding="utf-8"))
+
+
+def _cached_hub_file(repo_id: str, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=os.environ.get("HF_HUB_CACHE"))
+    return Path(found) if isinstance(found, str) else None
+
+
+def hub_offline() -> bool:
+    """Whether Hub downloads are switched off here (HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def availability(ref: str) -> str:
+    """Why ``ref`` cannot be trained from here and now ("" when it can): a Hub model that is
+    not in the local cache while downloads are off, a gated one without a token. Said
+    before a run is created, so a run never fails in the trainer for it."""
+    ref = (ref or "").strip()
+    if not is_hub_id(ref) or Path(ref).expanduser().exists():
+        return ""
+    entry = catalog_entry(ref)
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if _cached_hub_file(ref, "config.json") and any(_cached_hub_file(ref, name) for name in weights):
+        return ""
+    if hub_offline():
+        return (f"{ref} is on the Hugging Face Hub and not in this machine's cache, and downloads are off here "
+                "(HF_HUB_OFFLINE=1, or no network): it needs a network to download once. Use the embedded model "
+                f"{EMBEDDED_MODEL!r} or a local model directory meanwhile.")
+    if entry is not None and entry.gated and not os.environ.get("HF_TOKEN"):
+        return (f"{ref} is gated on the Hugging Face Hub: accept its licence on its Hub page, then set HF_TOKEN "
+                "(a token of that account) where tunelab runs.")
+    return ""
+
+
 @dataclass
 class TinySpec:
     """Shape of a tiny random Llama for tests: fast to train, same tokenizer as SmolLM2."""

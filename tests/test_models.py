@@ -101,3 +101,56 @@ def test_conversion_writes_a_complete_cache(tmp_path, monkeypatch):
     # A second call returns the cache without converting again.
     messages.clear()
     assert models.embedded_model_dir(progress=messages.append) == target and messages == []
+
+
+# Parameter counts published on each model's Hub page (millions)
+PUBLISHED_MILLIONS = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": 135, "HuggingFaceTB/SmolLM2-360M-Instruct": 362,
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": 1710, "Qwen/Qwen2.5-0.5B-Instruct": 494,
+    "Qwen/Qwen2.5-1.5B-Instruct": 1540, "Qwen/Qwen3-0.6B": 600, "Qwen/Qwen3-1.7B": 1700,
+    "meta-llama/Llama-3.2-1B-Instruct": 1240, "microsoft/Phi-3.5-mini-instruct": 3820,
+    "microsoft/Phi-4-mini-instruct": 3840, "google/gemma-3-1b-it": 1000,
+}
+
+
+def test_the_catalog_knows_each_models_size_offline():
+    """Every catalog model's shipped config gives its published size (within 3%), with no
+    network (the tests run with HF_HUB_OFFLINE=1), and the embedded model's Hub twin has
+    the embedded model's shape."""
+    from engine.hardware import ModelShape
+    from engine.models import CATALOG, embedded_model_dir, model_config
+
+    assert {m.hub_id for m in CATALOG} == set(PUBLISHED_MILLIONS)
+    for entry in CATALOG:
+        params = ModelShape.from_config(model_config(entry.hub_id)).params / 1e6
+        assert abs(params - PUBLISHED_MILLIONS[entry.hub_id]) / PUBLISHED_MILLIONS[entry.hub_id] < 0.03, entry
+    embedded = json.loads((embedded_model_dir() / "config.json").read_text())
+    twin = model_config("HuggingFaceTB/SmolLM2-135M-Instruct")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                "vocab_size"):
+        assert twin[key] == embedded[key], key
+
+
+def test_a_hub_model_that_cannot_be_had_is_refused_before_a_run_exists(tmp_path, monkeypatch):
+    """Offline and not cached: the Train tab and `tunelab train` say it needs a network, and
+    no run directory is created (it used to fail later, in the trainer). Gated models say
+    they need a token and an accepted licence."""
+    from engine import launch
+    from engine.config import ConfigError, RunConfig
+    from engine.models import availability
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    message = availability("Qwen/Qwen2.5-0.5B-Instruct")
+    assert "needs a network" in message and "HF_HUB_OFFLINE" in message
+    assert availability("smollm2-135m-instruct") == "" and availability(str(tmp_path)) == ""
+    config = RunConfig.from_dict({"model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"},
+                                  "data": {"path": str(tmp_path / "d.jsonl")},
+                                  "output": {"runs_dir": str(tmp_path / "runs")}})
+    with pytest.raises(ConfigError, match="needs a network"):
+        launch.submit(config, tmp_path / "runs")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    monkeypatch.setattr("engine.models.hub_offline", lambda: False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert "gated" in availability("google/gemma-3-1b-it") and "HF_TOKEN" in availability("google/gemma-3-1b-it")
+    assert availability("Qwen/Qwen3-0.6B") == ""  # online: it downloads when training starts

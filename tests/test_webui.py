@@ -356,6 +356,24 @@ def test_placeholders_are_filled_on_the_page_and_start_asks_when_they_are_not(sh
         data_tab.parse_persona("name=Ada, Pip")
 
 
+def test_the_model_list_offers_hub_models_with_sizes_and_needs():
+    """The Train tab lists the catalog next to the embedded model, each with its size from its
+    shipped config and, offline, that it needs a network; gated ones say so; estimates for
+    one of them come without a download."""
+    from engine.models import CATALOG
+    from webui.train_tab import catalog_choices, comparison_markdown, recommendation_for
+
+    choices = dict((value, label) for label, value in catalog_choices())
+    assert set(choices) == {m.hub_id for m in CATALOG}
+    assert choices["Qwen/Qwen2.5-0.5B-Instruct"].startswith("Qwen2.5 0.5B Instruct (494M")
+    assert "1.24B" in choices["meta-llama/Llama-3.2-1B-Instruct"] and "gated" in choices["google/gemma-3-1b-it"]
+    assert all("needs a network" in label for label in choices.values())  # the suite runs offline
+    rec = recommendation_for("Qwen/Qwen3-1.7B", None, None)
+    table = comparison_markdown(rec, "Qwen/Qwen3-1.7B", None)
+    for method in ("lora", "qlora", "dora", "full"):
+        assert f"| {method}" in table
+
+
 def test_recommendation_panel_compares_the_four_methods(tiny_model_dir):
     from webui.train_tab import comparison_markdown, reasons_markdown, recommendation_for
 

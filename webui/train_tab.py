@@ -181,14 +181,39 @@ def command_preview(form: FormValues, dataset: dict | None, runs_dir: Path) -> s
 
 
 def recommendation_for(model_ref: str, method: str | None, dataset: dict | None):
+    """The plan for a model on this machine, from its config alone (a catalog model's
+    shipped shape: no download)."""
     from engine import hardware
-    from engine.models import resolve_model
+    from engine.models import model_config
 
-    model_dir = resolve_model(model_ref)
+    shape = hardware.ModelShape.from_config(model_config(model_ref))
     n = int((dataset or {}).get("train") or 1000)
     max_length = int((dataset or {}).get("max_length") or 1024)
     mean = (dataset or {}).get("mean_tokens")
-    return hardware.recommend(hardware_profile(), model_dir, method, n, max_length, mean)
+    return hardware.recommend(hardware_profile(), shape, method, n, max_length, mean)
+
+
+def catalog_choices() -> list[tuple[str, str]]:
+    """The Hub models the Train tab offers (engine.models.CATALOG), each labelled with its
+    size and what stands in its way here: a network, a token, this machine's memory."""
+    from engine import hardware
+    from engine.models import CATALOG, availability
+
+    profile = hardware_profile()
+    choices = []
+    for entry in CATALOG:
+        shape = hardware.ModelShape.from_config(entry.config())
+        notes = [f"{shape.params / 1e9:.2f}B" if shape.params >= 1e9 else f"{shape.params / 1e6:.0f}M"]
+        if entry.gated:
+            notes.append("gated: token + licence")
+        problem = availability(entry.hub_id)
+        if problem and "network" in problem:
+            notes.append("needs a network")
+        lora = hardware.recommend(profile, shape, "lora", 1000, 1024).memory["lora"]
+        if lora.total > profile.device_memory_bytes * 0.9:
+            notes.append("does not fit this machine")
+        choices.append((f"{entry.label} ({', '.join(notes)})", entry.hub_id))
+    return choices
 
 
 def comparison_markdown(rec, model_ref: str, dataset: dict | None) -> str:
@@ -440,9 +465,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                     f"methods {', '.join(demo.methods)}, one process.", elem_classes=["tl-note"])
     with gr.Row():
         with gr.Column(scale=3):
-            model = gr.Dropdown(models, value=models[0], allow_custom_value=not demo.enabled,
-                                label="Model", elem_id="train-model",
-                                info="The embedded SmolLM2-135M-Instruct, a local directory, or a Hub id (org/name)")
+            model = gr.Dropdown([(m, m) for m in models] + ([] if demo.enabled else catalog_choices()),
+                                value=models[0], allow_custom_value=not demo.enabled, label="Model",
+                                elem_id="train-model",
+                                info="The embedded SmolLM2-135M-Instruct, a listed Hub model (size and what it "
+                                     "needs shown; estimates below), a local directory, or a Hub id (org/name)")
             method = gr.Radio([c for c in METHOD_CHOICES if not demo.enabled or c[1] in demo.methods], value="lora",
                               label="Method", elem_id="train-method")
         with gr.Column(scale=2):
@@ -561,7 +588,13 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             why = err.message if isinstance(err, gr.Error) else str(err)
             msg = f"Cannot estimate for {escape_md(model_ref)}: {escape_md(redact(why))}"
             return msg, msg, None
-        return comparison_markdown(rec, model_ref, dataset), reasons_markdown(rec), rec.config_overrides()
+        from engine.models import availability
+
+        needs = availability(model_ref)
+        table = comparison_markdown(rec, model_ref, dataset)
+        if needs:
+            table = f"> **Before training:** {escape_md(needs)}\n\n{table}"
+        return table, reasons_markdown(rec), rec.config_overrides()
 
     def apply_recommendation(overrides):
         if not overrides:
@@ -603,16 +636,24 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         )
 
     @engine_errors
-    def start(request: gr.Request, dataset, asked, *values):
+    def start(request: gr.Request, dataset, *values):
+        """Start (or queue) a run. ``values``: the form's fields in FormValues order, then the
+        question Start asked last time, if any (the page passes it; other callers may not)."""
         from engine import launch, runs
+        from engine.models import availability
 
+        fields = len(FormValues.names())
+        asked = values[fields] if len(values) > fields else None
+        form = form_from(values[:fields])
+        ctx.check_model(request, form.model)
+        problem = availability(form.model)
+        if problem:  # before a run exists: a run never fails in the trainer for a model it cannot get
+            raise gr.Error(problem, title="Model not available")
         question = unfilled_question(dataset)
         if question and asked != question:  # ask once; the same Start again trains as it is
             gr.Warning(question, duration=None)
             return (*[gr.skip()] * len(progress_outputs), question)
         runs_dir = ctx.runs_for(request)
-        form = form_from(values)
-        ctx.check_model(request, form.model)
         check_dataset_path(ctx, request, dataset)
         cfg = build_config(form, dataset, runs_dir)
         check_run_allowed(cfg, dataset, DemoLimits.from_env())
@@ -663,7 +704,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     apply_btn.click(apply_recommendation, inputs=rec_state,
                     outputs=[precision, method, batch_size, grad_accum, grad_ckpt, deepspeed, num_processes])
     asked_state = gr.State(None)  # the question Start asked about this dataset, once answered by a second Start
-    start_btn.click(start, inputs=[links.dataset, asked_state, *form_inputs], outputs=[*progress_outputs, asked_state],
+    start_btn.click(start, inputs=[links.dataset, *form_inputs, asked_state], outputs=[*progress_outputs, asked_state],
                     concurrency_limit=1, concurrency_id="train-start")
     stop_btn.click(stop, inputs=watch_state, outputs=progress_outputs)
     timer.tick(tick, inputs=watch_state, outputs=progress_outputs, show_progress="hidden",
