@@ -203,7 +203,7 @@ def catalog_choices() -> list[tuple[str, str]]:
     choices = []
     for entry in CATALOG:
         shape = hardware.ModelShape.from_config(entry.config())
-        notes = [f"{shape.params / 1e9:.2f}B" if shape.params >= 1e9 else f"{shape.params / 1e6:.0f}M"]
+        notes = [f"{shape.params / 1e9:.2f}B" if shape.params >= 0.995e9 else f"{shape.params / 1e6:.0f}M"]
         if entry.gated:
             notes.append("gated: token + licence")
         problem = availability(entry.hub_id)
