@@ -1267,6 +1267,14 @@ def _persona_item(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def _record_arguments(parser: argparse.ArgumentParser) -> None:
+    """How records are read: the options `data inspect` and `data preview` share."""
+    parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="Force a format (default: detect).")
+    parser.add_argument("--persona", nargs="+", action="extend", type=_persona_item, default=[], metavar="KEY=VALUE",
+                        help="Fill {{key}} placeholders, e.g. --persona name=Pip author=tunelab.")
+    parser.add_argument("--system-prompt", default=None, help="System prompt for records that have none.")
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     inspect = sub.add_parser(
@@ -1276,23 +1284,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "list every problem with its line/record and field, and measure tokens with the model's chat template.",
     )
     inspect.add_argument("file", help="JSONL, JSON, CSV, TSV or Parquet file, a save_to_disk directory, or a Hub id.")
-    inspect.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="Force a format (default: detect).")
+    _record_arguments(inspect)
     inspect.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     inspect.add_argument("--max-length", type=int, default=1024, help="Cutoff length in tokens (default 1024).")
     inspect.add_argument(
         "--model", default="smollm2-135m-instruct", help="Model whose tokenizer and chat template count tokens."
     )
     inspect.add_argument("--on-error", default="skip", choices=("skip", "stop"), help="Skip bad records or stop.")
-    inspect.add_argument(
-        "--persona",
-        nargs="+",
-        action="extend",
-        type=_persona_item,
-        default=[],
-        metavar="KEY=VALUE",
-        help="Fill {{key}} placeholders, e.g. --persona name=Pip author=tunelab.",
-    )
-    inspect.add_argument("--system-prompt", default=None, help="System prompt for records that have none.")
     inspect.add_argument("--validation-split", type=float, default=0.1, help="Fraction held out (default 0.1).")
     inspect.add_argument("--seed", type=int, default=42, help="Seed of the split.")
     inspect.add_argument("--no-tokens", action="store_true", help="Skip the token statistics (no tokenizer needed).")
@@ -1313,10 +1311,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                          help=f"The trainer's cut, in tokens (default {DataConfig.max_length}).")
     preview.add_argument("--chat-template", default=None, metavar="FILE",
                          help="A Jinja chat template file to use instead of the model's own.")
-    preview.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="Force a format (default: detect).")
-    preview.add_argument("--persona", nargs="+", action="extend", type=_persona_item, default=[], metavar="KEY=VALUE",
-                         help="Fill {{key}} placeholders, e.g. --persona name=Pip.")
-    preview.add_argument("--system-prompt", default=None, help="System prompt for records that have none.")
+    _record_arguments(preview)
     preview.add_argument("--json", action="store_true",
                          help="Print one JSON object: text, token_ids, tokens, trained (per-token mask), kept.")
     parser.set_defaults(_data_parser=parser)
