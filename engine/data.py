@@ -1276,6 +1276,8 @@ def _record_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine.config import DataConfig, ModelConfig
+
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     inspect = sub.add_parser(
         "inspect",
@@ -1286,16 +1288,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("file", help="JSONL, JSON, CSV, TSV or Parquet file, a save_to_disk directory, or a Hub id.")
     _record_arguments(inspect)
     inspect.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
-    inspect.add_argument("--max-length", type=int, default=1024, help="Cutoff length in tokens (default 1024).")
-    inspect.add_argument(
-        "--model", default="smollm2-135m-instruct", help="Model whose tokenizer and chat template count tokens."
-    )
-    inspect.add_argument("--on-error", default="skip", choices=("skip", "stop"), help="Skip bad records or stop.")
-    inspect.add_argument("--validation-split", type=float, default=0.1, help="Fraction held out (default 0.1).")
-    inspect.add_argument("--seed", type=int, default=42, help="Seed of the split.")
+    inspect.add_argument("--max-length", type=int, default=DataConfig.max_length,
+                         help=f"Cutoff length in tokens (default {DataConfig.max_length}).")
+    inspect.add_argument("--model", default=ModelConfig.name_or_path,
+                         help="Model whose tokenizer and chat template count tokens.")
+    inspect.add_argument("--on-error", default=DataConfig.on_error, choices=("skip", "stop"),
+                         help="Skip bad records or stop.")
+    inspect.add_argument("--validation-split", type=float, default=DataConfig.validation_split,
+                         help=f"Fraction held out (default {DataConfig.validation_split}).")
+    inspect.add_argument("--seed", type=int, default=DataConfig.seed, help="Seed of the split.")
     inspect.add_argument("--no-tokens", action="store_true", help="Skip the token statistics (no tokenizer needed).")
     inspect.add_argument("--max-problems", type=int, default=50, help="Problems listed in text output (default 50).")
-    from engine.config import DataConfig, ModelConfig
 
     preview = sub.add_parser(
         "preview",
