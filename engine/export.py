@@ -365,9 +365,8 @@ def _builder_failure(hf_dir: Path, code: int, log_path: Path) -> str:
     lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines() if log_path.is_file() else []
     errors = [line.strip() for line in lines if re.match(r"^\s*[A-Za-z_.]*(Error|Exception)\b", line)]
     try:
-        architecture = (json.loads((hf_dir / "config.json").read_text(encoding="utf-8")).get("architectures")
-                        or ["this model"])[0]
-    except (OSError, ValueError):
+        architecture = _architecture(hf_dir) or "this model"
+    except ExportError:
         architecture = "this model"
     try:
         from importlib.metadata import version
@@ -380,16 +379,23 @@ def _builder_failure(hf_dir: Path, code: int, log_path: Path) -> str:
             f"of the playground still chat with this model. Full log: {log_path}")
 
 
+def _architecture(hf_dir: Path) -> str | None:
+    """config.json's first architecture (None without config.json, or without one given)."""
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return (json.loads(path.read_text(encoding="utf-8")).get("architectures") or [None])[0]
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{path} cannot be read: {err}") from err
+
+
 def _check_architecture(hf_dir: Path) -> None:
     """ExportError naming the model's architecture when the builder has no recipe for it
     (a directory without config.json is left to the builder to describe)."""
     if not (hf_dir / "config.json").is_file():
         return
-    try:
-        config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{hf_dir / 'config.json'} cannot be read: {err}") from err
-    architecture = (config.get("architectures") or ["(none given)"])[0]
+    architecture = _architecture(hf_dir) or "(none given)"
     supported = builder_architectures()
     if supported and architecture not in supported:
         raise ExportError(

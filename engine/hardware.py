@@ -380,12 +380,16 @@ class Recommendation:
             f"distributed.num_processes={self.num_processes}",
         ]
 
+    def fits(self, method: str) -> bool:
+        """Whether ``method``'s estimated peak stays within 90% of the device's memory."""
+        return self.memory[method].total <= self.device_memory_bytes * 0.9
+
     def table(self) -> str:
         """Markdown comparison of the methods on this hardware."""
         rows = ["| method | trainable params | weights | grads | optimizer | activations | est. peak | est. time |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for method, est in self.memory.items():
-            fits = "" if est.total <= self.device_memory_bytes * 0.9 else " (does not fit)"
+            fits = "" if self.fits(method) else " (does not fit)"
             rows.append(
                 f"| {method}{' (recommended)' if method == self.method else ''} | {est.trainable_params:,} | "
                 f"{_gb(est.weights)} | {_gb(est.gradients)} | {_gb(est.optimizer)} | {_gb(est.activations)} | "

@@ -695,7 +695,8 @@ def hub_token(token: str | None = None) -> str:
                    "(https://huggingface.co/settings/tokens), e.g. `export HF_TOKEN=hf_...`")
 
 
-def _offline_reason() -> str | None:
+def offline_reason() -> str | None:
+    """Which setting switches Hub access off here (e.g. "HF_HUB_OFFLINE=1"), or None."""
     for name in OFFLINE_ENV_VARS:
         if _truthy(os.environ.get(name)):
             return f"{name}={os.environ[name]}"
@@ -747,7 +748,7 @@ def push_to_hub(run_dir: str | Path, artifact: str = "adapter", repo_id: str = "
     repo_id = check_repo_id(repo_id)
     source = artifact_dir(run_dir, artifact)
     token = hub_token(token)
-    offline = _offline_reason()
+    offline = offline_reason()
     if offline:
         raise HubError(f"no network access to the Hub: offline mode is on ({offline}); unset it and push again")
     endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")

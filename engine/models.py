@@ -283,10 +283,11 @@ def _cached_hub_file(repo_id: str, filename: str) -> Path | None:
 
 
 def hub_offline() -> bool:
-    """Whether Hub downloads are switched off here (HF_HUB_OFFLINE)."""
-    from huggingface_hub import constants
+    """Whether Hub downloads are switched off here (engine.hub.offline_reason: HF_HUB_OFFLINE
+    or TRANSFORMERS_OFFLINE)."""
+    from engine.hub import offline_reason
 
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    return offline_reason() is not None
 
 
 def availability(ref: str) -> str:

@@ -209,8 +209,7 @@ def catalog_choices() -> list[tuple[str, str]]:
         problem = availability(entry.hub_id)
         if problem and "network" in problem:
             notes.append("needs a network")
-        lora = hardware.recommend(profile, shape, "lora", 1000, 1024).memory["lora"]
-        if lora.total > profile.device_memory_bytes * 0.9:
+        if not hardware.recommend(profile, shape, "lora", 1000, 1024).fits("lora"):
             notes.append("does not fit this machine")
         choices.append((f"{entry.label} ({', '.join(notes)})", entry.hub_id))
     return choices
