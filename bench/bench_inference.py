@@ -24,6 +24,7 @@ equal generate()'s. Agreement is
 teacher-forced: along the tuned PyTorch greedy reply, the share of positions where the
 export's greedy choice is the same token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,16 +61,18 @@ def make_demo_run(root: Path, base: str = "smollm2-135m-instruct", scale: float 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(base), dtype=torch.float32)
     torch.manual_seed(seed)  # PEFT draws the A matrices from the global generator
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0,
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
     model.save_pretrained(run_dir / "adapter")
-    RunConfig(model=ModelConfig(name_or_path=base),
-              method=MethodConfig(name="lora", r=16, alpha=32, target_modules=targets)).save(run_dir / "config.yaml")
+    RunConfig(
+        model=ModelConfig(name_or_path=base), method=MethodConfig(name="lora", r=16, alpha=32, target_modules=targets)
+    ).save(run_dir / "config.yaml")
     return run_dir
 
 
@@ -100,8 +103,9 @@ class PlainGenerate:
             self.chat.model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=eos)
             first = time.perf_counter() - start
             start = time.perf_counter()
-            self.chat.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                     pad_token_id=eos)
+            self.chat.model.generate(
+                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=eos
+            )
             total = time.perf_counter() - start
         return (new_tokens - 1) / max(total - first, 1e-9), first
 
@@ -131,10 +135,15 @@ def measure_round_robin(models: dict, probes, new_tokens: int, repeats: int) -> 
                 rate, ttft = one_reply(model, messages, new_tokens)
                 samples[name][0].append(rate)
                 samples[name][1].append(ttft)
-    return {name: {"decode_tokens_per_s": round(statistics.median(rates), 2),
-                   "ttft_s": round(statistics.median(ttfts), 4),
-                   "best_decode_tokens_per_s": round(max(rates), 2), "samples": len(rates)}
-            for name, (rates, ttfts) in samples.items()}
+    return {
+        name: {
+            "decode_tokens_per_s": round(statistics.median(rates), 2),
+            "ttft_s": round(statistics.median(ttfts), 4),
+            "best_decode_tokens_per_s": round(max(rates), 2),
+            "samples": len(rates),
+        }
+        for name, (rates, ttfts) in samples.items()
+    }
 
 
 def same_as_generate(chat, probes, new_tokens: int) -> dict:
@@ -147,9 +156,14 @@ def same_as_generate(chat, probes, new_tokens: int) -> dict:
     for messages in probes:
         prompt = chat.encode_prompt(normalize_messages(messages))
         with torch.inference_mode():
-            out = chat.model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                                      eos_token_id=sorted(chat.stop_ids), pad_token_id=min(chat.stop_ids))
-        reference = [t for t in out[0, len(prompt):].tolist() if t not in chat.stop_ids]
+            out = chat.model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=sorted(chat.stop_ids),
+                pad_token_id=min(chat.stop_ids),
+            )
+        reference = [t for t in out[0, len(prompt) :].tolist() if t not in chat.stop_ids]
         _, stats = chat.complete(messages, GenerationSettings(greedy=True, max_new_tokens=new_tokens))
         identical += int(stats.token_ids == reference)
     return {"identical": identical, "replies": len(probes)}
@@ -245,8 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=4, help="Probe chats timed per pass (default 4).")
     parser.add_argument("--block-size", type=int, default=None, help="int4 block size (default: engine.export's).")
     parser.add_argument("--out", default=str(RESULTS), help="Directory for inference.json / inference.md.")
-    parser.add_argument("--work", default=None,
-                        help="Keep the demo run in this directory (reused next time) instead of a temporary one.")
+    parser.add_argument(
+        "--work",
+        default=None,
+        help="Keep the demo run in this directory (reused next time) instead of a temporary one.",
+    )
     args = parser.parse_args(argv)
 
     from engine import export
@@ -265,8 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         print("Making a demo run: embedded SmolLM2-135M + a random LoRA adapter...", flush=True)
         run_dir = make_demo_run(root)
     block_size = args.block_size or export.DEFAULT_BLOCK_SIZE
-    result: dict = {"run": str(run_dir) if args.run else "demo: smollm2-135m-instruct + random LoRA r=16",
-                    "new_tokens": args.new_tokens, "repeats": args.repeats, "int4_block_size": block_size}
+    result: dict = {
+        "run": str(run_dir) if args.run else "demo: smollm2-135m-instruct + random LoRA r=16",
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "int4_block_size": block_size,
+    }
     try:
         from bench.machine import describe, memory_bandwidth
 
@@ -285,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
             print("  " + message, flush=True)
 
         path = export.export_onnx(run_dir, precision, block_size=block_size, progress=show)
-        builds[precision] = {"seconds": round(time.perf_counter() - t0, 1), "bytes": export._dir_size(path),
-                             "reused": any(f"ONNX {precision} export is up to date" in m for m in messages)}
+        builds[precision] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "bytes": export._dir_size(path),
+            "reused": any(f"ONNX {precision} export is up to date" in m for m in messages),
+        }
     result["exports"] = builds
 
     probes_all = _probes()
@@ -316,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure_round_robin(models, timed, args.new_tokens, args.repeats)
     print("Greedy references of tuned PyTorch and agreement of the exports...", flush=True)
     references = greedy_references(tuned, probes_all, args.new_tokens)
-    agreements = {name: agreement(references, models[name], probes_all, args.new_tokens)
-                  for name in ("onnx_fp32", "onnx_int4")}
+    agreements = {
+        name: agreement(references, models[name], probes_all, args.new_tokens) for name in ("onnx_fp32", "onnx_int4")
+    }
     print("Greedy replies of the chat loop vs transformers' generate()...", flush=True)
     result["chat_loop_vs_generate"] = same_as_generate(base, probes_all, args.new_tokens)
     result["chat_loop_decoder"] = base.decoder_name(GenerationSettings(greedy=True, max_new_tokens=args.new_tokens), 64)
@@ -338,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     result["target_int4_5x"] = result["int4_speedup_vs_pytorch_fp32"] >= 5.0
     result["target_int4_60pct_bandwidth"] = rows["onnx_int4"].get("share_of_bandwidth", 0) >= 0.6
     identical = result["chat_loop_vs_generate"]
-    result["target_chat_2x_same_greedy"] = (result["chat_loop_speedup_vs_generate"] >= 2.0
-                                            and identical["identical"] == identical["replies"])
+    result["target_chat_2x_same_greedy"] = (
+        result["chat_loop_speedup_vs_generate"] >= 2.0 and identical["identical"] == identical["replies"]
+    )
     result["target_chat_ttft_no_worse"] = rows["pytorch_base"]["ttft_s"] <= rows["pytorch_base_generate"]["ttft_s"]
     result["method"] = source["config"].method.name
     result["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -380,7 +406,9 @@ def _first_reply_costs(result: dict) -> str:
     costs = result.get("first_reply_costs", {})
     kernels = costs.get("native_kernels", {})
     if kernels.get("available"):
-        parts = [f"compiling the native {kernels['isa']} kernels {kernels['compile_s']} s (once per machine, then cached)"]
+        parts = [
+            f"compiling the native {kernels['isa']} kernels {kernels['compile_s']} s (once per machine, then cached)"
+        ]
     else:
         parts = [f"no native kernels ({kernels.get('reason', 'not measured')})"]
     builds = [f"{LEAN_BUILDS[name]} {seconds} s" for name, seconds in costs.get("lean_decoder_s", {}).items()]
@@ -395,12 +423,13 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"Inference on {machine.get('cpu', '?')} ({machine.get('logical_cores', '?')} cores, "
         f"{bandwidth} GB/s copy bandwidth, load average "
-        f"{machine.get('load_average_before', ['?'])[0]} before / {machine.get('load_average_after', ['?'])[0]} after); "
+        f"{machine.get('load_average_before', ['?'])[0]} before / "
+        f"{machine.get('load_average_after', ['?'])[0]} after); "
         f"{result['run']}; {result['new_tokens']} greedy tokens per reply, median over "
         f"{result['backends']['pytorch_base']['samples']} replies.",
         "",
-        f"| backend | decode tokens/s | time to first token | vs generate() | weights read/s (share of {bandwidth} GB/s) "
-        "| greedy agreement vs tuned PyTorch |",
+        "| backend | decode tokens/s | time to first token | vs generate() | "
+        f"weights read/s (share of {bandwidth} GB/s) | greedy agreement vs tuned PyTorch |",
         "|---|---|---|---|---|---|",
     ]
     plain_rate = result["backends"]["pytorch_base_generate"]["decode_tokens_per_s"]
@@ -408,9 +437,13 @@ def to_markdown(result: dict) -> str:
     for name, row in result["backends"].items():
         agree = result["agreement_vs_tuned_pytorch"].get(name)
         agree_text = f"{agree['token_agreement']:.1%} ({agree['greedy_identical']} replies identical)" if agree else "-"
-        share = f"{row['weights_gbs']:.1f} GB/s ({row['share_of_bandwidth']:.0%})" if "share_of_bandwidth" in row else "-"
-        lines.append(f"| {LABELS.get(name, name)} | {row['decode_tokens_per_s']:.1f} | {row['ttft_s'] * 1000:.0f} ms | "
-                     f"{row['decode_tokens_per_s'] / plain_rate:.2f}x | {share} | {agree_text} |")
+        share = (
+            f"{row['weights_gbs']:.1f} GB/s ({row['share_of_bandwidth']:.0%})" if "share_of_bandwidth" in row else "-"
+        )
+        lines.append(
+            f"| {LABELS.get(name, name)} | {row['decode_tokens_per_s']:.1f} | {row['ttft_s'] * 1000:.0f} ms | "
+            f"{row['decode_tokens_per_s'] / plain_rate:.2f}x | {share} | {agree_text} |"
+        )
     exports = result["exports"]
     same = result["chat_loop_vs_generate"]
     int4 = result["backends"]["onnx_int4"]
@@ -427,7 +460,7 @@ def to_markdown(result: dict) -> str:
         f"{result['backends']['pytorch_base']['ttft_s'] * 1000:.0f} ms, generate() "
         f"{plain_ttft * 1000:.0f} ms (target no worse: {_met(result['target_chat_ttft_no_worse'])}).",
         f"- One-off costs of a model's first greedy reply, not in the figures above: {_first_reply_costs(result)}.",
-        "- \"weights read/s\" is the weight bytes of one plain decode step times decode tokens/s; the speculative "
+        '- "weights read/s" is the weight bytes of one plain decode step times decode tokens/s; the speculative '
         "chat loop checks several tokens per read of the float32 weights, so its figure can pass the ceiling.",
         f"- Export sizes: fp32 {exports['fp32']['bytes'] / 1e6:.0f} MB, int4 {exports['int4']['bytes'] / 1e6:.0f} MB; "
         f"build times: fp32 {_build_time(exports['fp32'])}, int4 {_build_time(exports['int4'])}.",

@@ -12,6 +12,7 @@ frozen weights 2·N, no weight gradients) against the matmul peak measured in th
 
 Writes bench/results/train.json and train.md and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,25 +42,38 @@ def split_data(data: Path, out: Path, seed: int = 42) -> tuple[Path, Path, int]:
     return paths[0], paths[1], len(train)
 
 
-def run_tunelab(model_dir: Path, train: Path, out: Path, steps: int, batch: int, precision: str, max_length: int) -> dict:
+def run_tunelab(
+    model_dir: Path, train: Path, out: Path, steps: int, batch: int, precision: str, max_length: int
+) -> dict:
     from engine.config import RunConfig
 
     run_dir = out / f"tunelab-{precision}"
-    cfg = RunConfig.from_dict({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"path": str(train), "validation_split": 0.0, "max_length": max_length},
-        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-        "training": {"max_steps": steps, "batch_size": batch, "learning_rate": 2e-4, "lr_scheduler": "cosine",
-                     "warmup_ratio": 0.05, "precision": precision, "save_steps": 10_000, "logging_steps": 1},
-        "output": {"runs_dir": str(out)},
-    })
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"path": str(train), "validation_split": 0.0, "max_length": max_length},
+            "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+            "training": {
+                "max_steps": steps,
+                "batch_size": batch,
+                "learning_rate": 2e-4,
+                "lr_scheduler": "cosine",
+                "warmup_ratio": 0.05,
+                "precision": precision,
+                "save_steps": 10_000,
+                "logging_steps": 1,
+            },
+            "output": {"runs_dir": str(out)},
+        }
+    )
     config_path = out / f"tunelab-{precision}.yaml"
     cfg.save(config_path)
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.train", "--config", str(config_path),
-         "--run-dir", str(run_dir)],
-        cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "engine.train", "--config", str(config_path), "--run-dir", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"tunelab training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -85,10 +99,28 @@ def run_trl(model_dir: Path, train: Path, out: Path, steps: int, batch: int, pre
     adapter = out / f"trl-{precision}"
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.trl_baseline", "--model-dir",
-         str(model_dir), "--data", str(train), "--out", str(adapter), "--steps", str(steps), "--batch", str(batch),
-         "--precision", precision, "--max-length", str(max_length)],
-        cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "bench.trl_baseline",
+            "--model-dir",
+            str(model_dir),
+            "--data",
+            str(train),
+            "--out",
+            str(adapter),
+            "--steps",
+            str(steps),
+            "--batch",
+            str(batch),
+            "--precision",
+            precision,
+            "--max-length",
+            str(max_length),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"TRL baseline failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -128,9 +160,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--precisions", default="fp32,bf16",
-                        help="Comma-separated; bf16 is skipped on a CPU without bf16 instructions (it would be "
-                             "emulated there, and tunelab trains such a CPU in fp32).")
+    parser.add_argument(
+        "--precisions",
+        default="fp32,bf16",
+        help="Comma-separated; bf16 is skipped on a CPU without bf16 instructions (it would be "
+        "emulated there, and tunelab trains such a CPU in fp32).",
+    )
     args = parser.parse_args(argv)
 
     from bench.machine import describe, matmul_peak_flops
@@ -144,8 +179,10 @@ def main(argv=None) -> int:
     precisions, skipped = [], []
     for precision in [p.strip() for p in args.precisions.split(",") if p.strip()]:
         if precision == "bf16" and not profile.gpus and not profile.cpu.native_bf16:
-            skipped.append(f"bf16 skipped: this CPU ({profile.cpu.model}) has no bf16 instructions (no AVX512-BF16 "
-                           "or AMX), so bf16 would be emulated and its timing says nothing; tunelab trains here in fp32.")
+            skipped.append(
+                f"bf16 skipped: this CPU ({profile.cpu.model}) has no bf16 instructions (no AVX512-BF16 "
+                "or AMX), so bf16 would be emulated and its timing says nothing; tunelab trains here in fp32."
+            )
             continue
         precisions.append(precision)
     peaks = {"fp32": matmul_peak_flops("float32")}
@@ -194,21 +231,39 @@ def main(argv=None) -> int:
         )
     table.append("")
     for precision, s in sorted(speedups.items()):
-        table.append(f"- {precision}: tunelab is {s['tokens_per_second_ratio']:.2f}x the TRL script's tokens/s; "
-                     f"validation loss differs by {s['val_loss_relative_diff']:+.1%}.")
-    table.append("- matmul peak measured in this run: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
-                 + f"; MFU counts 4·N FLOPs per token (N = {params / 1e6:.1f}M).")
+        table.append(
+            f"- {precision}: tunelab is {s['tokens_per_second_ratio']:.2f}x the TRL script's tokens/s; "
+            f"validation loss differs by {s['val_loss_relative_diff']:+.1%}."
+        )
+    table.append(
+        "- matmul peak measured in this run: "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+        + f"; MFU counts 4·N FLOPs per token (N = {params / 1e6:.1f}M)."
+    )
     table += [f"- {line}" for line in skipped]
-    table.append(f"- final train loss = mean of the last 5 logged steps. tunelab's automatic precision here: "
-                 f"{auto_precision}.")
+    table.append(
+        f"- final train loss = mean of the last 5 logged steps. tunelab's automatic precision here: {auto_precision}."
+    )
     text = "\n".join(table)
     print("\n" + text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "train.md").write_text(text + "\n")
-    (RESULTS / "train.json").write_text(json.dumps({
-        "machine": machine, "matmul_peak_flops": peaks, "steps": args.steps, "batch": args.batch,
-        "results": results, "speedups": speedups, "auto_precision": auto_precision, "skipped": skipped,
-    }, indent=2) + "\n")
+    (RESULTS / "train.json").write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "matmul_peak_flops": peaks,
+                "steps": args.steps,
+                "batch": args.batch,
+                "results": results,
+                "speedups": speedups,
+                "auto_precision": auto_precision,
+                "skipped": skipped,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ and wait for the three answers (base, tuned, ONNX) to each. Prints a table and w
 bench/results/ui_flow.{json,md}. Run it on an idle machine; it is not part of `make bench`
 (it trains the real model for several minutes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,13 @@ def start_app(runs_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "ui", "--port", str(port), "--runs-dir",
-                                 str(runs_dir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "ui", "--port", str(port), "--runs-dir", str(runs_dir)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while True:
@@ -101,32 +107,50 @@ def flow(page, url: str, max_steps: int | None) -> dict:
         page.locator("#play-send").click()
         for backend in ("base", "tuned", "onnx"):
             page.locator(f"#play-chat-{backend} .bot").nth(n - 1).wait_for(timeout=600_000)
-            _wait_until(page, lambda: page.locator(f"#play-chat-{backend} .bot").count() == n
-                        and page.locator(f"#play-stats-{backend} .tl-stats").count() == 1
-                        and "first token" in page.locator(f"#play-stats-{backend}").inner_text()
-                        and page.locator(f"#play-stats-{backend}").inner_text() != details.get(("stats", backend)),
-                        600, f"answer {n} of {backend}")
+            _wait_until(
+                page,
+                lambda: (
+                    page.locator(f"#play-chat-{backend} .bot").count() == n
+                    and page.locator(f"#play-stats-{backend} .tl-stats").count() == 1
+                    and "first token" in page.locator(f"#play-stats-{backend}").inner_text()
+                    and page.locator(f"#play-stats-{backend}").inner_text() != details.get(("stats", backend))
+                ),
+                600,
+                f"answer {n} of {backend}",
+            )
             details[("stats", backend)] = page.locator(f"#play-stats-{backend}").inner_text()
         done(f"three answers in the playground ({'models loaded on first use' if n == 1 else 'models loaded'})")
-        details.setdefault("answers", []).append({
-            backend: {"reply": page.locator(f"#play-chat-{backend} .bot").last.inner_text().strip(),
-                      "stats": page.locator(f"#play-stats-{backend}").inner_text().strip()}
-            for backend in ("base", "tuned", "onnx")
-        })
+        details.setdefault("answers", []).append(
+            {
+                backend: {
+                    "reply": page.locator(f"#play-chat-{backend} .bot").last.inner_text().strip(),
+                    "stats": page.locator(f"#play-stats-{backend}").inner_text().strip(),
+                }
+                for backend in ("base", "tuned", "onnx")
+            }
+        )
     for backend in ("base", "tuned", "onnx"):
         details.pop(("stats", backend), None)
     return {"stages_s": stages, "total_s": round(sum(stages.values()), 1), **details}
 
 
 def to_markdown(result: dict) -> str:
-    lines = [f"Web app flow on the embedded model in Chromium ({result['machine']}), "
-             f"{result['created']}; app start {result['app_start_s']} s before the first stage. The browser "
-             "shares the machine's cores with the app, so the playground's tokens/s here are below "
-             "inference.md's (a visitor's browser runs on their own machine).", "",
-             "| stage | seconds |", "|---|---:|"]
+    lines = [
+        f"Web app flow on the embedded model in Chromium ({result['machine']}), "
+        f"{result['created']}; app start {result['app_start_s']} s before the first stage. The browser "
+        "shares the machine's cores with the app, so the playground's tokens/s here are below "
+        "inference.md's (a visitor's browser runs on their own machine).",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+    ]
     lines += [f"| {name} | {seconds} |" for name, seconds in result["stages_s"].items()]
-    lines += [f"| **total** | **{result['total_s']}** ({result['total_s'] / 60:.1f} min) |", "",
-              f"Training: {result.get('training', '?')}", ""]
+    lines += [
+        f"| **total** | **{result['total_s']}** ({result['total_s'] / 60:.1f} min) |",
+        "",
+        f"Training: {result.get('training', '?')}",
+        "",
+    ]
     for question, answers in zip(QUESTIONS, result.get("answers", [])):
         lines += [f"Question: {question}", ""]
         for backend, answer in answers.items():
@@ -164,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         proc.terminate()
         proc.wait(timeout=30)
     machine = describe()
-    result.update(app_start_s=app_start, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  machine=f"{machine['cpu']}, {machine['logical_cores']} cores, torch {machine['torch']}")
+    result.update(
+        app_start_s=app_start,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        machine=f"{machine['cpu']}, {machine['logical_cores']} cores, torch {machine['torch']}",
+    )
     write_results(args.out, "ui_flow", result, to_markdown(result))
     return 0
 

@@ -1,6 +1,7 @@
 """Measure the machine a benchmark runs on: matmul peak (fp32, bf16), memory bandwidth,
 and a description (cores, ISA, RAM), so every figure is read against ceilings measured in
 the same run."""
+
 from __future__ import annotations
 
 import os
@@ -78,9 +79,14 @@ def write_results(out_dir, name: str, result: dict, markdown: str) -> None:
 if __name__ == "__main__":
     import json
 
-    print(json.dumps({
-        **describe(),
-        "fp32_gflops": round(matmul_peak_flops("float32") / 1e9),
-        "bf16_gflops": round(matmul_peak_flops("bfloat16") / 1e9),
-        "bandwidth_gbs": round(memory_bandwidth() / 1e9, 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                **describe(),
+                "fp32_gflops": round(matmul_peak_flops("float32") / 1e9),
+                "bf16_gflops": round(matmul_peak_flops("bfloat16") / 1e9),
+                "bandwidth_gbs": round(memory_bandwidth() / 1e9, 1),
+            },
+            indent=2,
+        )
+    )

@@ -6,6 +6,7 @@ end. Run it on an otherwise idle machine: the figures are wall-clock speeds.
     python -m bench.run                      # every section
     python -m bench.run --only inference     # just one (comma-separated for several)
 """
+
 from __future__ import annotations
 
 import sys
@@ -30,24 +31,34 @@ def _inference(argv: list[str]) -> int:
 # section -> (what it measures, its entry point, the result tables it writes)
 SECTIONS = {
     "train": ("training speed and loss: tunelab vs the TRL script", _train, ("train.md",)),
-    "inference": ("decode speed, time to first token and export agreement of every chat backend", _inference,
-                  ("inference.md",)),
+    "inference": (
+        "decode speed, time to first token and export agreement of every chat backend",
+        _inference,
+        ("inference.md",),
+    ),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0],
-                                     epilog="sections: " + "; ".join(f"{k}: {v[0]}" for k, v in SECTIONS.items()))
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"Comma-separated sections to run (default: all of {', '.join(SECTIONS)}).")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__.splitlines()[0],
+        epilog="sections: " + "; ".join(f"{k}: {v[0]}" for k, v in SECTIONS.items()),
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"Comma-separated sections to run (default: all of {', '.join(SECTIONS)}).",
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown or not chosen:
-        parser.error(f"--only: unknown section(s) {', '.join(unknown) or '(none given)'}; "
-                     f"choose from {', '.join(SECTIONS)}")
+        parser.error(
+            f"--only: unknown section(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SECTIONS)}"
+        )
     started = time.perf_counter()
     rc = 0
     for name in chosen:

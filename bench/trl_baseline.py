@@ -5,6 +5,7 @@ batch, steps, learning rate and precision as the tunelab run it is compared with
 It prints one JSON line: non-padding tokens per second, wall time of ``trainer.train()``,
 final training loss and peak resident memory; the adapter is saved to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,23 +57,28 @@ def main() -> None:
         use_cpu=True,
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
     start = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - start
     trainer.model.save_pretrained(args.out)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tokens = trainer.state.num_input_tokens_seen
-    print(json.dumps({
-        "tokens": int(tokens),
-        "train_seconds": wall,
-        "tokens_per_second": tokens / wall,
-        "final_loss": losses[-1] if losses else None,
-        "mean_loss_last5": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
-        "train_loss": result.training_loss,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }))
+    print(
+        json.dumps(
+            {
+                "tokens": int(tokens),
+                "train_seconds": wall,
+                "tokens_per_second": tokens / wall,
+                "final_loss": losses[-1] if losses else None,
+                "mean_loss_last5": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
+                "train_loss": result.training_loss,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

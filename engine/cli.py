@@ -4,6 +4,7 @@ Each module named in COMMANDS exposes ``add_cli_arguments(parser)`` and
 ``run_cli(args) -> int``, and keeps its module-level imports light (torch and
 transformers are imported inside functions) so that ``tunelab --help`` is instant.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@ checks in ``__post_init__``. A :class:`RunConfig` is read from and written to YA
 problem raises :class:`ConfigError` naming the field (``training.learning_rate``) and the
 allowed values.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,9 +79,7 @@ class DataConfig:
     persona: dict[str, str] = field(
         default_factory=dict, metadata={"help": "Values for {{placeholders}} in the data, e.g. {name: Ada}."}
     )
-    system_prompt: str | None = field(
-        default=None, metadata={"help": "System prompt added to records that have none."}
-    )
+    system_prompt: str | None = field(default=None, metadata={"help": "System prompt added to records that have none."})
     seed: int = field(default=42, metadata={"help": "Seed of the train/validation split."})
 
     def __post_init__(self):
@@ -133,9 +132,7 @@ class TrainingConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     lr_scheduler: str = field(default="cosine", metadata={"help": f"One of {', '.join(SCHEDULERS)}."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    precision: str = field(
-        default="auto", metadata={"help": "auto (from the hardware), fp32, bf16 or fp16."}
-    )
+    precision: str = field(default="auto", metadata={"help": "auto (from the hardware), fp32, bf16 or fp16."})
     assistant_only_loss: bool = field(default=True, metadata={"help": "Loss on assistant tokens only."})
     packing: bool = field(default=False, metadata={"help": "Pack several examples into one sequence."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})

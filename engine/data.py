@@ -20,6 +20,7 @@ Nothing in this module raises anything but :class:`DataError` for bad input, wha
 the bytes. Module-level imports are light; ``datasets``, ``pyarrow`` and ``transformers``
 are imported inside the functions that need them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,15 @@ EXTENSIONS = {
     ".parquet": "parquet",
 }
 # How each reader names a record in messages ("line 3", "record 3", "row 3").
-UNITS = {"jsonl": "line", "json": "record", "csv": "row", "tsv": "row", "parquet": "row", "disk": "record", "hub": "record"}
+UNITS = {
+    "jsonl": "line",
+    "json": "record",
+    "csv": "row",
+    "tsv": "row",
+    "parquet": "row",
+    "disk": "record",
+    "hub": "record",
+}
 
 # Role names of ShareGPT-style turns ("from") and of OpenAI messages ("role"), mapped to ours.
 SHAREGPT_ROLES = {
@@ -348,7 +357,9 @@ def _read_json(text: str, label: str, warnings: list[str]) -> tuple[list[_Raw], 
     preferred = [k for k in arrays if str(k).lower() in ARRAY_KEYS]
     key = preferred[0] if preferred else arrays[0]
     if len(arrays) > 1:
-        warnings.append(f"{label}: read the records under {key!r}; also found arrays under {', '.join(map(repr, arrays))}")
+        warnings.append(
+            f"{label}: read the records under {key!r}; also found arrays under {', '.join(map(repr, arrays))}"
+        )
     return [_Raw(i, v) for i, v in enumerate(value[key], start=1)], "record"
 
 
@@ -436,7 +447,9 @@ def _read_hub(ref: str, warnings: list[str]) -> list[_Raw]:
         hint = ""
         if isinstance(err, (ConnectionError, OSError)) or "offline" in reason.lower():
             hint = " The Hugging Face Hub is not reachable (no network, or HF_HUB_OFFLINE=1); upload a file instead."
-        raise _fatal(ref, f"is no local file or directory, and cannot be loaded as a Hub dataset: {reason}.{hint}") from None
+        raise _fatal(
+            ref, f"is no local file or directory, and cannot be loaded as a Hub dataset: {reason}.{hint}"
+        ) from None
 
 
 def _dir_size(path: Path) -> int:
@@ -473,7 +486,10 @@ def _read_source(path: str | Path, max_bytes: int) -> _Source:
         kind = EXTENSIONS.get(p.suffix.lower())
         if kind is None:
             known = ", ".join(EXTENSIONS)
-            raise _fatal(label, f"has an unknown extension {p.suffix or '(none)'!r}; supported: {known}, or a saved dataset directory")
+            raise _fatal(
+                label,
+                f"has an unknown extension {p.suffix or '(none)'!r}; supported: {known}, or a saved dataset directory",
+            )
         size = p.stat().st_size
         if size == 0:
             raise _fatal(label, "is empty")
@@ -873,7 +889,11 @@ def _parse_preference(obj: dict, ctx: _Ctx) -> tuple[list[dict], dict] | None:
     elif "question" in keys:
         prompt = _prompt_value(obj.get(keys["question"]), ctx, keys["question"])
     elif "instruction" in keys:
-        alpaca = {"instruction": obj.get(keys["instruction"]), "output": "-", "input": obj.get(keys.get("input", "input"))}
+        alpaca = {
+            "instruction": obj.get(keys["instruction"]),
+            "output": "-",
+            "input": obj.get(keys.get("input", "input")),
+        }
         parsed = _parse_alpaca(alpaca, ctx)
         prompt = parsed[:-1] if parsed else None
     chosen_value, rejected_value = obj.get(keys["chosen"]), obj.get(keys["rejected"])
@@ -884,7 +904,9 @@ def _parse_preference(obj: dict, ctx: _Ctx) -> tuple[list[dict], dict] | None:
         if chosen_full is None or rejected_full is None:
             return None
         if len(chosen_full) < 2 or chosen_full[-1]["role"] != "assistant":
-            ctx.add(keys["chosen"], "without a prompt field, chosen must be a whole conversation ending with the assistant")
+            ctx.add(
+                keys["chosen"], "without a prompt field, chosen must be a whole conversation ending with the assistant"
+            )
             return None
         prompt, chosen, rejected = chosen_full[:-1], chosen_full[-1:], rejected_full[-1:]
     else:
@@ -914,7 +936,9 @@ def _check_conversation(messages: list[dict], ctx: _Ctx, fld: str) -> None:
     elif "assistant" not in roles:
         ctx.add(fld, "has no assistant turn, so there is nothing to learn")
     elif roles[-1] != "assistant":
-        ctx.add(f"{fld}[{len(messages) - 1}]", f"the conversation ends with {roles[-1]!r}; it must end with the assistant")
+        ctx.add(
+            f"{fld}[{len(messages) - 1}]", f"the conversation ends with {roles[-1]!r}; it must end with the assistant"
+        )
 
 
 _PARSERS = {
@@ -923,7 +947,13 @@ _PARSERS = {
     "alpaca": _parse_alpaca,
     "qa": _parse_qa,
 }
-_FIELD_OF = {"openai": "messages", "sharegpt": "conversations", "alpaca": "conversation", "qa": "conversation", "preference": "prompt"}
+_FIELD_OF = {
+    "openai": "messages",
+    "sharegpt": "conversations",
+    "alpaca": "conversation",
+    "qa": "conversation",
+    "preference": "prompt",
+}
 
 
 def _fill_placeholders(messages: list[dict], persona: dict[str, str], found: dict[str, int]) -> list[dict]:
@@ -1030,7 +1060,9 @@ def load_records(
         warnings.append(
             "the data holds placeholders that no persona value fills: "
             + ", ".join("{{" + n + "}}" for n in unfilled)
-            + " (give values: " + " ".join(f"{n}=..." for n in unfilled) + " in the Data tab's Fill placeholders "
+            + " (give values: "
+            + " ".join(f"{n}=..." for n in unfilled)
+            + " in the Data tab's Fill placeholders "
             "field, data.persona in a config, or --persona on the command line)"
         )
     result = LoadResult(
@@ -1162,6 +1194,7 @@ def load_for_training(data_config) -> tuple[LoadResult, list, list]:
 
 # --------------------------------------------------------------------------- token statistics
 
+
 def _percentile(sorted_values: list[int], q: float) -> float:
     if not sorted_values:
         return 0.0
@@ -1269,9 +1302,18 @@ def _persona_item(text: str) -> tuple[str, str]:
 
 def _record_arguments(parser: argparse.ArgumentParser) -> None:
     """How records are read: the options `data inspect` and `data preview` share."""
-    parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="Force a format (default: detect).")
-    parser.add_argument("--persona", nargs="+", action="extend", type=_persona_item, default=[], metavar="KEY=VALUE",
-                        help="Fill {{key}} placeholders, e.g. --persona name=Pip author=tunelab.")
+    parser.add_argument(
+        "--format", default="auto", choices=("auto",) + FORMATS, help="Force a format (default: detect)."
+    )
+    parser.add_argument(
+        "--persona",
+        nargs="+",
+        action="extend",
+        type=_persona_item,
+        default=[],
+        metavar="KEY=VALUE",
+        help="Fill {{key}} placeholders, e.g. --persona name=Pip author=tunelab.",
+    )
     parser.add_argument("--system-prompt", default=None, help="System prompt for records that have none.")
 
 
@@ -1288,14 +1330,24 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("file", help="JSONL, JSON, CSV, TSV or Parquet file, a save_to_disk directory, or a Hub id.")
     _record_arguments(inspect)
     inspect.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
-    inspect.add_argument("--max-length", type=int, default=DataConfig.max_length,
-                         help=f"Cutoff length in tokens (default {DataConfig.max_length}).")
-    inspect.add_argument("--model", default=ModelConfig.name_or_path,
-                         help="Model whose tokenizer and chat template count tokens.")
-    inspect.add_argument("--on-error", default=DataConfig.on_error, choices=("skip", "stop"),
-                         help="Skip bad records or stop.")
-    inspect.add_argument("--validation-split", type=float, default=DataConfig.validation_split,
-                         help=f"Fraction held out (default {DataConfig.validation_split}).")
+    inspect.add_argument(
+        "--max-length",
+        type=int,
+        default=DataConfig.max_length,
+        help=f"Cutoff length in tokens (default {DataConfig.max_length}).",
+    )
+    inspect.add_argument(
+        "--model", default=ModelConfig.name_or_path, help="Model whose tokenizer and chat template count tokens."
+    )
+    inspect.add_argument(
+        "--on-error", default=DataConfig.on_error, choices=("skip", "stop"), help="Skip bad records or stop."
+    )
+    inspect.add_argument(
+        "--validation-split",
+        type=float,
+        default=DataConfig.validation_split,
+        help=f"Fraction held out (default {DataConfig.validation_split}).",
+    )
     inspect.add_argument("--seed", type=int, default=DataConfig.seed, help="Seed of the split.")
     inspect.add_argument("--no-tokens", action="store_true", help="Skip the token statistics (no tokenizer needed).")
     inspect.add_argument("--max-problems", type=int, default=50, help="Problems listed in text output (default 50).")
@@ -1307,16 +1359,30 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "exact text, the trained (assistant) tokens between \u27e6 \u27e7, and the cut at --max-length.",
     )
     preview.add_argument("file", help="The dataset file (any format `tunelab data inspect` reads).")
-    preview.add_argument("--model", default=ModelConfig.name_or_path,
-                         help=f"Model whose tokenizer and chat template render it (default {ModelConfig.name_or_path}).")
+    preview.add_argument(
+        "--model",
+        default=ModelConfig.name_or_path,
+        help=f"Model whose tokenizer and chat template render it (default {ModelConfig.name_or_path}).",
+    )
     preview.add_argument("--index", type=int, default=1, help="Which record, counted from 1 (default 1).")
-    preview.add_argument("--max-length", type=int, default=DataConfig.max_length,
-                         help=f"The trainer's cut, in tokens (default {DataConfig.max_length}).")
-    preview.add_argument("--chat-template", default=None, metavar="FILE",
-                         help="A Jinja chat template file to use instead of the model's own.")
+    preview.add_argument(
+        "--max-length",
+        type=int,
+        default=DataConfig.max_length,
+        help=f"The trainer's cut, in tokens (default {DataConfig.max_length}).",
+    )
+    preview.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="A Jinja chat template file to use instead of the model's own.",
+    )
     _record_arguments(preview)
-    preview.add_argument("--json", action="store_true",
-                         help="Print one JSON object: text, token_ids, tokens, trained (per-token mask), kept.")
+    preview.add_argument(
+        "--json",
+        action="store_true",
+        help="Print one JSON object: text, token_ids, tokens, trained (per-token mask), kept.",
+    )
     parser.set_defaults(_data_parser=parser)
 
 
@@ -1336,18 +1402,23 @@ def _preview(args: argparse.Namespace) -> int:
     from engine import templates
 
     def fail(message: str) -> int:
-        print(json.dumps({"error": message}) if args.json else f"error: {message}", file=sys.stdout if args.json
-              else sys.stderr)
+        print(
+            json.dumps({"error": message}) if args.json else f"error: {message}",
+            file=sys.stdout if args.json else sys.stderr,
+        )
         return 1
 
     if args.max_length <= 0:
         return fail("--max-length must be > 0")
     try:
-        result = load_records(args.file, format=args.format, persona=dict(args.persona) or None,
-                              system_prompt=args.system_prompt)
+        result = load_records(
+            args.file, format=args.format, persona=dict(args.persona) or None, system_prompt=args.system_prompt
+        )
         if not 1 <= args.index <= len(result.records):
-            return fail(f"--index {args.index}: {args.file} has {len(result.records)} usable records (1 to "
-                        f"{len(result.records)})")
+            return fail(
+                f"--index {args.index}: {args.file} has {len(result.records)} usable records (1 to "
+                f"{len(result.records)})"
+            )
         tokenizer = _load_tokenizer(args.model)
     except DataError as err:
         return fail(str(err))
@@ -1368,11 +1439,17 @@ def _preview(args: argparse.Namespace) -> int:
         return 0
     print(templates.preview_text(view))
     cut = f"; cut at {view['cut_at']}" if view["cut_at"] is not None else ""
-    print(f"\n[record {args.index} of {len(result.records)}; {view['template']} ({source}); {view['length']} tokens, "
-          f"{view['trained_tokens']} trained (between \u27e6 \u27e7){cut}]")
+    print(
+        f"\n[record {args.index} of {len(result.records)}; {view['template']} ({source}); {view['length']} tokens, "
+        f"{view['trained_tokens']} trained (between \u27e6 \u27e7){cut}]"
+    )
     if result.unfilled:
-        print("warning: unfilled placeholders " + ", ".join("{{" + p + "}}" for p in result.unfilled)
-              + f": fill them with --persona {' '.join(p + '=...' for p in result.unfilled)}", file=sys.stderr)
+        print(
+            "warning: unfilled placeholders "
+            + ", ".join("{{" + p + "}}" for p in result.unfilled)
+            + f": fill them with --persona {' '.join(p + '=...' for p in result.unfilled)}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -1464,7 +1541,8 @@ def _format_report(report: dict, max_problems: int) -> str:
         f"File:     {report['path']} ({report['source']})",
         f"Format:   {report['format']} ({how})",
         f"Records:  {report['total']} read, {report['valid']} usable, {report['skipped']} skipped",
-        "Messages: " + ", ".join(f"{k} {v}" for k, v in counts["messages"].items())
+        "Messages: "
+        + ", ".join(f"{k} {v}" for k, v in counts["messages"].items())
         + f"; tool calls {counts['tool_calls']}, tool results {counts['tool_results']}",
         f"Split:    {report['split']['train']} train / {report['split']['validation']} validation "
         f"(seed {report['split']['seed']})",
@@ -1478,9 +1556,11 @@ def _format_report(report: dict, max_problems: int) -> str:
         t = tokens["tokens"]
         lines += [
             f"Tokens (template {tokens['template']}, cutoff {tokens['max_length']}):",
-            f"  per example: min {t['min']}, median {t['median']:g}, p95 {t['p95']:g}, max {t['max']}, total {t['total']}",
+            f"  per example: min {t['min']}, median {t['median']:g}, p95 {t['p95']:g}, max {t['max']}, "
+            f"total {t['total']}",
             f"  over the cutoff (truncated): {tokens['over_max_length']} examples, {tokens['truncated_tokens']} tokens",
-            f"  trained (assistant) tokens: {tokens['assistant_tokens']} ({tokens['assistant_fraction']:.0%} of kept tokens)",
+            f"  trained (assistant) tokens: {tokens['assistant_tokens']} "
+            f"({tokens['assistant_fraction']:.0%} of kept tokens)",
         ]
         if tokens["no_assistant_after_truncation"]:
             lines.append(f"  examples left with no answer after truncation: {tokens['no_assistant_after_truncation']}")

@@ -20,6 +20,7 @@
 Every step writes into a temporary directory and renames it when done, so an interrupted
 export never leaves a half-written ``merged/`` or ``onnx-*/`` behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,8 +117,11 @@ def _signature(path: Path) -> list:
     """Names, sizes and modification times of the files under ``path``."""
     if not path.exists():
         return []
-    return sorted([str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
-                  for p in path.rglob("*") if p.is_file() and p.name != STAMP)
+    return sorted(
+        [str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns]
+        for p in path.rglob("*")
+        if p.is_file() and p.name != STAMP
+    )
 
 
 def _read_stamp(directory: Path) -> dict | None:
@@ -160,8 +164,12 @@ def run_source(run_dir: Path) -> dict:
     if (run_dir / "model" / "config.json").is_file():
         return {"kind": "full", "dir": run_dir / "model", "base": None, "config": cfg}
     if (run_dir / "adapter" / "adapter_config.json").is_file():
-        return {"kind": "adapter", "dir": run_dir / "adapter", "base": resolve_model(cfg.model.name_or_path),
-                "config": cfg}
+        return {
+            "kind": "adapter",
+            "dir": run_dir / "adapter",
+            "base": resolve_model(cfg.model.name_or_path),
+            "config": cfg,
+        }
     raise ExportError(
         f"{run_dir}: nothing to export: no adapter/adapter_config.json nor model/config.json "
         "(is the run still training, or did it fail?)"
@@ -212,8 +220,11 @@ def merge(run_dir: str | Path, *, progress: Progress | None = None, force: bool 
     run_dir = Path(run_dir)
     source = run_source(run_dir)
     target = run_dir / "export" / "merged"
-    wanted = {"source": source["kind"], "signature": _signature(source["dir"]),
-              "base": str(source["base"]) if source["base"] else None}
+    wanted = {
+        "source": source["kind"],
+        "signature": _signature(source["dir"]),
+        "base": str(source["base"]) if source["base"] else None,
+    }
     stamp = _read_stamp(target)
     if not force and stamp and all(stamp.get(k) == v for k, v in wanted.items()) and (target / "config.json").is_file():
         say(f"Merged model is up to date: {target}")
@@ -271,11 +282,25 @@ def default_execution_provider() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def builder_command(hf_dir: Path, out_dir: Path, precision: str, execution_provider: str,
-                    cache_dir: Path, block_size: int | None = None) -> list[str]:
+def builder_command(
+    hf_dir: Path, out_dir: Path, precision: str, execution_provider: str, cache_dir: Path, block_size: int | None = None
+) -> list[str]:
     """The model builder's command line (a list: it runs without a shell)."""
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
-           "-p", precision, "-e", execution_provider, "-c", str(cache_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf_dir),
+        "-o",
+        str(out_dir),
+        "-p",
+        precision,
+        "-e",
+        execution_provider,
+        "-c",
+        str(cache_dir),
+    ]
     if precision in ("int4", "int8") and block_size:
         cmd += ["--extra_options", f"block_size={int(block_size)}"]
     return cmd
@@ -324,8 +349,15 @@ def _stream_process(cmd: list[str], log_path: Path, progress: Progress, stop: th
 def _finish_onnx_dir(out_dir: Path, hf_dir: Path) -> None:
     """Make the export self-contained for ONNX Runtime GenAI: tokenizer files and the
     chat template next to the model, and ``<|im_end|>`` among its eos ids."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "tokenizer.model", "vocab.json", "merges.txt"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+    ):
         if (hf_dir / name).is_file() and not (out_dir / name).is_file():
             shutil.copy2(hf_dir / name, out_dir / name)
     from transformers import AutoTokenizer
@@ -375,8 +407,10 @@ def _builder_failure(hf_dir: Path, code: int, log_path: Path) -> str:
     except ImportError:
         builder = "onnxruntime-genai"
     said = errors[-1] if errors else (lines[-1] if lines else f"exit code {code}, no output")
-    return (f"the ONNX model builder ({builder}) could not export {architecture}: {said}. The PyTorch columns "
-            f"of the playground still chat with this model. Full log: {log_path}")
+    return (
+        f"the ONNX model builder ({builder}) could not export {architecture}: {said}. The PyTorch columns "
+        f"of the playground still chat with this model. Full log: {log_path}"
+    )
 
 
 def _architecture(hf_dir: Path) -> str | None:
@@ -400,12 +434,20 @@ def _check_architecture(hf_dir: Path) -> None:
     if supported and architecture not in supported:
         raise ExportError(
             f"{architecture} is not one the ONNX model builder (onnxruntime-genai) can export; it exports "
-            f"{', '.join(supported)}. The PyTorch columns of the playground still chat with this model.")
+            f"{', '.join(supported)}. The PyTorch columns of the playground still chat with this model."
+        )
 
 
-def build_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "int4", *,
-               execution_provider: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE,
-               progress: Progress | None = None, stop: threading.Event | None = None) -> Path:
+def build_onnx(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    precision: str = "int4",
+    *,
+    execution_provider: str = "auto",
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> Path:
     """Export any transformers directory to ONNX with onnxruntime-genai's model builder."""
     say = _say(progress)
     if precision not in PRECISIONS:
@@ -426,9 +468,14 @@ def build_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "int4",
         if code != 0 or not (tmp / "genai_config.json").is_file():
             raise ExportError(_builder_failure(hf_dir, code, log_path))
         _finish_onnx_dir(tmp, hf_dir)
-        stamp = {"source": str(hf_dir), "source_signature": _signature(hf_dir), "precision": precision,
-                 "execution_provider": ep, "block_size": block_size if precision != "fp32" else None,
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        stamp = {
+            "source": str(hf_dir),
+            "source_signature": _signature(hf_dir),
+            "precision": precision,
+            "execution_provider": ep,
+            "block_size": block_size if precision != "fp32" else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         (tmp / STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -436,14 +483,23 @@ def build_onnx(hf_dir: str | Path, out_dir: str | Path, precision: str = "int4",
         raise
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    say(f"ONNX {precision} export done in {time.perf_counter() - started:.1f} s: {out_dir} "
-        f"({_dir_size(out_dir) / 1e6:.1f} MB)")
+    say(
+        f"ONNX {precision} export done in {time.perf_counter() - started:.1f} s: {out_dir} "
+        f"({_dir_size(out_dir) / 1e6:.1f} MB)"
+    )
     return out_dir
 
 
-def export_onnx(run_dir: str | Path, precision: str = "int4", *, progress: Progress | None = None,
-                execution_provider: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE, force: bool = False,
-                stop: threading.Event | None = None) -> Path:
+def export_onnx(
+    run_dir: str | Path,
+    precision: str = "int4",
+    *,
+    progress: Progress | None = None,
+    execution_provider: str = "auto",
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+    force: bool = False,
+    stop: threading.Event | None = None,
+) -> Path:
     """Merge (if needed) and write ``RUN/export/onnx-<precision>``; reused when up to date."""
     say = _say(progress)
     run_dir = Path(run_dir)
@@ -451,20 +507,26 @@ def export_onnx(run_dir: str | Path, precision: str = "int4", *, progress: Progr
     out_dir = run_dir / "export" / f"onnx-{precision}"
     stamp = _read_stamp(out_dir)
     ep = default_execution_provider() if execution_provider == "auto" else execution_provider
-    if (not force and stamp and stamp.get("source_signature") == _signature(merged)
-            and stamp.get("execution_provider") == ep
-            and stamp.get("block_size") == (block_size if precision != "fp32" else None)):
+    if (
+        not force
+        and stamp
+        and stamp.get("source_signature") == _signature(merged)
+        and stamp.get("execution_provider") == ep
+        and stamp.get("block_size") == (block_size if precision != "fp32" else None)
+    ):
         say(f"ONNX {precision} export is up to date: {out_dir}")
         return out_dir
-    return build_onnx(merged, out_dir, precision, execution_provider=ep, block_size=block_size,
-                      progress=progress, stop=stop)
+    return build_onnx(
+        merged, out_dir, precision, execution_provider=ep, block_size=block_size, progress=progress, stop=stop
+    )
 
 
 # --------------------------------------------------------------------------- tokenizer parity
 
 
-def check_tokenizer_parity(onnx_dir: str | Path, hf_dir: str | Path | None = None,
-                           texts: list[str] | None = None) -> dict:
+def check_tokenizer_parity(
+    onnx_dir: str | Path, hf_dir: str | Path | None = None, texts: list[str] | None = None
+) -> dict:
     """Encode texts (and a rendered multi-turn chat) with transformers and with ONNX Runtime
     GenAI; report whether the ids are identical and the first mismatches."""
     import onnxruntime_genai as og
@@ -483,8 +545,14 @@ def check_tokenizer_parity(onnx_dir: str | Path, hf_dir: str | Path | None = Non
         og_ids = og_tok.encode(text).tolist()
         if hf_ids != og_ids:
             at = next((i for i, (a, b) in enumerate(zip(hf_ids, og_ids)) if a != b), min(len(hf_ids), len(og_ids)))
-            mismatches.append({"text": text[:80], "position": at, "transformers": hf_ids[at : at + 5],
-                               "onnxruntime_genai": og_ids[at : at + 5]})
+            mismatches.append(
+                {
+                    "text": text[:80],
+                    "position": at,
+                    "transformers": hf_ids[at : at + 5],
+                    "onnxruntime_genai": og_ids[at : at + 5],
+                }
+            )
     return {"identical": not mismatches, "texts": len(texts), "mismatches": mismatches}
 
 
@@ -554,8 +622,11 @@ def _speed(model, messages, tokens: int) -> dict:
     settings = GenerationSettings(greedy=True, max_new_tokens=tokens, min_new_tokens=tokens)
     model.complete(messages, GenerationSettings(greedy=True, max_new_tokens=4))  # warm-up
     _, stats = model.complete(messages, settings)
-    return {"decode_tokens_per_s": round(stats.decode_tokens_per_s, 2), "ttft_s": round(stats.ttft_s, 4),
-            "tokens": stats.new_tokens}
+    return {
+        "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+        "ttft_s": round(stats.ttft_s, 4),
+        "tokens": stats.new_tokens,
+    }
 
 
 def _perplexity(model, scored: list[tuple[list[int], list[int]]]) -> float:
@@ -575,8 +646,14 @@ def _max_logit_diff(a, b, prompts_and_answers) -> float:
     return worst
 
 
-def write_parity_report(run_dir: str | Path, *, progress: Progress | None = None, new_tokens: int = 32,
-                        speed_tokens: int = 32, probes: list[dict] | None = None) -> dict:
+def write_parity_report(
+    run_dir: str | Path,
+    *,
+    progress: Progress | None = None,
+    new_tokens: int = 32,
+    speed_tokens: int = 32,
+    probes: list[dict] | None = None,
+) -> dict:
     """Compare every export of the run and write ``export/parity.json`` and ``export/parity.md``."""
     from engine.inference import OnnxChatModel, Target, build_chat_model, normalize_messages
 
@@ -591,8 +668,11 @@ def write_parity_report(run_dir: str | Path, *, progress: Progress | None = None
     probes = probes or PROBES
     started = time.perf_counter()
     report: dict[str, Any] = {
-        "run": str(run_dir), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "method": cfg.method.name,
-        "base_model": str(source["base"] or source["dir"]), "new_tokens": new_tokens,
+        "run": str(run_dir),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "method": cfg.method.name,
+        "base_model": str(source["base"] or source["dir"]),
+        "new_tokens": new_tokens,
         "probes": [p["messages"][-1]["content"] for p in probes],
     }
 
@@ -606,14 +686,23 @@ def write_parity_report(run_dir: str | Path, *, progress: Progress | None = None
     speeds: dict[str, dict] = {}
     if source["kind"] == "adapter":
         say("Parity: loading the unmerged adapter (PyTorch + PEFT)...")
-        tuned = build_chat_model(Target("tuned", "PyTorch adapter", model_dir=source["base"],
-                                        adapter_dir=source["dir"], chat_template=cfg.model.chat_template))
+        tuned = build_chat_model(
+            Target(
+                "tuned",
+                "PyTorch adapter",
+                model_dir=source["base"],
+                adapter_dir=source["dir"],
+                chat_template=cfg.model.chat_template,
+            )
+        )
         scored = [(pr, _answer_ids(merged, p["answer"])) for pr, p in zip(prompts, probes)]
         diff = _max_logit_diff(merged, tuned, scored)
         tuned_refs = [_greedy_exact(tuned, p["messages"], new_tokens) for p in probes]
         same = sum(a == b for a, b in zip(tuned_refs, references))
         report["merge"] = {
-            "max_abs_logit_diff": diff, "tolerance": MERGE_TOLERANCE, "passed": diff <= MERGE_TOLERANCE,
+            "max_abs_logit_diff": diff,
+            "tolerance": MERGE_TOLERANCE,
+            "passed": diff <= MERGE_TOLERANCE,
             "greedy_identical": f"{same}/{len(probes)}",
         }
         say(f"Parity: merged vs unmerged max |logit diff| = {diff:.2e}")
@@ -622,11 +711,16 @@ def write_parity_report(run_dir: str | Path, *, progress: Progress | None = None
     else:
         report["merge"] = {"note": "full fine-tune: no adapter to merge"}
     speeds["pytorch_merged"] = _speed(merged, probes[0]["messages"], speed_tokens)
-    ppl_scored = [(merged.encode_prompt(normalize_messages(item["messages"])), _answer_ids(merged, item["answer"]))
-                  for item in ppl_items]
+    ppl_scored = [
+        (merged.encode_prompt(normalize_messages(item["messages"])), _answer_ids(merged, item["answer"]))
+        for item in ppl_items
+    ]
     ppl_reference = _perplexity(merged, ppl_scored)
-    report["perplexity"] = {"source": ppl_source, "pytorch_merged": round(ppl_reference, 4),
-                            "answer_tokens": sum(len(a) for _, a in ppl_scored)}
+    report["perplexity"] = {
+        "source": ppl_source,
+        "pytorch_merged": round(ppl_reference, 4),
+        "answer_tokens": sum(len(a) for _, a in ppl_scored),
+    }
 
     report["onnx"] = {}
     report["tokenizer"] = {}
@@ -655,17 +749,28 @@ def write_parity_report(run_dir: str | Path, *, progress: Progress | None = None
             "greedy_all_identical": identical == len(probes),
             "token_agreement": round(agree / total, 4) if total else None,
             "agreement_tokens": total,
-            "perplexity": {"pytorch": round(ppl_reference, 4), "onnx": round(ppl_onnx, 4),
-                           "difference": round(ppl_onnx - ppl_reference, 4), "source": ppl_source},
+            "perplexity": {
+                "pytorch": round(ppl_reference, 4),
+                "onnx": round(ppl_onnx, 4),
+                "difference": round(ppl_onnx - ppl_reference, 4),
+                "source": ppl_source,
+            },
             "block_size": stamp.get("block_size"),
             "execution_provider": stamp.get("execution_provider"),
         }
         speeds[f"onnx_{precision}"] = _speed(onnx, probes[0]["messages"], speed_tokens)
         del onnx
 
-    report["sizes_bytes"] = {name: _dir_size(path) for name, path in [
-        ("adapter", run_dir / "adapter"), ("model", run_dir / "model"), ("merged", merged_dir),
-        *[(f"onnx-{p}", export_dir / f"onnx-{p}") for p in PRECISIONS]] if path.exists()}
+    report["sizes_bytes"] = {
+        name: _dir_size(path)
+        for name, path in [
+            ("adapter", run_dir / "adapter"),
+            ("model", run_dir / "model"),
+            ("merged", merged_dir),
+            *[(f"onnx-{p}", export_dir / f"onnx-{p}") for p in PRECISIONS],
+        ]
+        if path.exists()
+    }
     report["speed"] = speeds
     report["seconds"] = round(time.perf_counter() - started, 1)
     (export_dir / "parity.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -675,32 +780,50 @@ def write_parity_report(run_dir: str | Path, *, progress: Progress | None = None
 
 
 def parity_markdown(report: dict) -> str:
-    lines = [f"# Export parity: {report['run']}", "",
-             f"Method {report['method']}, base {report['base_model']}, {len(report['probes'])} probe chats, "
-             f"{report['new_tokens']} greedy tokens each. Created {report['created']}.", ""]
+    lines = [
+        f"# Export parity: {report['run']}",
+        "",
+        f"Method {report['method']}, base {report['base_model']}, {len(report['probes'])} probe chats, "
+        f"{report['new_tokens']} greedy tokens each. Created {report['created']}.",
+        "",
+    ]
     merge_info = report.get("merge", {})
     if "max_abs_logit_diff" in merge_info:
         verdict = "OK" if merge_info["passed"] else "FAILED"
-        lines += [f"- Merged vs unmerged adapter: max |logit diff| {merge_info['max_abs_logit_diff']:.2e} "
-                  f"(tolerance {merge_info['tolerance']:.0e}) {verdict}; greedy identical "
-                  f"{merge_info['greedy_identical']}.", ""]
+        lines += [
+            f"- Merged vs unmerged adapter: max |logit diff| {merge_info['max_abs_logit_diff']:.2e} "
+            f"(tolerance {merge_info['tolerance']:.0e}) {verdict}; greedy identical "
+            f"{merge_info['greedy_identical']}.",
+            "",
+        ]
     elif merge_info:
         lines += [f"- {merge_info.get('note')}", ""]
     if report.get("onnx"):
-        lines += ["| export | greedy identical | token agreement | perplexity (PyTorch -> ONNX) | tokenizer |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "| export | greedy identical | token agreement | perplexity (PyTorch -> ONNX) | tokenizer |",
+            "|---|---|---|---|---|",
+        ]
         for precision, info in report["onnx"].items():
             ppl = info["perplexity"]
             tok = "identical" if report["tokenizer"][precision]["identical"] else "DIFFERS"
-            lines.append(f"| onnx-{precision} | {info['greedy_identical']} | {info['token_agreement']:.1%} | "
-                         f"{ppl['pytorch']:.3f} -> {ppl['onnx']:.3f} ({ppl['difference']:+.3f}) | {tok} |")
+            lines.append(
+                f"| onnx-{precision} | {info['greedy_identical']} | {info['token_agreement']:.1%} | "
+                f"{ppl['pytorch']:.3f} -> {ppl['onnx']:.3f} ({ppl['difference']:+.3f}) | {tok} |"
+            )
         first = next(iter(report["onnx"].values()))
-        lines += ["", f"Perplexity on the {first['perplexity']['source']}; token agreement is the share of "
-                  "positions where the export's greedy choice equals PyTorch's along the PyTorch continuation.", ""]
+        lines += [
+            "",
+            f"Perplexity on the {first['perplexity']['source']}; token agreement is the share of "
+            "positions where the export's greedy choice equals PyTorch's along the PyTorch continuation.",
+            "",
+        ]
     lines += ["| model | size | decode tokens/s | time to first token |", "|---|---|---|---|"]
     sizes = report.get("sizes_bytes", {})
-    size_of = {"pytorch_adapter": sizes.get("adapter"), "pytorch_merged": sizes.get("merged"),
-               **{f"onnx_{p}": sizes.get(f"onnx-{p}") for p in PRECISIONS}}
+    size_of = {
+        "pytorch_adapter": sizes.get("adapter"),
+        "pytorch_merged": sizes.get("merged"),
+        **{f"onnx_{p}": sizes.get(f"onnx-{p}") for p in PRECISIONS},
+    }
     for name, speed in report.get("speed", {}).items():
         size = size_of.get(name)
         size_text = f"{size / 1e6:.1f} MB" if size else "-"
@@ -711,9 +834,18 @@ def parity_markdown(report: dict) -> str:
 # --------------------------------------------------------------------------- one call for the CLI and UI
 
 
-def export(run_dir: str | Path, fmt: str = "onnx", precision: str = "int4", *, progress: Progress | None = None,
-           report: bool = True, execution_provider: str = "auto", block_size: int | None = DEFAULT_BLOCK_SIZE,
-           force: bool = False, stop: threading.Event | None = None) -> dict:
+def export(
+    run_dir: str | Path,
+    fmt: str = "onnx",
+    precision: str = "int4",
+    *,
+    progress: Progress | None = None,
+    report: bool = True,
+    execution_provider: str = "auto",
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+    force: bool = False,
+    stop: threading.Event | None = None,
+) -> dict:
     """Merge or export, then write the parity report. Returns paths and the report."""
     if fmt not in FORMATS:
         raise ExportError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -722,8 +854,17 @@ def export(run_dir: str | Path, fmt: str = "onnx", precision: str = "int4", *, p
     if fmt == "merged":
         result["path"] = str(merge(run_dir, progress=progress, force=force))
     else:
-        result["path"] = str(export_onnx(run_dir, precision, progress=progress, execution_provider=execution_provider,
-                                         block_size=block_size, force=force, stop=stop))
+        result["path"] = str(
+            export_onnx(
+                run_dir,
+                precision,
+                progress=progress,
+                execution_provider=execution_provider,
+                block_size=block_size,
+                force=force,
+                stop=stop,
+            )
+        )
         result["precision"] = precision
     if report:
         result["report"] = write_parity_report(run_dir, progress=progress)
@@ -733,14 +874,26 @@ def export(run_dir: str | Path, fmt: str = "onnx", precision: str = "int4", *, p
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="Run directory (runs/<id>) with adapter/ or model/.")
-    parser.add_argument("--format", choices=FORMATS, default="onnx",
-                        help="merged: a transformers directory; onnx: ONNX Runtime GenAI (merges first).")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="onnx",
+        help="merged: a transformers directory; onnx: ONNX Runtime GenAI (merges first).",
+    )
     parser.add_argument("--precision", choices=PRECISIONS, default="int4", help="ONNX weight precision (default int4).")
-    parser.add_argument("--execution-provider", choices=EXECUTION_PROVIDERS, default="auto",
-                        help="Device the ONNX model is built for (auto: CUDA when available, else CPU).")
-    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
-                        help=f"int4/int8 quantisation block size (default {DEFAULT_BLOCK_SIZE}; 32: a little more "
-                        "accurate and slower, 128: faster, less accurate).")
+    parser.add_argument(
+        "--execution-provider",
+        choices=EXECUTION_PROVIDERS,
+        default="auto",
+        help="Device the ONNX model is built for (auto: CUDA when available, else CPU).",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"int4/int8 quantisation block size (default {DEFAULT_BLOCK_SIZE}; 32: a little more "
+        "accurate and slower, 128: faster, less accurate).",
+    )
     parser.add_argument("--force", action="store_true", help="Rebuild even if the export is up to date.")
     parser.add_argument("--no-report", action="store_true", help="Skip the parity report.")
     parser.add_argument("--json", action="store_true", help="Print the result (paths and report) as JSON.")
@@ -750,10 +903,20 @@ def run_cli(args) -> int:
     from engine.config import ConfigError
     from engine.models import ModelNotFoundError
 
-    progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
     try:
-        result = export(args.run, args.format, args.precision, progress=progress, report=not args.no_report,
-                        execution_provider=args.execution_provider, block_size=args.block_size, force=args.force)
+        result = export(
+            args.run,
+            args.format,
+            args.precision,
+            progress=progress,
+            report=not args.no_report,
+            execution_provider=args.execution_provider,
+            block_size=args.block_size,
+            force=args.force,
+        )
     except (ExportError, ConfigError, ModelNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

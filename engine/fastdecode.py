@@ -37,6 +37,7 @@ the plain decoder. Only architectures whose forward this module reproduces are:
 (RMSNorm, rotary embeddings, grouped-query attention, gated SiLU MLP), optionally wrapped
 in a PEFT LoRA adapter, whose update is added to the float32 weights here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -223,9 +224,17 @@ class _Stack:
             q = qk[:, : self.heads].transpose(0, 1).unsqueeze(0)
             cache_k, cache_v = self.k[i], self.v[i]  # [1, kv_heads, positions, head_dim]
             cache_k.narrow(2, start, n).copy_(qk[:, self.heads :].transpose(0, 1).unsqueeze(0))
-            cache_v.narrow(2, start, n).copy_(qkv[:, q_size + kv_size :].view(1, n, self.kv_heads, self.head_dim).transpose(1, 2))
-            att = F.scaled_dot_product_attention(q, cache_k.narrow(2, 0, start + n), cache_v.narrow(2, 0, start + n),
-                                                 attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=True)
+            cache_v.narrow(2, start, n).copy_(
+                qkv[:, q_size + kv_size :].view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            )
+            att = F.scaled_dot_product_attention(
+                q,
+                cache_k.narrow(2, 0, start + n),
+                cache_v.narrow(2, 0, start + n),
+                attn_mask=mask,
+                scale=self.head_dim**-0.5,
+                enable_gqa=True,
+            )
             x = x + layer.o(att.transpose(1, 2).reshape(n, q_size))
             h = self._norm(x, layer.ln2)
             gate_up = layer.gate_up(h)
@@ -252,9 +261,15 @@ def model_config(model) -> dict:
         raise Unsupported("sliding-window attention is not supported")
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return {"eps": cfg.rms_norm_eps, "heads": heads, "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim,
-            "hidden": cfg.hidden_size, "inter": cfg.intermediate_size,
-            "max_len": getattr(cfg, "max_position_embeddings", 2048)}
+    return {
+        "eps": cfg.rms_norm_eps,
+        "heads": heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "head_dim": head_dim,
+        "hidden": cfg.hidden_size,
+        "inter": cfg.intermediate_size,
+        "max_len": getattr(cfg, "max_position_embeddings", 2048),
+    }
 
 
 def _inner(model):
@@ -272,8 +287,11 @@ class _Native:
     @staticmethod
     def refusal(cfg: dict) -> str:
         """Why the kernels cannot run a model of this shape ("" when they can)."""
-        sizes = (("hidden size", cfg["hidden"]), ("MLP width", cfg["inter"]),
-                 ("attention width", cfg["heads"] * cfg["head_dim"]))
+        sizes = (
+            ("hidden size", cfg["hidden"]),
+            ("MLP width", cfg["inter"]),
+            ("attention width", cfg["heads"] * cfg["head_dim"]),
+        )
         for name, size in sizes:
             if size % 32:
                 return f"the native kernels need a {name} divisible by 32 (it is {size})"
@@ -310,10 +328,14 @@ class _Native:
             for name, table in tables.items():
                 table += [address(ln1), address(ln2)]
                 for weight, bias in linears:
-                    table += [address(weight), 0, address(bias)] if name == "target" else [0, int4(weight), address(bias)]
+                    table += (
+                        [address(weight), 0, address(bias)] if name == "target" else [0, int4(weight), address(bias)]
+                    )
         for name, table in tables.items():
             table.append(address(norm))
-            table += [address(head[0]), 0, address(head[1])] if name == "target" else [0, int4(head[0]), address(head[1])]
+            table += (
+                [address(head[0]), 0, address(head[1])] if name == "target" else [0, int4(head[0]), address(head[1])]
+            )
         self.vocab = head[0].shape[0]
         dims = torch.tensor([len(weights), hidden, heads, kv_heads, head_dim, inter, self.vocab], dtype=torch.int64)
         self.models = {}
@@ -345,14 +367,27 @@ class _Native:
         if not last_only and n > self.logits.shape[0]:
             self.logits = torch.empty(n, self.vocab, dtype=torch.float32)
         if self._caches[0] is not stack.k[0]:  # the stack grew its cache: new addresses
-            self._caches = (stack.k[0], torch.tensor([t.data_ptr() for t in stack.k], dtype=torch.int64),
-                            torch.tensor([t.data_ptr() for t in stack.v], dtype=torch.int64))
+            self._caches = (
+                stack.k[0],
+                torch.tensor([t.data_ptr() for t in stack.k], dtype=torch.int64),
+                torch.tensor([t.data_ptr() for t in stack.v], dtype=torch.int64),
+            )
         x = stack.embed(torch.tensor(ids)).float().contiguous()  # a new tensor, overwritten by the pass
         _, k_table, v_table = self._caches
-        status = self.lib.tl_forward(self.models[which], x.data_ptr(), n, start, k_table.data_ptr(),
-                                     v_table.data_ptr(), stack.k[0].shape[2], stack.cos.data_ptr(),
-                                     stack.sin.data_ptr(), self.logits.data_ptr(), int(last_only),
-                                     self.scratch.data_ptr())
+        status = self.lib.tl_forward(
+            self.models[which],
+            x.data_ptr(),
+            n,
+            start,
+            k_table.data_ptr(),
+            v_table.data_ptr(),
+            stack.k[0].shape[2],
+            stack.cos.data_ptr(),
+            stack.sin.data_ptr(),
+            self.logits.data_ptr(),
+            int(last_only),
+            self.scratch.data_ptr(),
+        )
         if status == -2:
             raise MemoryError("out of memory in the native forward pass")
         if status != 0:
@@ -371,8 +406,9 @@ class LeanModel:
     native kernels where they load; an instruction set's name, "avx2" or "avx512": the
     kernels built for it)."""
 
-    def __init__(self, model, *, draft_tokens: int = DRAFT_TOKENS, max_len: int | None = None,
-                 native: bool | str | None = None):
+    def __init__(
+        self, model, *, draft_tokens: int = DRAFT_TOKENS, max_len: int | None = None, native: bool | str | None = None
+    ):
         import torch
 
         inner = _inner(model)
@@ -413,24 +449,54 @@ class LeanModel:
                 weights.append((ln1, ln2, [(qkv_w, qkv_b), (o_w, o_b), (gu_w, None), (d_w, d_b)]))
                 # the native kernels read the plain weights; the PyTorch check also packs them
                 packed = None if lib is not None else width
-                dense.append(_Layer(ln1, ln2, _Dense(qkv_w, qkv_b, packed), _Dense(o_w, o_b, packed),
-                                    _Dense(gu_w, None, packed), _Dense(d_w, d_b, packed)))
+                dense.append(
+                    _Layer(
+                        ln1,
+                        ln2,
+                        _Dense(qkv_w, qkv_b, packed),
+                        _Dense(o_w, o_b, packed),
+                        _Dense(gu_w, None, packed),
+                        _Dense(d_w, d_b, packed),
+                    )
+                )
                 if lib is None:
-                    quant.append(_Layer(ln1.to(torch.bfloat16), ln2.to(torch.bfloat16), _Int4(qkv_w, qkv_b),
-                                        _Int4(o_w, o_b), _Int4(gu_w), _Int4(d_w, d_b)))
+                    quant.append(
+                        _Layer(
+                            ln1.to(torch.bfloat16),
+                            ln2.to(torch.bfloat16),
+                            _Int4(qkv_w, qkv_b),
+                            _Int4(o_w, o_b),
+                            _Int4(gu_w),
+                            _Int4(d_w, d_b),
+                        )
+                    )
             head_w, head_b = _merged_weight(inner.get_output_embeddings())
             embed = inner.get_input_embeddings().weight.detach()
             norm = decoder.norm.weight.detach().float().contiguous()
-            self.target = _Stack(dense, norm, _Dense(head_w, head_b, None if lib is not None else width),
-                                 decoder.rotary_emb, cfg, max_len, torch.float32)
+            self.target = _Stack(
+                dense,
+                norm,
+                _Dense(head_w, head_b, None if lib is not None else width),
+                decoder.rotary_emb,
+                cfg,
+                max_len,
+                torch.float32,
+            )
             self.target.embed = lambda ids: torch.nn.functional.embedding(ids, embed)
             self.draft = None
             self.native = None
             if lib is not None:
                 self.native = _Native(lib, weights, norm, (head_w.contiguous(), head_b), cfg, width)
             else:
-                self.draft = _Stack(quant, norm.to(torch.bfloat16), _Int4(head_w, head_b), decoder.rotary_emb, cfg,
-                                    max_len, torch.bfloat16)
+                self.draft = _Stack(
+                    quant,
+                    norm.to(torch.bfloat16),
+                    _Int4(head_w, head_b),
+                    decoder.rotary_emb,
+                    cfg,
+                    max_len,
+                    torch.bfloat16,
+                )
                 self.draft.embed = self.target.embed
         self.vocab_size = head_w.shape[0]
 
@@ -438,8 +504,14 @@ class LeanModel:
         """Whether a prompt and reply of ``tokens`` in all stay within the model's context."""
         return tokens + self.draft_tokens + 1 <= self.target.max_len
 
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int, stop_ids, min_new_tokens: int = 0,
-               repetition_penalty: float = 1.0):
+    def greedy(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        stop_ids,
+        min_new_tokens: int = 0,
+        repetition_penalty: float = 1.0,
+    ):
         """Yield the float32 model's greedy reply, token by token (a generator).
 
         The choice at each position is engine.inference's greedy choice: the repetition

@@ -9,6 +9,7 @@ gradients, optimizer states, activations) and a time estimate for every method.
 Every decision is a small function that returns ``(value, reason)``, so the UI and the CLI
 can show why, and the GPU branches can be tested with made-up device properties.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,21 @@ GB = 1024**3
 
 # Dense bf16/fp16 tensor-core peak (FLOP/s) of common training GPUs, for time estimates.
 GPU_PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
-    "L40S": 362e12, "L40": 181e12, "A6000": 155e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12,
-    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "A6000": 155e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+    "A10": 125e12,
+    "4090": 165e12,
+    "3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
 }
 # Fraction of peak that fine-tuning usually reaches (model FLOPs utilisation).
 TYPICAL_MFU = {"cuda": 0.35, "mps": 0.25, "cpu": 0.33}
@@ -148,8 +161,13 @@ def gpus_from_torch(torch_module) -> list[GPUInfo]:
         props = cuda.get_device_properties(i)
         cc = (int(props.major), int(props.minor))
         gpus.append(
-            GPUInfo(index=i, name=str(props.name), memory_bytes=int(props.total_memory),
-                    compute_capability=cc, bf16=cc >= (8, 0))
+            GPUInfo(
+                index=i,
+                name=str(props.name),
+                memory_bytes=int(props.total_memory),
+                compute_capability=cc,
+                bf16=cc >= (8, 0),
+            )
         )
     return gpus
 
@@ -337,7 +355,9 @@ def peak_flops(profile: HardwareProfile) -> float:
     return profile.cpu.physical_cores * 2 * lanes * 2 * 3e9 * 0.5
 
 
-def estimate_seconds(shape: ModelShape, method: str, tokens: float, profile: HardwareProfile, num_devices: int = 1) -> float:
+def estimate_seconds(
+    shape: ModelShape, method: str, tokens: float, profile: HardwareProfile, num_devices: int = 1
+) -> float:
     """Training time for ``tokens`` tokens: 6·N FLOPs per token for full fine-tuning, about
     4·N for adapters (no weight gradients for the frozen base), QLoRA ~30% slower for
     de-quantisation, DoRA ~20% slower for its norm."""
@@ -386,8 +406,10 @@ class Recommendation:
 
     def table(self) -> str:
         """Markdown comparison of the methods on this hardware."""
-        rows = ["| method | trainable params | weights | grads | optimizer | activations | est. peak | est. time |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        rows = [
+            "| method | trainable params | weights | grads | optimizer | activations | est. peak | est. time |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for method, est in self.memory.items():
             fits = "" if self.fits(method) else " (does not fit)"
             rows.append(
@@ -486,7 +508,8 @@ def recommend(
         launcher, nproc = "python", 1
         reasons["deepspeed"] = (
             "One device: no DeepSpeed. ZeRO pays off when several devices share the states; "
-            "CPU ranks would only split the same cores." if profile.device == "cpu"
+            "CPU ranks would only split the same cores."
+            if profile.device == "cpu"
             else "One device: no DeepSpeed needed."
         ) + offload_note
         reasons["launcher"] = "python -m engine.train: a single process uses the whole device."
@@ -565,11 +588,16 @@ def run_cli(args) -> int:
         print(json.dumps({"profile": profile.to_dict(), "recommendation": rec.to_dict()}, indent=2))
         return 0
     print(f"Hardware: {profile.summary()}\n")
-    print(f"Plan for {args.model} ({ModelShape.from_dir(model_dir).params / 1e6:.0f}M parameters), "
-          f"{args.examples} examples, cutoff {args.max_length} tokens:")
+    print(
+        f"Plan for {args.model} ({ModelShape.from_dir(model_dir).params / 1e6:.0f}M parameters), "
+        f"{args.examples} examples, cutoff {args.max_length} tokens:"
+    )
     plan = {
-        "precision": rec.precision, "method": rec.method, "batch_size": rec.batch_size,
-        "gradient_accumulation_steps": rec.gradient_accumulation_steps, "deepspeed": rec.deepspeed,
+        "precision": rec.precision,
+        "method": rec.method,
+        "batch_size": rec.batch_size,
+        "gradient_accumulation_steps": rec.gradient_accumulation_steps,
+        "deepspeed": rec.deepspeed,
         "launcher": f"{rec.launcher} ({rec.num_processes} process{'es' if rec.num_processes > 1 else ''})",
     }
     for key, value in plan.items():

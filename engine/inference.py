@@ -38,6 +38,7 @@ the float32 model checks several per pass, so the reply is the model's own greed
 Loaded models are cached by (run, backend, variant) in this process (``MAX_LOADED``
 entries, least recently used evicted) and reloaded when their files change.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,11 +76,17 @@ class GenerationSettings:
 
     max_new_tokens: int = field(default=256, metadata={"help": "Most tokens in the reply."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (0 = greedy)."})
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: keep the most likely tokens up to this mass (1 = off)."})
+    top_p: float = field(
+        default=0.9, metadata={"help": "Nucleus sampling: keep the most likely tokens up to this mass (1 = off)."}
+    )
     top_k: int = field(default=50, metadata={"help": "Sample among the k most likely tokens (0 = off, 1 = greedy)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalise tokens already in the prompt or reply (1 = off)."})
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "Penalise tokens already in the prompt or reply (1 = off)."}
+    )
     seed: int | None = field(default=None, metadata={"help": "Random seed for sampling (empty: random)."})
-    greedy: bool = field(default=False, metadata={"help": "Always take the most likely token (ignores temperature, top-p, top-k)."})
+    greedy: bool = field(
+        default=False, metadata={"help": "Always take the most likely token (ignores temperature, top-p, top-k)."}
+    )
     min_new_tokens: int = field(default=0, metadata={"help": "Do not stop before this many tokens (for benchmarks)."})
 
     def __post_init__(self):
@@ -235,8 +242,9 @@ class ChatModel:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
-    def token_stream(self, prompt_ids: list[int], settings: GenerationSettings,
-                     used: list[str] | None = None) -> Iterator[int]:
+    def token_stream(
+        self, prompt_ids: list[int], settings: GenerationSettings, used: list[str] | None = None
+    ) -> Iterator[int]:
         """Yield sampled token ids one by one (the consumer stops the loop). A decoder that
         can fall back to another loop names the one it runs in ``used[0]``."""
         raise NotImplementedError
@@ -305,7 +313,9 @@ class ChatModel:
         )
         yield ChatEvent("done", stats=stats)
 
-    def complete(self, messages: Any, settings: GenerationSettings | None = None, **kwargs) -> tuple[str, GenerationStats]:
+    def complete(
+        self, messages: Any, settings: GenerationSettings | None = None, **kwargs
+    ) -> tuple[str, GenerationStats]:
         """The whole reply at once: ``(text, stats)``."""
         parts: list[str] = []
         stats = None
@@ -408,8 +418,18 @@ class _TorchSampler:
 class TorchChatModel(ChatModel):
     """A transformers (optionally PEFT-wrapped) causal LM with its tokenizer."""
 
-    def __init__(self, model, tokenizer, *, backend: str, label: str, source: str,
-                 chat_template: str | None = None, decoder_factory=EagerDecoder, fast_decode: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        backend: str,
+        label: str,
+        source: str,
+        chat_template: str | None = None,
+        decoder_factory=EagerDecoder,
+        fast_decode: bool = True,
+    ):
         import torch
 
         self.model = model.eval()
@@ -419,18 +439,22 @@ class TorchChatModel(ChatModel):
         self.source = source
         self.chat_template = inference_template(chat_template or tokenizer.chat_template)
         if not self.chat_template:
-            raise InferenceError(f"{source}: the tokenizer has no chat template; set model.chat_template in the run config")
+            raise InferenceError(
+                f"{source}: the tokenizer has no chat template; set model.chat_template in the run config"
+            )
         self.device = next(model.parameters()).device
         self.decoder_factory = decoder_factory
         # the speculative greedy decoder replaces the default loop only (a custom decoder is kept)
-        self.fast_decode = (fast_decode and decoder_factory is EagerDecoder
-                            and os.environ.get("TUNELAB_FAST_DECODE", "1") != "0")
+        self.fast_decode = (
+            fast_decode and decoder_factory is EagerDecoder and os.environ.get("TUNELAB_FAST_DECODE", "1") != "0"
+        )
         self._lean = None  # engine.fastdecode.LeanModel, built on the first greedy reply
         self._lean_lock = threading.Lock()
         self.lean_note = ""  # why the lean decoder is not used, once that is known
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self.stop_ids = frozenset(_stop_ids_from(tokenizer, getattr(model, "generation_config", None),
-                                                 self.chat_template))
+        self.stop_ids = frozenset(
+            _stop_ids_from(tokenizer, getattr(model, "generation_config", None), self.chat_template)
+        )
         self._torch = torch
 
     def render(self, messages: list[dict]) -> str:
@@ -458,21 +482,26 @@ class TorchChatModel(ChatModel):
                 available = _available_memory()
                 if needed > 0.6 * available:
                     raise fastdecode.Unsupported(
-                        f"its weight copies need {needed / 1e9:.1f} GB and {available / 1e9:.1f} GB are free")
+                        f"its weight copies need {needed / 1e9:.1f} GB and {available / 1e9:.1f} GB are free"
+                    )
                 self._lean = fastdecode.LeanModel(self.model)
             except fastdecode.Unsupported as err:
                 self.lean_note = f"plain decoder: {err}"
         return self._lean
 
     def decoder_name(self, settings: GenerationSettings, prompt_tokens: int = 0) -> str:
-        if (settings.is_greedy and self.lean_model() is not None
-                and self._lean.fits(prompt_tokens + settings.max_new_tokens)):
+        if (
+            settings.is_greedy
+            and self.lean_model() is not None
+            and self._lean.fits(prompt_tokens + settings.max_new_tokens)
+        ):
             kernels = f", native {self._lean.native.lib.isa} kernels" if self._lean.native is not None else ""
             return f"speculative (4-bit draft, float32 check{kernels})"
         return "plain"
 
-    def token_stream(self, prompt_ids: list[int], settings: GenerationSettings,
-                     used: list[str] | None = None) -> Iterator[int]:
+    def token_stream(
+        self, prompt_ids: list[int], settings: GenerationSettings, used: list[str] | None = None
+    ) -> Iterator[int]:
         torch = self._torch
         name = self.decoder_name(settings, len(prompt_ids))
         # one speculative reply at a time per model (its caches are shared); a concurrent
@@ -484,9 +513,13 @@ class TorchChatModel(ChatModel):
             from engine import fastdecode
 
             try:
-                yield from self._lean.greedy(prompt_ids, settings.max_new_tokens, self.stop_ids,
-                                             min_new_tokens=settings.min_new_tokens,
-                                             repetition_penalty=settings.repetition_penalty)
+                yield from self._lean.greedy(
+                    prompt_ids,
+                    settings.max_new_tokens,
+                    self.stop_ids,
+                    min_new_tokens=settings.min_new_tokens,
+                    repetition_penalty=settings.repetition_penalty,
+                )
                 return
             except fastdecode.Unsupported as err:  # e.g. the chat outgrew the model's context
                 raise InferenceError(str(err)) from err
@@ -559,8 +592,15 @@ def _load_tokenizer(primary: Path, fallback: Path):
     return AutoTokenizer.from_pretrained(source)
 
 
-def load_torch_model(model_dir: Path, adapter_dir: Path | None = None, *, merge: bool = False,
-                     device=None, dtype=None, progress: Progress | None = None):
+def load_torch_model(
+    model_dir: Path,
+    adapter_dir: Path | None = None,
+    *,
+    merge: bool = False,
+    device=None,
+    dtype=None,
+    progress: Progress | None = None,
+):
     """(model, tokenizer) for a transformers dir, with an optional PEFT adapter on top.
 
     The base is always loaded in full precision (also for QLoRA adapters: 4-bit loading
@@ -630,13 +670,17 @@ class OnnxChatModel(ChatModel):
         og_config = og.Config(str(self.export_dir))
         self.threads = onnx_threads(config)
         if self.threads:
-            og_config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}}))
+            og_config.overlay(
+                json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}})
+            )
         self.model = og.Model(og_config)
         self.tokenizer = og.Tokenizer(self.model)
         self.context_length = int(config["model"].get("context_length", 2048))
         eos = config["model"].get("eos_token_id", [])
         template_path = self.export_dir / "chat_template.jinja"
-        self.chat_template = inference_template(template_path.read_text(encoding="utf-8")) if template_path.is_file() else None
+        self.chat_template = (
+            inference_template(template_path.read_text(encoding="utf-8")) if template_path.is_file() else None
+        )
         self.stop_ids = frozenset([eos] if isinstance(eos, int) else eos) | frozenset(self._chat_end_ids())
 
     def _chat_end_ids(self) -> list[int]:
@@ -682,8 +726,9 @@ class OnnxChatModel(ChatModel):
         params.set_search_options(**options)
         return og.Generator(self.model, params)
 
-    def token_stream(self, prompt_ids: list[int], settings: GenerationSettings,
-                     used: list[str] | None = None) -> Iterator[int]:
+    def token_stream(
+        self, prompt_ids: list[int], settings: GenerationSettings, used: list[str] | None = None
+    ) -> Iterator[int]:
         np = self._np
         generator = self._generator(len(prompt_ids), settings, settings.max_new_tokens)
         try:
@@ -751,8 +796,9 @@ def find_onnx_export(run_dir: Path, precision: str | None = None) -> Path:
     )
 
 
-def resolve_target(run: str | Path, backend: str, precision: str | None = None,
-                   progress: Progress | None = None) -> Target:
+def resolve_target(
+    run: str | Path, backend: str, precision: str | None = None, progress: Progress | None = None
+) -> Target:
     """Map a run directory (or a bare model reference, for ``base``; or an ONNX export
     directory, for ``onnx``) and a backend to the files to load."""
     from engine.models import resolve_model
@@ -764,14 +810,23 @@ def resolve_target(run: str | Path, backend: str, precision: str | None = None,
         cfg = _run_config(path)
         template = cfg.model.chat_template
         if backend == "base":
-            return Target("base", "Base (PyTorch)", model_dir=resolve_model(cfg.model.name_or_path, progress),
-                          chat_template=template)
+            return Target(
+                "base",
+                "Base (PyTorch)",
+                model_dir=resolve_model(cfg.model.name_or_path, progress),
+                chat_template=template,
+            )
         if backend == "tuned":
             if (path / "model" / "config.json").is_file():
                 return Target("tuned", "Tuned (PyTorch, full)", model_dir=path / "model", chat_template=template)
             if (path / "adapter" / "adapter_config.json").is_file():
-                return Target("tuned", "Tuned (PyTorch + adapter)", model_dir=resolve_model(cfg.model.name_or_path, progress),
-                              adapter_dir=path / "adapter", chat_template=template)
+                return Target(
+                    "tuned",
+                    "Tuned (PyTorch + adapter)",
+                    model_dir=resolve_model(cfg.model.name_or_path, progress),
+                    adapter_dir=path / "adapter",
+                    chat_template=template,
+                )
             raise InferenceError(
                 f"{path}: the run has no adapter/adapter_config.json nor model/config.json yet "
                 "(is it still training, or did it fail?)"
@@ -798,8 +853,14 @@ def build_chat_model(target: Target, *, merge: bool = False, progress: Progress 
         return OnnxChatModel(target.onnx_dir, label=target.label)
     model, tokenizer = load_torch_model(target.model_dir, target.adapter_dir, merge=merge, progress=progress)
     label = target.label + (" merged" if merge and target.adapter_dir else "")
-    return TorchChatModel(model, tokenizer, backend=target.backend, label=label,
-                          source=str(target.files), chat_template=target.chat_template)
+    return TorchChatModel(
+        model,
+        tokenizer,
+        backend=target.backend,
+        label=label,
+        source=str(target.files),
+        chat_template=target.chat_template,
+    )
 
 
 _CACHE: "OrderedDict[tuple, tuple[tuple, ChatModel]]" = OrderedDict()
@@ -811,8 +872,12 @@ _LOAD_LOCK = threading.Lock()
 
 
 def _cache_key(run, backend, precision, merge):
-    return (str(Path(run).expanduser().resolve()) if Path(run).expanduser().exists() else str(run), backend,
-            precision if backend == "onnx" else None, bool(merge))
+    return (
+        str(Path(run).expanduser().resolve()) if Path(run).expanduser().exists() else str(run),
+        backend,
+        precision if backend == "onnx" else None,
+        bool(merge),
+    )
 
 
 def is_loaded(run: str | Path, backend: str, precision: str | None = None, merge: bool = False) -> bool:
@@ -820,8 +885,14 @@ def is_loaded(run: str | Path, backend: str, precision: str | None = None, merge
         return _cache_key(run, backend, precision, merge) in _CACHE
 
 
-def load_chat_model(run: str | Path, backend: str, *, precision: str | None = None, merge: bool = False,
-                    progress: Progress | None = None) -> ChatModel:
+def load_chat_model(
+    run: str | Path,
+    backend: str,
+    *,
+    precision: str | None = None,
+    merge: bool = False,
+    progress: Progress | None = None,
+) -> ChatModel:
     """The cached :class:`ChatModel` for (run, backend), loading it on first use.
 
     ``progress`` receives short status strings while loading. Two threads asking for
@@ -859,9 +930,17 @@ def unload_all() -> None:
         _CACHE.clear()
 
 
-def stream_chat(run: str | Path, backend: str, messages: Any, settings: GenerationSettings | None = None, *,
-                system: str | None = None, stop: threading.Event | None = None, precision: str | None = None,
-                merge: bool = False) -> Iterator[ChatEvent]:
+def stream_chat(
+    run: str | Path,
+    backend: str,
+    messages: Any,
+    settings: GenerationSettings | None = None,
+    *,
+    system: str | None = None,
+    stop: threading.Event | None = None,
+    precision: str | None = None,
+    merge: bool = False,
+) -> Iterator[ChatEvent]:
     """Load (with ``status`` events) if needed, then stream the reply (see ``ChatModel.generate``)."""
     statuses: list[str] = []
     if not is_loaded(run, backend, precision, merge):
@@ -876,16 +955,26 @@ def stream_chat(run: str | Path, backend: str, messages: Any, settings: Generati
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="Run directory (runs/<id>); for --backend base also a model "
-                        "name or directory; for --backend onnx also an export directory.")
+    parser.add_argument(
+        "run",
+        metavar="RUN",
+        help="Run directory (runs/<id>); for --backend base also a model "
+        "name or directory; for --backend onnx also an export directory.",
+    )
     parser.add_argument("--backend", choices=BACKENDS, default="tuned", help="Which model answers (default: tuned).")
-    parser.add_argument("--precision", choices=ONNX_PRECISIONS, default=None,
-                        help="ONNX export to use (default: int4, else int8, else fp32).")
+    parser.add_argument(
+        "--precision",
+        choices=ONNX_PRECISIONS,
+        default=None,
+        help="ONNX export to use (default: int4, else int8, else fp32).",
+    )
     parser.add_argument("--prompt", default=None, help="Answer this one message and exit (default: interactive chat).")
     parser.add_argument("--system", default=None, help="System prompt.")
     defaults = GenerationSettings()
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="Most tokens per reply.")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="Sampling temperature (0: greedy).")
+    parser.add_argument(
+        "--temperature", type=float, default=defaults.temperature, help="Sampling temperature (0: greedy)."
+    )
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="Nucleus sampling mass (1: off).")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="Top-k sampling (0: off).")
     parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty, help="1: off.")
@@ -896,8 +985,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _settings_from_args(args) -> GenerationSettings:
     return GenerationSettings(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, greedy=args.greedy,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        greedy=args.greedy,
     )
 
 
@@ -936,13 +1030,22 @@ def run_cli(args) -> int:
 
     try:
         settings = _settings_from_args(args)
-        model = load_chat_model(args.run, args.backend, precision=args.precision,
-                                progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        model = load_chat_model(
+            args.run,
+            args.backend,
+            precision=args.precision,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
         if args.prompt is not None:
             if args.json:
                 text, stats = model.complete([{"role": "user", "content": args.prompt}], settings, system=args.system)
-                print(json.dumps({"backend": args.backend, "model": model.label, "reply": text,
-                                  "stats": stats.to_dict()}, ensure_ascii=False, indent=2))
+                print(
+                    json.dumps(
+                        {"backend": args.backend, "model": model.label, "reply": text, "stats": stats.to_dict()},
+                        ensure_ascii=False,
+                        indent=2,
+                    )
+                )
             else:
                 _print_reply(model, [{"role": "user", "content": args.prompt}], settings, args.system)
             return 0
@@ -953,8 +1056,10 @@ def run_cli(args) -> int:
 
 
 def _repl(model: ChatModel, settings: GenerationSettings, system: str | None) -> int:
-    print(f"Chatting with {model.label}. /reset clears the history, /exit (or Ctrl-D) quits, "
-          "Ctrl-C stops a reply.", file=sys.stderr)
+    print(
+        f"Chatting with {model.label}. /reset clears the history, /exit (or Ctrl-D) quits, Ctrl-C stops a reply.",
+        file=sys.stderr,
+    )
     history: list[dict] = []
     while True:
         try:

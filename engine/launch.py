@@ -19,6 +19,7 @@ restarted UI never takes a run down. The supervisor
 
 Module-level imports are light (no torch), so ``tunelab --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import os
@@ -83,9 +84,12 @@ def build_command(
     run_dir = Path(run_dir)
     dist = config.distributed
     train_args = [
-        "-m", "engine.train",
-        "--config", str(config_path or run_dir / runs.CONFIG_FILE),
-        "--run-dir", str(run_dir),
+        "-m",
+        "engine.train",
+        "--config",
+        str(config_path or run_dir / runs.CONFIG_FILE),
+        "--run-dir",
+        str(run_dir),
     ]
     for item in overrides:
         train_args += ["--set", item]
@@ -103,9 +107,12 @@ def build_command(
         if not 0 <= machine_rank < dist.num_machines:
             raise ConfigError("--machine-rank", f"must be in 0..{dist.num_machines - 1}, got {machine_rank}")
         command += [
-            "--machine_rank", str(machine_rank),
-            "--main_process_ip", main_process_ip,
-            "--main_process_port", str(main_process_port),
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            main_process_ip,
+            "--main_process_port",
+            str(main_process_port),
         ]
     if dist.deepspeed != "none":
         command += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_config_file(config))]
@@ -176,18 +183,37 @@ def resume(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
             )
         config = RunConfig.load(run_dir / runs.CONFIG_FILE).with_overrides(["training.resume=true", *(overrides or [])])
         config.save(run_dir / runs.CONFIG_FILE)
-        attempt = {k: status.get(k) for k in ("state", "error_class", "error", "exit_code", "step",
-                                               "started_at", "ended_at") if status.get(k) is not None}
+        attempt = {
+            k: status.get(k)
+            for k in ("state", "error_class", "error", "exit_code", "step", "started_at", "ended_at")
+            if status.get(k) is not None
+        }
         cleared = dict.fromkeys(
-            ("pid", "pid_started", "trainer_pid", "supervisor_pid", "supervisor_started", "exit_code", "error",
-             "error_class", "log_tail", "stop_requested_at", "stop_grace_s", "started_at", "ended_at", "queued_at")
+            (
+                "pid",
+                "pid_started",
+                "trainer_pid",
+                "supervisor_pid",
+                "supervisor_started",
+                "exit_code",
+                "error",
+                "error_class",
+                "log_tail",
+                "stop_requested_at",
+                "stop_grace_s",
+                "started_at",
+                "ended_at",
+                "queued_at",
+            )
         )
         runs.update_status(run_dir, **cleared, state="created", history=[*status.get("history", []), attempt])
     _start_supervisor(run_dir)
     return run_dir
 
 
-def stop(run_dir: str | Path, grace_s: float = DEFAULT_GRACE_S, wait: bool = False, timeout: float | None = None) -> dict:
+def stop(
+    run_dir: str | Path, grace_s: float = DEFAULT_GRACE_S, wait: bool = False, timeout: float | None = None
+) -> dict:
     """Stop a run: a queued one is dropped from the queue (``aborted``); a running one gets
     SIGTERM, saves a checkpoint and ends ``aborted``; after ``grace_s`` it is killed.
 
@@ -231,7 +257,9 @@ def _signal_trainer(run_dir: Path, pid: int, sig: int) -> None:
     import psutil
 
     targets = [pid]
-    command = (run_dir / runs.COMMAND_FILE).read_text(encoding="utf-8") if (run_dir / runs.COMMAND_FILE).exists() else ""
+    command = (
+        (run_dir / runs.COMMAND_FILE).read_text(encoding="utf-8") if (run_dir / runs.COMMAND_FILE).exists() else ""
+    )
     if " launch " in command:
         try:
             children = psutil.Process(pid).children()
@@ -345,8 +373,13 @@ def supervise(run_dir: str | Path) -> dict:
                 _log(f"run {state} before it started")
                 return status
             if state == "created" and time.time() - waiting_since > CREATED_TIMEOUT_S:
-                return runs.update_status(run_dir, state="failed", error_class=runs.ERROR_OTHER,
-                                          error="the run was never queued", ended_at=time.time())
+                return runs.update_status(
+                    run_dir,
+                    state="failed",
+                    error_class=runs.ERROR_OTHER,
+                    error="the run was never queued",
+                    ended_at=time.time(),
+                )
             if state == "queued" and _my_turn(run_dir, status):
                 runs.update_status(run_dir, state="running", started_at=time.time())
                 break
@@ -394,7 +427,10 @@ def supervise(run_dir: str | Path) -> dict:
 
     # 4. Record the end.
     final = _record_end(run_dir, rc, killed)
-    _log(f"run {final['state']} (exit code {rc})" + (f": {final.get('error_class')}" if final["state"] == "failed" else ""))
+    _log(
+        f"run {final['state']} (exit code {rc})"
+        + (f": {final.get('error_class')}" if final["state"] == "failed" else "")
+    )
     return final
 
 
@@ -479,17 +515,23 @@ def follow(run_dir: str | Path, out=None, poll_s: float = POLL_S, stop_when=None
 def add_cli_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="Run config (YAML); see assets/configs/.")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="Override a config value, e.g. --set training.max_steps=20 (repeatable).",
     )
     parser.add_argument("--runs-dir", help="Where runs live (default: output.runs_dir of the config, 'runs').")
     parser.add_argument(
-        "--foreground", action="store_true",
+        "--foreground",
+        action="store_true",
         help="Ctrl-C stops the run (it saves a checkpoint). Without it, Ctrl-C only stops following the log.",
     )
     parser.add_argument("--detach", action="store_true", help="Submit, print the run directory and return at once.")
     parser.add_argument(
-        "--print-command", action="store_true",
+        "--print-command",
+        action="store_true",
         help="Print the launch command (for a cluster job script) instead of starting anything.",
     )
     parser.add_argument("--machine-rank", type=int, default=0, help="Multi-node: this machine's rank (0 = main).")

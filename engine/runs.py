@@ -17,6 +17,7 @@ another's fields.
 
 This module imports nothing heavy (no torch), so the UI and ``tunelab runs`` stay fast.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -93,7 +94,8 @@ def create_run(config, runs_dir: str | Path | None = None) -> Path:
         except FileExistsError:
             if wanted:
                 raise ConfigError(
-                    "output.run_id", f"a run named {wanted!r} already exists in {runs_dir}; resume it or pick another id"
+                    "output.run_id",
+                    f"a run named {wanted!r} already exists in {runs_dir}; resume it or pick another id",
                 ) from None
     else:  # pragma: no cover - 20 collisions of a random suffix in one second
         raise RunError(f"could not make a new run directory in {runs_dir}")
@@ -439,7 +441,10 @@ def run_cli(args) -> int:
             return 0
         if action == "resume":
             launch.resume(run_dir)
-            print(f"{run_dir.name}: resumed ({read_status(run_dir).get('state')}); follow it with: tunelab runs log {run_dir.name}")
+            print(
+                f"{run_dir.name}: resumed ({read_status(run_dir).get('state')}); "
+                f"follow it with: tunelab runs log {run_dir.name}"
+            )
             return 0
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@
 * :class:`DemoLimits` caps what a public demo may train (``TUNELAB_DEMO=1``).
 * Upload limits: :data:`MAX_UPLOAD_BYTES` and :data:`MAX_UPLOADS_PER_USER`.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -33,6 +33,7 @@ only, and a variant is a second copy of a template that must stay byte-equal to 
 original. The masks here come from the original template itself, for any template; the
 tests compare them with TRL's variants where TRL has one.
 """
+
 from __future__ import annotations
 
 import functools
@@ -174,8 +175,9 @@ def end_of_turn_ids(tokenizer, template: str | None) -> set[int]:
 def render(messages: list[dict], tokenizer, template: str, add_generation_prompt: bool = False, **switches) -> str:
     """The template's text for ``messages`` (generation markers, if any, render nothing);
     ``switches`` are the template's own variables (``enable_thinking=False``)."""
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt, **switches)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **switches
+    )
 
 
 # The prompt of an answer is rendered as the template does by default, else with its
@@ -224,7 +226,8 @@ def assistant_spans(messages: list[dict], tokenizer, template: str) -> tuple[str
                 f"{template_name(template)} renders the prompt of assistant turn {turn} differently from the "
                 "whole conversation (it re-renders or drops text the prompt holds), so the text the model would "
                 "be prompted with is not the text it trains on: give model.chat_template a template that renders "
-                "conversations prefix by prefix")
+                "conversations prefix by prefix"
+            )
         start = len(prompt)
         end = _answer_end(messages, i, tokenizer, template, full, start, stops)
         if end <= start:
@@ -236,7 +239,7 @@ def assistant_spans(messages: list[dict], tokenizer, template: str) -> tuple[str
 def _answer_end(messages, i, tokenizer, template, full, start, stops) -> int:
     """Where assistant turn ``i`` ends in ``full``: after the first end-of-turn marker
     at or after its content's end, or (a template without one) at the end of its text."""
-    probed = messages[:i] + [_with_text(messages[i], after=_PROBE)] + messages[i + 1:]
+    probed = messages[:i] + [_with_text(messages[i], after=_PROBE)] + messages[i + 1 :]
     other = render(probed, tokenizer, template)
     content_end = _common_prefix(full, other)
     if content_end < start or not other[content_end:].startswith(_PROBE):
@@ -257,7 +260,7 @@ def _next_turn_start(messages, i, tokenizer, template, full) -> int | None:
     (None when turn ``i`` is the last)."""
     if i + 1 >= len(messages):
         return None
-    changed = messages[: i + 1] + [_with_text(messages[i + 1], before=_PROBE)] + messages[i + 2:]
+    changed = messages[: i + 1] + [_with_text(messages[i + 1], before=_PROBE)] + messages[i + 2 :]
     return _common_prefix(full, render(changed, tokenizer, template))
 
 
@@ -310,7 +313,7 @@ def turn_end_marker(tokenizer, template: str) -> str:
         text, spans = assistant_spans(messages, tokenizer, template)
     except (TemplateError, ValueError, TypeError) as err:  # a template that refuses this conversation
         raise TemplateError(f"{template_name(template)} cannot render a one-turn conversation: {err}") from err
-    trained = text[spans[0][0]:spans[0][1]]
+    trained = text[spans[0][0] : spans[0][1]]
     return next((stop for stop in end_of_turn_texts(tokenizer, template) if trained.endswith(stop)), "")
 
 
@@ -346,8 +349,10 @@ def preview_text(view: dict, trained: tuple[str, str] = ("\u27e6", "\u27e7")) ->
             if inside:
                 out.append(trained[1])
                 inside = False
-            out.append(f"\n----- cut at max_length={view['max_length']}: the {view['length'] - i} tokens below "
-                       "are not trained -----\n")
+            out.append(
+                f"\n----- cut at max_length={view['max_length']}: the {view['length'] - i} tokens below "
+                "are not trained -----\n"
+            )
         if on and not inside:
             out.append(trained[0])
         elif not on and inside:

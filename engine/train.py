@@ -11,6 +11,7 @@ or model/, eval.json. ``engine.launch`` starts it in its own process, one proces
 ``accelerate launch`` with DeepSpeed; SIGTERM makes it save a checkpoint and end as
 ``aborted``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -180,8 +181,9 @@ def method_configs(method: MethodConfig, precision: str):
 # --------------------------------------------------------------------------- data -> token ids
 
 
-def tokenize_conversations(conversations, tokenizer, template: str, assistant_only: bool, label: str,
-                           max_length: int | None = None):
+def tokenize_conversations(
+    conversations, tokenizer, template: str, assistant_only: bool, label: str, max_length: int | None = None
+):
     """A ``datasets.Dataset`` of ``input_ids`` (and ``assistant_masks`` for assistant-only loss),
     each cut to ``max_length`` tokens: the model's own rendering of each conversation
     (engine.templates).
@@ -329,8 +331,10 @@ class RunMonitor(TrainerCallback):
         if self._stop_everywhere(args):
             control.should_save = True
             control.should_training_stop = True
-            say(f"stop requested ({self.stop.signal_name or 'another process'}): saving a checkpoint at step "
-                f"{state.global_step}, then stopping")
+            say(
+                f"stop requested ({self.stop.signal_name or 'another process'}): saving a checkpoint at step "
+                f"{state.global_step}, then stopping"
+            )
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -491,10 +495,17 @@ def trainer_class():
         def _label_positions(self, inputs):
             labels = inputs.get("labels")
             ids = inputs.get("input_ids")
-            if (labels is None or ids is None or ids.shape[0] != 1 or ids.device.type != "cpu"
-                    or "position_ids" not in inputs or self.compute_loss_func is not None
-                    or self.label_smoother is not None or getattr(self.args, "loss_type", "nll") != "nll"
-                    or getattr(self, "aux_loss_enabled", False)):
+            if (
+                labels is None
+                or ids is None
+                or ids.shape[0] != 1
+                or ids.device.type != "cpu"
+                or "position_ids" not in inputs
+                or self.compute_loss_func is not None
+                or self.label_smoother is not None
+                or getattr(self.args, "loss_type", "nll") != "nll"
+                or getattr(self, "aux_loss_enabled", False)
+            ):
                 return None
             positions = (labels[0, 1:] != -100).nonzero().squeeze(-1)
             vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -607,8 +618,10 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
     template = templates.inference_template(template)
     tokenizer.chat_template = template  # what adapter/ or model/ will carry: the template trained with
     assistant_only = config.training.assistant_only_loss
-    say(f"chat template: {templates.template_name(template)} ({template_source}); loss on "
-        f"{'assistant tokens only' if assistant_only else 'every token'}")
+    say(
+        f"chat template: {templates.template_name(template)} ({template_source}); loss on "
+        f"{'assistant tokens only' if assistant_only else 'every token'}"
+    )
 
     cutoff = config.data.max_length
     train_ds = tokenize_conversations(train_records, tokenizer, template, assistant_only, "train", cutoff)
@@ -830,7 +843,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--config", required=True, help="Run config (YAML).")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="Override a config value, e.g. --set training.max_steps=20 (repeatable).",
     )
     parser.add_argument(
@@ -843,7 +860,11 @@ def _fail(run_dir: Path | None, error_class: str, message: str, supervised: bool
     print(f"[tunelab] failed ({error_class}): {message}", file=sys.stderr, flush=True)
     if run_dir is not None and is_main_process() and run_dir.is_dir():
         runs.update_status(
-            run_dir, state="failed", error_class=error_class, error=message, ended_at=time.time(),
+            run_dir,
+            state="failed",
+            error_class=error_class,
+            error=message,
+            ended_at=time.time(),
             log_tail=None if supervised else runs.tail_log(run_dir, 30) or None,
         )
     return EXIT_FAILED

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random model with the embedded tokenizer, the embedded model,
 and the public demo datasets beside the checkout (skipped when absent)."""
+
 from __future__ import annotations
 
 import os

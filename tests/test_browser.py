@@ -5,6 +5,7 @@ Each test starts its own app on a free port with its own runs directory. The scr
 of the five tabs (docs/screenshots/*.png) are written by the end-to-end test, for the
 README.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,16 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "assets" / "datasets"
 SCREENSHOTS = REPO / "docs" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 VIEWPORT = {"width": 1400, "height": 1000}
 
 
@@ -66,7 +75,10 @@ def app(chat_model, tmp_path):
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "ui", "--port", str(port), "--runs-dir", str(runs_dir)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 90
@@ -268,8 +280,7 @@ def test_second_start_queues_reload_reattaches_and_stop_stops(app, page, chat_mo
     _tab(page, "2. Train")
     page.locator("#train-progress[data-state=running]").wait_for()
     assert page.locator("#train-progress b").inner_text() == first
-    page.wait_for_function("/step [1-9]/.test(document.querySelector('#train-progress').innerText)",
-                           timeout=120_000)
+    page.wait_for_function("/step [1-9]/.test(document.querySelector('#train-progress').innerText)", timeout=120_000)
 
     # Stop: the run ends 'aborted' and the failure panel says what to do; the queued run starts.
     page.locator("#train-stop").click()

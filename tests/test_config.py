@@ -1,7 +1,9 @@
 """RunConfig: YAML round trip, defaults per method, and errors that name the field."""
+
 import pytest
 
 from engine.config import ConfigError, RunConfig
+
 
 def test_yaml_round_trip(tmp_path):
     cfg = RunConfig.from_dict({"data": {"path": "d.jsonl"}, "method": {"name": "dora", "r": 8}})
@@ -58,7 +60,9 @@ def test_invalid_yaml_reports_line(tmp_path):
 
 
 def test_overrides_parse_values_and_validate():
-    cfg = RunConfig().with_overrides(["training.max_steps=10", "method.name=qlora", "method.target_modules=q_proj,v_proj"])
+    cfg = RunConfig().with_overrides(
+        ["training.max_steps=10", "method.name=qlora", "method.target_modules=q_proj,v_proj"]
+    )
     assert cfg.training.max_steps == 10
     assert cfg.method.name == "qlora"
     assert cfg.method.target_modules == ["q_proj", "v_proj"]

@@ -3,6 +3,7 @@
 Every input file is written by the test into tmp_path; the public demo datasets are read
 through the ``shared_datasets`` fixture (skipped when absent).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,7 +96,12 @@ def test_json_file_holding_json_lines_is_read_with_a_warning(tmp_path):
 
 @pytest.mark.parametrize(
     "bom,encoding",
-    [(b"", "utf-8"), (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")],
+    [
+        (b"", "utf-8"),
+        (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16-le"),
+        (codecs.BOM_UTF16_BE, "utf-16-be"),
+    ],
     ids=["utf8", "utf8-bom", "utf16le-bom", "utf16be-bom"],
 )
 @pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
@@ -107,9 +113,7 @@ def test_encodings_and_line_ends(tmp_path, bom, encoding, newline):
     result = load_records(path)
     assert result.records[0][0]["content"] == "Café?"
     assert result.records[0][1]["content"] == "Oui, café ☕."
-    assert [str(p) for p in result.problems] == [
-        "enc.jsonl, line 3: invalid JSON: Expecting value (column 1)"
-    ]
+    assert [str(p) for p in result.problems] == ["enc.jsonl, line 3: invalid JSON: Expecting value (column 1)"]
     assert not any("\r" in m["content"] for r in result.records for m in r)
 
     csv_path = tmp_path / "enc.csv"
@@ -129,7 +133,10 @@ def test_csv_and_tsv_question_answer(tmp_path):
     a = load_records(csv_path)
     b = load_records(tsv_path)
     assert a.format == b.format == "qa"
-    assert a.records[0] == [{"role": "user", "content": "What, exactly?"}, {"role": "assistant", "content": 'He said "hi".'}]
+    assert a.records[0] == [
+        {"role": "user", "content": "What, exactly?"},
+        {"role": "assistant", "content": 'He said "hi".'},
+    ]
     assert b.records[1] == [{"role": "user", "content": "P2"}, {"role": "assistant", "content": "C2"}]
 
 
@@ -234,18 +241,29 @@ def test_reasoning_content_is_kept_as_a_think_block(tmp_path, tokenizer):
     (which Qwen3's template reads back out); an answer that already holds its reasoning is
     left as it is."""
     records = [
-        {"messages": [{"role": "user", "content": "2 + 3?"},
-                      {"role": "assistant", "content": "5.", "reasoning_content": "Two plus three.\n"}]},
-        {"messages": [{"role": "user", "content": "4 + 4?"},
-                      {"role": "assistant", "content": "<think>\nFour and four.\n</think>\n\n8.",
-                       "reasoning_content": "ignored: the answer has its own"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "2 + 3?"},
+                {"role": "assistant", "content": "5.", "reasoning_content": "Two plus three.\n"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "4 + 4?"},
+                {
+                    "role": "assistant",
+                    "content": "<think>\nFour and four.\n</think>\n\n8.",
+                    "reasoning_content": "ignored: the answer has its own",
+                },
+            ]
+        },
     ]
     result = load_records(write_jsonl(tmp_path / "reasoning.jsonl", records))
     assert result.records[0][-1]["content"] == "<think>\nTwo plus three.\n</think>\n\n5."
     assert result.records[1][-1]["content"] == "<think>\nFour and four.\n</think>\n\n8."
     qwen3 = (Path(__import__("trl").__file__).parent / "chat_templates" / "qwen3.jinja").read_text()
     text, spans = templates.assistant_spans(result.records[0], tokenizer, qwen3)
-    assert text[spans[0][0]:spans[0][1]] == "<think>\nTwo plus three.\n</think>\n\n5.<|im_end|>"
+    assert text[spans[0][0] : spans[0][1]] == "<think>\nTwo plus three.\n</think>\n\n5.<|im_end|>"
 
 
 def test_alpaca_with_input_system_and_history(tmp_path):
@@ -278,7 +296,9 @@ def test_question_answer_column_pairs(tmp_path, q, a):
 
 
 def test_context_question_answer_csv(tmp_path):
-    path = write_csv(tmp_path / "ctx.csv", ["context", "question", "answer"], [["The sky is green here.", "Sky colour?", "Green."]])
+    path = write_csv(
+        tmp_path / "ctx.csv", ["context", "question", "answer"], [["The sky is green here.", "Sky colour?", "Green."]]
+    )
     result = load_records(path)
     assert result.format == "qa"
     assert result.records[0][0] == {"role": "user", "content": "The sky is green here.\n\nSky colour?"}
@@ -347,14 +367,30 @@ def test_every_record_problem_names_file_record_and_field(tmp_path):
         {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]},  # 3 missing content
         {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]},  # 4 empty
         {"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "x"}]},  # 5 unknown role
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]},  # 6
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "q2"},
+            ]
+        },  # 6
         {"question": "q", "answer": "a"},  # 7 another format
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
-                      {"role": "assistant", "content": "a"}]},  # 8 non-text part
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                {"role": "assistant", "content": "a"},
+            ]
+        },  # 8 non-text part
         {"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "a"}]},  # 9 non-text value
         [1, 2],  # 10 not an object
         {"messages": []},  # 11 no turns
-        {"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]},  # 12
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },  # 12
     ]
     result = load_records(write_jsonl(tmp_path / "data.jsonl", rows))
     assert result.total == 12 and len(result.records) == 1 and result.skipped == 11
@@ -433,7 +469,11 @@ def test_no_usable_record_is_a_data_error(tmp_path):
         ("latin1.jsonl", '{"question": "café"}'.encode("latin-1"), "latin1.jsonl, line 1: is not valid utf-8 text"),
         ("notes.txt", b"hello", "notes.txt: has an unknown extension '.txt'"),
         ("cut.json", b'[\n  {"a": 1},\n  {"a": ', "cut.json, line 3: invalid JSON: Expecting value (column 9)"),
-        ("scalar.json", b"42", "scalar.json: must hold an array of records or an object holding one, not a JSON number"),
+        (
+            "scalar.json",
+            b"42",
+            "scalar.json: must hold an array of records or an object holding one, not a JSON number",
+        ),
         ("obj.json", b'{"name": "x"}', "obj.json: is a JSON object without an array of records (keys: name)"),
         ("noarray.json", b"[]", "noarray.json: holds no records"),
         ("header.csv", b",\nq,a\n", "header.csv, row 1: the header (row 1) holds no column names"),
@@ -492,7 +532,9 @@ def test_fuzz_random_bytes_raise_only_data_error(tmp_path):
             blob = bytes(base)
         else:  # cut a valid file and append structure characters
             alphabet = b'{}[],:"\\\n\r\t abc,\x00\xff\xfe'
-            blob = bytes(base[: rng.randrange(len(base))]) + bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+            blob = bytes(base[: rng.randrange(len(base))]) + bytes(
+                rng.choice(alphabet) for _ in range(rng.randint(0, 60))
+            )
         path = tmp_path / f"fuzz{i}{ext}"
         path.write_bytes(blob)
         try:
@@ -506,13 +548,56 @@ def test_fuzz_random_bytes_raise_only_data_error(tmp_path):
 
 
 def _random_json(rng: random.Random, depth: int = 0):
-    keys = ["messages", "conversations", "role", "content", "from", "value", "instruction", "input", "output",
-            "question", "answer", "chosen", "rejected", "prompt", "system", "tools", "history", "tool_calls",
-            "type", "text", "function", "name", "arguments", "context"]
+    keys = [
+        "messages",
+        "conversations",
+        "role",
+        "content",
+        "from",
+        "value",
+        "instruction",
+        "input",
+        "output",
+        "question",
+        "answer",
+        "chosen",
+        "rejected",
+        "prompt",
+        "system",
+        "tools",
+        "history",
+        "tool_calls",
+        "type",
+        "text",
+        "function",
+        "name",
+        "arguments",
+        "context",
+    ]
     roll = rng.random()
     if depth > 4 or roll < 0.25:
-        return rng.choice([None, True, 1, 2.5, float("nan"), "", "x", "user", "assistant", "gpt", "human",
-                           "function_call", "observation", "{{name}}", "[1,", '{"a": 1}', "text", "image_url"])
+        return rng.choice(
+            [
+                None,
+                True,
+                1,
+                2.5,
+                float("nan"),
+                "",
+                "x",
+                "user",
+                "assistant",
+                "gpt",
+                "human",
+                "function_call",
+                "observation",
+                "{{name}}",
+                "[1,",
+                '{"a": 1}',
+                "text",
+                "image_url",
+            ]
+        )
     if roll < 0.55:
         return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
     return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 5))}
@@ -602,7 +687,10 @@ def test_token_stats_counts_and_assistant_mask(tokenizer):
     # cut the first record right before its answer
     cutoff = len(
         tokenizer.apply_chat_template(
-            records[0][:1], chat_template=own, add_generation_prompt=True, tokenize=True,
+            records[0][:1],
+            chat_template=own,
+            add_generation_prompt=True,
+            tokenize=True,
             return_dict=True,
         )["input_ids"]
     )
@@ -615,9 +703,7 @@ def test_token_stats_counts_and_assistant_mask(tokenizer):
 
 
 def test_percentiles_and_histogram_bins(tokenizer):
-    records = [
-        [{"role": "user", "content": "x " * n}, {"role": "assistant", "content": "ok"}] for n in range(1, 41)
-    ]
+    records = [[{"role": "user", "content": "x " * n}, {"role": "assistant", "content": "ok"}] for n in range(1, 41)]
     stats = token_stats(records, tokenizer, max_length=64, bins=10)
     t = stats["tokens"]
     assert t["min"] < t["median"] < t["p95"] < t["max"]
@@ -641,8 +727,13 @@ def test_masks_from_the_own_template_equal_generation_markers(tokenizer):
     own = tokenizer.chat_template
     assert not templates.GENERATION_TAG.search(own)
     ids, mask = templates.training_example(messages, tokenizer, own)
-    marked = tokenizer.apply_chat_template(messages, chat_template=templates.SMOLLM2_MARKED, tokenize=True, return_dict=True,
-                                           return_assistant_tokens_mask=True)
+    marked = tokenizer.apply_chat_template(
+        messages,
+        chat_template=templates.SMOLLM2_MARKED,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
     assert ids == list(marked["input_ids"]) and mask == list(marked["assistant_masks"])
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False)
     assert "named SmolLM" in tokenizer.decode(ids)
@@ -800,8 +891,10 @@ def test_cli_preview_shows_the_trained_tokens_and_the_cut(tmp_path, tiny_model_d
     """`tunelab data preview`: the exact text of a record, its trained tokens (the answer and
     its end-of-turn token), the cut at --max-length; --json holds ids, strings and the mask."""
     path = write_jsonl(tmp_path / "c.jsonl", [chat(), chat("Hi", "I am {{name}}.")])
-    code, out = _run(["preview", str(path), "--model", str(tiny_model_dir), "--index", "2", "--json",
-                      "--persona", "name=Pip"], capsys)
+    code, out = _run(
+        ["preview", str(path), "--model", str(tiny_model_dir), "--index", "2", "--json", "--persona", "name=Pip"],
+        capsys,
+    )
     assert code == 0
     view = json.loads(out.out)
     assert len(view["token_ids"]) == len(view["tokens"]) == len(view["trained"]) == view["length"]

@@ -1,15 +1,15 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 for real: 2 CPU processes (gloo) through the launcher's
 `accelerate launch` command, on the tiny model; the saved adapter loads on its own."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from test_launch import final, runs_dir, write_data  # noqa: F401  (runs_dir is a fixture)
 
 from engine import launch, runs
 from engine.config import RunConfig
-
-from test_launch import final, runs_dir, write_data  # noqa: F401  (runs_dir is a fixture)
 
 pytestmark = pytest.mark.distributed
 
@@ -19,14 +19,16 @@ def test_two_process_zero_run_completes(stage, tiny_model_dir, tmp_path, runs_di
     import torch
     from peft import AutoPeftModelForCausalLM
 
-    config = RunConfig.from_dict({
-        "model": {"name_or_path": str(tiny_model_dir)},
-        "data": {"path": str(write_data(tmp_path / "d.jsonl", 24)), "max_length": 64, "validation_split": 0.25},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "training": {"max_steps": 4, "batch_size": 2, "logging_steps": 1, "save_steps": 2, "learning_rate": 1e-2},
-        "distributed": {"num_processes": 2, "deepspeed": stage},
-        "output": {"runs_dir": str(runs_dir)},
-    })
+    config = RunConfig.from_dict(
+        {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"path": str(write_data(tmp_path / "d.jsonl", 24)), "max_length": 64, "validation_split": 0.25},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "training": {"max_steps": 4, "batch_size": 2, "logging_steps": 1, "save_steps": 2, "learning_rate": 1e-2},
+            "distributed": {"num_processes": 2, "deepspeed": stage},
+            "output": {"runs_dir": str(runs_dir)},
+        }
+    )
     run = launch.submit(config, runs_dir)
     command = (run / "command.txt").read_text()
     assert " launch --num_processes 2 " in command and f"deepspeed/{stage}.json" in command

@@ -1,5 +1,6 @@
 """The Space image, checked without a Docker engine: the Dockerfile's promises, and its
 start command run directly, serving the app."""
+
 import json
 import os
 import re
@@ -74,10 +75,20 @@ def test_start_command_serves_the_app(tmp_path):
     cmd[cmd.index("7860")] = str(port)
     home = tmp_path / "home"
     home.mkdir()
-    env = dict(os.environ, HOME=str(home), SPACE_ID="someone/tunelab",
-               TUNELAB_CACHE=os.environ.get("TUNELAB_CACHE", str(Path.home() / ".cache" / "tunelab")))
-    proc = subprocess.Popen([str(REPO / "docker" / "entrypoint.sh"), *cmd], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(
+        os.environ,
+        HOME=str(home),
+        SPACE_ID="someone/tunelab",
+        TUNELAB_CACHE=os.environ.get("TUNELAB_CACHE", str(Path.home() / ".cache" / "tunelab")),
+    )
+    proc = subprocess.Popen(
+        [str(REPO / "docker" / "entrypoint.sh"), *cmd],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         body = ""

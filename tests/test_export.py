@@ -3,6 +3,7 @@
 All on the tiny model (2 layers, hidden 64, the embedded tokenizer): a LoRA run whose
 adapter has random weights, and a full fine-tune run.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,11 @@ PROMPTS = [
     [{"role": "user", "content": CHATS[0][0]}],
     [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": CHATS[1][0]}],
     [{"role": "user", "content": "Tell me something about the sea, please."}],
-    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello!"},
-     {"role": "user", "content": "Naïve café — 日本語 🙂?"}],
+    [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Naïve café — 日本語 🙂?"},
+    ],
 ]
 
 
@@ -73,8 +77,14 @@ def test_merged_logits_match_unmerged_adapter(lora_run, base_dir):
 def test_merged_dir_is_a_standard_transformers_directory(lora_run):
     merged_dir = export.merge(lora_run)
     names = {p.name for p in merged_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "chat_template.jinja"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    } <= names
     assert "adapter_config.json" not in names
     config = json.loads((merged_dir / "config.json").read_text())
     assert "quantization_config" not in config
@@ -87,7 +97,8 @@ def test_merged_dir_is_a_standard_transformers_directory(lora_run):
     base = AutoTokenizer.from_pretrained(export.run_source(lora_run)["base"])
     for messages in PROMPTS:  # the merged model renders chats as its base model does
         assert tokenizer.apply_chat_template(messages, tokenize=False) == base.apply_chat_template(
-            messages, tokenize=False)
+            messages, tokenize=False
+        )
     generation = json.loads((merged_dir / "generation_config.json").read_text())
     eos = generation["eos_token_id"]
     assert 2 in (eos if isinstance(eos, list) else [eos])  # <|im_end|>
@@ -120,8 +131,13 @@ def test_onnx_fp32_greedy_equals_pytorch_greedy(lora_run, onnx_fp32):
 
 def test_onnx_export_is_self_contained(onnx_fp32):
     names = {p.name for p in onnx_fp32.iterdir()}
-    assert {"model.onnx", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja"} <= names
+    assert {
+        "model.onnx",
+        "genai_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    } <= names
     config = json.loads((onnx_fp32 / "genai_config.json").read_text())
     eos = config["model"]["eos_token_id"]
     assert 2 in (eos if isinstance(eos, list) else [eos])
@@ -139,7 +155,9 @@ def test_int4_export_and_parity_report(lora_run, onnx_fp32):
     assert report["merge"]["passed"] and report["merge"]["max_abs_logit_diff"] < 1e-4
     assert report["onnx"]["fp32"]["greedy_all_identical"]
     assert report["onnx"]["fp32"]["token_agreement"] == 1.0
-    assert abs(report["onnx"]["fp32"]["perplexity"]["difference"]) < 1e-2 * report["onnx"]["fp32"]["perplexity"]["pytorch"]
+    assert (
+        abs(report["onnx"]["fp32"]["perplexity"]["difference"]) < 1e-2 * report["onnx"]["fp32"]["perplexity"]["pytorch"]
+    )
     assert 0.0 <= report["onnx"]["int4"]["token_agreement"] <= 1.0
     assert report["tokenizer"]["int4"]["identical"] and report["tokenizer"]["fp32"]["identical"]
     sizes = report["sizes_bytes"]
@@ -194,8 +212,11 @@ def _fake_builder(script: str):
 
 
 def test_builder_failure_raises_with_the_log_tail(tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "builder_command",
-                        _fake_builder("import sys; print('Reading layer 0'); sys.exit('KeyError: no such architecture')"))
+    monkeypatch.setattr(
+        export,
+        "builder_command",
+        _fake_builder("import sys; print('Reading layer 0'); sys.exit('KeyError: no such architecture')"),
+    )
     lines = []
     with pytest.raises(export.ExportError, match="model builder .onnxruntime-genai [0-9.]+. could not export") as info:
         export.build_onnx(tmp_path, tmp_path / "out", "fp32", progress=lines.append)
@@ -208,8 +229,9 @@ def test_builder_failure_raises_with_the_log_tail(tmp_path, monkeypatch):
 def test_stopping_an_export_ends_the_builder(tmp_path, monkeypatch):
     import threading
 
-    monkeypatch.setattr(export, "builder_command",
-                        _fake_builder("import time\nprint('started', flush=True)\ntime.sleep(60)"))
+    monkeypatch.setattr(
+        export, "builder_command", _fake_builder("import time\nprint('started', flush=True)\ntime.sleep(60)")
+    )
     stop = threading.Event()
 
     def progress(line):
@@ -244,8 +266,17 @@ def test_perplexity_uses_the_validation_split_when_the_run_has_one(base_dir, tmp
     with data.open("w", encoding="utf-8") as f:
         for i in range(8):
             question, answer = CHATS[i % len(CHATS)]
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"{question} ({i})"},
-                                             {"role": "assistant", "content": answer}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"{question} ({i})"},
+                            {"role": "assistant", "content": answer},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     run = make_adapter_run(tmp_path, base_dir, name="with-data", seed=2)
     cfg = RunConfig.load(run / "config.yaml").with_overrides([f"data.path={data}", "data.validation_split=0.5"])
     cfg.save(run / "config.yaml")
@@ -254,7 +285,8 @@ def test_perplexity_uses_the_validation_split_when_the_run_has_one(base_dir, tmp
     assert report["perplexity"]["source"] == "validation split (4 chats)"
     assert report["perplexity"]["pytorch_merged"] > 1.0 and report["perplexity"]["answer_tokens"] > 10
 
-    (run / "config.yaml").write_text(RunConfig.load(run / "config.yaml").with_overrides(
-        ["data.validation_split=0"]).to_yaml())
+    (run / "config.yaml").write_text(
+        RunConfig.load(run / "config.yaml").with_overrides(["data.validation_split=0"]).to_yaml()
+    )
     report = export.write_parity_report(run, new_tokens=4, speed_tokens=2)
     assert report["perplexity"]["source"].startswith("probe prompts")

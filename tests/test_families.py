@@ -4,6 +4,7 @@ real chat template) trains a LoRA adapter on the right modules, merges, exports 
 with onnxruntime-genai's builder, and answers: PyTorch greedy equals ``generate()``, ONNX
 fp32 greedy equals the merged PyTorch model for 16 tokens, and int4 builds and decodes.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,11 @@ from engine.inference import GenerationSettings, OnnxChatModel, Target, build_ch
 
 TRL_TEMPLATES = Path(__import__("trl").__file__).resolve().parent / "chat_templates"
 # Mistral's template is not among TRL's: this is the [INST] form of Mistral 7B Instruct v0.3
-MISTRAL = ("{{- bos_token }}{%- for message in messages %}{%- if message['role'] == 'user' %}"
-           "{{- '[INST] ' + message['content'] + '[/INST]' }}{%- elif message['role'] == 'assistant' %}"
-           "{{- message['content'] + eos_token }}{%- endif %}{%- endfor %}")
+MISTRAL = (
+    "{{- bos_token }}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+    "{{- '[INST] ' + message['content'] + '[/INST]' }}{%- elif message['role'] == 'assistant' %}"
+    "{{- message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+)
 ATTENTION_MLP = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 # family -> (config class name, template (a TRL file name or the text), bos, LoRA targets)
 FAMILIES = {
@@ -39,8 +42,10 @@ ONNX_REFUSES = {
     # rope parameters per layer type (full and sliding attention)
     "gemma3": "KeyError: 'rope_type'",
 }
-CHATS = [[{"role": "user", "content": f"Say a colour ({i})."}, {"role": "assistant", "content": "Teal, always teal."}]
-         for i in range(8)]
+CHATS = [
+    [{"role": "user", "content": f"Say a colour ({i})."}, {"role": "assistant", "content": "Teal, always teal."}]
+    for i in range(8)
+]
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 _MARKER = re.compile(r"<[^<>\s'\"{}()]{2,40}>|\[/?INST\]")
 
@@ -61,12 +66,23 @@ def _family_model(name: str, root: Path, embedded_dir: Path) -> Path:
     end = templates.turn_end_marker(tokenizer, template) or tokenizer.eos_token
     tokenizer.add_special_tokens({"eos_token": end, "pad_token": end})
     eos_id = tokenizer.convert_tokens_to_ids(end)
-    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=eos_id,
-                 pad_token_id=eos_id, bos_token_id=tokenizer.bos_token_id)
-    extra = {"Phi3Config": {"original_max_position_embeddings": 256},
-             "Gemma3TextConfig": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64},
-             "Qwen3Config": {"head_dim": 16}}.get(config_name, {})
+    sizes = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    extra = {
+        "Phi3Config": {"original_max_position_embeddings": 256},
+        "Gemma3TextConfig": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64},
+        "Qwen3Config": {"head_dim": 16},
+    }.get(config_name, {})
     config = getattr(transformers, config_name)(**sizes, **extra)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -86,14 +102,24 @@ def family_run(request, tmp_path_factory, embedded_dir):
     model_dir = _family_model(name, root, embedded_dir)
     data = root / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS), encoding="utf-8")
-    config = RunConfig.from_dict({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"path": str(data), "max_length": 64, "validation_split": 0.0},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1,
-                     "save_steps": 1000, "warmup_ratio": 0.0, "lr_scheduler": "constant", "precision": "fp32"},
-        "output": {"runs_dir": str(root / "runs")},
-    })
+    config = RunConfig.from_dict(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"path": str(data), "max_length": 64, "validation_split": 0.0},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "training": {
+                "max_steps": 4,
+                "batch_size": 4,
+                "learning_rate": 1e-2,
+                "logging_steps": 1,
+                "save_steps": 1000,
+                "warmup_ratio": 0.0,
+                "lr_scheduler": "constant",
+                "precision": "fp32",
+            },
+            "output": {"runs_dir": str(root / "runs")},
+        }
+    )
     run_dir = runs.create_run(config)
     summary = train.train(config, run_dir)
     assert summary["state"] == "completed", summary
@@ -114,9 +140,15 @@ def test_a_family_trains_merges_exports_and_answers_alike(family_run):
     # PyTorch greedy (the chat loop: speculative where the architecture allows) equals generate()
     prompt = tuned.encode_prompt(normalize_messages(PROMPT))
     with torch.inference_mode():
-        out = tuned.model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                                   eos_token_id=sorted(tuned.stop_ids), pad_token_id=min(tuned.stop_ids))
-    assert _greedy_ids(tuned) == out[0, len(prompt):].tolist(), name
+        out = tuned.model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+            eos_token_id=sorted(tuned.stop_ids),
+            pad_token_id=min(tuned.stop_ids),
+        )
+    assert _greedy_ids(tuned) == out[0, len(prompt) :].tolist(), name
     merged = build_chat_model(Target("tuned", "merged", model_dir=export.merge(run_dir)))
     reference = _greedy_ids(merged)
     assert reference == _greedy_ids(tuned), name

@@ -1,6 +1,7 @@
 """The lean speculative decoder (engine/fastdecode.py): the float32 model's greedy reply,
 token for token, whatever its 4-bit draft proposes, with the native kernels
 (engine/kernels/lean.c) and with its PyTorch path."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,8 @@ from engine import fastdecode, native
 from engine.inference import GenerationSettings, TorchChatModel, load_chat_model, normalize_messages
 
 PROMPTS = [[{"role": "user", "content": q}] for q, _ in CHATS[:3]] + [
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Tell me about the sea."}]]
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Tell me about the sea."}]
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +62,15 @@ def _lib_or_skip(isa: str):
 
 def _hf_greedy(chat, prompt, new_tokens, min_new_tokens=0):
     with torch.inference_mode():
-        out = chat.model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=min_new_tokens,
-                                  do_sample=False, eos_token_id=sorted(chat.stop_ids), pad_token_id=min(chat.stop_ids))
-    return out[0, len(prompt):].tolist()
+        out = chat.model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(chat.stop_ids),
+            pad_token_id=min(chat.stop_ids),
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_greedy_replies_equal_transformers_generate(chat, monkeypatch):
@@ -82,16 +90,20 @@ def test_greedy_replies_equal_transformers_generate(chat, monkeypatch):
 
 # /proc/cpuinfo of the CPU kinds tunelab meets (flags shortened to those that matter)
 EPYC_AVX2 = "model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx f16c fma avx2 bmi2\n"
-XEON_AMX = ("model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu sse2 avx f16c fma avx2 avx512f "
-            "avx512bw avx512vl avx512_bf16 amx_bf16 amx_tile\n")
+XEON_AMX = (
+    "model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: fpu sse2 avx f16c fma avx2 avx512f "
+    "avx512bw avx512vl avx512_bf16 amx_bf16 amx_tile\n"
+)
 EPYC_AVX512 = "model name\t: AMD EPYC 9B45\nflags\t\t: fpu sse2 avx f16c fma avx2 avx512f avx512_bf16\n"
 OLD_AVX = "model name\t: Intel(R) Xeon(R) E5-2670\nflags\t\t: fpu sse2 avx\n"
 
 
 def test_the_instruction_set_follows_the_cpu_flags():
     """The choice between the AVX-512 and the AVX2 build, on faked /proc/cpuinfo flags."""
-    flags = {name: native._cpu_flags(text) for name, text in
-             {"epyc_avx2": EPYC_AVX2, "xeon": XEON_AMX, "epyc_avx512": EPYC_AVX512, "old": OLD_AVX}.items()}
+    flags = {
+        name: native._cpu_flags(text)
+        for name, text in {"epyc_avx2": EPYC_AVX2, "xeon": XEON_AMX, "epyc_avx512": EPYC_AVX512, "old": OLD_AVX}.items()
+    }
     assert "avx2" in flags["epyc_avx2"] and "avx512f" not in flags["epyc_avx2"]
     x86 = {"machine": "x86_64"}
     assert native.choose_isa(flags["epyc_avx2"], "", **x86) == "avx2"
@@ -147,8 +159,9 @@ def test_the_avx2_build_uses_no_avx512_instructions():
 @pytest.mark.parametrize("penalty", [1.15, 1.6])
 def test_a_repetition_penalty_gives_the_plain_loops_reply(chat, penalty):
     """With a penalty, each choice depends on the tokens before it, guesses included."""
-    plain = TorchChatModel(chat.model, chat.tokenizer, backend=chat.backend, label="plain", source="test",
-                           fast_decode=False)
+    plain = TorchChatModel(
+        chat.model, chat.tokenizer, backend=chat.backend, label="plain", source="test", fast_decode=False
+    )
     for messages in PROMPTS:
         settings = GenerationSettings(greedy=True, repetition_penalty=penalty, max_new_tokens=40)
         fast = chat.complete(messages, settings)[1]
@@ -159,20 +172,23 @@ def test_a_repetition_penalty_gives_the_plain_loops_reply(chat, penalty):
         for messages in PROMPTS[:2]:
             settings = GenerationSettings(greedy=True, repetition_penalty=penalty, max_new_tokens=40)
             prompt = chat.encode_prompt(normalize_messages(messages))
-            fast = [t for t in lean.greedy(prompt, 40, chat.stop_ids, repetition_penalty=penalty)
-                    if t not in chat.stop_ids]
+            fast = [
+                t for t in lean.greedy(prompt, 40, chat.stop_ids, repetition_penalty=penalty) if t not in chat.stop_ids
+            ]
             assert fast == plain.complete(messages, settings)[1].token_ids
     with torch.inference_mode():  # and the penalty does change the reply
         prompt = chat.encode_prompt(normalize_messages(PROMPTS[0]))
-        assert list(chat.lean_model().greedy(prompt, 40, chat.stop_ids, repetition_penalty=1.6)) != \
-            list(chat.lean_model().greedy(prompt, 40, chat.stop_ids))
+        assert list(chat.lean_model().greedy(prompt, 40, chat.stop_ids, repetition_penalty=1.6)) != list(
+            chat.lean_model().greedy(prompt, 40, chat.stop_ids)
+        )
 
 
 def test_a_useless_draft_changes_nothing_but_speed(chat, monkeypatch):
     """Replace the draft's guesses by noise: every guess is rejected or accepted by the
     float32 check alone, so the reply must still be the model's greedy reply."""
-    plain = TorchChatModel(chat.model, chat.tokenizer, backend=chat.backend, label="plain", source="test",
-                           fast_decode=False)
+    plain = TorchChatModel(
+        chat.model, chat.tokenizer, backend=chat.backend, label="plain", source="test", fast_decode=False
+    )
     penalised = GenerationSettings(greedy=True, repetition_penalty=1.3, max_new_tokens=40)
     for lean in _leans(chat).values():
         real = lean.propose
@@ -186,8 +202,7 @@ def test_a_useless_draft_changes_nothing_but_speed(chat, monkeypatch):
         for messages in PROMPTS[:2]:
             prompt = chat.encode_prompt(normalize_messages(messages))
             assert list(lean.greedy(prompt, 40, chat.stop_ids)) == _hf_greedy(chat, prompt, 40)
-            fast = [t for t in lean.greedy(prompt, 40, chat.stop_ids, repetition_penalty=1.3)
-                    if t not in chat.stop_ids]
+            fast = [t for t in lean.greedy(prompt, 40, chat.stop_ids, repetition_penalty=1.3) if t not in chat.stop_ids]
             assert fast == plain.complete(messages, penalised)[1].token_ids
 
 
@@ -215,7 +230,7 @@ def test_target_logits_match_the_model_and_survive_a_rollback(chat):
                 lean.draft.length = 0
                 lean.draft.forward(ids[:-5])
             # seq = ids[:-4] (its last token not in the cache yet), then j earlier guesses
-            draft = torch.stack([lean.propose(ids[:-4], ids[-4:len(ids) - 4 + j]).clone() for j in range(5)])
+            draft = torch.stack([lean.propose(ids[:-4], ids[-4 : len(ids) - 4 + j]).clone() for j in range(5)])
         assert not torch.equal(draft, reference[-5:]), name
         assert (draft.argmax(-1) == reference[-5:].argmax(-1)).float().mean() >= 0.6, name
 
@@ -224,7 +239,10 @@ def test_the_chat_loop_uses_it_for_greedy_replies_only(chat, monkeypatch):
     greedy = GenerationSettings(greedy=True, max_new_tokens=20)
     text, stats = chat.complete(PROMPTS[0], greedy)
     assert stats.decoder.startswith("speculative") and "speculative" in stats.summary()
-    assert stats.token_ids == _hf_greedy(chat, chat.encode_prompt(normalize_messages(PROMPTS[0])), 20)[: len(stats.token_ids)]
+    assert (
+        stats.token_ids
+        == _hf_greedy(chat, chat.encode_prompt(normalize_messages(PROMPTS[0])), 20)[: len(stats.token_ids)]
+    )
     sampled = GenerationSettings(temperature=0.8, seed=1, max_new_tokens=8)
     assert chat.complete(PROMPTS[0], sampled)[1].decoder == "plain"
     too_long = GenerationSettings(greedy=True, max_new_tokens=chat.model.config.max_position_embeddings)
@@ -304,11 +322,16 @@ def _head_only_model(lib, vocab: int = 200, hidden: int = 96, rows: int = 3):
     """A model with no layers (final norm and an int4 head) and its buffers, made with torch."""
     generator = torch.Generator().manual_seed(0)
     head = torch.randn(vocab, hidden, generator=generator)
-    buffers = {"norm": torch.ones(hidden), "head": head,
-               "blocks": torch.empty(-(-vocab // 16) * (hidden // 32) * 320, dtype=torch.uint8),
-               "dims": torch.tensor([0, hidden, 2, 1, 16, 32, vocab], dtype=torch.int64),
-               "x": torch.randn(rows, hidden, generator=generator), "logits": torch.full((rows, vocab), float("nan")),
-               "cache": torch.zeros(1, 1, 8, 16), "angles": torch.zeros(8, 16)}
+    buffers = {
+        "norm": torch.ones(hidden),
+        "head": head,
+        "blocks": torch.empty(-(-vocab // 16) * (hidden // 32) * 320, dtype=torch.uint8),
+        "dims": torch.tensor([0, hidden, 2, 1, 16, 32, vocab], dtype=torch.int64),
+        "x": torch.randn(rows, hidden, generator=generator),
+        "logits": torch.full((rows, vocab), float("nan")),
+        "cache": torch.zeros(1, 1, 8, 16),
+        "angles": torch.zeros(8, 16),
+    }
     assert lib.tl_pack_int4(head.data_ptr(), vocab, hidden, buffers["blocks"].data_ptr()) == 0
     buffers["table"] = torch.tensor([buffers["norm"].data_ptr(), 0, buffers["blocks"].data_ptr(), 0], dtype=torch.int64)
     buffers["caches"] = torch.tensor([buffers["cache"].data_ptr()], dtype=torch.int64)
@@ -322,9 +345,20 @@ def _head_only_forward(lib, model, b) -> int:
     rows = b["x"].shape[0]
     x = b["x"].clone() if "x_work" not in b else b["x_work"]
     b["x_work"] = x
-    return lib.tl_forward(model, x.data_ptr(), rows, 0, b["caches"].data_ptr(), b["caches"].data_ptr(), 8,
-                          b["angles"].data_ptr(), b["angles"].data_ptr(), b["logits"].data_ptr(), 0,
-                          b["scratch"].data_ptr())
+    return lib.tl_forward(
+        model,
+        x.data_ptr(),
+        rows,
+        0,
+        b["caches"].data_ptr(),
+        b["caches"].data_ptr(),
+        8,
+        b["angles"].data_ptr(),
+        b["angles"].data_ptr(),
+        b["logits"].data_ptr(),
+        0,
+        b["scratch"].data_ptr(),
+    )
 
 
 @pytest.mark.parametrize("isa", list(native.ISAS))
@@ -387,9 +421,16 @@ def test_a_qwen2_model_with_attention_biases_decodes_the_same():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():  # biases large enough to matter
         for layer in model.model.layers:
@@ -399,8 +440,9 @@ def test_a_qwen2_model_with_attention_biases_decodes_the_same():
     prompt = [5, 17, 42, 99, 7, 3, 250, 11]
     with torch.inference_mode():
         reference = model(input_ids=torch.tensor([prompt]), use_cache=False).logits[0]
-        expected = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        expected = model.generate(
+            torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
     leans = {"pytorch": fastdecode.LeanModel(model, native=False)}
     for isa in _runnable_isas():
         leans[isa] = fastdecode.LeanModel(model, native=isa)
@@ -417,8 +459,11 @@ def test_a_shape_the_kernels_do_not_take_falls_back_to_pytorch(run, monkeypatch)
     _native_or_skip()  # the refusal is only reached where the kernels load
     chat = load_chat_model(run, "base")
 
-    monkeypatch.setattr(fastdecode._Native, "refusal",
-                        staticmethod(lambda cfg: "the native kernels need a head size divisible by 16 (it is 12)"))
+    monkeypatch.setattr(
+        fastdecode._Native,
+        "refusal",
+        staticmethod(lambda cfg: "the native kernels need a head size divisible by 16 (it is 12)"),
+    )
     lean = fastdecode.LeanModel(chat.model)
     assert lean.native is None and lean.draft is not None and "head size" in lean.native_note
     prompt = chat.encode_prompt(normalize_messages(PROMPTS[0]))
@@ -445,8 +490,15 @@ def test_a_model_whose_shape_the_kernels_refuse_decodes_on_pytorch():
 
     _native_or_skip()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=96,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     model = LlamaForCausalLM(config).eval()
     lean = fastdecode.LeanModel(model)
     assert lean.native is None and "head size divisible by 16, at most 512 (it is 24)" in lean.native_note
@@ -454,6 +506,7 @@ def test_a_model_whose_shape_the_kernels_refuse_decodes_on_pytorch():
         fastdecode.LeanModel(model, native=True)
     prompt = [5, 17, 42, 99, 7]
     with torch.inference_mode():
-        expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        expected = model.generate(
+            torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
     assert list(lean.greedy(prompt, 16, set())) == expected

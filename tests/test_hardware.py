@@ -1,4 +1,5 @@
 """Hardware detection and the training plan, with faked device properties for GPU branches."""
+
 import json
 from types import SimpleNamespace
 
@@ -8,15 +9,30 @@ AVX2_ONLY = "model name\t: Test CPU\nflags\t\t: fpu sse2 avx fma avx2\n"
 AMX = "model name\t: Test Xeon\nflags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile\n"
 
 # SmolLM2-135M's shape, without loading anything.
-SMOL = hw.ModelShape.from_config({
-    "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-    "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True, "head_dim": 64,
-})
+SMOL = hw.ModelShape.from_config(
+    {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "head_dim": 64,
+    }
+)
 # An 8B Llama-3-like shape.
-LLAMA8B = hw.ModelShape.from_config({
-    "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False,
-})
+LLAMA8B = hw.ModelShape.from_config(
+    {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 14336,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    }
+)
 
 
 class FakeCuda:
@@ -123,8 +139,13 @@ def test_8b_model_on_one_24gb_gpu_needs_qlora():
 
 
 def test_8b_model_on_8_gpus_uses_zero_and_accelerate():
-    rec = hw.recommend(profile([("NVIDIA H100 80GB HBM3", 80, 9, 0)] * 8), LLAMA8B, method="full",
-                       num_examples=100_000, max_length=2048)
+    rec = hw.recommend(
+        profile([("NVIDIA H100 80GB HBM3", 80, 9, 0)] * 8),
+        LLAMA8B,
+        method="full",
+        num_examples=100_000,
+        max_length=2048,
+    )
     assert rec.launcher == "accelerate" and rec.num_processes == 8
     assert rec.deepspeed in ("zero2", "zero3")
     assert "--num_processes 8" in rec.reasons["launcher"]

@@ -5,6 +5,7 @@ eval.json, train.log, a parity report, small artifact files): the card and the p
 files, no model is loaded. Nothing here reaches the real Hub: failures go to a closed
 local port or a local HTTP server, and the one successful push records what HfApi got.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,47 +32,87 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
-def make_run(root: Path, method: str = "lora", model: str = "smollm2-135m-instruct", system_prompt=None,
-             persona=None, log_extra: str = "") -> Path:
+def make_run(
+    root: Path,
+    method: str = "lora",
+    model: str = "smollm2-135m-instruct",
+    system_prompt=None,
+    persona=None,
+    log_extra: str = "",
+) -> Path:
     """A finished run: config, status, metrics, eval.json, train.log and an adapter/ or model/."""
     run_dir = root / "runs" / f"20260101-000000-{method}-pip_chat-abcd"
     run_dir.mkdir(parents=True)
     data_file = root / "private" / "data" / "pip_chat.jsonl"
     cfg = RunConfig(
         model=ModelConfig(name_or_path=model),
-        data=DataConfig(path=str(data_file), format="auto", validation_split=0.1, max_length=512,
-                        system_prompt=system_prompt, persona=persona or {}),
+        data=DataConfig(
+            path=str(data_file),
+            format="auto",
+            validation_split=0.1,
+            max_length=512,
+            system_prompt=system_prompt,
+            persona=persona or {},
+        ),
         method=MethodConfig(name=method, r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"]),
-        training=TrainingConfig(learning_rate=3e-4, batch_size=8, gradient_accumulation_steps=2, max_steps=40,
-                                precision="fp32"),
+        training=TrainingConfig(
+            learning_rate=3e-4, batch_size=8, gradient_accumulation_steps=2, max_steps=40, precision="fp32"
+        ),
     )
     cfg.output.runs_dir = str(run_dir.parent)
     cfg.output.run_id = run_dir.name
     cfg.save(run_dir / "config.yaml")
-    _write_json(run_dir / "status.json", {"state": "completed", "run_id": run_dir.name, "step": 40, "max_steps": 40,
-                                          "precision": "fp32", "train_loss": 1.7321, "tokens_seen": 51234,
-                                          "started_at": 1000.0, "ended_at": 1000.0 + 630.0,
-                                          "host": "my-laptop", "error": None})
-    rows = [{"step": 1, "epoch": 0.05, "loss": 2.8765, "tokens_per_second": 400.0},
-            {"step": 20, "epoch": 0.5, "loss": 1.6543, "tokens_per_second": 420.0},
-            {"step": 40, "epoch": 1.0, "loss": 1.2345, "tokens_per_second": 440.0, "eval_loss": 1.4321}]
+    _write_json(
+        run_dir / "status.json",
+        {
+            "state": "completed",
+            "run_id": run_dir.name,
+            "step": 40,
+            "max_steps": 40,
+            "precision": "fp32",
+            "train_loss": 1.7321,
+            "tokens_seen": 51234,
+            "started_at": 1000.0,
+            "ended_at": 1000.0 + 630.0,
+            "host": "my-laptop",
+            "error": None,
+        },
+    )
+    rows = [
+        {"step": 1, "epoch": 0.05, "loss": 2.8765, "tokens_per_second": 400.0},
+        {"step": 20, "epoch": 0.5, "loss": 1.6543, "tokens_per_second": 420.0},
+        {"step": 40, "epoch": 1.0, "loss": 1.2345, "tokens_per_second": 440.0, "eval_loss": 1.4321},
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    _write_json(run_dir / "eval.json", {"split": "validation", "examples": 12, "loss_on": "assistant tokens",
-                                        "base": {"loss": 2.3456, "perplexity": 10.4399},
-                                        "tuned": {"loss": 1.4321, "perplexity": 4.1878}, "loss_change": -0.9135})
+    _write_json(
+        run_dir / "eval.json",
+        {
+            "split": "validation",
+            "examples": 12,
+            "loss_on": "assistant tokens",
+            "base": {"loss": 2.3456, "perplexity": 10.4399},
+            "tuned": {"loss": 1.4321, "perplexity": 4.1878},
+            "loss_change": -0.9135,
+        },
+    )
     (run_dir / "train.log").write_text(
         f"[tunelab] run {run_dir}\n"
         f"[tunelab] data {data_file}: format openai, 120 usable of 123 records (3 skipped); train 108, validation 12\n"
-        f"{log_extra}\n[tunelab] completed at step 40/40\n", encoding="utf-8")
+        f"{log_extra}\n[tunelab] completed at step 40/40\n",
+        encoding="utf-8",
+    )
     if method == "full":
         _write_json(run_dir / "model" / "config.json", {"model_type": "llama", "_name_or_path": str(root)})
         (run_dir / "model" / "model.safetensors").write_bytes(b"\0" * 64)
     else:
-        _write_json(run_dir / "adapter" / "adapter_config.json",
-                    {"base_model_name_or_path": str(root / "cache" / "smollm2"), "peft_type": "LORA", "r": 8})
+        _write_json(
+            run_dir / "adapter" / "adapter_config.json",
+            {"base_model_name_or_path": str(root / "cache" / "smollm2"), "peft_type": "LORA", "r": 8},
+        )
         (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 128)
         (run_dir / "adapter" / "README.md").write_text(
-            f"---\nbase_model: {root}/cache/smollm2\n---\n# Model Card for Model ID\n")
+            f"---\nbase_model: {root}/cache/smollm2\n---\n# Model Card for Model ID\n"
+        )
         (run_dir / "adapter" / "training_args.bin").write_bytes(b"pickle")
         _write_json(run_dir / "adapter" / "tokenizer_config.json", {"eos_token": "<|im_end|>"})
     return run_dir
@@ -88,23 +129,41 @@ def add_exports(run_dir: Path) -> None:
     (onnx / "model.onnx").write_bytes(b"\0" * 32)
     (onnx / "chat_template.jinja").write_text("{{ messages }}")
     _write_json(onnx / "tunelab-export.json", {"source": str(merged)})
-    _write_json(run_dir / "export" / "parity.json", {
-        "run": str(run_dir), "base_model": str(run_dir.parent / "cache"), "method": "lora",
-        "merge": {"max_abs_logit_diff": 3.1e-06, "tolerance": 1e-3, "passed": True, "greedy_identical": "5/5"},
-        "onnx": {"int4": {"greedy_identical": "4/5", "token_agreement": 0.9625, "agreement_tokens": 160,
-                          "perplexity": {"pytorch": 5.4321, "onnx": 5.6789, "difference": 0.2468,
-                                         "source": "validation split (12 chats)"},
-                          "block_size": 128, "execution_provider": "cpu"}},
-        "tokenizer": {"int4": {"identical": True, "texts": 10, "mismatches": []}},
-        "sizes_bytes": {"adapter": 3_600_000, "merged": 538_000_000, "onnx-int4": 86_000_000},
-        "speed": {"pytorch_merged": {"decode_tokens_per_s": 8.51, "ttft_s": 0.12},
-                  "onnx_int4": {"decode_tokens_per_s": 87.3, "ttft_s": 0.021}},
-    })
+    _write_json(
+        run_dir / "export" / "parity.json",
+        {
+            "run": str(run_dir),
+            "base_model": str(run_dir.parent / "cache"),
+            "method": "lora",
+            "merge": {"max_abs_logit_diff": 3.1e-06, "tolerance": 1e-3, "passed": True, "greedy_identical": "5/5"},
+            "onnx": {
+                "int4": {
+                    "greedy_identical": "4/5",
+                    "token_agreement": 0.9625,
+                    "agreement_tokens": 160,
+                    "perplexity": {
+                        "pytorch": 5.4321,
+                        "onnx": 5.6789,
+                        "difference": 0.2468,
+                        "source": "validation split (12 chats)",
+                    },
+                    "block_size": 128,
+                    "execution_provider": "cpu",
+                }
+            },
+            "tokenizer": {"int4": {"identical": True, "texts": 10, "mismatches": []}},
+            "sizes_bytes": {"adapter": 3_600_000, "merged": 538_000_000, "onnx-int4": 86_000_000},
+            "speed": {
+                "pytorch_merged": {"decode_tokens_per_s": 8.51, "ttft_s": 0.12},
+                "onnx_int4": {"decode_tokens_per_s": 87.3, "ttft_s": 0.021},
+            },
+        },
+    )
 
 
 def front_matter(card: str) -> dict:
     assert card.startswith("---\n")
-    return yaml.safe_load(card[4:card.index("\n---\n", 4)])
+    return yaml.safe_load(card[4 : card.index("\n---\n", 4)])
 
 
 def closed_port() -> int:
@@ -162,8 +221,12 @@ def test_card_reports_data_method_hyperparameters_and_losses(tmp_path):
 @pytest.mark.parametrize("secret", [TOKEN, PLAIN_SECRET])
 def test_card_never_contains_the_token(tmp_path, monkeypatch, secret):
     monkeypatch.setenv("HF_TOKEN", secret)
-    run = make_run(tmp_path, system_prompt=f"You are Pip. debug token {secret}",
-                   persona={"name": "Pip", "key": secret}, log_extra=f"[tunelab] using HF_TOKEN={secret}")
+    run = make_run(
+        tmp_path,
+        system_prompt=f"You are Pip. debug token {secret}",
+        persona={"name": "Pip", "key": secret},
+        log_extra=f"[tunelab] using HF_TOKEN={secret}",
+    )
     card = hub.model_card(run, "adapter", "my-org/pip-lora")
     assert secret not in card
     assert "You are Pip. debug token ***" in card  # the rest of the system prompt is still reported
@@ -299,11 +362,14 @@ def test_push_refused_by_the_hub_says_why(tmp_path, monkeypatch, online, status,
     assert TOKEN not in str(info.value)
 
 
-@pytest.mark.parametrize("artifact, command", [
-    ("merged", "tunelab export {run} --format merged"),
-    ("onnx-int8", "tunelab export {run} --format onnx --precision int8"),
-    ("model", "push --artifact adapter"),
-])
+@pytest.mark.parametrize(
+    "artifact, command",
+    [
+        ("merged", "tunelab export {run} --format merged"),
+        ("onnx-int8", "tunelab export {run} --format onnx --precision int8"),
+        ("model", "push --artifact adapter"),
+    ],
+)
 def test_push_of_a_missing_artifact_names_the_export_command(tmp_path, artifact, command):
     run = make_run(tmp_path)
     with pytest.raises(HubError) as info:
@@ -324,8 +390,19 @@ def test_push_adapter_of_a_full_fine_tune_points_to_model(tmp_path):
         hub.push_to_hub(run, "adapter", "my-org/full", token=TOKEN)
 
 
-@pytest.mark.parametrize("repo_id", ["pip-lora", "my-org/pip/lora", "my-org/pip lora", "my-org/-pip",
-                                     "my-org/pip..lora", "my-org/pip.git", "", "../etc/passwd"])
+@pytest.mark.parametrize(
+    "repo_id",
+    [
+        "pip-lora",
+        "my-org/pip/lora",
+        "my-org/pip lora",
+        "my-org/-pip",
+        "my-org/pip..lora",
+        "my-org/pip.git",
+        "",
+        "../etc/passwd",
+    ],
+)
 def test_push_to_an_invalid_repo_id_fails(tmp_path, repo_id):
     run = make_run(tmp_path)
     with pytest.raises(HubError, match="invalid repository id"):
@@ -357,8 +434,12 @@ def test_push_creates_a_private_repo_and_uploads_the_staged_folder(tmp_path, mon
 
         def upload_folder(self, *, repo_id, folder_path, **kwargs):
             folder = Path(folder_path)
-            calls["upload"] = {"repo_id": repo_id, "files": sorted(p.name for p in folder.iterdir()),
-                               "card": (folder / "README.md").read_text(), **kwargs}
+            calls["upload"] = {
+                "repo_id": repo_id,
+                "files": sorted(p.name for p in folder.iterdir()),
+                "card": (folder / "README.md").read_text(),
+                **kwargs,
+            }
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org")
@@ -372,8 +453,12 @@ def test_push_creates_a_private_repo_and_uploads_the_staged_folder(tmp_path, mon
     assert calls["init"] == {"endpoint": "https://hub.example.org", "token": TOKEN}
     assert calls["create_repo"]["private"] is True and calls["create_repo"]["exist_ok"] is True
     assert calls["upload"]["repo_id"] == "my-org/pip-lora"
-    assert calls["upload"]["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                        "tokenizer_config.json"]
+    assert calls["upload"]["files"] == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer_config.json",
+    ]
     assert "120 usable of 123" in calls["upload"]["card"]
     assert not list(run.glob(".hub-upload-*"))
     assert messages and all(TOKEN not in m for m in messages)

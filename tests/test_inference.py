@@ -4,6 +4,7 @@ The tiny model is trained for a few seconds on three chats (tiny_runs.chat_base)
 answers them and stops at <|im_end|>; the tuned run adds a random LoRA adapter, and its
 ONNX fp32 export must make the same greedy choices as PyTorch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,9 @@ def _events(model, messages, settings, **kwargs) -> list[ChatEvent]:
 
 def test_base_model_answers_and_stops_at_im_end(base):
     for question, answer in CHATS:
-        events = _events(base, [{"role": "user", "content": question}], GenerationSettings(greedy=True, max_new_tokens=40))
+        events = _events(
+            base, [{"role": "user", "content": question}], GenerationSettings(greedy=True, max_new_tokens=40)
+        )
         assert [e.kind for e in events][-1] == "done" and all(e.kind == "text" for e in events[:-1])
         text = "".join(e.text for e in events[:-1])
         stats = events[-1].stats
@@ -79,7 +82,9 @@ def test_base_model_answers_and_stops_at_im_end(base):
 
 def test_every_backend_stops_at_im_end(tuned, onnx):
     for model in (tuned, onnx):
-        text, stats = model.complete([{"role": "user", "content": CHATS[0][0]}], GenerationSettings(greedy=True, max_new_tokens=40))
+        text, stats = model.complete(
+            [{"role": "user", "content": CHATS[0][0]}], GenerationSettings(greedy=True, max_new_tokens=40)
+        )
         assert stats.finish_reason == "eos", model.label
         assert text and "<|im_end|>" not in text
 
@@ -146,14 +151,18 @@ def test_stats_describe_the_reply(tuned):
 # ---------------------------------------------------------------- settings mean the same everywhere
 
 
-@pytest.mark.parametrize("settings", [
-    GenerationSettings(greedy=True, max_new_tokens=24),
-    GenerationSettings(temperature=0.0, max_new_tokens=24),
-    GenerationSettings(temperature=1.0, top_k=1, seed=5, max_new_tokens=24),
-    GenerationSettings(temperature=1.0, top_k=0, top_p=1e-6, seed=5, max_new_tokens=24),
-    GenerationSettings(greedy=True, repetition_penalty=1.5, max_new_tokens=24),
-    GenerationSettings(greedy=True, min_new_tokens=20, max_new_tokens=24),
-], ids=["greedy", "temperature0", "top_k1", "top_p_tiny", "repetition_penalty", "min_new_tokens"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        GenerationSettings(greedy=True, max_new_tokens=24),
+        GenerationSettings(temperature=0.0, max_new_tokens=24),
+        GenerationSettings(temperature=1.0, top_k=1, seed=5, max_new_tokens=24),
+        GenerationSettings(temperature=1.0, top_k=0, top_p=1e-6, seed=5, max_new_tokens=24),
+        GenerationSettings(greedy=True, repetition_penalty=1.5, max_new_tokens=24),
+        GenerationSettings(greedy=True, min_new_tokens=20, max_new_tokens=24),
+    ],
+    ids=["greedy", "temperature0", "top_k1", "top_p_tiny", "repetition_penalty", "min_new_tokens"],
+)
 def test_deterministic_settings_give_the_same_tokens_on_pytorch_and_onnx(settings, tuned, onnx):
     for messages in (OPEN_PROMPT, [{"role": "user", "content": CHATS[1][0]}]):
         _, pt = tuned.complete(messages, settings)
@@ -164,8 +173,9 @@ def test_deterministic_settings_give_the_same_tokens_on_pytorch_and_onnx(setting
 
 def test_repetition_penalty_changes_the_reply(tuned):
     plain = tuned.complete(OPEN_PROMPT, GenerationSettings(greedy=True, max_new_tokens=24, min_new_tokens=24))[1]
-    penalised = tuned.complete(OPEN_PROMPT, GenerationSettings(greedy=True, max_new_tokens=24, min_new_tokens=24,
-                                                               repetition_penalty=2.0))[1]
+    penalised = tuned.complete(
+        OPEN_PROMPT, GenerationSettings(greedy=True, max_new_tokens=24, min_new_tokens=24, repetition_penalty=2.0)
+    )[1]
     assert plain.token_ids != penalised.token_ids
     assert len(set(penalised.token_ids)) >= len(set(plain.token_ids))
 
@@ -185,8 +195,15 @@ def test_sampling_draws_from_the_top_k_and_repeats_with_a_seed(backend, tuned, o
     for i, token in enumerate(first.token_ids):
         top3 = torch.topk(logits[len(prompt) - 1 + i], 3).indices.tolist()
         assert token in top3
-    replies = {tuple(model.complete(OPEN_PROMPT, GenerationSettings(
-        temperature=3.0, top_k=3, seed=seed, max_new_tokens=16, min_new_tokens=16))[1].token_ids) for seed in range(4)}
+    replies = {
+        tuple(
+            model.complete(
+                OPEN_PROMPT,
+                GenerationSettings(temperature=3.0, top_k=3, seed=seed, max_new_tokens=16, min_new_tokens=16),
+            )[1].token_ids
+        )
+        for seed in range(4)
+    }
     assert len(replies) > 1
 
 
@@ -209,16 +226,29 @@ def test_cached_decode_loop_equals_full_recompute(tuned):
             self.ids.append(token_id)
             return self._last()
 
-    reference = TorchChatModel(tuned.model, tuned.tokenizer, backend="tuned", label="recompute",
-                               source="test", decoder_factory=RecomputeDecoder)
+    reference = TorchChatModel(
+        tuned.model,
+        tuned.tokenizer,
+        backend="tuned",
+        label="recompute",
+        source="test",
+        decoder_factory=RecomputeDecoder,
+    )
     settings = GenerationSettings(greedy=True, max_new_tokens=20, min_new_tokens=20)
     for messages in (OPEN_PROMPT, [{"role": "user", "content": CHATS[2][0]}]):
         assert reference.complete(messages, settings)[1].token_ids == tuned.complete(messages, settings)[1].token_ids
 
 
 def test_settings_are_checked():
-    for bad in (dict(max_new_tokens=0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
-                dict(temperature=-1.0), dict(repetition_penalty=0.0), dict(min_new_tokens=9, max_new_tokens=8)):
+    for bad in (
+        dict(max_new_tokens=0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(temperature=-1.0),
+        dict(repetition_penalty=0.0),
+        dict(min_new_tokens=9, max_new_tokens=8),
+    ):
         with pytest.raises(InferenceError, match=next(iter(bad)) if "min" not in str(bad) else "min_new_tokens"):
             GenerationSettings(**bad)
     assert GenerationSettings(temperature=0).is_greedy and GenerationSettings(top_k=1).is_greedy
@@ -229,8 +259,11 @@ def test_settings_are_checked():
 
 
 def test_multi_turn_and_system_prompt_use_the_chat_template(tuned, onnx):
-    messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": "And now?"}]
+    messages = [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "And now?"},
+    ]
     rendered = tuned.render(normalize_messages(messages, system="You are terse."))
     assert rendered == (
         "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
@@ -260,9 +293,14 @@ def test_bad_messages_are_named():
     cases = [
         ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], r"messages\[1\]\.role: 'bot'"),
         ([{"role": "user", "content": 3}], r"messages\[0\]\.content: must be text"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}],
-         r"messages\[1\]\.role: a system message may only come first"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must come from the user"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}],
+            r"messages\[1\]\.role: a system message may only come first",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "last message must come from the user",
+        ),
         ([], "non-empty list"),
         (["hello"], r"messages\[0\]: must be a dict"),
     ]
@@ -283,7 +321,11 @@ def test_models_are_loaded_once_and_reloaded_when_their_files_change(base_dir, t
     messages.clear()
     assert load_chat_model(run, "tuned", progress=messages.append) is first
     assert messages == []
-    events = list(stream_chat(run, "tuned", [{"role": "user", "content": "Hi!"}], GenerationSettings(greedy=True, max_new_tokens=4)))
+    events = list(
+        stream_chat(
+            run, "tuned", [{"role": "user", "content": "Hi!"}], GenerationSettings(greedy=True, max_new_tokens=4)
+        )
+    )
     assert events[0].kind == "text" and events[-1].kind == "done"  # no loading the second time
 
     make_adapter_run(tmp_path, base_dir, name="cache-run", seed=4)  # "retrained"
@@ -365,8 +407,24 @@ def test_chat_cli_one_prompt(run, capsys):
     assert _cli([str(run), "--backend", "base", "--prompt", "Hi!", "--greedy", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["reply"] == CHATS[0][1] and result["stats"]["finish_reason"] == "eos"
-    assert _cli([str(run), "--backend", "onnx", "--precision", "fp32", "--prompt", "What is 2+2?",
-                 "--temperature", "0", "--system", "Be brief."]) == 0
+    assert (
+        _cli(
+            [
+                str(run),
+                "--backend",
+                "onnx",
+                "--precision",
+                "fp32",
+                "--prompt",
+                "What is 2+2?",
+                "--temperature",
+                "0",
+                "--system",
+                "Be brief.",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert captured.out.strip() and "tokens/s" in captured.err
     assert _cli([str(run), "--backend", "onnx", "--precision", "int8", "--prompt", "Hi"]) == 1

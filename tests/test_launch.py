@@ -1,5 +1,6 @@
 """engine.launch + engine.runs: commands, the detached supervisor, the queue, stop/resume,
 crash classes, and the run directory readers. Real trainer processes on the tiny model."""
+
 from __future__ import annotations
 
 import json
@@ -39,14 +40,22 @@ def write_data(path: Path, n: int = 16) -> Path:
 
 
 def make_config(model_dir: Path, data: Path, runs_dir: Path, **training) -> RunConfig:
-    return RunConfig.from_dict({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"path": str(data), "max_length": 64, "validation_split": 0.25},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "training": {"max_steps": 12, "batch_size": 4, "logging_steps": 1, "save_steps": 1000,
-                     "precision": "fp32", **training},
-        "output": {"runs_dir": str(runs_dir)},
-    })
+    return RunConfig.from_dict(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"path": str(data), "max_length": 64, "validation_split": 0.25},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "training": {
+                "max_steps": 12,
+                "batch_size": 4,
+                "logging_steps": 1,
+                "save_steps": 1000,
+                "precision": "fp32",
+                **training,
+            },
+            "output": {"runs_dir": str(runs_dir)},
+        }
+    )
 
 
 @pytest.fixture
@@ -67,9 +76,13 @@ def runs_dir(tmp_path):
 
 def final(run_dir: Path, timeout: float = 120) -> dict:
     return wait_for(
-        lambda: (s := runs.refresh_status(run_dir)).get("state") in runs.FINAL_STATES
-        and not runs.process_alive(s.get("supervisor_pid"), s.get("supervisor_started")) and s,
-        timeout, f"{run_dir.name} to end",
+        lambda: (
+            (s := runs.refresh_status(run_dir)).get("state") in runs.FINAL_STATES
+            and not runs.process_alive(s.get("supervisor_pid"), s.get("supervisor_started"))
+            and s
+        ),
+        timeout,
+        f"{run_dir.name} to end",
     )
 
 
@@ -93,11 +106,16 @@ def test_stop_queue_bad_data_and_resume(tiny_model_dir, tmp_path, runs_dir):
     make_config(tiny_model_dir, bad, runs_dir).save(b_yaml)
     cli = subprocess.Popen(
         [sys.executable, "-m", "engine.cli", "train", "--config", str(b_yaml)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
-        run_b = wait_for(lambda: next((p for p in runs_dir.iterdir() if p.is_dir() and p != run_a), None), 30, "run B to appear")
+        run_b = wait_for(
+            lambda: next((p for p in runs_dir.iterdir() if p.is_dir() and p != run_a), None), 30, "run B to appear"
+        )
         wait_for(lambda: runs.read_status(run_b).get("state") == "queued", 30, "run B queued")
         wait_for(lambda: last_step(run_a) >= 2, 120, "run A to train 2 steps")
         assert runs.read_status(run_a)["state"] == "running"
@@ -137,7 +155,9 @@ def test_stop_queue_bad_data_and_resume(tiny_model_dir, tmp_path, runs_dir):
 
 
 def test_sigkill_ends_failed_killed(tiny_model_dir, tmp_path, runs_dir):
-    run = launch.submit(make_config(tiny_model_dir, write_data(tmp_path / "d.jsonl"), runs_dir, max_steps=500), runs_dir)
+    run = launch.submit(
+        make_config(tiny_model_dir, write_data(tmp_path / "d.jsonl"), runs_dir, max_steps=500), runs_dir
+    )
     wait_for(lambda: last_step(run) >= 1, 120, "the first step")
     os.kill(runs.read_status(run)["pid"], signal.SIGKILL)
     status = final(run)
@@ -158,8 +178,13 @@ def test_dead_processes_never_stick_the_queue(tmp_path, runs_dir):
     orphan = runs.create_run(config, runs_dir)
     runs.update_status(orphan, state="queued", supervisor_pid=dead.pid, queued_at=2.0)
     waiting = runs.create_run(config, runs_dir)
-    me = runs.update_status(waiting, state="queued", supervisor_pid=os.getpid(),
-                            supervisor_started=runs.process_identity(os.getpid()), queued_at=3.0)
+    me = runs.update_status(
+        waiting,
+        state="queued",
+        supervisor_pid=os.getpid(),
+        supervisor_started=runs.process_identity(os.getpid()),
+        queued_at=3.0,
+    )
     assert launch._my_turn(waiting, me)
     listed = {r["run_id"]: r for r in runs.list_runs(runs_dir)}
     assert listed[ghost.name]["state"] == "failed" and listed[ghost.name]["error_class"] == "killed"
@@ -174,21 +199,41 @@ def test_build_command_for_one_and_many_devices(tmp_path):
     config = RunConfig()
     run_dir = tmp_path / "run"
     assert launch.build_command(config, run_dir, python="/py") == [
-        "/py", "-m", "engine.train", "--config", str(run_dir / "config.yaml"), "--run-dir", str(run_dir),
+        "/py",
+        "-m",
+        "engine.train",
+        "--config",
+        str(run_dir / "config.yaml"),
+        "--run-dir",
+        str(run_dir),
     ]
     zero3 = config.with_overrides(["distributed.num_processes=4", "distributed.deepspeed=zero3"])
     command = launch.build_command(zero3, run_dir, python="/venv/bin/python")
-    assert command[1:8] == ["launch", "--num_processes", "4", "--num_machines", "1", "--use_deepspeed",
-                            "--deepspeed_config_file"]
+    assert command[1:8] == [
+        "launch",
+        "--num_processes",
+        "4",
+        "--num_machines",
+        "1",
+        "--use_deepspeed",
+        "--deepspeed_config_file",
+    ]
     assert command[8].endswith("engine/deepspeed/zero3.json")
     assert command[9:12] == ["-m", "engine.train", "--config"]
 
-    nodes = config.with_overrides(["distributed.num_processes=8", "distributed.num_machines=2",
-                                   "distributed.deepspeed=zero2", "distributed.offload=true"])
+    nodes = config.with_overrides(
+        [
+            "distributed.num_processes=8",
+            "distributed.num_machines=2",
+            "distributed.deepspeed=zero2",
+            "distributed.offload=true",
+        ]
+    )
     with pytest.raises(ConfigError, match="main-process-ip"):
         launch.build_command(nodes, run_dir)
-    command = launch.build_command(nodes, run_dir, machine_rank=1, main_process_ip="10.0.0.1",
-                                   overrides=["training.max_steps=5"])
+    command = launch.build_command(
+        nodes, run_dir, machine_rank=1, main_process_ip="10.0.0.1", overrides=["training.max_steps=5"]
+    )
     text = " ".join(command)
     assert "--num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1" in text
     assert "--main_process_port 29500" in text and text.endswith("--set training.max_steps=5")
@@ -203,14 +248,22 @@ def test_deepspeed_files_match_the_trainer():
     for f in files:
         cfg = json.loads(f.read_text())
         assert cfg["bf16"]["enabled"] == "auto" and cfg["fp16"]["enabled"] == "auto"
-        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                    "gradient_clipping"):
+        for key in (
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "gradient_clipping",
+        ):
             assert cfg[key] == "auto"
         stage = cfg["zero_optimization"]["stage"]
         assert f.name.startswith(f"zero{stage}")
         assert ("offload_optimizer" in cfg["zero_optimization"]) == ("offload" in f.name)
-    assert json.loads((REPO / "engine/deepspeed/zero3.json").read_text())["zero_optimization"][
-        "stage3_gather_16bit_weights_on_model_save"] is True
+    assert (
+        json.loads((REPO / "engine/deepspeed/zero3.json").read_text())["zero_optimization"][
+            "stage3_gather_16bit_weights_on_model_save"
+        ]
+        is True
+    )
 
 
 def test_metrics_reader_is_incremental_and_tail_log(tmp_path):
@@ -246,12 +299,19 @@ def test_runs_cli_lists_json(tmp_path, runs_dir, capsys):
 
 def test_direct_python_m_engine_train_refuses_a_distributed_config(tmp_path):
     """`python -m engine.train` is one process; a ZeRO config must go through the launcher."""
-    cfg = RunConfig().with_overrides(["distributed.num_processes=2", "distributed.deepspeed=zero2",
-                                      f"output.runs_dir={tmp_path / 'runs'}"])
+    cfg = RunConfig().with_overrides(
+        ["distributed.num_processes=2", "distributed.deepspeed=zero2", f"output.runs_dir={tmp_path / 'runs'}"]
+    )
     path = tmp_path / "run.yaml"
     cfg.save(path)
-    proc = subprocess.run([sys.executable, "-m", "engine.train", "--config", str(path)], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.train", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "tunelab train" in proc.stderr and "config error" in proc.stderr
     assert yaml.safe_load(path.read_text())["distributed"]["deepspeed"] == "zero2"
@@ -266,7 +326,10 @@ def test_tunelab_train_follows_the_log_and_ctrl_c(tiny_model_dir, tmp_path, runs
     def start(*extra):
         return subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "train", "--config", str(config_file), *extra],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
 
@@ -309,12 +372,23 @@ def test_users_of_one_app_share_one_queue(tmp_path, runs_dir):
     bob_dir = runs_dir / "users" / "bob-2"
     config = RunConfig()
     alice = runs.create_run(config, alice_dir)
-    runs.update_status(alice, state="running", pid=os.getpid(), pid_started=runs.process_identity(os.getpid()),
-                       supervisor_pid=os.getpid(), supervisor_started=runs.process_identity(os.getpid()),
-                       queued_at=1.0)
+    runs.update_status(
+        alice,
+        state="running",
+        pid=os.getpid(),
+        pid_started=runs.process_identity(os.getpid()),
+        supervisor_pid=os.getpid(),
+        supervisor_started=runs.process_identity(os.getpid()),
+        queued_at=1.0,
+    )
     bob = runs.create_run(config, bob_dir)
-    me = runs.update_status(bob, state="queued", supervisor_pid=os.getpid(),
-                            supervisor_started=runs.process_identity(os.getpid()), queued_at=2.0)
+    me = runs.update_status(
+        bob,
+        state="queued",
+        supervisor_pid=os.getpid(),
+        supervisor_started=runs.process_identity(os.getpid()),
+        queued_at=2.0,
+    )
     assert launch.queue_root(bob) == launch.queue_root(alice) == runs_dir
     assert set(launch.queue_members(runs_dir)) == {alice, bob}
     assert not launch._my_turn(bob, me), "bob must wait while alice trains"

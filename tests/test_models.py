@@ -1,4 +1,5 @@
 """The embedded model: conversion from GGUF, the corrected tokenizer, tiny models, references."""
+
 import json
 import time
 
@@ -47,7 +48,7 @@ def test_corrected_tokenizer_renders_one_start_token_and_stops_at_im_end(embedde
     assert tok.decode(ids) == text
 
     model = AutoModelForCausalLM.from_pretrained(embedded_dir)
-    out = model.generate(torch.tensor([ids]), max_new_tokens=60, do_sample=False)[0][len(ids):].tolist()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=60, do_sample=False)[0][len(ids) :].tolist()
     assert im_end in out, "generation must stop at <|im_end|>"
     assert out.index(im_end) == len(out) - 1
 
@@ -105,11 +106,17 @@ def test_conversion_writes_a_complete_cache(tmp_path, monkeypatch):
 
 # Parameter counts published on each model's Hub page (millions)
 PUBLISHED_MILLIONS = {
-    "HuggingFaceTB/SmolLM2-135M-Instruct": 135, "HuggingFaceTB/SmolLM2-360M-Instruct": 362,
-    "HuggingFaceTB/SmolLM2-1.7B-Instruct": 1710, "Qwen/Qwen2.5-0.5B-Instruct": 494,
-    "Qwen/Qwen2.5-1.5B-Instruct": 1540, "Qwen/Qwen3-0.6B": 600, "Qwen/Qwen3-1.7B": 1700,
-    "meta-llama/Llama-3.2-1B-Instruct": 1240, "microsoft/Phi-3.5-mini-instruct": 3820,
-    "microsoft/Phi-4-mini-instruct": 3840, "google/gemma-3-1b-it": 1000,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": 135,
+    "HuggingFaceTB/SmolLM2-360M-Instruct": 362,
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": 1710,
+    "Qwen/Qwen2.5-0.5B-Instruct": 494,
+    "Qwen/Qwen2.5-1.5B-Instruct": 1540,
+    "Qwen/Qwen3-0.6B": 600,
+    "Qwen/Qwen3-1.7B": 1700,
+    "meta-llama/Llama-3.2-1B-Instruct": 1240,
+    "microsoft/Phi-3.5-mini-instruct": 3820,
+    "microsoft/Phi-4-mini-instruct": 3840,
+    "google/gemma-3-1b-it": 1000,
 }
 
 
@@ -126,8 +133,14 @@ def test_the_catalog_knows_each_models_size_offline():
         assert abs(params - PUBLISHED_MILLIONS[entry.hub_id]) / PUBLISHED_MILLIONS[entry.hub_id] < 0.03, entry
     embedded = json.loads((embedded_model_dir() / "config.json").read_text())
     twin = model_config("HuggingFaceTB/SmolLM2-135M-Instruct")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-                "vocab_size"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+    ):
         assert twin[key] == embedded[key], key
 
 
@@ -144,9 +157,13 @@ def test_a_hub_model_that_cannot_be_had_is_refused_before_a_run_exists(tmp_path,
     message = availability("Qwen/Qwen2.5-0.5B-Instruct")
     assert "needs a network" in message and "HF_HUB_OFFLINE" in message
     assert availability("smollm2-135m-instruct") == "" and availability(str(tmp_path)) == ""
-    config = RunConfig.from_dict({"model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"},
-                                  "data": {"path": str(tmp_path / "d.jsonl")},
-                                  "output": {"runs_dir": str(tmp_path / "runs")}})
+    config = RunConfig.from_dict(
+        {
+            "model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"},
+            "data": {"path": str(tmp_path / "d.jsonl")},
+            "output": {"runs_dir": str(tmp_path / "runs")},
+        }
+    )
     with pytest.raises(ConfigError, match="needs a network"):
         launch.submit(config, tmp_path / "runs")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

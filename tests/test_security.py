@@ -1,4 +1,5 @@
 """Names from users cannot escape their directory; secrets never leak; demo limits hold."""
+
 import pytest
 
 from engine.config import RunConfig
@@ -80,11 +81,13 @@ def test_demo_mode_refuses_a_run_over_its_limits():
     limits = DemoLimits.from_env({"TUNELAB_DEMO": "1"})
     ok = RunConfig.from_dict({"training": {"max_steps": 30}, "data": {"max_length": 256}})
     limits.check(ok)
-    big = RunConfig.from_dict({
-        "model": {"name_or_path": "meta-llama/Llama-3.1-8B"},
-        "method": {"name": "full"},
-        "training": {"max_steps": -1},
-    })
+    big = RunConfig.from_dict(
+        {
+            "model": {"name_or_path": "meta-llama/Llama-3.1-8B"},
+            "method": {"name": "full"},
+            "training": {"max_steps": -1},
+        }
+    )
     with pytest.raises(UnsafeInputError) as info:
         limits.check(big)
     message = str(info.value)

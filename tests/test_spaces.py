@@ -16,6 +16,7 @@
 
 Runs are made by hand (config.yaml + status.json + a small adapter folder): no training.
 """
+
 from __future__ import annotations
 
 import base64
@@ -47,9 +48,12 @@ def make_run(user_root: Path, run_id: str, note: str = "") -> Path:
     (run_dir / "adapter").mkdir(parents=True)
     (run_dir / "config.yaml").write_text(
         "model:\n  name_or_path: smollm2-135m-instruct\nmethod:\n  name: lora\n"
-        f"data:\n  path: {user_root}/.uploads/0123/{run_id}-data.jsonl\n", encoding="utf-8")
-    (run_dir / "status.json").write_text(json.dumps(
-        {"state": "completed", "run_id": run_id, "created_at": time.time(), "error": note}), encoding="utf-8")
+        f"data:\n  path: {user_root}/.uploads/0123/{run_id}-data.jsonl\n",
+        encoding="utf-8",
+    )
+    (run_dir / "status.json").write_text(
+        json.dumps({"state": "completed", "run_id": run_id, "created_at": time.time(), "error": note}), encoding="utf-8"
+    )
     (run_dir / "command.txt").write_text(f"python -m engine.train --config config.yaml {note}\n", encoding="utf-8")
     (run_dir / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
     (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(f"weights of {run_id}".encode())
@@ -118,10 +122,16 @@ def test_multi_user_turns_on_with_a_login_and_reads_each_kind_of_user(tmp_path, 
     assert not oauth_configured({"SPACE_ID": "me/tunelab", "OAUTH_CLIENT_ID": "id"})  # not in a Space
     ctx = AppContext(runs_dir=tmp_path, oauth=True)
     assert ctx.multi_user
-    signed_in = SimpleNamespace(username=None, session_hash="s1", session={"oauth_info": {
-        "expires_at": time.time() + 60, "userinfo": {"preferred_username": "carol"}}})
-    expired = SimpleNamespace(username=None, session_hash="s2", session={"oauth_info": {
-        "expires_at": time.time() - 1, "userinfo": {"preferred_username": "carol"}}})
+    signed_in = SimpleNamespace(
+        username=None,
+        session_hash="s1",
+        session={"oauth_info": {"expires_at": time.time() + 60, "userinfo": {"preferred_username": "carol"}}},
+    )
+    expired = SimpleNamespace(
+        username=None,
+        session_hash="s2",
+        session={"oauth_info": {"expires_at": time.time() - 1, "userinfo": {"preferred_username": "carol"}}},
+    )
     assert ctx.user_of(signed_in) == "hf:carol" and ctx.display_name(signed_in) == "carol"
     assert ctx.user_of(expired) is None and ctx.listing_dir(expired) is None
     refused(ctx.runs_for, expired, match="Sign in with Hugging Face")
@@ -151,15 +161,30 @@ def test_no_login_button_outside_a_space(tmp_path):
 # --------------------------------------------------------------------------- path traversal
 
 
-TRAVERSALS = ["../bob-run", "..", ".", "../../users", "alice-run/../../bob", "alice-run/..", "/etc",
-              "a\\..\\..\\b", ".hidden", ""]
+TRAVERSALS = [
+    "../bob-run",
+    "..",
+    ".",
+    "../../users",
+    "alice-run/../../bob",
+    "alice-run/..",
+    "/etc",
+    "a\\..\\..\\b",
+    ".hidden",
+    "",
+]
 
 
 def test_run_ids_and_paths_that_leave_the_users_directory_are_refused(shared):
     fn, alice, bob_run = shared.fn, user("alice"), shared.runs["bob"]
     bob_rel = f"../{bob_run.parent.name}/{bob_run.name}"
-    attempts = [*TRAVERSALS, bob_rel, str(bob_run), str(shared.roots["alice"] / ".." / bob_run.parent.name / "bob-run"),
-                "bob-run"]  # bob's run id is simply not among alice's runs
+    attempts = [
+        *TRAVERSALS,
+        bob_rel,
+        str(bob_run),
+        str(shared.roots["alice"] / ".." / bob_run.parent.name / "bob-run"),
+        "bob-run",
+    ]  # bob's run id is simply not among alice's runs
     for value in attempts:
         for call, args in (
             (fn["download_adapter"], (value, alice)),
@@ -217,9 +242,13 @@ def test_uploaded_file_names_are_sanitised_and_samples_are_only_the_listed_ones(
     uploads = shared.roots["alice"] / ".uploads"
     cache = tmp_path / "gradio-cache"
     cache.mkdir()
-    for i, (name, kept) in enumerate((("..\\..\\..\\bob\\evil.jsonl", "evil.jsonl"),
-                                      ("my data;rm -rf $HOME.jsonl", "my_data_rm_-rf_HOME.jsonl"),
-                                      ("...hidden.jsonl", "hidden.jsonl"))):
+    for i, (name, kept) in enumerate(
+        (
+            ("..\\..\\..\\bob\\evil.jsonl", "evil.jsonl"),
+            ("my data;rm -rf $HOME.jsonl", "my_data_rm_-rf_HOME.jsonl"),
+            ("...hidden.jsonl", "hidden.jsonl"),
+        )
+    ):
         src = cache / name
         src.write_text(f'{{"n": {i}}}\n')
         stored = Path(fn["upload"](str(src), alice))
@@ -228,8 +257,11 @@ def test_uploaded_file_names_are_sanitised_and_samples_are_only_the_listed_ones(
         src = cache / bad
         src.write_text('{"n": 9}\n')
         refused(fn["upload"], str(src), alice, match="not usable")
-    assert sorted(p.name for p in uploads.rglob("*") if p.is_file()) == ["evil.jsonl", "hidden.jsonl",
-                                                                         "my_data_rm_-rf_HOME.jsonl"]
+    assert sorted(p.name for p in uploads.rglob("*") if p.is_file()) == [
+        "evil.jsonl",
+        "hidden.jsonl",
+        "my_data_rm_-rf_HOME.jsonl",
+    ]
     refused(fn["load_sample"], "../../engine/security.py", match="not one of the sample datasets")
     refused(fn["load_sample"], "/etc/passwd", match="not one of the sample datasets")
     assert fn["load_sample"]("pip_chat.jsonl") == str(SAMPLES / "pip_chat.jsonl")
@@ -280,8 +312,17 @@ def _start_values(**form) -> list:
 
 
 def _dataset(path: Path, records: int = 10, max_length: int = 256) -> dict:
-    return {"path": str(path), "name": path.name, "format": "openai", "on_error": "skip", "validation_split": 0.2,
-            "max_length": max_length, "records": records, "train": records - 2, "val": 2}
+    return {
+        "path": str(path),
+        "name": path.name,
+        "format": "openai",
+        "on_error": "skip",
+        "validation_split": 0.2,
+        "max_length": max_length,
+        "records": records,
+        "train": records - 2,
+        "val": 2,
+    }
 
 
 def test_demo_mode_prefills_its_limits_and_refuses_a_run_over_them(tmp_path, monkeypatch):
@@ -309,10 +350,20 @@ def test_demo_mode_prefills_its_limits_and_refuses_a_run_over_them(tmp_path, mon
     for limit in ("training.max_steps 500 (at most 60)", "method 'full'", "data.max_length 2048 (at most 512)"):
         assert limit in message, message
     refused(start, alice, _dataset(data), *_start_values(max_steps=-1), match="training.max_steps -1 (at most 60)")
-    refused(start, alice, _dataset(data, records=5000), *_start_values(max_steps=10),
-            match="5000 usable records (at most 2000)")
-    refused(start, alice, _dataset(data), *_start_values(max_steps=10, deepspeed="zero2", num_processes=2),
-            match="distributed training")
+    refused(
+        start,
+        alice,
+        _dataset(data, records=5000),
+        *_start_values(max_steps=10),
+        match="5000 usable records (at most 2000)",
+    )
+    refused(
+        start,
+        alice,
+        _dataset(data),
+        *_start_values(max_steps=10, deepspeed="zero2", num_processes=2),
+        match="distributed training",
+    )
     assert not any(ctx.runs_for(alice).glob("*/status.json"))  # nothing was started
 
 
@@ -324,16 +375,26 @@ def test_trust_remote_code_is_refused_unless_the_operator_allows_it(tmp_path, mo
     monkeypatch.delenv("TUNELAB_ALLOW_REMOTE_CODE", raising=False)
     ctx = AppContext(runs_dir=tmp_path / "runs", multi_user=True)
     start, alice = handlers(build_app(ctx))["start"], user("alice")
-    refused(start, alice, _dataset(SAMPLES / "pip_chat.jsonl"), *_start_values(max_steps=1, trust_remote_code=True),
-            match="TUNELAB_ALLOW_REMOTE_CODE=1")
+    refused(
+        start,
+        alice,
+        _dataset(SAMPLES / "pip_chat.jsonl"),
+        *_start_values(max_steps=1, trust_remote_code=True),
+        match="TUNELAB_ALLOW_REMOTE_CODE=1",
+    )
     assert not any(ctx.runs_for(alice).glob("*/status.json"))
 
 
 def test_a_shared_app_refuses_models_and_datasets_of_other_users(shared):
     start, alice = shared.fn["start"], user("alice")
     bob_model = str(shared.runs["bob"] / "adapter")
-    refused(start, alice, _dataset(SAMPLES / "pip_chat.jsonl"), *_start_values(model=bob_model, max_steps=1),
-            match="not available here")
+    refused(
+        start,
+        alice,
+        _dataset(SAMPLES / "pip_chat.jsonl"),
+        *_start_values(model=bob_model, max_steps=1),
+        match="not available here",
+    )
     bob_data = shared.roots["bob"] / ".uploads" / "0123" / "data.jsonl"
     refused(start, alice, _dataset(bob_data), *_start_values(max_steps=1), match="not one of your uploads")
     assert shared.ctx.check_model(alice, "HuggingFaceTB/SmolLM2-135M-Instruct")  # a Hub id is fine
@@ -347,13 +408,40 @@ def test_push_uses_the_users_token_never_the_servers(shared, monkeypatch):
     fn, alice = shared.fn, user("alice")
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    refused(fn["push"], "alice-run", "adapter", "alice/tuned", True, "", alice, None,
-            match="the server's own token is never used")
+    refused(
+        fn["push"],
+        "alice-run",
+        "adapter",
+        "alice/tuned",
+        True,
+        "",
+        alice,
+        None,
+        match="the server's own token is never used",
+    )
     # With a pasted token the push goes ahead, and the engine's HubError is the message.
-    refused(fn["push"], "alice-run", "adapter", "alice/tuned", True, "hf_" + "p" * 30, alice, None,
-            match="offline mode is on")
-    refused(fn["push"], "alice-run", "adapter", "not a repo id", True, "hf_" + "p" * 30, alice, None,
-            match="invalid repository id")
+    refused(
+        fn["push"],
+        "alice-run",
+        "adapter",
+        "alice/tuned",
+        True,
+        "hf_" + "p" * 30,
+        alice,
+        None,
+        match="offline mode is on",
+    )
+    refused(
+        fn["push"],
+        "alice-run",
+        "adapter",
+        "not a repo id",
+        True,
+        "hf_" + "p" * 30,
+        alice,
+        None,
+        match="invalid repository id",
+    )
     oauth = SimpleNamespace(token="hf_" + "o" * 30, scope="openid profile write-repos", expires_at=0)
     refused(fn["push"], "alice-run", "onnx-int4", "alice/tuned", True, "", alice, oauth, match="no ONNX int4")
 
@@ -424,8 +512,13 @@ def _serve(tmp_path: Path, args: list[str], env: dict):
     (tmp_path / "tmp").mkdir(exist_ok=True)  # the app's zips and Gradio's cache stay in the test's folder
     full_env.update(GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1", TMPDIR=str(tmp_path / "tmp"), **env)
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "ui", "--port", str(port), *args],
-                                cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "ui", "--port", str(port), *args],
+            cwd=REPO,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -456,8 +549,11 @@ def two_user_server(tmp_path):
     runs_dir = tmp_path / "runs"
     roots = {name: user_dir(runs_dir, name, True) for name in ("alice", "bob")}
     made = {name: make_run(root, f"{name}-run", note=f"secret {SECRET}") for name, root in roots.items()}
-    proc, base, log_path = _serve(tmp_path, ["--runs-dir", str(runs_dir), "--auth", "alice:pw1,bob:pw2"],
-                                  {"TUNELAB_MULTI_USER": "1", "HF_TOKEN": SECRET, "TUNELAB_MAX_UPLOAD_MB": "1"})
+    proc, base, log_path = _serve(
+        tmp_path,
+        ["--runs-dir", str(runs_dir), "--auth", "alice:pw1,bob:pw2"],
+        {"TUNELAB_MULTI_USER": "1", "HF_TOKEN": SECRET, "TUNELAB_MAX_UPLOAD_MB": "1"},
+    )
     yield SimpleNamespace(base=base, runs=made, runs_dir=runs_dir, log=log_path, tmp=tmp_path / "tmp")
     _stop(proc)
 
@@ -507,9 +603,13 @@ def test_users_list_and_fetch_only_their_own_runs_over_http(two_user_server):
         http = httpx.Client(base_url=srv.base)
         assert http.post("/login", data={"username": me, "password": password}).status_code == 200
         theirs = srv.runs[other]
-        for path in (theirs / "adapter" / "adapter_model.safetensors", theirs / "config.yaml",
-                     srv.runs[me] / "config.yaml", f"{srv.runs[me]}/../../{theirs.parent.name}/{other}-run/config.yaml",
-                     *(srv.tmp / "tunelab-downloads").glob(f"{other}-run-*/*.zip")):
+        for path in (
+            theirs / "adapter" / "adapter_model.safetensors",
+            theirs / "config.yaml",
+            srv.runs[me] / "config.yaml",
+            f"{srv.runs[me]}/../../{theirs.parent.name}/{other}-run/config.yaml",
+            *(srv.tmp / "tunelab-downloads").glob(f"{other}-run-*/*.zip"),
+        ):
             response = http.get(f"/gradio_api/file={path}")
             assert response.status_code == 403, (path, response.status_code)
             assert f"weights of {other}" not in response.text
@@ -529,10 +629,19 @@ def _oauth_cookie(secret: str, username: str) -> str:
     """A session cookie as gradio's "Sign in with Hugging Face" callback leaves it."""
     import itsdangerous
 
-    session = {"oauth_info": {"access_token": f"oauth-{username}", "scope": "openid profile",
-                              "expires_at": int(time.time()) + 3600,
-                              "userinfo": {"preferred_username": username, "name": username.title(),
-                                           "profile": f"https://huggingface.co/{username}", "picture": ""}}}
+    session = {
+        "oauth_info": {
+            "access_token": f"oauth-{username}",
+            "scope": "openid profile",
+            "expires_at": int(time.time()) + 3600,
+            "userinfo": {
+                "preferred_username": username,
+                "name": username.title(),
+                "profile": f"https://huggingface.co/{username}",
+                "picture": "",
+            },
+        }
+    }
     key = hashlib.sha256((secret + "-v4").encode()).hexdigest()  # gradio.oauth.attach_oauth's key
     return itsdangerous.TimestampSigner(key).sign(base64.b64encode(json.dumps(session).encode())).decode()
 
@@ -548,9 +657,15 @@ def test_hugging_face_sign_in_separates_users_over_http(tmp_path):
     for name in ("carol", "dave"):
         make_run(user_dir(runs_dir, f"hf:{name}", True), f"{name}-run")
     client_secret = "space-oauth-secret"
-    env = {"SYSTEM": "spaces", "SPACE_ID": "someone/tunelab", "OAUTH_CLIENT_ID": "client-id",
-           "OAUTH_CLIENT_SECRET": client_secret, "OAUTH_SCOPES": "openid profile",
-           "OPENID_PROVIDER_URL": "http://127.0.0.1:9", "HF_TOKEN": SECRET}
+    env = {
+        "SYSTEM": "spaces",
+        "SPACE_ID": "someone/tunelab",
+        "OAUTH_CLIENT_ID": "client-id",
+        "OAUTH_CLIENT_SECRET": client_secret,
+        "OAUTH_SCOPES": "openid profile",
+        "OPENID_PROVIDER_URL": "http://127.0.0.1:9",
+        "HF_TOKEN": SECRET,
+    }
     proc, base, log_path = _serve(tmp_path, ["--runs-dir", str(runs_dir)], env)
     try:
         import httpx

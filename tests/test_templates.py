@@ -9,6 +9,7 @@ tokens are the variant's, apart from whitespace and end-of-text tokens that the 
 puts after the end-of-turn marker, and the answer's header (its generation prompt), which
 some variants train although the model is given it.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,13 +24,18 @@ ORIGINALS = sorted(p.stem for p in TRL_TEMPLATES.glob("*.jinja") if not p.stem.e
 
 # (template, conversation) pairs refused, and why (asserted: each must raise TemplateError,
 # and every other pair must not).
-_PROMPT_OPENS_THINK = ("its prompt ends in '<think>\\n' (with or without thinking switched off), which the "
-                       "rendered answer does not hold: the prompt is not a prefix of the conversation")
+_PROMPT_OPENS_THINK = (
+    "its prompt ends in '<think>\\n' (with or without thinking switched off), which the "
+    "rendered answer does not hold: the prompt is not a prefix of the conversation"
+)
 REFUSED = {
-    **{(name, label): _PROMPT_OPENS_THINK for name in ("deepseekv3", "deepseek_r1_distill")
-       for label in ("system + one turn", "one turn, no system", "multi-turn", "reasoning in the answers")},
+    **{
+        (name, label): _PROMPT_OPENS_THINK
+        for name in ("deepseekv3", "deepseek_r1_distill")
+        for label in ("system + one turn", "one turn, no system", "multi-turn", "reasoning in the answers")
+    },
     ("qwen3_5_nothink", "reasoning in the answers"): "the no-think template prompts with an empty think block, "
-                                                     "so an answer with reasoning cannot follow that prompt",
+    "so an answer with reasoning cannot follow that prompt",
 }
 
 CONVERSATIONS = {
@@ -131,9 +137,12 @@ def test_training_text_and_masks_follow_the_models_own_template(name, embedded_t
         for (start, end), i in zip(spans, turns):
             # the template's prompt for it: as rendered by default, or with thinking switched off
             # where the default one opens a think block that the answer does not have (Nemotron 3)
-            prompts = [tok.apply_chat_template(messages[:i], chat_template=template, tokenize=False,
-                                               add_generation_prompt=True, **switches)
-                       for switches in ({}, {"enable_thinking": False})]
+            prompts = [
+                tok.apply_chat_template(
+                    messages[:i], chat_template=template, tokenize=False, add_generation_prompt=True, **switches
+                )
+                for switches in ({}, {"enable_thinking": False})
+            ]
             if i != turns[-1] and text[:start] not in prompts:
                 # an earlier answer the template re-renders (Qwen3.5 drops the think block its prompt
                 # opens): it starts where its prompt and the conversation's text part
@@ -161,13 +170,17 @@ def _same_as_trl_variant(tok, variant, messages, ids, mask, where):
     """TRL's generation-marked variant of the template trains the same tokens, apart from
     whitespace and end-of-text tokens after the end-of-turn marker (not the model's to write)
     and the answer's header."""
-    out = tok.apply_chat_template(messages, chat_template=variant, tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
+    out = tok.apply_chat_template(
+        messages, chat_template=variant, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     if list(out["input_ids"]) != ids:
         # TRL's variants of re-rendering templates (Qwen3) are prefix-preserving on purpose: they
         # keep earlier reasoning, so their text is not the model's; nothing to compare
-        original = tok.apply_chat_template(messages, chat_template=TRL_TEMPLATES.joinpath(
-            where.split(",")[0] + ".jinja").read_text(encoding="utf-8"), tokenize=False)
+        original = tok.apply_chat_template(
+            messages,
+            chat_template=TRL_TEMPLATES.joinpath(where.split(",")[0] + ".jinja").read_text(encoding="utf-8"),
+            tokenize=False,
+        )
         assert "</think>" in original or "<think>" in original, f"{where}: TRL's variant renders other text"
         return
     # the answers' headers: TRL's variants may train the special tokens of an answer's generation
@@ -176,8 +189,9 @@ def _same_as_trl_variant(tok, variant, messages, ids, mask, where):
     _, spans = templates.assistant_spans(messages, tok, variant)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     headers = [(spans[k - 1][1] if k else 0, start) for k, (start, _) in enumerate(spans)]
-    prompts = [(len(templates.render(messages[:i], tok, variant)) if i else 0, start)
-               for i, (start, _) in zip(turns, spans)]
+    prompts = [
+        (len(templates.render(messages[:i], tok, variant)) if i else 0, start) for i, (start, _) in zip(turns, spans)
+    ]
     variant_text = tok.apply_chat_template(messages, chat_template=variant, tokenize=False)
     allowed = {tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")}
     offsets = tok(variant_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -186,9 +200,15 @@ def _same_as_trl_variant(tok, variant, messages, ids, mask, where):
             token = tok.decode([ids[position]])
             at = offsets[position][0]
             in_header = any(a <= at < b for a, b in prompts) or (
-                ids[position] in tok.all_special_ids and any(a <= at < b for a, b in headers))
-            assert token.strip() == "" or ids[position] in allowed or (in_header and theirs), \
-                (where, position, token, mine, theirs)
+                ids[position] in tok.all_special_ids and any(a <= at < b for a, b in headers)
+            )
+            assert token.strip() == "" or ids[position] in allowed or (in_header and theirs), (
+                where,
+                position,
+                token,
+                mine,
+                theirs,
+            )
 
 
 def test_every_refused_template_is_still_refused():

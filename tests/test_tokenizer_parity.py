@@ -5,6 +5,7 @@ no <|im_start|> prepended, eos <|im_end|>, no byte fallback). Here its files, co
 verbatim next to a tiny ONNX model (og.Tokenizer needs a model), are loaded by both
 libraries and compared on ASCII, Unicode and chat-template text.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,21 @@ from engine import export
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 ASCII = ["Hello, world!", "  two  spaces,\ttab\nnew line\n\n", "x = [1, 2, 3]  # list\nprint(x[-1])", "a" * 300]
-UNICODE = ["Ünïcödé: naïve café, Straße", "Ελληνικά, русский, العربية", "日本語のテキスト、中文，한국어",
-           "emoji 🙂🚀 and a family 👩‍👩‍👧 and flags 🇫🇷", "zero\u200bwidth and nbsp\u00a0here"]
+UNICODE = [
+    "Ünïcödé: naïve café, Straße",
+    "Ελληνικά, русский, العربية",
+    "日本語のテキスト、中文，한국어",
+    "emoji 🙂🚀 and a family 👩‍👩‍👧 and flags 🇫🇷",
+    "zero\u200bwidth and nbsp\u00a0here",
+]
 CHAT = [
     [{"role": "user", "content": "Hi!"}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"},
-     {"role": "assistant", "content": "Hello. 🙂"}, {"role": "user", "content": "Café?\nYes."}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello. 🙂"},
+        {"role": "user", "content": "Café?\nYes."},
+    ],
 ]
 
 
@@ -57,8 +67,9 @@ def _hf_ids(hf, text):
     return list(hf(text, add_special_tokens=False)["input_ids"])
 
 
-@pytest.mark.parametrize("text", ASCII + UNICODE, ids=[f"ascii{i}" for i in range(len(ASCII))]
-                         + [f"unicode{i}" for i in range(len(UNICODE))])
+@pytest.mark.parametrize(
+    "text", ASCII + UNICODE, ids=[f"ascii{i}" for i in range(len(ASCII))] + [f"unicode{i}" for i in range(len(UNICODE))]
+)
 def test_same_ids_on_ascii_and_unicode(text, hf, og_tok):
     ids = _hf_ids(hf, text)
     assert og_tok.encode(text).tolist() == ids
@@ -71,7 +82,9 @@ def test_same_ids_and_text_on_chat_templates(messages, hf, og_tok, og_dir):
     rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert og_tok.encode(rendered).tolist() == _hf_ids(hf, rendered)
     template = (og_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    assert og_tok.apply_chat_template(json.dumps(messages), template_str=template, add_generation_prompt=True) == rendered
+    assert (
+        og_tok.apply_chat_template(json.dumps(messages), template_str=template, add_generation_prompt=True) == rendered
+    )
 
 
 def test_embedded_tokenizer_is_the_corrected_one(hf, og_tok):

@@ -1,5 +1,6 @@
 """engine.train on the tiny model, in this process: every method learns, adapters move and
 bases do not, the loss falls on exactly the assistant tokens, the run directory is written."""
+
 from __future__ import annotations
 
 import json
@@ -156,7 +157,9 @@ def test_run_directory_metrics_resume_and_adapter_loads_alone(tiny_model_dir, tm
 
     data = one_word_data(tmp_path / "data.jsonl", n=16)  # 12 train / 4 validation
     config = tiny_config(
-        tiny_model_dir, data, tmp_path / "runs",
+        tiny_model_dir,
+        data,
+        tmp_path / "runs",
         training={"max_steps": 6, "save_steps": 3, "eval_steps": 3, "save_total_limit": 5},
     )
     run_dir = runs.create_run(config)
@@ -164,8 +167,16 @@ def test_run_directory_metrics_resume_and_adapter_loads_alone(tiny_model_dir, tm
     rows = runs.read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for row in rows:
-        for key in ("epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "elapsed_s", "eta_s",
-                    "memory_peak_mb"):
+        for key in (
+            "epoch",
+            "loss",
+            "learning_rate",
+            "grad_norm",
+            "tokens_per_second",
+            "elapsed_s",
+            "eta_s",
+            "memory_peak_mb",
+        ):
             assert row[key] is not None, (key, row)
     assert [("eval_loss" in r) for r in rows] == [False, False, True, False, False, True]
     assert rows[-1]["eta_s"] == 0
@@ -204,8 +215,9 @@ CONVERSATION = [
 
 def _trained_tokens(tiny_model_dir, tmp_path, **model_section):
     """(tokens, trained?) of CONVERSATION as the collator hands it to the model."""
-    config = tiny_config(tiny_model_dir, write_jsonl(tmp_path / "chat.jsonl", [CONVERSATION]), tmp_path / "runs",
-                         model=model_section)
+    config = tiny_config(
+        tiny_model_dir, write_jsonl(tmp_path / "chat.jsonl", [CONVERSATION]), tmp_path / "runs", model=model_section
+    )
     config.data.validation_split = 0.0
     config.data.max_length = 256
     trainer, info = train.build_trainer(config, tmp_path / "run", [CONVERSATION], [])
@@ -225,19 +237,55 @@ def test_assistant_only_loss_chatml_token_by_token(tiny_model_dir, tmp_path):
     # newline after it, nor any header, system or user token.
     T, F = True, False
     assert pairs == [
-        ("<|im_start|>", F), ("system", F), ("Ċ", F), ("Be", F), ("Ġbrief", F), (".", F), ("<|im_end|>", F), ("Ċ", F),
-        ("<|im_start|>", F), ("user", F), ("Ċ", F), ("Hi", F), ("<|im_end|>", F), ("Ċ", F),
-        ("<|im_start|>", F), ("ass", F), ("istant", F), ("Ċ", F),
-        ("Hello", T), ("Ġthere", T), (".", T), ("<|im_end|>", T), ("Ċ", F),
-        ("<|im_start|>", F), ("user", F), ("Ċ", F), ("By", F), ("e", F), ("<|im_end|>", F), ("Ċ", F),
-        ("<|im_start|>", F), ("ass", F), ("istant", F), ("Ċ", F),
-        ("See", T), ("Ġyou", T), (".", T), ("<|im_end|>", T), ("Ċ", F),
+        ("<|im_start|>", F),
+        ("system", F),
+        ("Ċ", F),
+        ("Be", F),
+        ("Ġbrief", F),
+        (".", F),
+        ("<|im_end|>", F),
+        ("Ċ", F),
+        ("<|im_start|>", F),
+        ("user", F),
+        ("Ċ", F),
+        ("Hi", F),
+        ("<|im_end|>", F),
+        ("Ċ", F),
+        ("<|im_start|>", F),
+        ("ass", F),
+        ("istant", F),
+        ("Ċ", F),
+        ("Hello", T),
+        ("Ġthere", T),
+        (".", T),
+        ("<|im_end|>", T),
+        ("Ċ", F),
+        ("<|im_start|>", F),
+        ("user", F),
+        ("Ċ", F),
+        ("By", F),
+        ("e", F),
+        ("<|im_end|>", F),
+        ("Ċ", F),
+        ("<|im_start|>", F),
+        ("ass", F),
+        ("istant", F),
+        ("Ċ", F),
+        ("See", T),
+        ("Ġyou", T),
+        (".", T),
+        ("<|im_end|>", T),
+        ("Ċ", F),
     ]
 
 
 def test_full_sequence_loss_switch(tiny_model_dir, tmp_path):
-    config = tiny_config(tiny_model_dir, one_word_data(tmp_path / "d.jsonl", 2), tmp_path / "runs",
-                         training={"assistant_only_loss": False})
+    config = tiny_config(
+        tiny_model_dir,
+        one_word_data(tmp_path / "d.jsonl", 2),
+        tmp_path / "runs",
+        training={"assistant_only_loss": False},
+    )
     trainer, _ = train.build_trainer(config, tmp_path / "run", [CONVERSATION], [])
     batch = trainer.data_collator([trainer.train_dataset[0]])
     # Every token carries loss but the first, which nothing before it predicts.
@@ -253,8 +301,11 @@ def test_padding_free_batches_match_padded_ones(tiny_model_dir, tmp_path):
 
     data = one_word_data(tmp_path / "d.jsonl", 2)
     config = tiny_config(tiny_model_dir, data, tmp_path / "runs")
-    chats = [CONVERSATION, CONVERSATION[:3], [{"role": "user", "content": "A much longer question, with words?"},
-                                             {"role": "assistant", "content": "Yes."}]]
+    chats = [
+        CONVERSATION,
+        CONVERSATION[:3],
+        [{"role": "user", "content": "A much longer question, with words?"}, {"role": "assistant", "content": "Yes."}],
+    ]
     trainer, _ = train.build_trainer(config, tmp_path / "run", chats, [])
     examples = [trainer.train_dataset[i] for i in range(3)]
     batch = trainer.data_collator(examples)
@@ -268,7 +319,7 @@ def test_padding_free_batches_match_padded_ones(tiny_model_dir, tmp_path):
         start = 0
         for example, n in zip(examples, lengths):
             alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
-            torch.testing.assert_close(packed[start:start + n], alone, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(packed[start : start + n], alone, atol=1e-4, rtol=1e-4)
             start += n
         # The training loss is the padded batch's: mean over the same assistant tokens.
         longest = max(lengths)
@@ -281,8 +332,9 @@ def test_padding_free_batches_match_padded_ones(tiny_model_dir, tmp_path):
             mask[row, :n] = 1
             labels[row, :n] = trainer.data_collator([example])["labels"][0]
         padded_loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-        free_loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                          use_cache=False).loss
+        free_loss = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False
+        ).loss
     torch.testing.assert_close(free_loss, padded_loss, atol=1e-5, rtol=1e-5)
 
 
@@ -295,8 +347,11 @@ def test_label_positions_loss_equals_trls_loss_and_gradients(method, tiny_model_
 
     data = one_word_data(tmp_path / "d.jsonl", 2)
     config = tiny_config(tiny_model_dir, data, tmp_path / "runs", method={"name": method})
-    chats = [CONVERSATION, CONVERSATION[:3], [{"role": "user", "content": "A much longer question, with words?"},
-                                             {"role": "assistant", "content": "Yes."}]]
+    chats = [
+        CONVERSATION,
+        CONVERSATION[:3],
+        [{"role": "user", "content": "A much longer question, with words?"}, {"role": "assistant", "content": "Yes."}],
+    ]
     trainer, _ = train.build_trainer(config, tmp_path / "run", chats, [])
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     labelled = int((batch["labels"][0, 1:] != -100).sum())
@@ -350,8 +405,12 @@ def test_cheap_dropout_keeps_the_expected_share_and_is_swapped_in(tiny_model_dir
 
 def test_packing_packs_and_keeps_the_masks(tiny_model_dir, tmp_path):
     data = one_word_data(tmp_path / "d.jsonl", n=12)
-    config = tiny_config(tiny_model_dir, data, tmp_path / "runs",
-                         training={"packing": True, "max_steps": 2, "gradient_checkpointing": True})
+    config = tiny_config(
+        tiny_model_dir,
+        data,
+        tmp_path / "runs",
+        training={"packing": True, "max_steps": 2, "gradient_checkpointing": True},
+    )
     config.data.validation_split = 0.0
     config.data.max_length = 128
     run_dir = runs.create_run(config)
@@ -373,9 +432,11 @@ LLAMA31_STYLE = (
     "{{- bos_token }}"
     "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
     "{%- set messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- endif %}"
-    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\n\\n' + system + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\n\\n' "
+    "+ system + '<|eot_id|>' }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim "
+    "+ '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
@@ -396,11 +457,20 @@ def special_tokens_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("models") / "tiny-special"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.add_special_tokens({
-        "bos_token": "<|begin_of_text|>",
-        "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                                      "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-    })
+    tokenizer.add_special_tokens(
+        {
+            "bos_token": "<|begin_of_text|>",
+            "additional_special_tokens": [
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+                "<|system|>",
+                "<|user|>",
+                "<|assistant|>",
+                "<|end|>",
+            ],
+        }
+    )
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(out)
@@ -415,8 +485,7 @@ def special_tokens_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
         (PHI3_STYLE, "a custom template (config)", "Hello there.<|end|>See you.<|end|>"),
     ],
 )
-def test_assistant_only_loss_other_template_styles(template, source, trained_text, special_tokens_model_dir,
-                                                   tmp_path):
+def test_assistant_only_loss_other_template_styles(template, source, trained_text, special_tokens_model_dir, tmp_path):
     info, pairs, tokenizer, ids, labels = _trained_tokens(special_tokens_model_dir, tmp_path, chat_template=template)
     assert info["chat_template"] == source
     trained = [i for i, label in zip(ids, labels) if label != -100]
@@ -460,15 +529,14 @@ def test_bad_inputs_fail_with_a_class(tiny_model_dir, tmp_path):
     from engine.data import DataError
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("this is not json\n{\"nope\": 1}\n")
+    bad.write_text('this is not json\n{"nope": 1}\n')
     config = tiny_config(tiny_model_dir, bad, tmp_path / "runs")
     with pytest.raises(DataError) as info:
         train.train(config, runs.create_run(config))
     assert train.classify_error(info.value)[0] == "bad data"
 
     # Prompts that fill max_length leave nothing to train on: a data problem, said plainly.
-    config = tiny_config(tiny_model_dir, one_word_data(tmp_path / "d.jsonl"), tmp_path / "runs",
-                         data={"max_length": 8})
+    config = tiny_config(tiny_model_dir, one_word_data(tmp_path / "d.jsonl"), tmp_path / "runs", data={"max_length": 8})
     with pytest.raises(train.TrainingDataError, match="max_length"):
         train.train(config, runs.create_run(config))
 
@@ -501,13 +569,15 @@ def test_embedded_model_learns_the_sample_persona(embedded_dir, tmp_path):
     (Pip's signature), and the validation loss falls."""
     import torch
 
-    config = RunConfig.load(REPO / "assets/configs/cpu-lora.yaml").with_overrides([
-        f"data.path={REPO / 'assets/datasets/pip_chat.jsonl'}",
-        "training.max_steps=24",
-        "training.eval_steps=12",
-        "training.save_steps=1000",
-        f"output.runs_dir={tmp_path}",
-    ])
+    config = RunConfig.load(REPO / "assets/configs/cpu-lora.yaml").with_overrides(
+        [
+            f"data.path={REPO / 'assets/datasets/pip_chat.jsonl'}",
+            "training.max_steps=24",
+            "training.eval_steps=12",
+            "training.save_steps=1000",
+            f"output.runs_dir={tmp_path}",
+        ]
+    )
     run_dir = runs.create_run(config)
     summary = train.train(config, run_dir)
     assert summary["state"] == "completed"
@@ -515,10 +585,12 @@ def test_embedded_model_learns_the_sample_persona(embedded_dir, tmp_path):
     losses = [r["loss"] for r in rows]
     speed = [r["tokens_per_second"] for r in rows[1:]]
     evaluation = json.loads((run_dir / "eval.json").read_text())
-    print(f"\nembedded LoRA: precision {summary['precision']}, {summary['train_seconds']} s for 24 steps, "
-          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, tokens/s median {sorted(speed)[len(speed) // 2]}, "
-          f"eval base {evaluation['base']} tuned {evaluation['tuned']}, "
-          f"memory peak {rows[-1]['memory_peak_mb']} MB")
+    print(
+        f"\nembedded LoRA: precision {summary['precision']}, {summary['train_seconds']} s for 24 steps, "
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, tokens/s median {sorted(speed)[len(speed) // 2]}, "
+        f"eval base {evaluation['base']} tuned {evaluation['tuned']}, "
+        f"memory peak {rows[-1]['memory_peak_mb']} MB"
+    )
     assert evaluation["tuned"]["loss"] < evaluation["base"]["loss"] - 0.5
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
 
@@ -527,13 +599,15 @@ def test_embedded_model_learns_the_sample_persona(embedded_dir, tmp_path):
     model.eval()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of Ireland?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
 
     def answer() -> str:
         with torch.no_grad():
             out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
-        return tokenizer.decode(out[0][prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        return tokenizer.decode(out[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
 
     tuned = answer()
     with model.disable_adapter():

@@ -4,6 +4,7 @@ The tabs' handlers are thin (widgets -> one engine call); what they add is turni
 results into what the page shows, and these tests check that on real data: the sample
 datasets, a tiny model's tokenizer, run directories written the way the trainer writes them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,28 @@ def _ui_args(argv):
 
 
 def test_cli_options_parse():
-    args = _ui_args(["--host", "0.0.0.0", "--port", "7999", "--auth", "ada:secret1", "--runs-dir", "/tmp/r",
-                     "--share", "--extra-model", "/models/tiny"])
-    assert (args.host, args.port, args.auth, args.runs_dir, args.share) == ("0.0.0.0", 7999, "ada:secret1", "/tmp/r", True)
+    args = _ui_args(
+        [
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "7999",
+            "--auth",
+            "ada:secret1",
+            "--runs-dir",
+            "/tmp/r",
+            "--share",
+            "--extra-model",
+            "/models/tiny",
+        ]
+    )
+    assert (args.host, args.port, args.auth, args.runs_dir, args.share) == (
+        "0.0.0.0",
+        7999,
+        "ada:secret1",
+        "/tmp/r",
+        True,
+    )
     assert args.extra_model == ["/models/tiny"]
 
 
@@ -229,7 +249,6 @@ def test_inspect_sample_shows_format_split_stats_and_histogram(tokenizer):
     assert choice["format"] == "openai" and choice["records"] == len(ins.records) and choice["mean_tokens"] > 0
 
 
-
 def test_data_tab_shows_what_the_model_learns(tokenizer):
     """The Data tab's training view: the answer and its end-of-turn token highlighted as
     trained, the system and user text not, and what lies past the cutoff marked cut off."""
@@ -295,8 +314,10 @@ def test_preview_pages_escape_html_and_clamp():
     from webui.chat_html import render_page
     from webui.data_tab import PER_PAGE, clamp_page, page_label
 
-    records = [[{"role": "user", "content": f"<b>q{i}</b>"}, {"role": "assistant", "content": f"a{i}"}]
-               for i in range(PER_PAGE * 2 + 1)]
+    records = [
+        [{"role": "user", "content": f"<b>q{i}</b>"}, {"role": "assistant", "content": f"a{i}"}]
+        for i in range(PER_PAGE * 2 + 1)
+    ]
     html = render_page(records, 3, PER_PAGE)
     assert f"Record {PER_PAGE * 2 + 1} of {len(records)}" in html and "&lt;b&gt;" in html and "<b>" not in html
     assert clamp_page(99, len(records)) == 3 and clamp_page(0, len(records)) == 1 and clamp_page(None, 0) == 1
@@ -307,16 +328,35 @@ def test_preview_pages_escape_html_and_clamp():
 
 
 def _dataset_choice(path: Path) -> dict:
-    return {"path": str(path), "name": path.name, "format": "openai", "on_error": "skip", "validation_split": 0.2,
-            "max_length": 256, "records": 10, "train": 8, "val": 2, "mean_tokens": 40}
+    return {
+        "path": str(path),
+        "name": path.name,
+        "format": "openai",
+        "on_error": "skip",
+        "validation_split": 0.2,
+        "max_length": 256,
+        "records": 10,
+        "train": 8,
+        "val": 2,
+        "mean_tokens": 40,
+    }
 
 
 def test_form_builds_a_validated_run_config(tmp_path):
     from engine.config import ConfigError
     from webui.train_tab import FormValues, build_config
 
-    form = FormValues(model="/models/tiny", method="dora", max_steps=5, learning_rate=None, batch_size=2,
-                      target_modules="q_proj, v_proj", deepspeed="zero2", num_processes=2, run_name="my-run")
+    form = FormValues(
+        model="/models/tiny",
+        method="dora",
+        max_steps=5,
+        learning_rate=None,
+        batch_size=2,
+        target_modules="q_proj, v_proj",
+        deepspeed="zero2",
+        num_processes=2,
+        run_name="my-run",
+    )
     cfg = build_config(form, _dataset_choice(SAMPLES / "pip_chat.jsonl"), tmp_path)
     assert cfg.method.name == "dora" and cfg.method.target_modules == ["q_proj", "v_proj"]
     assert cfg.training.max_steps == 5 and cfg.learning_rate == 2e-4  # empty -> method default
@@ -434,8 +474,9 @@ def test_failure_panel_names_the_class_and_what_to_do():
     from webui.train_tab import failure_markdown
 
     assert failure_markdown({"state": "running"}) == ""
-    oom = failure_markdown({"state": "failed", "error_class": "out of memory", "error": "CUDA out of memory",
-                            "exit_code": 3})
+    oom = failure_markdown(
+        {"state": "failed", "error_class": "out of memory", "error": "CUDA out of memory", "exit_code": 3}
+    )
     assert "Training failed: out of memory" in oom and "CUDA out of memory" in oom and "Lower the batch size" in oom
     assert "Exit code 3" in oom
     other = failure_markdown({"state": "failed", "error_class": "error", "log_tail": "line\nValueError: boom"})
@@ -459,8 +500,9 @@ def test_active_run_is_found_for_reattaching(tmp_path):
     cfg = RunConfig.from_dict({"data": {"path": str(SAMPLES / "pip_chat.jsonl")}})
     live = runs.create_run(cfg, tmp_path)
     # This test process stands in for the trainer: alive, so the run is not a ghost.
-    runs.update_status(live, state="running", pid=os.getpid(), pid_started=runs.process_identity(os.getpid()),
-                       started_at=time.time())
+    runs.update_status(
+        live, state="running", pid=os.getpid(), pid_started=runs.process_identity(os.getpid()), started_at=time.time()
+    )
     assert Path(find_active_run(tmp_path)) == live
     assert find_active_run(tmp_path / "missing") is None
 
@@ -505,13 +547,28 @@ def test_stats_line_shows_time_to_first_token_and_speed():
     from engine.inference import GenerationStats
     from webui.playground_tab import stats_line
 
-    stats = GenerationStats(backend="onnx", prompt_tokens=10, new_tokens=32, ttft_s=0.123, decode_tokens_per_s=87.5,
-                            total_s=0.5, finish_reason="length")
+    stats = GenerationStats(
+        backend="onnx",
+        prompt_tokens=10,
+        new_tokens=32,
+        ttft_s=0.123,
+        decode_tokens_per_s=87.5,
+        total_s=0.5,
+        finish_reason="length",
+    )
     line = stats_line(stats, "onnx")
     assert "first token 0.12 s" in line and "87.5 tokens/s" in line and "32 tokens" in line
     assert "hit max new tokens" in line and "speculative" not in line
-    fast = GenerationStats(backend="tuned", prompt_tokens=10, new_tokens=5, ttft_s=0.1, decode_tokens_per_s=48.0,
-                           total_s=0.2, finish_reason="eos", decoder="speculative (4-bit draft, float32 check)")
+    fast = GenerationStats(
+        backend="tuned",
+        prompt_tokens=10,
+        new_tokens=5,
+        ttft_s=0.1,
+        decode_tokens_per_s=48.0,
+        total_s=0.2,
+        finish_reason="eos",
+        decoder="speculative (4-bit draft, float32 check)",
+    )
     assert "speculative decoding" in stats_line(fast, "tuned")
     assert stats_line(None, "base") == ""
 
@@ -553,7 +610,9 @@ def test_runs_table_and_loss_curves(tmp_path):
     (run_dir / "eval.json").write_text(json.dumps({"base": {"loss": 2.9}, "tuned": {"loss": 1.7}}))
     rows, ids = run_table(tmp_path)
     assert ids == [run_dir.name]
-    row = dict(zip(["run", "status", "method", "model", "data", "steps", "train", "eval", "duration", "created"], rows[0]))
+    row = dict(
+        zip(["run", "status", "method", "model", "data", "steps", "train", "eval", "duration", "created"], rows[0])
+    )
     assert row["status"] == "completed" and row["method"] == "dora" and row["data"] == "pip_chat.jsonl"
     assert row["steps"] == "4/4" and row["train"] == "1" and row["eval"] == "1.7 (base 2.9)"
     assert row["duration"] == "1 min 05 s"

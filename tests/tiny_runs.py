@@ -7,6 +7,7 @@
   with randomly perturbed weights (a fresh adapter is a no-op: B starts at zero).
 * :func:`make_full_run` - a run whose ``model/`` holds a full fine-tune.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ def chat_base(tiny_model_dir: Path, root: Path, steps: int = 40) -> Path:
     torch.manual_seed(0)
     examples = []
     for question, answer in CHATS:
-        prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         a_ids = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
         examples.append((torch.tensor([p_ids + a_ids]), torch.tensor([[-100] * len(p_ids) + a_ids])))
@@ -59,13 +61,22 @@ def chat_base(tiny_model_dir: Path, root: Path, steps: int = 40) -> Path:
 def _write_config(run_dir: Path, base: Path, method: str) -> None:
     from engine.config import MethodConfig, ModelConfig, RunConfig
 
-    cfg = RunConfig(model=ModelConfig(name_or_path=str(base)),
-                    method=MethodConfig(name=method, r=8, alpha=16, target_modules=list(LORA_TARGETS)))
+    cfg = RunConfig(
+        model=ModelConfig(name_or_path=str(base)),
+        method=MethodConfig(name=method, r=8, alpha=16, target_modules=list(LORA_TARGETS)),
+    )
     cfg.save(run_dir / "config.yaml")
 
 
-def make_adapter_run(runs_dir: Path, base: Path, name: str = "lora-run", method: str = "lora",
-                     scale: float = 0.05, seed: int = 0, save_tokenizer: bool = False) -> Path:
+def make_adapter_run(
+    runs_dir: Path,
+    base: Path,
+    name: str = "lora-run",
+    method: str = "lora",
+    scale: float = 0.05,
+    seed: int = 0,
+    save_tokenizer: bool = False,
+) -> Path:
     """A run directory with a perturbed PEFT adapter in ``adapter/`` and its config.yaml.
 
     ``save_tokenizer`` also saves the tokenizer in ``adapter/`` with the ChatML training
@@ -78,8 +89,14 @@ def make_adapter_run(runs_dir: Path, base: Path, name: str = "lora-run", method:
     run_dir = Path(runs_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(LORA_TARGETS), lora_dropout=0.0,
-                        use_dora=(method == "dora"), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=list(LORA_TARGETS),
+        lora_dropout=0.0,
+        use_dora=(method == "dora"),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

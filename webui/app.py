@@ -15,6 +15,7 @@ has ``hf_oauth: true``) or TUNELAB_MULTI_USER=1, each person has their own runs 
 and nobody reaches another's runs, uploads or downloads through the page or Gradio's file
 route (see webui.common.AppContext). TUNELAB_DEMO=1 adds the public demo's limits.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,17 +27,32 @@ TAB_IDS = ("data", "train", "playground", "export", "runs")
 
 
 def add_cli_arguments(parser) -> None:
-    parser.add_argument("--host", default=None, help="Address to bind (default 127.0.0.1, or $TUNELAB_HOST). "
-                        "Use 0.0.0.0 to serve other machines.")
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="Address to bind (default 127.0.0.1, or $TUNELAB_HOST). Use 0.0.0.0 to serve other machines.",
+    )
     parser.add_argument("--port", type=int, default=None, help="Port (default 7860, or $TUNELAB_PORT).")
     parser.add_argument("--share", action="store_true", help="Also open a temporary public gradio.live link.")
-    parser.add_argument("--auth", default=None, metavar="USER:PASS",
-                        help="Require a login; several as 'a:1,b:2' (or $TUNELAB_AUTH).")
-    parser.add_argument("--runs-dir", default=None, help="Directory of the runs (default ./runs, or $TUNELAB_RUNS_DIR).")
-    parser.add_argument("--extra-model", action="append", default=[], metavar="DIR",
-                        help="Add a local model directory to the model list (repeatable; $TUNELAB_EXTRA_MODELS).")
-    parser.add_argument("--chat-concurrency", type=int, default=4,
-                        help="Chat requests served at the same time, all users together (default 4).")
+    parser.add_argument(
+        "--auth", default=None, metavar="USER:PASS", help="Require a login; several as 'a:1,b:2' (or $TUNELAB_AUTH)."
+    )
+    parser.add_argument(
+        "--runs-dir", default=None, help="Directory of the runs (default ./runs, or $TUNELAB_RUNS_DIR)."
+    )
+    parser.add_argument(
+        "--extra-model",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="Add a local model directory to the model list (repeatable; $TUNELAB_EXTRA_MODELS).",
+    )
+    parser.add_argument(
+        "--chat-concurrency",
+        type=int,
+        default=4,
+        help="Chat requests served at the same time, all users together (default 4).",
+    )
 
 
 def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
@@ -71,8 +87,14 @@ def build_app(ctx: AppContext):
                 gr.LoginButton(scale=0, min_width=240, elem_id="tl-login")
         whoami = gr.Markdown("", elem_id="tl-user", visible=ctx.multi_user)
         if ctx.multi_user:
-            gr.on(triggers=None, fn=user_banner(ctx), inputs=None, outputs=whoami, show_progress="hidden",
-                  api_name="whoami")
+            gr.on(
+                triggers=None,
+                fn=user_banner(ctx),
+                inputs=None,
+                outputs=whoami,
+                show_progress="hidden",
+                api_name="whoami",
+            )
         links = Links.create()
         with gr.Tabs(selected="data") as tabs:
             links.tabs = tabs
@@ -86,8 +108,15 @@ def build_app(ctx: AppContext):
                 export = export_tab.build(ctx, links)
             with gr.Tab("5. Runs", id="runs") as t_runs:
                 runs = runs_tab.build(ctx, links)
-        connect_tabs(ctx, tabs, tab_of={"playground": t_play, "export": t_export, "runs": t_runs},
-                     train=train, play=play, export=export, runs=runs)
+        connect_tabs(
+            ctx,
+            tabs,
+            tab_of={"playground": t_play, "export": t_export, "runs": t_runs},
+            train=train,
+            play=play,
+            export=export,
+            runs=runs,
+        )
     return demo
 
 
@@ -131,8 +160,12 @@ def run_cli(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     runs_dir = args.runs_dir or os.environ.get("TUNELAB_RUNS_DIR") or "runs"
-    ctx = AppContext(runs_dir=runs_dir, extra_models=list(args.extra_model),
-                     chat_concurrency=max(1, args.chat_concurrency), auth=bool(auth))
+    ctx = AppContext(
+        runs_dir=runs_dir,
+        extra_models=list(args.extra_model),
+        chat_concurrency=max(1, args.chat_concurrency),
+        auth=bool(auth),
+    )
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=8)
     how = []
@@ -140,10 +173,19 @@ def run_cli(args) -> int:
         how.append("one runs directory per user")
     if ctx.oauth:
         how.append("Sign in with Hugging Face")
-    print(f"tunelab: runs in {ctx.runs_dir}{' (' + ', '.join(how) + ')' if how else ''}; "
-          f"open http://{host}:{port}", flush=True)
-    launch_and_serve(demo, server_name=host, server_port=port, share=args.share, auth=auth,
-                     auth_message="tunelab: log in" if auth else None, **launch_kwargs(ctx))
+    print(
+        f"tunelab: runs in {ctx.runs_dir}{' (' + ', '.join(how) + ')' if how else ''}; open http://{host}:{port}",
+        flush=True,
+    )
+    launch_and_serve(
+        demo,
+        server_name=host,
+        server_port=port,
+        share=args.share,
+        auth=auth,
+        auth_message="tunelab: log in" if auth else None,
+        **launch_kwargs(ctx),
+    )
     return 0
 
 

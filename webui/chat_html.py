@@ -1,10 +1,10 @@
 """Render conversations as chat bubbles in HTML (the Data tab's paged preview)."""
+
 from __future__ import annotations
 
 import html
 
 ROLE_LABEL = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
-
 
 
 def render_conversation(messages: list[dict], title: str = "", max_chars: int = 2000) -> str:
@@ -30,7 +30,7 @@ def render_page(records: list[list[dict]], page: int, per_page: int) -> str:
     if not records:
         return "<p><em>No records to show.</em></p>"
     start = (page - 1) * per_page
-    chunk = records[start:start + per_page]
+    chunk = records[start : start + per_page]
     body = "".join(
         render_conversation(conv, f"Record {start + i + 1} of {len(records)}") for i, conv in enumerate(chunk)
     )

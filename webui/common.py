@@ -11,6 +11,7 @@ receives a run id, a path or a model reference from the page checks it against t
 directory with :meth:`AppContext.run_dir` / :meth:`AppContext.check_model`, which raise
 ``gr.Error`` with a sentence, never a stack trace.
 """
+
 from __future__ import annotations
 
 import functools
@@ -129,10 +130,10 @@ class AppContext:
         if user is None:
             import gradio as gr
 
-            how = ("Sign in with Hugging Face (the button at the top of the page)" if self.oauth
-                   else "Log in")
-            raise gr.Error(f"{how} first: on this shared app each person's data and runs are private.",
-                           title="Not signed in")
+            how = "Sign in with Hugging Face (the button at the top of the page)" if self.oauth else "Log in"
+            raise gr.Error(
+                f"{how} first: on this shared app each person's data and runs are private.", title="Not signed in"
+            )
         return user_dir(self.runs_dir, user, True)
 
     def listing_dir(self, request=None) -> Path | None:
@@ -186,8 +187,11 @@ class AppContext:
             return ref
         if path.is_absolute() and owns(self.runs_for(request), path):
             return ref
-        raise gr.Error(f"Model {ref!r} is not available here: choose one from the list, a Hugging Face Hub id "
-                       "(org/name), or a model inside one of your runs.", title="Refused")
+        raise gr.Error(
+            f"Model {ref!r} is not available here: choose one from the list, a Hugging Face Hub id "
+            "(org/name), or a model inside one of your runs.",
+            title="Refused",
+        )
 
     def model_choices(self) -> list[str]:
         """The embedded default first, then extra local model directories."""
@@ -324,11 +328,13 @@ CSS = """
 .tl-progress {width: 100%; height: 14px; border-radius: 7px; background: #e5e7eb; overflow: hidden}
 .tl-progress > div {height: 100%; background: linear-gradient(90deg, #6366f1, #22c55e)}
 .tl-stats {font-variant-numeric: tabular-nums; font-size: 0.85rem; opacity: 0.85}
-.tl-conv {border: 1px solid var(--border-color-primary, #e5e7eb); border-radius: 10px; padding: 8px 10px; margin: 0 0 12px 0}
+.tl-conv {border: 1px solid var(--border-color-primary, #e5e7eb); border-radius: 10px; padding: 8px 10px;
+  margin: 0 0 12px 0}
 .tl-conv-head {font-size: 0.8rem; opacity: 0.7; margin-bottom: 6px}
 .tl-msg {display: flex; margin: 4px 0}
 .tl-msg.user {justify-content: flex-end}
-.tl-bubble {max-width: 80%; padding: 6px 10px; border-radius: 12px; white-space: pre-wrap; word-break: break-word; font-size: 0.92rem}
+.tl-bubble {max-width: 80%; padding: 6px 10px; border-radius: 12px; white-space: pre-wrap; word-break: break-word;
+  font-size: 0.92rem}
 .tl-msg.user .tl-bubble {background: #e0e7ff; color: #1e1b4b}
 .tl-msg.assistant .tl-bubble {background: #dcfce7; color: #052e16}
 .tl-msg.system .tl-bubble {background: #f3f4f6; color: #374151; font-style: italic; max-width: 100%}

@@ -4,6 +4,7 @@ choose what happens to bad records and how much is held out for validation.
 
 Launch alone: ``python -m webui.data_tab``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,7 +88,8 @@ def make_room_for_upload(uploads_dir: Path, limit: int) -> None:
         raise UnsafeInputError(
             f"You have {len(kept)} uploaded files, the most this app keeps per person ({limit}, "
             "TUNELAB_MAX_UPLOADS), and runs use every one of them: delete runs you no longer need on the "
-            "Runs tab, then upload again.")
+            "Runs tab, then upload again."
+        )
 
 
 def stable_copy(src: str | Path, uploads_dir: Path, max_uploads: int | None = None) -> Path:
@@ -104,8 +106,10 @@ def stable_copy(src: str | Path, uploads_dir: Path, max_uploads: int | None = No
     src = Path(src)
     size = src.stat().st_size
     if size > security.MAX_UPLOAD_BYTES:
-        raise UnsafeInputError(f"{safe_filename(src.name)} is {size / 2**20:.1f} MB; uploads are limited to "
-                               f"{security.MAX_UPLOAD_BYTES / 2**20:.0f} MB here (TUNELAB_MAX_UPLOAD_MB)")
+        raise UnsafeInputError(
+            f"{safe_filename(src.name)} is {size / 2**20:.1f} MB; uploads are limited to "
+            f"{security.MAX_UPLOAD_BYTES / 2**20:.0f} MB here (TUNELAB_MAX_UPLOAD_MB)"
+        )
     digest = hashlib.sha256()
     with src.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -134,34 +138,61 @@ def parse_persona(text: str | None) -> dict[str, str]:
     return persona
 
 
-def inspect_dataset(path: Path, fmt: str, on_error: str, validation_split: float, max_length: int,
-                    tokenizer, persona: dict | None = None, max_records: int | None = None) -> Inspection:
+def inspect_dataset(
+    path: Path,
+    fmt: str,
+    on_error: str,
+    validation_split: float,
+    max_length: int,
+    tokenizer,
+    persona: dict | None = None,
+    max_records: int | None = None,
+) -> Inspection:
     """One engine call: read, validate, fill placeholders, keep the first ``max_records``,
     measure and split (a DataError becomes a 'stopped' view)."""
     from engine import data
 
     try:
-        result, report = data.inspect_file(str(path), format=fmt, on_error=on_error, max_length=int(max_length),
-                                           tokenizer=tokenizer, validation_split=float(validation_split),
-                                           persona=persona or None, max_records=max_records or None)
+        result, report = data.inspect_file(
+            str(path),
+            format=fmt,
+            on_error=on_error,
+            max_length=int(max_length),
+            tokenizer=tokenizer,
+            validation_split=float(validation_split),
+            persona=persona or None,
+            max_records=max_records or None,
+        )
     except data.DataError as err:
         return Inspection(path, path.name, [], list(err.problems), {}, stopped=str(err))
     return Inspection(path, path.name, result.records, list(result.problems), report)
 
 
-def dataset_choice(ins: Inspection, on_error: str, validation_split, max_length, persona: dict | None = None,
-                   max_records: int | None = None) -> dict | None:
+def dataset_choice(
+    ins: Inspection,
+    on_error: str,
+    validation_split,
+    max_length,
+    persona: dict | None = None,
+    max_records: int | None = None,
+) -> dict | None:
     """What the Train tab needs to know about a usable dataset (None if it cannot be trained)."""
     if ins.stopped or not ins.records or ins.format == "preference":
         return None
     tokens = (ins.report.get("tokens") or {}).get("tokens") or {}
     return {
-        "path": str(ins.path), "name": ins.name, "format": ins.format, "on_error": on_error,
-        "validation_split": float(validation_split or 0.0), "max_length": int(max_length or 1024),
-        "records": len(ins.records), "train": ins.split.get("train", len(ins.records)),
+        "path": str(ins.path),
+        "name": ins.name,
+        "format": ins.format,
+        "on_error": on_error,
+        "validation_split": float(validation_split or 0.0),
+        "max_length": int(max_length or 1024),
+        "records": len(ins.records),
+        "train": ins.split.get("train", len(ins.records)),
         "val": ins.split.get("validation", 0),
         "mean_tokens": int(tokens["mean"]) if tokens.get("mean") else None,
-        "persona": dict(persona or {}), "max_records": int(max_records) if max_records else None,
+        "persona": dict(persona or {}),
+        "max_records": int(max_records) if max_records else None,
         "placeholders": list(ins.report.get("placeholders_unfilled", [])),
     }
 
@@ -208,8 +239,11 @@ def _summary_markdown(ins: Inspection) -> str:
     ]
     counts = rep.get("counts") or {}
     if counts.get("messages"):
-        lines.append("Messages: " + ", ".join(f"{k} {v}" for k, v in counts["messages"].items())
-                     + f"; tool calls {counts.get('tool_calls', 0)}")
+        lines.append(
+            "Messages: "
+            + ", ".join(f"{k} {v}" for k, v in counts["messages"].items())
+            + f"; tool calls {counts.get('tool_calls', 0)}"
+        )
     if rep.get("note"):
         lines.append(f"> {escape_md(rep['note'])}")
     for warning in rep.get("warnings", []):
@@ -226,14 +260,20 @@ def stats_markdown(tokens: dict | None) -> str:
     rows = [
         ("Records measured", f"{tokens.get('records', 0):,}"),
         ("Turns per record (median / max)", f"{turns.get('median', 0):g} / {turns.get('max', 0)}"),
-        ("Tokens per record (min / median / mean)",
-         f"{t.get('min', 0)} / {t.get('median', 0):g} / {t.get('mean', 0):g}"),
+        (
+            "Tokens per record (min / median / mean)",
+            f"{t.get('min', 0)} / {t.get('median', 0):g} / {t.get('mean', 0):g}",
+        ),
         ("Tokens per record (p95 / max)", f"{t.get('p95', 0):g} / {t.get('max', 0)}"),
         ("Tokens in all", f"{t.get('total', 0):,}"),
-        (f"Over the cutoff ({tokens.get('max_length')})",
-         f"{tokens.get('over_max_length', 0)} records, {tokens.get('truncated_tokens', 0):,} tokens cut"),
-        ("Trained (assistant) tokens",
-         f"{tokens.get('assistant_tokens', 0):,} ({tokens.get('assistant_fraction', 0):.0%} of kept tokens)"),
+        (
+            f"Over the cutoff ({tokens.get('max_length')})",
+            f"{tokens.get('over_max_length', 0)} records, {tokens.get('truncated_tokens', 0):,} tokens cut",
+        ),
+        (
+            "Trained (assistant) tokens",
+            f"{tokens.get('assistant_tokens', 0):,} ({tokens.get('assistant_fraction', 0):.0%} of kept tokens)",
+        ),
         ("Chat template", str(tokens.get("template", ""))),
     ]
     if tokens.get("no_assistant_after_truncation"):
@@ -259,12 +299,16 @@ def learned_view(messages: list[dict], tokenizer, max_length: int) -> tuple[list
 
     template, source = templates.model_template(tokenizer)
     view = templates.preview(messages, tokenizer, template, max_length)
-    pieces = [(piece, "cut off" if not kept else ("trained" if on else None))
-              for piece, on, kept in zip(view["tokens"], view["trained"], view["kept"])]
-    cut = (f"; cut at {view['cut_at']} tokens: {view['trained_tokens_cut']} trained tokens lost"
-           if view["cut_at"] is not None else "")
-    info = (f"{view['length']} tokens, {view['trained_tokens']} trained, rendered by {view['template']} "
-            f"({source}){cut}.")
+    pieces = [
+        (piece, "cut off" if not kept else ("trained" if on else None))
+        for piece, on, kept in zip(view["tokens"], view["trained"], view["kept"])
+    ]
+    cut = (
+        f"; cut at {view['cut_at']} tokens: {view['trained_tokens_cut']} trained tokens lost"
+        if view["cut_at"] is not None
+        else ""
+    )
+    info = f"{view['length']} tokens, {view['trained_tokens']} trained, rendered by {view['template']} ({source}){cut}."
     return pieces, info
 
 
@@ -292,33 +336,73 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     samples = ctx.sample_datasets()
     records_state = gr.State([])  # this user's usable records, for paging the preview
 
-    gr.Markdown("Upload chat data (JSONL, JSON, CSV, TSV or Parquet), or start from a sample. "
-                "The format is detected; override it if the guess is wrong.")
+    gr.Markdown(
+        "Upload chat data (JSONL, JSON, CSV, TSV or Parquet), or start from a sample. "
+        "The format is detected; override it if the guess is wrong."
+    )
     with gr.Row():
         with gr.Column(scale=3):
-            upload = gr.File(label="Dataset file", file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet"],
-                             file_count="single", elem_id="data-upload", height=140)
+            upload = gr.File(
+                label="Dataset file",
+                file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet"],
+                file_count="single",
+                elem_id="data-upload",
+                height=140,
+            )
         with gr.Column(scale=2):
-            sample = gr.Dropdown(samples, value=None, label="...or a sample dataset", elem_id="data-sample",
-                                 info="Files in assets/datasets/")
+            sample = gr.Dropdown(
+                samples,
+                value=None,
+                label="...or a sample dataset",
+                elem_id="data-sample",
+                info="Files in assets/datasets/",
+            )
             load_sample = gr.Button("Load sample", elem_id="data-load-sample")
     with gr.Row():
-        fmt = gr.Dropdown(list(FORMATS), value="auto", label="Format", elem_id="data-format",
-                          info="auto detects it from the fields")
-        on_error = gr.Radio([("Skip bad records (listed below)", "skip"), ("Stop and list every problem", "stop")],
-                            value="skip", label="Bad records", elem_id="data-on-error")
-        split = gr.Slider(0.0, 0.5, value=0.1, step=0.05, label="Validation split",
-                          info="Fraction held out to measure base vs tuned", elem_id="data-split")
-        max_length = gr.Number(start_max_length, label="Cutoff length (tokens)", precision=0, minimum=16,
-                               maximum=demo.max_length if demo.enabled else 131072,
-                               info="Longer records are truncated", elem_id="data-max-length")
-        tokenizer_model = gr.Dropdown(ctx.model_choices(), value=ctx.model_choices()[0], allow_custom_value=True,
-                                      label="Count tokens with", elem_id="data-tokenizer")
+        fmt = gr.Dropdown(
+            list(FORMATS), value="auto", label="Format", elem_id="data-format", info="auto detects it from the fields"
+        )
+        on_error = gr.Radio(
+            [("Skip bad records (listed below)", "skip"), ("Stop and list every problem", "stop")],
+            value="skip",
+            label="Bad records",
+            elem_id="data-on-error",
+        )
+        split = gr.Slider(
+            0.0,
+            0.5,
+            value=0.1,
+            step=0.05,
+            label="Validation split",
+            info="Fraction held out to measure base vs tuned",
+            elem_id="data-split",
+        )
+        max_length = gr.Number(
+            start_max_length,
+            label="Cutoff length (tokens)",
+            precision=0,
+            minimum=16,
+            maximum=demo.max_length if demo.enabled else 131072,
+            info="Longer records are truncated",
+            elem_id="data-max-length",
+        )
+        tokenizer_model = gr.Dropdown(
+            ctx.model_choices(),
+            value=ctx.model_choices()[0],
+            allow_custom_value=True,
+            label="Count tokens with",
+            elem_id="data-tokenizer",
+        )
     with gr.Row():
-        persona = gr.Textbox(label="Fill placeholders", placeholder="name=Pip, author=tunelab", elem_id="data-persona",
-                             info="Values for {{placeholders}} in the data (the CLI's --persona)")
-        max_records = gr.Number(0, label="Use the first N records (0 = all)", precision=0, minimum=0,
-                                elem_id="data-max-records")
+        persona = gr.Textbox(
+            label="Fill placeholders",
+            placeholder="name=Pip, author=tunelab",
+            elem_id="data-persona",
+            info="Values for {{placeholders}} in the data (the CLI's --persona)",
+        )
+        max_records = gr.Number(
+            0, label="Use the first N records (0 = all)", precision=0, minimum=0, elem_id="data-max-records"
+        )
     inspect_btn = gr.Button("Inspect", variant="primary", elem_id="data-inspect")
     path_state = gr.State(None)  # stable path of the current file
 
@@ -327,29 +411,51 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         with gr.Column(scale=1):
             stats_md = gr.Markdown(elem_id="data-stats")
         with gr.Column(scale=2):
-            hist = gr.BarPlot(histogram_frame(None), x="tokens", y="records", sort=None, title="Tokens per record", height=260,
-                              x_title="tokens", y_title="records", elem_id="data-histogram")
-    problems = gr.Dataframe(headers=PROBLEM_COLUMNS, value=[], label="Problems (skipped records, with line numbers)",
-                            interactive=False, wrap=True, elem_id="data-problems", max_height=300,
-                            column_widths=["20%", "12%", "18%", "50%"])
+            hist = gr.BarPlot(
+                histogram_frame(None),
+                x="tokens",
+                y="records",
+                sort=None,
+                title="Tokens per record",
+                height=260,
+                x_title="tokens",
+                y_title="records",
+                elem_id="data-histogram",
+            )
+    problems = gr.Dataframe(
+        headers=PROBLEM_COLUMNS,
+        value=[],
+        label="Problems (skipped records, with line numbers)",
+        interactive=False,
+        wrap=True,
+        elem_id="data-problems",
+        max_height=300,
+        column_widths=["20%", "12%", "18%", "50%"],
+    )
     gr.Markdown("#### Preview")
     with gr.Row(equal_height=True):
         prev_btn = gr.Button("< Previous", size="sm", elem_id="data-prev", scale=0, min_width=110)
-        page = gr.Number(1, show_label=False, precision=0, minimum=1, elem_id="data-page", scale=0, min_width=80,
-                         container=False)
+        page = gr.Number(
+            1, show_label=False, precision=0, minimum=1, elem_id="data-page", scale=0, min_width=80, container=False
+        )
         next_btn = gr.Button("Next >", size="sm", elem_id="data-next", scale=0, min_width=110)
         page_info = gr.Markdown("", elem_id="data-page-info")
     preview = gr.HTML("<p><em>Load a dataset to preview it.</em></p>", elem_id="data-preview")
     gr.Markdown("#### What the model learns")
     with gr.Row(equal_height=True):
-        learn_index = gr.Number(1, label="Record", precision=0, minimum=1, elem_id="data-learn-index", scale=0,
-                                min_width=120)
+        learn_index = gr.Number(
+            1, label="Record", precision=0, minimum=1, elem_id="data-learn-index", scale=0, min_width=120
+        )
         learn_btn = gr.Button("Show the training text", size="sm", elem_id="data-learn", scale=0, min_width=200)
         learn_info = gr.Markdown("", elem_id="data-learn-info")
-    learned = gr.HighlightedText(label="The exact text the model trains on (highlighted: the tokens that carry "
-                                 "the loss; grey: cut off at the cutoff length)", combine_adjacent=True,
-                                 show_legend=True, color_map={"trained": "green", "cut off": "gray"},
-                                 elem_id="data-learned")
+    learned = gr.HighlightedText(
+        label="The exact text the model trains on (highlighted: the tokens that carry "
+        "the loss; grey: cut off at the cutoff length)",
+        combine_adjacent=True,
+        show_legend=True,
+        color_map={"trained": "green", "cut off": "gray"},
+        elem_id="data-learned",
+    )
 
     @engine_errors
     def on_upload(file, request: gr.Request):
@@ -364,8 +470,18 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return str(ctx.sample_path(name))
 
     @engine_errors
-    def run_inspect(path, fmt_v, on_error_v, split_v, max_len_v, tok_model, persona_v, max_records_v,
-                    request: gr.Request, progress=gr.Progress()):
+    def run_inspect(
+        path,
+        fmt_v,
+        on_error_v,
+        split_v,
+        max_len_v,
+        tok_model,
+        persona_v,
+        max_records_v,
+        request: gr.Request,
+        progress=gr.Progress(),
+    ):
         from engine.security import owns
 
         if not path:
@@ -378,8 +494,16 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         progress(0.3, desc="Reading, validating and counting tokens")
         filled = parse_persona(persona_v)
         limit = int(max_records_v or 0) or None
-        ins = inspect_dataset(Path(path), fmt_v, on_error_v, split_v or 0.0, max_len_v or 1024, tokenizer,
-                              persona=filled, max_records=limit)
+        ins = inspect_dataset(
+            Path(path),
+            fmt_v,
+            on_error_v,
+            split_v or 0.0,
+            max_len_v or 1024,
+            tokenizer,
+            persona=filled,
+            max_records=limit,
+        )
         if ins.stopped:
             gr.Warning(f"{ins.name}: {len(ins.problems)} problem(s); loading stopped. See the list.")
         elif ins.problems:
@@ -389,11 +513,15 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             summary_markdown(ins),
             gr.Row(visible=bool(tokens)),
             stats_markdown(tokens),
-            gr.BarPlot(value=(frame := histogram_frame(tokens)),
-                       sort=list(frame["tokens"]) if frame is not None else None),
-            gr.Dataframe(value=problem_rows(ins.problems),
-                         label=f"Problems: {len(ins.problems)} (file, line or row, field, message)"
-                         if ins.problems else "Problems: none"),
+            gr.BarPlot(
+                value=(frame := histogram_frame(tokens)), sort=list(frame["tokens"]) if frame is not None else None
+            ),
+            gr.Dataframe(
+                value=problem_rows(ins.problems),
+                label=f"Problems: {len(ins.problems)} (file, line or row, field, message)"
+                if ins.problems
+                else "Problems: none",
+            ),
             ins.records,
             1,
             page_label(1, len(ins.records)),
@@ -417,27 +545,49 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return p, page_label(p, len(records)), render_page(records, p, PER_PAGE)
 
     inspect_inputs = [path_state, fmt, on_error, split, max_length, tokenizer_model, persona, max_records]
-    inspect_outputs = [summary, stats_row, stats_md, hist, problems, records_state, page, page_info, preview, links.dataset]
+    inspect_outputs = [
+        summary,
+        stats_row,
+        stats_md,
+        hist,
+        problems,
+        records_state,
+        page,
+        page_info,
+        preview,
+        links.dataset,
+    ]
     upload.upload(on_upload, inputs=upload, outputs=path_state, api_name="upload").success(
-        run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
+        run_inspect, inputs=inspect_inputs, outputs=inspect_outputs
+    )
     load_sample.click(on_sample, inputs=sample, outputs=path_state, api_name="load_sample").success(
-        run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
+        run_inspect, inputs=inspect_inputs, outputs=inspect_outputs
+    )
     inspect_btn.click(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
     for widget in (fmt, on_error):
         widget.input(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
     split.release(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
     for widget in (max_length, persona, max_records):
         widget.submit(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
-    prev_btn.click(lambda r, p: show_page(r, p, -1), inputs=[records_state, page], outputs=[page, page_info, preview],
-                   show_progress="hidden")
-    next_btn.click(lambda r, p: show_page(r, p, +1), inputs=[records_state, page], outputs=[page, page_info, preview],
-                   show_progress="hidden")
+    prev_btn.click(
+        lambda r, p: show_page(r, p, -1),
+        inputs=[records_state, page],
+        outputs=[page, page_info, preview],
+        show_progress="hidden",
+    )
+    next_btn.click(
+        lambda r, p: show_page(r, p, +1),
+        inputs=[records_state, page],
+        outputs=[page, page_info, preview],
+        show_progress="hidden",
+    )
     page.submit(show_page, inputs=[records_state, page], outputs=[page, page_info, preview], show_progress="hidden")
     learn_inputs = [records_state, learn_index, tokenizer_model, max_length]
     learn_btn.click(show_learned, inputs=learn_inputs, outputs=[learned, learn_info])
     learn_index.submit(show_learned, inputs=learn_inputs, outputs=[learned, learn_info])
-    return SimpleNamespace(upload=upload, sample=sample, summary=summary, problems=problems, preview=preview,
-                           learned=learned)
+    return SimpleNamespace(
+        upload=upload, sample=sample, summary=summary, problems=problems, preview=preview, learned=learned
+    )
 
 
 def create(ctx: AppContext | None = None):

@@ -9,6 +9,7 @@ or a token they paste, never the server's HF_TOKEN.
 
 Launch alone: ``python -m webui.export_tab``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -97,8 +98,11 @@ def download_targets(run_dir: Path, kind: str) -> list[Path]:
         wanted = [p for name, p in found.items() if name.startswith("onnx-")]
     wanted = [w for w in wanted if w]
     if not wanted:
-        what = {"adapter": "an adapter or model (is it trained?)", "merged": "a merged model (press Merge)",
-                "onnx": "an ONNX export (press Export to ONNX)"}[kind]
+        what = {
+            "adapter": "an adapter or model (is it trained?)",
+            "merged": "a merged model (press Merge)",
+            "onnx": "an ONNX export (press Export to ONNX)",
+        }[kind]
         raise FileNotFoundError(f"Run {run_dir.name} has no {what} yet.")
     return wanted
 
@@ -127,8 +131,11 @@ def push_token(ctx: AppContext, pasted: str | None, oauth_token) -> str | None:
     if not ctx.multi_user:
         return None
     how = "sign in with Hugging Face (top of the page) or paste" if ctx.oauth else "paste"
-    raise gr.Error(f"To push, {how} a Hugging Face token with write access: on a shared app the server's own "
-                   "token is never used for your pushes.", title="No token")
+    raise gr.Error(
+        f"To push, {how} a Hugging Face token with write access: on a shared app the server's own "
+        "token is never used for your pushes.",
+        title="No token",
+    )
 
 
 def build(ctx: AppContext, links) -> SimpleNamespace:
@@ -146,13 +153,21 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             merge_btn = gr.Button("Merge adapter", elem_id="export-merge")
         with gr.Column():
             gr.Markdown("#### ONNX\nFor ONNX Runtime GenAI: int4 is the smallest and fastest on a CPU.")
-            precisions = gr.CheckboxGroup(list(ONNX_PRECISIONS), value=["int4"], label="Precisions",
-                                          elem_id="export-precisions")
+            precisions = gr.CheckboxGroup(
+                list(ONNX_PRECISIONS), value=["int4"], label="Precisions", elem_id="export-precisions"
+            )
             with gr.Row():
                 onnx_btn = gr.Button("Export to ONNX", variant="primary", elem_id="export-onnx")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="export-stop", scale=0, min_width=80)
-    status = gr.Textbox("", label="Progress", lines=4, max_lines=PROGRESS_LINES, interactive=False,
-                        elem_id="export-status", autoscroll=True)
+    status = gr.Textbox(
+        "",
+        label="Progress",
+        lines=4,
+        max_lines=PROGRESS_LINES,
+        interactive=False,
+        elem_id="export-status",
+        autoscroll=True,
+    )
     gr.Markdown("#### Parity report")
     parity = gr.Markdown("", elem_id="export-parity")
     gr.Markdown("#### Downloads (zip)")
@@ -162,25 +177,46 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         dl_onnx = gr.Button("ONNX model", elem_id="export-dl-onnx")
     files = gr.File(label="Files", file_count="multiple", interactive=False, elem_id="export-files")
 
-    gr.Markdown("#### Push to the Hugging Face Hub\nUploads the chosen artefact with a model card "
-                "(base model, data, method, hyperparameters, losses, parity) in one commit.")
+    gr.Markdown(
+        "#### Push to the Hugging Face Hub\nUploads the chosen artefact with a model card "
+        "(base model, data, method, hyperparameters, losses, parity) in one commit."
+    )
     with gr.Row():
-        hub_artifact = gr.Dropdown(list(hub.ARTIFACTS), value="adapter", label="Artefact", scale=1,
-                                   elem_id="export-hub-artifact")
-        hub_repo = gr.Textbox("", label="Repository id", placeholder="your-name/my-tuned-model", scale=2,
-                              elem_id="export-hub-repo", info="OWNER/NAME; created if it does not exist")
+        hub_artifact = gr.Dropdown(
+            list(hub.ARTIFACTS), value="adapter", label="Artefact", scale=1, elem_id="export-hub-artifact"
+        )
+        hub_repo = gr.Textbox(
+            "",
+            label="Repository id",
+            placeholder="your-name/my-tuned-model",
+            scale=2,
+            elem_id="export-hub-repo",
+            info="OWNER/NAME; created if it does not exist",
+        )
         hub_private = gr.Checkbox(True, label="Private", scale=0, min_width=100, elem_id="export-hub-private")
-    token_info = ("A token with write access (https://huggingface.co/settings/tokens); used for this push only, "
-                  "never stored." + (" Empty: your Hugging Face sign-in." if ctx.oauth else "")
-                  + ("" if ctx.multi_user else " Empty: HF_TOKEN from the environment."))
-    hub_token_box = gr.Textbox("", label="Hugging Face token", type="password", elem_id="export-hub-token",
-                               info=token_info)
+    token_info = (
+        "A token with write access (https://huggingface.co/settings/tokens); used for this push only, "
+        "never stored."
+        + (" Empty: your Hugging Face sign-in." if ctx.oauth else "")
+        + ("" if ctx.multi_user else " Empty: HF_TOKEN from the environment.")
+    )
+    hub_token_box = gr.Textbox(
+        "", label="Hugging Face token", type="password", elem_id="export-hub-token", info=token_info
+    )
     with gr.Row():
         card_btn = gr.Button("Preview model card", elem_id="export-hub-card")
         push_btn = gr.Button("Push to the Hub", variant="primary", elem_id="export-hub-push")
     hub_result = gr.Markdown("", elem_id="export-hub-result")
-    card = gr.Code("", language="markdown", label="Model card (README.md of the repository)", interactive=False,
-                   visible=False, elem_id="export-hub-card-text", lines=12, max_lines=40)
+    card = gr.Code(
+        "",
+        language="markdown",
+        label="Model card (README.md of the repository)",
+        interactive=False,
+        visible=False,
+        elem_id="export-hub-card-text",
+        lines=12,
+        max_lines=40,
+    )
 
     def refresh(current, request: gr.Request = None):
         return run_picker(ctx, current, request)
@@ -194,8 +230,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             return "Pick a run.", "", gr.Dropdown()
         path = need_run(run_id, request)
         found = [a for a in artefacts(path) if a in hub.ARTIFACTS]
-        return (artefact_markdown(path), parity_text(path),
-                gr.Dropdown(choices=found or list(hub.ARTIFACTS), value=found[0] if found else "adapter"))
+        return (
+            artefact_markdown(path),
+            parity_text(path),
+            gr.Dropdown(choices=found or list(hub.ARTIFACTS), value=found[0] if found else "adapter"),
+        )
 
     def follow(jobs, path: Path, progress):
         """Run (label, fn, kwargs) jobs one after another, streaming their progress lines."""
@@ -225,8 +264,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             raise gr.Error("Choose at least one ONNX precision.")
         stop = threading.Event()
         yield gr.skip(), gr.skip(), gr.skip(), stop
-        jobs = [(f"ONNX {p}", export.export_onnx, {"run_dir": path, "precision": p, "stop": stop})
-                for p in chosen]
+        jobs = [(f"ONNX {p}", export.export_onnx, {"run_dir": path, "precision": p, "stop": stop}) for p in chosen]
         jobs.append(("Parity report (PyTorch vs ONNX)", export.write_parity_report, {"run_dir": path}))
         for out in follow(jobs, path, progress):
             yield (*out, stop)
@@ -257,14 +295,27 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return gr.Code(redact(text), visible=True)
 
     @engine_errors
-    def push(run_id, artifact, repo_id, private, pasted, request: gr.Request, oauth_token: gr.OAuthToken | None,
-             progress=gr.Progress()):
+    def push(
+        run_id,
+        artifact,
+        repo_id,
+        private,
+        pasted,
+        request: gr.Request,
+        oauth_token: gr.OAuthToken | None,
+        progress=gr.Progress(),
+    ):
         path = need_run(run_id, request)
         token = push_token(ctx, pasted, oauth_token)
         log: list[str] = [f"== Push {artifact} of {path.name} to {repo_id or '?'}"]
         progress(0.0, desc="Pushing to the Hub")
-        kwargs = {"run_dir": path, "artifact": artifact or "adapter", "repo_id": (repo_id or "").strip(),
-                  "private": bool(private), "token": token}
+        kwargs = {
+            "run_dir": path,
+            "artifact": artifact or "adapter",
+            "repo_id": (repo_id or "").strip(),
+            "private": bool(private),
+            "token": token,
+        }
         try:
             for kind, item in stream_progress(hub.push_to_hub, **kwargs):
                 if kind == "line":
@@ -274,29 +325,43 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 else:
                     url = hub.scrub(str(item), token)
                     log.append(f"Done: {url}")
-                    yield ("\n".join(log[-PROGRESS_LINES:]),
-                           f"Pushed **{escape_md(artifact)}** to [{escape_md(url)}]({url}) "
-                           f"({'private' if private else 'public'}).")
+                    yield (
+                        "\n".join(log[-PROGRESS_LINES:]),
+                        f"Pushed **{escape_md(artifact)}** to [{escape_md(url)}]({url}) "
+                        f"({'private' if private else 'public'}).",
+                    )
         except hub.HubError as err:
             raise gr.Error(hub.scrub(str(err), token), title="Push failed", print_exception=False) from None
 
     refresh_btn.click(refresh, inputs=run, outputs=run, show_progress="hidden", api_name="export_runs")
+
     def on_load(request: gr.Request):
         return refresh(None, request)
 
     gr.on(triggers=None, fn=on_load, inputs=None, outputs=run, show_progress="hidden")
-    run.change(show, inputs=run, outputs=[contents, parity, hub_artifact], show_progress="hidden",
-               api_name="export_contents")
-    merge_btn.click(merge, inputs=run, outputs=[status, contents, parity], concurrency_limit=1,
-                    concurrency_id="export")
-    onnx_btn.click(onnx, inputs=[run, precisions], outputs=[status, contents, parity, stop_state],
-                   concurrency_limit=1, concurrency_id="export")
+    run.change(
+        show, inputs=run, outputs=[contents, parity, hub_artifact], show_progress="hidden", api_name="export_contents"
+    )
+    merge_btn.click(merge, inputs=run, outputs=[status, contents, parity], concurrency_limit=1, concurrency_id="export")
+    onnx_btn.click(
+        onnx,
+        inputs=[run, precisions],
+        outputs=[status, contents, parity, stop_state],
+        concurrency_limit=1,
+        concurrency_id="export",
+    )
     stop_btn.click(request_stop, inputs=stop_state, outputs=None, concurrency_limit=None)
     for button, kind in ((dl_adapter, "adapter"), (dl_merged, "merged"), (dl_onnx, "onnx")):
         button.click(download(kind), inputs=run, outputs=files, api_name=f"download_{kind}")
     card_btn.click(preview_card, inputs=[run, hub_artifact, hub_repo], outputs=card, api_name="model_card")
-    push_btn.click(push, inputs=[run, hub_artifact, hub_repo, hub_private, hub_token_box],
-                   outputs=[status, hub_result], concurrency_limit=2, concurrency_id="hub-push", api_name="push")
+    push_btn.click(
+        push,
+        inputs=[run, hub_artifact, hub_repo, hub_private, hub_token_box],
+        outputs=[status, hub_result],
+        concurrency_limit=2,
+        concurrency_id="hub-push",
+        api_name="push",
+    )
     return SimpleNamespace(run=run, refresh=refresh)
 
 

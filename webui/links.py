@@ -9,6 +9,7 @@ buttons that lead from one tab to another.
 Imported only when a page is built (never by ``tunelab --help``), so gradio is imported
 at module level: handlers annotate ``gr.Request``, which must resolve here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ def user_banner(ctx):
             how = "Sign in with Hugging Face (button above)" if ctx.oauth else "Log in"
             return f"You are not signed in. {how} to upload data and train; each person's runs are private here."
         if (ctx.user_of(request) or "").startswith("session:"):
-            return ("Your runs are private to this page: reloading it starts a new workspace "
-                    "(the operator can add a login to keep them).")
+            return (
+                "Your runs are private to this page: reloading it starts a new workspace "
+                "(the operator can add a login to keep them)."
+            )
         return f"Signed in as **{escape_md(name)}**: only you see your data, runs and downloads."
 
     return whoami
@@ -78,9 +81,12 @@ def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs) -> None:
     runs.open.click(open_in_playground, inputs=runs.selected, outputs=[play.run, tabs], show_progress="hidden")
     # Runs -> Train: a resumed run is followed on the Train tab.
     runs.resume_dep.success(train.attach, inputs=runs.resumed, outputs=train.progress_outputs).then(
-        lambda: gr.Tabs(selected="train"), outputs=tabs)
+        lambda: gr.Tabs(selected="train"), outputs=tabs
+    )
     # Train -> Playground / Export once a run has finished.
-    train.open_playground.click(open_run(play.refresh, "playground"), inputs=train.run_dir,
-                                outputs=[play.run, tabs], show_progress="hidden")
-    train.open_export.click(open_run(export.refresh, "export"), inputs=train.run_dir,
-                            outputs=[export.run, tabs], show_progress="hidden")
+    train.open_playground.click(
+        open_run(play.refresh, "playground"), inputs=train.run_dir, outputs=[play.run, tabs], show_progress="hidden"
+    )
+    train.open_export.click(
+        open_run(export.refresh, "export"), inputs=train.run_dir, outputs=[export.run, tabs], show_progress="hidden"
+    )

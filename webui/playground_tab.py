@@ -10,6 +10,7 @@ bounds how many chats run at once for all users together.
 
 Launch alone: ``python -m webui.playground_tab``.
 """
+
 from __future__ import annotations
 
 import random
@@ -76,11 +77,15 @@ def backend_availability(run_dir: str | None, backend: str, onnx_precision: str 
         return False, "Pick a trained run above (train one on the **Train** tab)."
     run = Path(run_dir)
     if not ((run / "adapter").is_dir() or (run / "model").is_dir()):
-        return False, (f"Run **{escape_md(run.name)}** has no trained weights yet: wait for it to finish "
-                       "on the **Train** tab, or pick another run.")
+        return False, (
+            f"Run **{escape_md(run.name)}** has no trained weights yet: wait for it to finish "
+            "on the **Train** tab, or pick another run."
+        )
     if backend == "onnx" and not (run / "export" / f"onnx-{onnx_precision}").is_dir():
-        return False, (f"No ONNX {onnx_precision} export of **{escape_md(run.name)}** yet. Export it here "
-                       "(about a minute for the default model), or on the **Export** tab.")
+        return False, (
+            f"No ONNX {onnx_precision} export of **{escape_md(run.name)}** yet. Export it here "
+            "(about a minute for the default model), or on the **Export** tab."
+        )
     return True, ""
 
 
@@ -106,13 +111,17 @@ def stats_line(stats, backend: str) -> str:
     """Time to first token and tokens per second of one reply (engine GenerationStats)."""
     if stats is None:
         return ""
-    parts = [f"first token {stats.ttft_s:.2f} s", f"{stats.decode_tokens_per_s:.1f} tokens/s",
-             f"{stats.new_tokens} tokens"]
+    parts = [
+        f"first token {stats.ttft_s:.2f} s",
+        f"{stats.decode_tokens_per_s:.1f} tokens/s",
+        f"{stats.new_tokens} tokens",
+    ]
     if stats.decoder.startswith("speculative"):
         parts.append("speculative decoding")
     if stats.finish_reason != "eos":
-        parts.append({"length": "hit max new tokens", "stopped": "stopped"}.get(stats.finish_reason,
-                                                                               stats.finish_reason))
+        parts.append(
+            {"length": "hit max new tokens", "stopped": "stopped"}.get(stats.finish_reason, stats.finish_reason)
+        )
     return f'<span class="tl-stats" data-backend="{backend}">' + " &middot; ".join(parts) + "</span>"
 
 
@@ -126,8 +135,11 @@ def validation_example(run_dir: str, rng: random.Random) -> tuple[str, str, str]
     if not val:
         raise ValueError(f"Run {Path(run_dir).name} has no validation split (data.validation_split is 0).")
     conv = rng.choice(val)
-    last_assistant = max(i for i, m in enumerate(conv) if m["role"] == "assistant") if any(
-        m["role"] == "assistant" for m in conv) else len(conv)
+    last_assistant = (
+        max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+        if any(m["role"] == "assistant" for m in conv)
+        else len(conv)
+    )
     user_turns = [m for m in conv[:last_assistant] if m["role"] == "user"]
     system = next((m["content"] for m in conv if m["role"] == "system"), "")
     prompt = user_turns[-1]["content"] if user_turns else ""
@@ -142,19 +154,34 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     from engine import inference
 
     with gr.Row():
-        run = gr.Dropdown([], value=None, label="Run", scale=3, elem_id="play-run",
-                          info="The tuned columns use this run's adapter and its ONNX export")
-        onnx_precision = gr.Dropdown(["int4", "int8", "fp32"], value="int4", label="ONNX precision", scale=1,
-                                     min_width=110, elem_id="play-onnx-precision")
+        run = gr.Dropdown(
+            [],
+            value=None,
+            label="Run",
+            scale=3,
+            elem_id="play-run",
+            info="The tuned columns use this run's adapter and its ONNX export",
+        )
+        onnx_precision = gr.Dropdown(
+            ["int4", "int8", "fp32"],
+            value="int4",
+            label="ONNX precision",
+            scale=1,
+            min_width=110,
+            elem_id="play-onnx-precision",
+        )
         refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=90)
-    system = gr.Textbox("", label="System prompt", placeholder="Optional; the same for the three models",
-                        lines=1, elem_id="play-system")
+    system = gr.Textbox(
+        "", label="System prompt", placeholder="Optional; the same for the three models", lines=1, elem_id="play-system"
+    )
     with gr.Accordion("Generation settings (shared by the three)", open=False, elem_id="play-settings"):
         with gr.Row():
-            max_new_tokens = gr.Number(128, label="Max new tokens", precision=0, minimum=1, maximum=4096,
-                                       elem_id="play-max-new")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
-                                    info="0 = greedy (deterministic)")
+            max_new_tokens = gr.Number(
+                128, label="Max new tokens", precision=0, minimum=1, maximum=4096, elem_id="play-max-new"
+            )
+            temperature = gr.Slider(
+                0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy (deterministic)"
+            )
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
             repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
 
@@ -162,11 +189,17 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     with gr.Row(equal_height=True):
         for backend in BACKENDS:
             with gr.Column(min_width=260):
-                chatbots[backend] = gr.Chatbot(label=TITLES[backend], height=380, elem_id=f"play-chat-{backend}",
-                                               buttons=["copy"], feedback_options=None)
+                chatbots[backend] = gr.Chatbot(
+                    label=TITLES[backend],
+                    height=380,
+                    elem_id=f"play-chat-{backend}",
+                    buttons=["copy"],
+                    feedback_options=None,
+                )
                 stats_boxes[backend] = gr.HTML("", elem_id=f"play-stats-{backend}")
-                notices[backend] = gr.Markdown("", visible=False, elem_id=f"play-notice-{backend}",
-                                               elem_classes=["tl-note"])
+                notices[backend] = gr.Markdown(
+                    "", visible=False, elem_id=f"play-notice-{backend}", elem_classes=["tl-note"]
+                )
                 if backend == "onnx":
                     fix_buttons[backend] = gr.Button("Export to ONNX now", visible=False, elem_id="play-export-onnx")
                 elif backend == "tuned":
@@ -216,8 +249,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     def make_answer(backend: str):
         @engine_errors
-        def answer(text, column: Column, run_id, system_v, max_new, temp, top_p_v, rep, onnx_prec,
-                   request: gr.Request):
+        def answer(text, column: Column, run_id, system_v, max_new, temp, top_p_v, rep, onnx_prec, request: gr.Request):
             if not text:
                 return
             run_dir = run_path(run_id, request)  # the base column uses the run's base model
@@ -227,8 +259,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 return
             history = column.history + [{"role": "user", "content": text}]
             settings = inference.GenerationSettings(
-                max_new_tokens=int(max_new or 128), temperature=float(temp or 0.0), top_p=float(top_p_v or 1.0),
-                repetition_penalty=float(rep or 1.0))
+                max_new_tokens=int(max_new or 128),
+                temperature=float(temp or 0.0),
+                top_p=float(top_p_v or 1.0),
+                repetition_penalty=float(rep or 1.0),
+            )
             column.stop = threading.Event()
             reply, stats = "", None
             target = run_dir or ctx.model_choices()[0]
@@ -236,8 +271,12 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             stop = column.stop
             turn = torch_on_cpu()
             if turn and not DECODE_LOCK.acquire(blocking=False):
-                yield history + [{"role": "assistant", "content": "(waiting: on this CPU the models answer one "
-                                                                  "at a time)"}], "", column
+                yield (
+                    history
+                    + [{"role": "assistant", "content": "(waiting: on this CPU the models answer one at a time)"}],
+                    "",
+                    column,
+                )
                 while not DECODE_LOCK.acquire(timeout=0.25):
                     if stop.is_set():
                         column.history = history + [{"role": "assistant", "content": "(stopped)"}]
@@ -245,14 +284,19 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                         return
             try:
                 if not inference.is_loaded(target, backend, precision):
-                    yield history + [{"role": "assistant", "content": f"(loading the {TITLES[backend]} model...)"}], \
-                        "", column
+                    yield (
+                        history + [{"role": "assistant", "content": f"(loading the {TITLES[backend]} model...)"}],
+                        "",
+                        column,
+                    )
                     with MODEL_LOAD_LOCK:  # one load at a time: parallel from_pretrained calls break each other
                         inference.load_chat_model(target, backend, precision=precision)
                 events = iterate_in_thread(
-                    lambda: inference.stream_chat(target, backend, history, settings, system=system_v or None,
-                                                  stop=stop, precision=precision),
-                    on_close=stop.set)
+                    lambda: inference.stream_chat(
+                        target, backend, history, settings, system=system_v or None, stop=stop, precision=precision
+                    ),
+                    on_close=stop.set,
+                )
                 shown_at = 0.0
                 for event in events:
                     if event.kind == "status":
@@ -310,37 +354,66 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     # ---- events
     refresh_btn.click(refresh, inputs=run, outputs=run, show_progress="hidden", api_name="playground_runs")
-    run.change(show_availability, inputs=[run, onnx_precision], outputs=availability_outputs,
-               show_progress="hidden")
-    gr.on(triggers=None, fn=lambda: show_availability(None), inputs=None, outputs=availability_outputs,
-          show_progress="hidden")
+    run.change(show_availability, inputs=[run, onnx_precision], outputs=availability_outputs, show_progress="hidden")
+    gr.on(
+        triggers=None,
+        fn=lambda: show_availability(None),
+        inputs=None,
+        outputs=availability_outputs,
+        show_progress="hidden",
+    )
+
     def on_load(request: gr.Request):
         return refresh(None, request)
 
     gr.on(triggers=None, fn=on_load, inputs=None, outputs=run, show_progress="hidden")
-    started = gr.on([send_btn.click, prompt.submit], take_prompt, inputs=prompt, outputs=[prompt, pending],
-                    show_progress="hidden")
+    started = gr.on(
+        [send_btn.click, prompt.submit], take_prompt, inputs=prompt, outputs=[prompt, pending], show_progress="hidden"
+    )
     answer_events = []
     for backend in BACKENDS:
-        answer_events.append(started.success(
-            make_answer(backend),
-            inputs=[pending, col_states[backend], run, system, max_new_tokens, temperature, top_p,
-                    repetition_penalty, onnx_precision],
-            outputs=[chatbots[backend], stats_boxes[backend], col_states[backend]],
-            concurrency_limit=ctx.chat_concurrency, concurrency_id=f"chat-{backend}",
-            show_progress="minimal",
-        ))
+        answer_events.append(
+            started.success(
+                make_answer(backend),
+                inputs=[
+                    pending,
+                    col_states[backend],
+                    run,
+                    system,
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                    repetition_penalty,
+                    onnx_precision,
+                ],
+                outputs=[chatbots[backend], stats_boxes[backend], col_states[backend]],
+                concurrency_limit=ctx.chat_concurrency,
+                concurrency_id=f"chat-{backend}",
+                show_progress="minimal",
+            )
+        )
     columns = [col_states[b] for b in BACKENDS]
     # Stop sets each column's stop flag: the generators end after the current token and
     # still report their statistics (cancelling the events would lose them).
     stop_btn.click(stop_all, inputs=columns, outputs=None, concurrency_limit=None, show_progress="hidden")
-    clear_btn.click(clear, inputs=columns,
-                    outputs=[*(chatbots[b] for b in BACKENDS), *(stats_boxes[b] for b in BACKENDS), *columns,
-                             reference], cancels=answer_events, show_progress="hidden")
+    clear_btn.click(
+        clear,
+        inputs=columns,
+        outputs=[*(chatbots[b] for b in BACKENDS), *(stats_boxes[b] for b in BACKENDS), *columns, reference],
+        cancels=answer_events,
+        show_progress="hidden",
+    )
     example_btn.click(try_example, inputs=[run, rng_state], outputs=[system, prompt, reference, rng_state])
-    fix_buttons["onnx"].click(export_onnx, inputs=[run, onnx_precision], outputs=availability_outputs,
-                              concurrency_limit=1, concurrency_id="export")
-    onnx_precision.change(show_availability, inputs=[run, onnx_precision], outputs=availability_outputs, show_progress="hidden")
+    fix_buttons["onnx"].click(
+        export_onnx,
+        inputs=[run, onnx_precision],
+        outputs=availability_outputs,
+        concurrency_limit=1,
+        concurrency_id="export",
+    )
+    onnx_precision.change(
+        show_availability, inputs=[run, onnx_precision], outputs=availability_outputs, show_progress="hidden"
+    )
     if links.tabs is not None:
         fix_buttons["tuned"].click(lambda: gr.Tabs(selected="train"), outputs=links.tabs)
     return SimpleNamespace(run=run, refresh=refresh, prompt=prompt, send=send_btn, chatbots=chatbots)

@@ -4,6 +4,7 @@ in the playground.
 
 Launch alone: ``python -m webui.runs_tab``.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,7 @@ from webui.common import (
     standalone_tab,
 )
 
-PALETTE = ["#6366f1", "#f97316", "#10b981", "#ef4444", "#0ea5e9", "#a855f7", "#eab308", "#14b8a6", "#ec4899",
-           "#64748b"]
+PALETTE = ["#6366f1", "#f97316", "#10b981", "#ef4444", "#0ea5e9", "#a855f7", "#eab308", "#14b8a6", "#ec4899", "#64748b"]
 COLUMNS = ["Run", "Status", "Method", "Model", "Data", "Steps", "Train loss", "Eval loss", "Duration", "Created"]
 
 
@@ -70,18 +70,20 @@ def run_table(runs_dir: Path) -> tuple[list[list], list[str]]:
         base_eval = info.get("base_eval_loss")
         eval_text = fmt_number(eval_loss) + (f" (base {fmt_number(base_eval)})" if base_eval is not None else "")
         step = info.get("step")
-        rows.append([
-            info["run_id"],
-            info.get("state") + (f": {info['error_class']}" if info.get("error_class") else ""),
-            info.get("method") or "-",
-            Path(str(info.get("model") or "-")).name,
-            Path(str(info.get("data") or "-")).name,
-            f"{step}/{info.get('max_steps') or '?'}" if step is not None else "-",
-            fmt_number(losses.get("loss")),
-            eval_text,
-            fmt_duration(duration),
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(info["created_at"])) if info.get("created_at") else "-",
-        ])
+        rows.append(
+            [
+                info["run_id"],
+                info.get("state") + (f": {info['error_class']}" if info.get("error_class") else ""),
+                info.get("method") or "-",
+                Path(str(info.get("model") or "-")).name,
+                Path(str(info.get("data") or "-")).name,
+                f"{step}/{info.get('max_steps') or '?'}" if step is not None else "-",
+                fmt_number(losses.get("loss")),
+                eval_text,
+                fmt_duration(duration),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(info["created_at"])) if info.get("created_at") else "-",
+            ]
+        )
         ids.append(info["run_id"])
     return rows, ids
 
@@ -125,8 +127,11 @@ def run_details(runs_dir: Path, run_id: str | None) -> str:
         parts = []
         for name, value in ev.items():
             if isinstance(value, dict):  # {"base": {"loss": ...}, "tuned": {...}}
-                parts += [f"{name} {k.replace('_', ' ')} {fmt_number(v)}" for k, v in value.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                parts += [
+                    f"{name} {k.replace('_', ' ')} {fmt_number(v)}"
+                    for k, v in value.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                ]
             elif isinstance(value, (int, float, str)):
                 parts.append(f"{name.replace('_', ' ')} {fmt_number(value)}")
         lines.append(f"Validation (held-out split): {escape_md(', '.join(parts))}")
@@ -140,15 +145,23 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     rows, ids = [], []  # filled when the page loads
     with gr.Row():
         refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=90, elem_id="runs-refresh")
-    table = gr.Dataframe(headers=COLUMNS, value=rows, interactive=False, wrap=True, elem_id="runs-table",
-                         label="Runs (newest first)", max_height=360)
+    table = gr.Dataframe(
+        headers=COLUMNS,
+        value=rows,
+        interactive=False,
+        wrap=True,
+        elem_id="runs-table",
+        label="Runs (newest first)",
+        max_height=360,
+    )
     with gr.Row():
         with gr.Column(scale=2):
             compare = gr.CheckboxGroup(ids, value=ids[:3], label="Compare loss curves", elem_id="runs-compare")
             series = gr.Radio([("Train loss", "train"), ("Eval loss", "eval")], value="train", label="Curve")
         with gr.Column(scale=3):
-            curves = gr.LinePlot(None, x="step", y="loss", color="run", title="Loss by run", height=300,
-                                 elem_id="runs-curves")
+            curves = gr.LinePlot(
+                None, x="step", y="loss", color="run", title="Loss by run", height=300, elem_id="runs-curves"
+            )
     with gr.Row():
         selected = gr.Dropdown(ids, value=ids[0] if ids else None, label="Run", elem_id="runs-selected", scale=2)
         resume_btn = gr.Button("Resume", elem_id="runs-resume", scale=1)
@@ -221,11 +234,19 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return str(run_dir)
 
     refresh_outputs = [table, compare, selected]
-    refresh_btn.click(refresh, inputs=[selected, compare], outputs=refresh_outputs, show_progress="hidden",
-                      api_name="list_runs")
-    gr.on([compare.change, series.change], plot, inputs=[compare, series], outputs=curves, show_progress="hidden",
-          api_name="loss_curves")
+    refresh_btn.click(
+        refresh, inputs=[selected, compare], outputs=refresh_outputs, show_progress="hidden", api_name="list_runs"
+    )
+    gr.on(
+        [compare.change, series.change],
+        plot,
+        inputs=[compare, series],
+        outputs=curves,
+        show_progress="hidden",
+        api_name="loss_curves",
+    )
     table.select(pick_row, inputs=table, outputs=selected, show_progress="hidden")
+
     @engine_errors
     def details_of(run_id, request: gr.Request):
         if not run_id:
@@ -236,17 +257,26 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     selected.change(details_of, inputs=selected, outputs=details, show_progress="hidden", api_name="run_details")
     delete_btn.click(ask_delete, inputs=selected, outputs=[confirm_row, confirm_md])
     cancel_btn.click(lambda: gr.Row(visible=False), outputs=confirm_row)
-    confirm_btn.click(delete, inputs=[selected, compare], outputs=[confirm_row, *refresh_outputs], api_name="delete_run")
+    confirm_btn.click(
+        delete, inputs=[selected, compare], outputs=[confirm_row, *refresh_outputs], api_name="delete_run"
+    )
     resumed = gr.State(None)  # the run directory just resumed (the app hands it to the Train tab)
     resume_dep = resume_btn.click(resume, inputs=selected, outputs=resumed, api_name="resume_run")
+
     def on_load(request: gr.Request):
         return refresh(None, None, request)
 
-    gr.on(triggers=None, fn=on_load, inputs=None, outputs=refresh_outputs,
-          show_progress="hidden")
+    gr.on(triggers=None, fn=on_load, inputs=None, outputs=refresh_outputs, show_progress="hidden")
     return SimpleNamespace(
-        table=table, selected=selected, open=open_btn, resume=resume_btn, resume_dep=resume_dep, resumed=resumed,
-        refresh=refresh, refresh_inputs=[selected, compare], outputs=refresh_outputs,
+        table=table,
+        selected=selected,
+        open=open_btn,
+        resume=resume_btn,
+        resume_dep=resume_dep,
+        resumed=resumed,
+        refresh=refresh,
+        refresh_inputs=[selected, compare],
+        outputs=refresh_outputs,
     )
 
 

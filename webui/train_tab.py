@@ -10,6 +10,7 @@ is redrawn only when new points arrive. Reloading the page re-attaches to the ac
 
 Launch alone: ``python -m webui.train_tab``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,6 +22,7 @@ from typing import Any
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
+from engine.config import RunConfig
 from webui.common import (
     AppContext,
     engine_errors,
@@ -31,7 +33,6 @@ from webui.common import (
     plot_frame,
     standalone_tab,
 )
-from engine.config import RunConfig
 from webui.links import dataset_summary
 
 METHOD_CHOICES = [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora"), ("DoRA", "dora"), ("Full fine-tune", "full")]
@@ -42,13 +43,13 @@ LOG_LINES = 40
 # engine.runs.ERROR_CLASSES).
 FAILURE_ADVICE = {
     "out of memory": "The model did not fit. Lower the batch size (raise gradient accumulation to keep the "
-                     "effective batch), lower the cutoff length, turn on gradient checkpointing, or use QLoRA.",
+    "effective batch), lower the cutoff length, turn on gradient checkpointing, or use QLoRA.",
     "bad data": "The dataset has a problem: open the Data tab, fix the listed lines, or choose to skip bad records.",
     "config error": "A setting is invalid: the message names the field; correct it and start again.",
     "model not found": "The model could not be loaded: use the embedded model or an existing local directory "
-                       "(the Hub is not reachable without a network).",
+    "(the Hub is not reachable without a network).",
     "killed": "The process was killed (often the system ran out of memory, or the machine restarted): lower the "
-              "batch size or cutoff length, then resume the run from the Runs tab.",
+    "batch size or cutoff length, then resume the run from the Runs tab.",
     "aborted": "The run was stopped. Resume it from its last checkpoint on the Runs tab, or start a new one.",
 }
 
@@ -134,8 +135,12 @@ def build_config(form: FormValues, dataset: dict | None, runs_dir: Path):
             "max_records": dataset.get("max_records") or None,
         },
         "method": {
-            "name": form.method, "r": num(form.r, int, 16), "alpha": num(form.alpha, int, 32),
-            "dropout": num(form.dropout, float, 0.0), "target_modules": targets, "use_rslora": bool(form.use_rslora),
+            "name": form.method,
+            "r": num(form.r, int, 16),
+            "alpha": num(form.alpha, int, 32),
+            "dropout": num(form.dropout, float, 0.0),
+            "target_modules": targets,
+            "use_rslora": bool(form.use_rslora),
         },
         "training": {
             "num_epochs": num(form.num_epochs, float, 1.0),
@@ -156,7 +161,8 @@ def build_config(form: FormValues, dataset: dict | None, runs_dir: Path):
             "seed": num(form.seed, int, 42),
         },
         "distributed": {
-            "deepspeed": form.deepspeed, "num_processes": num(form.num_processes, int, 1),
+            "deepspeed": form.deepspeed,
+            "num_processes": num(form.num_processes, int, 1),
             "offload": bool(form.offload),
         },
         "output": {"runs_dir": str(runs_dir), "run_id": (form.run_name or "").strip() or None},
@@ -169,7 +175,6 @@ def build_config(form: FormValues, dataset: dict | None, runs_dir: Path):
 def command_preview(form: FormValues, dataset: dict | None, runs_dir: Path) -> str:
     """The command line that Start would run (the run id is a placeholder until it starts)."""
     from engine import launch
-
     from engine.security import redact
 
     cfg = build_config(form, dataset, runs_dir)
@@ -216,17 +221,19 @@ def catalog_choices() -> list[tuple[str, str]]:
 
 
 def comparison_markdown(rec, model_ref: str, dataset: dict | None) -> str:
-    basis = (f"{dataset['train']} training examples" if dataset else "1000 examples (no dataset chosen yet)")
-    return (f"Estimated for **{escape_md(model_ref)}** on this machine, {basis}, one epoch:\n\n" + rec.table())
+    basis = f"{dataset['train']} training examples" if dataset else "1000 examples (no dataset chosen yet)"
+    return f"Estimated for **{escape_md(model_ref)}** on this machine, {basis}, one epoch:\n\n" + rec.table()
 
 
 def reasons_markdown(rec) -> str:
     profile = hardware_profile()
     lines = [f"**Hardware:** {escape_md(profile.summary())}", "", "**Recommendation**", ""]
     plan = {
-        "precision": rec.precision, "method": rec.method,
+        "precision": rec.precision,
+        "method": rec.method,
         "batch_size": f"{rec.batch_size} x {rec.gradient_accumulation_steps} accumulation",
-        "deepspeed": rec.deepspeed, "launcher": f"{rec.launcher} ({rec.num_processes} process(es))",
+        "deepspeed": rec.deepspeed,
+        "launcher": f"{rec.launcher} ({rec.num_processes} process(es))",
         "gradient_checkpointing": "on" if rec.gradient_checkpointing else "off",
     }
     for key, value in plan.items():
@@ -327,7 +334,7 @@ def progress_html(status: dict, last: dict, run_dir: str) -> str:
         parts.append("starting")
     return (
         f'<div class="tl-status" id="train-progress" data-state="{state}" data-percent="{pct}">'
-        f'<div>{" &middot; ".join(parts)}</div>'
+        f"<div>{' &middot; '.join(parts)}</div>"
         f'<div class="tl-progress" role="progressbar" aria-valuenow="{pct}" aria-valuemin="0" aria-valuemax="100">'
         f'<div style="width:{pct}%"></div></div></div>'
     )
@@ -343,8 +350,11 @@ def failure_markdown(status: dict) -> str:
         return ""
     cls = status.get("error_class") or ("aborted" if state == "aborted" else "error")
     message = status.get("error") or status.get("message") or status.get("error_message") or ""
-    advice = status.get("hint") or FAILURE_ADVICE.get(cls) or (
-        "Read the log tail below for the cause; fix it and start again (the run directory keeps everything).")
+    advice = (
+        status.get("hint")
+        or FAILURE_ADVICE.get(cls)
+        or ("Read the log tail below for the cause; fix it and start again (the run directory keeps everything).")
+    )
     head = "Training stopped" if state == "aborted" else "Training failed"
     exit_code = status.get("exit_code")
     lines = [f"### {head}: {escape_md(cls)}"]
@@ -415,7 +425,8 @@ def check_run_allowed(cfg, dataset: dict | None, limits) -> None:
     if limits.enabled and records > limits.max_records:
         raise security.UnsafeInputError(
             f"This is a demo with limits: the dataset has {records} usable records (at most {limits.max_records}); "
-            "upload a smaller file.")
+            "upload a smaller file."
+        )
 
 
 def check_dataset_path(ctx: AppContext, request, dataset: dict | None) -> None:
@@ -426,8 +437,9 @@ def check_dataset_path(ctx: AppContext, request, dataset: dict | None) -> None:
         return
     path = Path(str(dataset.get("path") or ""))
     if not (owns(ctx.samples_dir, path) or owns(ctx.runs_for(request), path)):
-        raise gr.Error(f"The dataset {path.name!r} is not one of your uploads: load it again on the Data tab.",
-                       title="Refused")
+        raise gr.Error(
+            f"The dataset {path.name!r} is not one of your uploads: load it again on the Data tab.", title="Refused"
+        )
 
 
 # --------------------------------------------------------------------------- layout
@@ -439,15 +451,15 @@ def unfilled_question(dataset: dict | None) -> str | None:
     if not unfilled:
         return None
     names = ", ".join("{{" + name + "}}" for name in unfilled)
-    return (f"{dataset.get('name', 'The dataset')} holds placeholders that nothing fills: {names}. The model would "
-            f"learn them as they are. Fill them on the Data tab (Fill placeholders, e.g. "
-            f"{' '.join(n + '=...' for n in unfilled)}) and inspect again, or press Start again to train with them.")
+    return (
+        f"{dataset.get('name', 'The dataset')} holds placeholders that nothing fills: {names}. The model would "
+        f"learn them as they are. Fill them on the Data tab (Fill placeholders, e.g. "
+        f"{' '.join(n + '=...' for n in unfilled)}) and inspect again, or press Start again to train with them."
+    )
 
 
 def build(ctx: AppContext, links) -> SimpleNamespace:
-    from engine.config import (DEEPSPEED_STAGES, PRECISIONS, SCHEDULERS, MethodConfig, TrainingConfig,
-                               field_help)
-
+    from engine.config import DEEPSPEED_STAGES, PRECISIONS, SCHEDULERS, MethodConfig, TrainingConfig, field_help
     from engine.security import DemoLimits
 
     demo = DemoLimits.from_env()  # a public demo (TUNELAB_DEMO=1) limits steps, models and methods
@@ -460,107 +472,224 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     dataset_md = gr.Markdown(dataset_summary(None), elem_id="train-dataset")
     if demo.enabled:
-        gr.Markdown(f"This is a public demo: at most {demo.max_steps} steps, cutoff {demo.max_length} tokens, "
-                    f"methods {', '.join(demo.methods)}, one process.", elem_classes=["tl-note"])
+        gr.Markdown(
+            f"This is a public demo: at most {demo.max_steps} steps, cutoff {demo.max_length} tokens, "
+            f"methods {', '.join(demo.methods)}, one process.",
+            elem_classes=["tl-note"],
+        )
     with gr.Row():
         with gr.Column(scale=3):
-            model = gr.Dropdown([(m, m) for m in models] + ([] if demo.enabled else catalog_choices()),
-                                value=models[0], allow_custom_value=not demo.enabled, label="Model",
-                                elem_id="train-model",
-                                info="The embedded SmolLM2-135M-Instruct, a listed Hub model (size and what it "
-                                     "needs shown; estimates below), a local directory, or a Hub id (org/name)")
-            method = gr.Radio([c for c in METHOD_CHOICES if not demo.enabled or c[1] in demo.methods], value="lora",
-                              label="Method", elem_id="train-method")
+            model = gr.Dropdown(
+                [(m, m) for m in models] + ([] if demo.enabled else catalog_choices()),
+                value=models[0],
+                allow_custom_value=not demo.enabled,
+                label="Model",
+                elem_id="train-model",
+                info="The embedded SmolLM2-135M-Instruct, a listed Hub model (size and what it "
+                "needs shown; estimates below), a local directory, or a Hub id (org/name)",
+            )
+            method = gr.Radio(
+                [c for c in METHOD_CHOICES if not demo.enabled or c[1] in demo.methods],
+                value="lora",
+                label="Method",
+                elem_id="train-method",
+            )
         with gr.Column(scale=2):
             apply_btn = gr.Button("Apply recommendation", elem_id="train-apply", variant="secondary")
-            gr.Markdown("Sets precision, method, batch size, accumulation, checkpointing and DeepSpeed "
-                        "to the plan below.")
+            gr.Markdown(
+                "Sets precision, method, batch size, accumulation, checkpointing and DeepSpeed to the plan below."
+            )
     with gr.Accordion("This model on this hardware: methods compared, and the recommendation", open=True):
         comparison = gr.Markdown(elem_id="train-comparison")
         reasons = gr.Markdown(elem_id="train-reasons")
 
     with gr.Accordion("Hyperparameters", open=True):
         with gr.Row():
-            num_epochs = gr.Number(1.0, label="Epochs (passes)", minimum=0.01, step=0.5, info=th["num_epochs"],
-                                   elem_id="train-epochs")
-            max_steps = gr.Number(start_steps, label="Max steps (optimizer steps, -1 = use epochs)", precision=0,
-                                  minimum=-1, info=th["max_steps"], elem_id="train-max-steps")
-            learning_rate = gr.Number(0, label="Learning rate (0 = the method's default)",
-                                      minimum=0, step=1e-5, info=th["learning_rate"], elem_id="train-lr")
-            lr_scheduler = gr.Dropdown(list(SCHEDULERS), value="cosine", label="LR schedule",
-                                       info=th["lr_scheduler"])
+            num_epochs = gr.Number(
+                1.0, label="Epochs (passes)", minimum=0.01, step=0.5, info=th["num_epochs"], elem_id="train-epochs"
+            )
+            max_steps = gr.Number(
+                start_steps,
+                label="Max steps (optimizer steps, -1 = use epochs)",
+                precision=0,
+                minimum=-1,
+                info=th["max_steps"],
+                elem_id="train-max-steps",
+            )
+            learning_rate = gr.Number(
+                0,
+                label="Learning rate (0 = the method's default)",
+                minimum=0,
+                step=1e-5,
+                info=th["learning_rate"],
+                elem_id="train-lr",
+            )
+            lr_scheduler = gr.Dropdown(list(SCHEDULERS), value="cosine", label="LR schedule", info=th["lr_scheduler"])
         with gr.Row():
-            batch_size = gr.Number(4, label="Batch size (examples / device)", precision=0, minimum=1,
-                                   info=th["batch_size"], elem_id="train-batch")
-            grad_accum = gr.Number(1, label="Gradient accumulation (steps)", precision=0, minimum=1,
-                                   info=th["gradient_accumulation_steps"], elem_id="train-accum")
-            warmup_ratio = gr.Number(0.05, label="Warm-up (fraction of steps)", minimum=0, maximum=0.99, step=0.01,
-                                     info=th["warmup_ratio"])
+            batch_size = gr.Number(
+                4,
+                label="Batch size (examples / device)",
+                precision=0,
+                minimum=1,
+                info=th["batch_size"],
+                elem_id="train-batch",
+            )
+            grad_accum = gr.Number(
+                1,
+                label="Gradient accumulation (steps)",
+                precision=0,
+                minimum=1,
+                info=th["gradient_accumulation_steps"],
+                elem_id="train-accum",
+            )
+            warmup_ratio = gr.Number(
+                0.05, label="Warm-up (fraction of steps)", minimum=0, maximum=0.99, step=0.01, info=th["warmup_ratio"]
+            )
             weight_decay = gr.Number(0.0, label="Weight decay", minimum=0, step=0.01, info=th["weight_decay"])
         with gr.Row():
-            precision = gr.Dropdown(list(PRECISIONS), value="auto", label="Precision", info=th["precision"],
-                                    elem_id="train-precision")
+            precision = gr.Dropdown(
+                list(PRECISIONS), value="auto", label="Precision", info=th["precision"], elem_id="train-precision"
+            )
             logging_steps = gr.Number(1, label="Log every (steps)", precision=0, minimum=1, info=th["logging_steps"])
-            eval_steps = gr.Number(0, label="Evaluate every (steps, 0 = at the end)", precision=0, minimum=0,
-                                   info=th["eval_steps"], elem_id="train-eval-steps")
-            save_steps = gr.Number(50, label="Checkpoint every (steps)", precision=0, minimum=1,
-                                   info=th["save_steps"])
+            eval_steps = gr.Number(
+                0,
+                label="Evaluate every (steps, 0 = at the end)",
+                precision=0,
+                minimum=0,
+                info=th["eval_steps"],
+                elem_id="train-eval-steps",
+            )
+            save_steps = gr.Number(50, label="Checkpoint every (steps)", precision=0, minimum=1, info=th["save_steps"])
             seed = gr.Number(42, label="Seed", precision=0, info=th["seed"])
         with gr.Row():
             assistant_only = gr.Checkbox(True, label="Loss on assistant tokens only", info=th["assistant_only_loss"])
             packing = gr.Checkbox(False, label="Packing", info=th["packing"])
-            grad_ckpt = gr.Checkbox(False, label="Gradient checkpointing", info=th["gradient_checkpointing"],
-                                    elem_id="train-grad-ckpt")
+            grad_ckpt = gr.Checkbox(
+                False, label="Gradient checkpointing", info=th["gradient_checkpointing"], elem_id="train-grad-ckpt"
+            )
     with gr.Accordion("LoRA options", open=False) as lora_box:
         with gr.Row():
             lora_r = gr.Number(16, label="Rank r", precision=0, minimum=1, info=mh["r"], elem_id="train-lora-r")
             lora_alpha = gr.Number(32, label="Alpha", precision=0, minimum=1, info=mh["alpha"])
-            lora_dropout = gr.Number(0.05, label="Dropout (probability)", minimum=0, maximum=0.99, step=0.01,
-                                     info=mh["dropout"])
+            lora_dropout = gr.Number(
+                0.05, label="Dropout (probability)", minimum=0, maximum=0.99, step=0.01, info=mh["dropout"]
+            )
             target_modules = gr.Textbox("all-linear", label="Target modules", info=mh["target_modules"])
             use_rslora = gr.Checkbox(False, label="rsLoRA", info=mh["use_rslora"])
     with gr.Accordion("Distributed (DeepSpeed)", open=False):
         with gr.Row():
-            deepspeed = gr.Dropdown(list(DEEPSPEED_STAGES), value="none", label="DeepSpeed ZeRO stage",
-                                    info="zero2 shards gradients and optimizer states; zero3 the weights too",
-                                    elem_id="train-deepspeed", interactive=not demo.enabled)
-            num_processes = gr.Number(1, label="Processes (one per GPU)", precision=0, minimum=1,
-                                      info="More than 1 uses accelerate launch", elem_id="train-nproc",
-                                      interactive=not demo.enabled)
-            offload = gr.Checkbox(False, label="Offload to CPU", info="ZeRO: optimizer states (and zero3 weights)",
-                                  interactive=not demo.enabled)
+            deepspeed = gr.Dropdown(
+                list(DEEPSPEED_STAGES),
+                value="none",
+                label="DeepSpeed ZeRO stage",
+                info="zero2 shards gradients and optimizer states; zero3 the weights too",
+                elem_id="train-deepspeed",
+                interactive=not demo.enabled,
+            )
+            num_processes = gr.Number(
+                1,
+                label="Processes (one per GPU)",
+                precision=0,
+                minimum=1,
+                info="More than 1 uses accelerate launch",
+                elem_id="train-nproc",
+                interactive=not demo.enabled,
+            )
+            offload = gr.Checkbox(
+                False,
+                label="Offload to CPU",
+                info="ZeRO: optimizer states (and zero3 weights)",
+                interactive=not demo.enabled,
+            )
     with gr.Accordion("Model code", open=False):
         trust_remote_code = gr.Checkbox(
-            False, label="Trust remote code", elem_id="train-trust-remote-code",
+            False,
+            label="Trust remote code",
+            elem_id="train-trust-remote-code",
             info="Run Python code shipped with a Hub model. Refused unless the operator sets "
-                 "TUNELAB_ALLOW_REMOTE_CODE=1.")
-    run_name = gr.Textbox("", label="Run name (optional)", placeholder="generated from the date, model and method",
-                          elem_id="train-run-name")
-    command = gr.Code("", language="shell", label="Command that will run (copy it to run on a cluster)",
-                      interactive=False, elem_id="train-command", lines=2)
+            "TUNELAB_ALLOW_REMOTE_CODE=1.",
+        )
+    run_name = gr.Textbox(
+        "",
+        label="Run name (optional)",
+        placeholder="generated from the date, model and method",
+        elem_id="train-run-name",
+    )
+    command = gr.Code(
+        "",
+        language="shell",
+        label="Command that will run (copy it to run on a cluster)",
+        interactive=False,
+        elem_id="train-command",
+        lines=2,
+    )
     with gr.Row():
         start_btn = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop", interactive=False)
 
     gr.Markdown("#### Progress")
-    progress = gr.HTML('<div class="tl-status" id="train-progress" data-state="idle">No training yet.</div>',
-                       elem_id="train-progress-box")
+    progress = gr.HTML(
+        '<div class="tl-status" id="train-progress" data-state="idle">No training yet.</div>',
+        elem_id="train-progress-box",
+    )
     failure = gr.Markdown("", visible=False, elem_id="train-failure", elem_classes=["tl-fail"])
-    loss_plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="series", title="Loss",
-                            height=300, elem_id="train-loss", x_title="step", y_title="loss",
-                            color_map={"train": "#6366f1", "eval": "#f97316"})
-    log_tail = gr.Code("", language=None, label=f"Log (last {LOG_LINES} lines)", interactive=False, lines=10,
-                       max_lines=20, elem_id="train-log")
+    loss_plot = gr.LinePlot(
+        loss_frame([]),
+        x="step",
+        y="loss",
+        color="series",
+        title="Loss",
+        height=300,
+        elem_id="train-loss",
+        x_title="step",
+        y_title="loss",
+        color_map={"train": "#6366f1", "eval": "#f97316"},
+    )
+    log_tail = gr.Code(
+        "",
+        language=None,
+        label=f"Log (last {LOG_LINES} lines)",
+        interactive=False,
+        lines=10,
+        max_lines=20,
+        elem_id="train-log",
+    )
     with gr.Row(visible=False) as after_row:
         open_playground = gr.Button("Chat with it in the Playground", elem_id="train-open-playground")
         open_export = gr.Button("Export it", elem_id="train-open-export")
     current_run = gr.State(None)  # run directory (str) this page watches, for the buttons above
     timer = gr.Timer(ctx.poll_seconds, active=False)
 
-    form_inputs = [model, method, num_epochs, max_steps, learning_rate, batch_size, grad_accum, warmup_ratio,
-                   weight_decay, lr_scheduler, precision, assistant_only, packing, grad_ckpt, logging_steps,
-                   eval_steps, save_steps, seed, lora_r, lora_alpha, lora_dropout, target_modules, use_rslora,
-                   deepspeed, num_processes, offload, trust_remote_code, run_name]
+    form_inputs = [
+        model,
+        method,
+        num_epochs,
+        max_steps,
+        learning_rate,
+        batch_size,
+        grad_accum,
+        warmup_ratio,
+        weight_decay,
+        lr_scheduler,
+        precision,
+        assistant_only,
+        packing,
+        grad_ckpt,
+        logging_steps,
+        eval_steps,
+        save_steps,
+        seed,
+        lora_r,
+        lora_alpha,
+        lora_dropout,
+        target_modules,
+        use_rslora,
+        deepspeed,
+        num_processes,
+        offload,
+        trust_remote_code,
+        run_name,
+    ]
     assert len(form_inputs) == len(FormValues.names())
 
     def form_from(values) -> FormValues:
@@ -601,14 +730,27 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         values = dict(item.split("=", 1) for item in overrides)
         gr.Info("Recommendation applied: precision, method, batch, accumulation, DeepSpeed.")
         return (
-            values["training.precision"], values["method.name"], int(values["training.batch_size"]),
+            values["training.precision"],
+            values["method.name"],
+            int(values["training.batch_size"]),
             int(values["training.gradient_accumulation_steps"]),
-            values["training.gradient_checkpointing"] == "true", values["distributed.deepspeed"],
+            values["training.gradient_checkpointing"] == "true",
+            values["distributed.deepspeed"],
             int(values["distributed.num_processes"]),
         )
 
-    progress_outputs = [progress, loss_plot, log_tail, failure, watch_state, timer, start_btn, stop_btn,
-                        current_run, after_row]
+    progress_outputs = [
+        progress,
+        loss_plot,
+        log_tail,
+        failure,
+        watch_state,
+        timer,
+        start_btn,
+        stop_btn,
+        current_run,
+        after_row,
+    ]
 
     def render(watch: Watch, new_points: bool, first: bool = False):
         from engine import runs
@@ -695,21 +837,37 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     # ---- events
     plan_outputs = [comparison, reasons, rec_state]
-    gr.on([model.change, method.change, links.dataset.change], update_plan,
-          inputs=[model, method, links.dataset], outputs=plan_outputs, show_progress="minimal")
-    gr.on([w.change for w in form_inputs] + [links.dataset.change], update_command,
-          inputs=[links.dataset, *form_inputs], outputs=command, show_progress="hidden")
+    gr.on(
+        [model.change, method.change, links.dataset.change],
+        update_plan,
+        inputs=[model, method, links.dataset],
+        outputs=plan_outputs,
+        show_progress="minimal",
+    )
+    gr.on(
+        [w.change for w in form_inputs] + [links.dataset.change],
+        update_command,
+        inputs=[links.dataset, *form_inputs],
+        outputs=command,
+        show_progress="hidden",
+    )
     links.dataset.change(dataset_summary, inputs=links.dataset, outputs=dataset_md, show_progress="hidden")
-    apply_btn.click(apply_recommendation, inputs=rec_state,
-                    outputs=[precision, method, batch_size, grad_accum, grad_ckpt, deepspeed, num_processes])
+    apply_btn.click(
+        apply_recommendation,
+        inputs=rec_state,
+        outputs=[precision, method, batch_size, grad_accum, grad_ckpt, deepspeed, num_processes],
+    )
     asked_state = gr.State(None)  # the question Start asked about this dataset, once answered by a second Start
-    start_btn.click(start, inputs=[links.dataset, *form_inputs, asked_state], outputs=[*progress_outputs, asked_state],
-                    concurrency_limit=1, concurrency_id="train-start")
+    start_btn.click(
+        start,
+        inputs=[links.dataset, *form_inputs, asked_state],
+        outputs=[*progress_outputs, asked_state],
+        concurrency_limit=1,
+        concurrency_id="train-start",
+    )
     stop_btn.click(stop, inputs=watch_state, outputs=progress_outputs)
-    timer.tick(tick, inputs=watch_state, outputs=progress_outputs, show_progress="hidden",
-               concurrency_limit=None)
-    method.change(lambda m: gr.Accordion(open=m != "full"), inputs=method, outputs=lora_box,
-                  show_progress="hidden")
+    timer.tick(tick, inputs=watch_state, outputs=progress_outputs, show_progress="hidden", concurrency_limit=None)
+    method.change(lambda m: gr.Accordion(open=m != "full"), inputs=method, outputs=lora_box, show_progress="hidden")
 
     defaults = FormValues(model=models[0], max_steps=start_steps)
 
@@ -729,9 +887,18 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return render(watch, watch.read(), first=True)
 
     return SimpleNamespace(
-        model=model, method=method, start=start_btn, stop=stop_btn, progress=progress, watch=watch_state,
-        timer=timer, progress_outputs=progress_outputs, attach=attach, run_dir=current_run,
-        open_playground=open_playground, open_export=open_export,
+        model=model,
+        method=method,
+        start=start_btn,
+        stop=stop_btn,
+        progress=progress,
+        watch=watch_state,
+        timer=timer,
+        progress_outputs=progress_outputs,
+        attach=attach,
+        run_dir=current_run,
+        open_playground=open_playground,
+        open_export=open_export,
     )
 
 
