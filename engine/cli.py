@@ -16,6 +16,7 @@ COMMANDS = {
     "ui": ("webui.app", "Start the web app."),
     "hw": ("engine.hardware", "Detect the hardware and recommend a training plan."),
     "data": ("engine.data", "Inspect a dataset: format, problems with line numbers, token statistics."),
+    "config": ("engine.config", "Print a run config as YAML: every field with its value and help (--set to change)."),
     "train": ("engine.launch", "Train from a YAML config (runs in its own process; see --foreground)."),
     "export": ("engine.export", "Merge a run's adapter and/or export it to ONNX, with a parity report."),
     "chat": ("engine.inference", "Chat with a run's base, tuned or ONNX model in the terminal."),

@@ -51,14 +51,27 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 class ModelConfig:
     name_or_path: str = field(
         default="smollm2-135m-instruct",
-        metadata={"help": "The embedded model 'smollm2-135m-instruct', a local directory, or a Hub id 'org/name'."},
+        metadata={
+            "help": "The embedded model 'smollm2-135m-instruct', a local directory, or a Hub id 'org/name'.",
+            "label": "Model",
+            "form_name": "model",
+        },
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run code shipped with a Hub model. Off unless you trust the model."}
+        default=False,
+        metadata={
+            "help": "Run Python code shipped with a Hub model. Refused unless the operator sets "
+            "TUNELAB_ALLOW_REMOTE_CODE=1.",
+            "label": "Trust remote code",
+        },
     )
     chat_template: str | None = field(
         default=None,
-        metadata={"help": "A Jinja chat template to use instead of the tokenizer's (optional)."},
+        metadata={
+            "help": "A Jinja chat template to use instead of the tokenizer's (optional).",
+            "label": "Chat template (empty = the tokenizer's)",
+            "lines": 2,
+        },
     )
 
     def __post_init__(self):
@@ -68,13 +81,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """Chosen on the Data tab; the Train tab takes this section from that choice, not from its form."""
+
     path: str = field(default="", metadata={"help": "Dataset file or directory (JSONL, JSON, CSV, TSV, Parquet)."})
-    format: str = field(default="auto", metadata={"help": f"One of {', '.join(DATA_FORMATS)}; 'auto' detects it."})
+    format: str = field(
+        default="auto",
+        metadata={"help": f"One of {', '.join(DATA_FORMATS)}; 'auto' detects it.", "choices": DATA_FORMATS},
+    )
     validation_split: float = field(
         default=0.1, metadata={"help": "Fraction of records held out for evaluation (0 disables)."}
     )
     max_length: int = field(default=1024, metadata={"help": "Cutoff length in tokens; longer examples are truncated."})
-    on_error: str = field(default="skip", metadata={"help": "'skip' bad records (they are listed) or 'stop'."})
+    on_error: str = field(
+        default="skip", metadata={"help": "'skip' bad records (they are listed) or 'stop'.", "choices": ON_ERROR}
+    )
     max_records: int | None = field(default=None, metadata={"help": "Use only the first N valid records."})
     persona: dict[str, str] = field(
         default_factory=dict, metadata={"help": "Values for {{placeholders}} in the data, e.g. {name: Ada}."}
@@ -94,14 +114,39 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = field(default="lora", metadata={"help": f"Fine-tuning method: {', '.join(METHODS)}."})
-    r: int = field(default=16, metadata={"help": "LoRA rank."})
-    alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."})
-    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    target_modules: list[str] | str = field(
-        default="all-linear", metadata={"help": "'all-linear' or a list of module names (q_proj, v_proj, ...)."}
+    name: str = field(
+        default="lora",
+        metadata={
+            "help": f"Fine-tuning method: {', '.join(METHODS)}.",
+            "label": "Method",
+            "choices": METHODS,
+            "form_name": "method",
+        },
     )
-    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling."})
+    r: int = field(default=16, metadata={"help": "LoRA rank.", "label": "Rank r", "minimum": 1})
+    alpha: int = field(
+        default=32,
+        metadata={
+            "help": "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).",
+            "label": "Alpha",
+            "minimum": 1,
+        },
+    )
+    dropout: float = field(
+        default=0.05,
+        metadata={
+            "help": "Dropout on the LoRA input.",
+            "label": "Dropout (probability)",
+            "minimum": 0,
+            "maximum": 0.99,
+            "step": 0.01,
+        },
+    )
+    target_modules: list[str] | str = field(
+        default="all-linear",
+        metadata={"help": "'all-linear' or a list of module names (q_proj, v_proj, ...).", "label": "Target modules"},
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling.", "label": "rsLoRA"})
 
     def __post_init__(self):
         _choice("method.name", self.name, METHODS)
@@ -121,27 +166,96 @@ class MethodConfig:
 
 @dataclass
 class TrainingConfig:
-    num_epochs: float = field(default=1.0, metadata={"help": "Passes over the training split."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: use epochs)."})
-    learning_rate: float | None = field(
-        default=None, metadata={"help": "Peak learning rate; empty picks the method's default (LoRA 2e-4, full 2e-5)."}
+    num_epochs: float = field(
+        default=1.0,
+        metadata={"help": "Passes over the training split.", "label": "Epochs (passes)", "minimum": 0.01, "step": 0.5},
     )
-    batch_size: int = field(default=4, metadata={"help": "Examples per device per step."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps accumulated per optimizer step."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps with a linear warm-up."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    lr_scheduler: str = field(default="cosine", metadata={"help": f"One of {', '.join(SCHEDULERS)}."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    precision: str = field(default="auto", metadata={"help": "auto (from the hardware), fp32, bf16 or fp16."})
-    assistant_only_loss: bool = field(default=True, metadata={"help": "Loss on assistant tokens only."})
-    packing: bool = field(default=False, metadata={"help": "Pack several examples into one sequence."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
-    logging_steps: int = field(default=1, metadata={"help": "Write a metrics line every N steps."})
-    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end only)."})
-    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps."})
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept."})
-    seed: int = field(default=42, metadata={"help": "Random seed."})
-    resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint of the run."})
+    max_steps: int = field(
+        default=-1,
+        metadata={
+            "help": "Stop after this many optimizer steps (-1: use epochs).",
+            "label": "Max steps (optimizer steps, -1 = use epochs)",
+            "minimum": -1,
+        },
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate; empty picks the method's default (LoRA 2e-4, full 2e-5).",
+            "label": "Learning rate (empty = the method's default)",
+            "minimum": 0,
+            "step": 1e-5,
+        },
+    )
+    batch_size: int = field(
+        default=4,
+        metadata={"help": "Examples per device per step.", "label": "Batch size (examples / device)", "minimum": 1},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Steps accumulated per optimizer step.",
+            "label": "Gradient accumulation (steps)",
+            "minimum": 1,
+        },
+    )
+    warmup_ratio: float = field(
+        default=0.05,
+        metadata={
+            "help": "Fraction of steps with a linear warm-up.",
+            "label": "Warm-up (fraction of steps)",
+            "minimum": 0,
+            "maximum": 0.99,
+            "step": 0.01,
+        },
+    )
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay.", "label": "Weight decay", "minimum": 0, "step": 0.01}
+    )
+    lr_scheduler: str = field(
+        default="cosine",
+        metadata={"help": f"One of {', '.join(SCHEDULERS)}.", "label": "LR schedule", "choices": SCHEDULERS},
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient clipping norm.", "label": "Gradient clipping (norm)", "minimum": 0}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "auto (from the hardware), fp32, bf16 or fp16.", "label": "Precision", "choices": PRECISIONS},
+    )
+    assistant_only_loss: bool = field(
+        default=True, metadata={"help": "Loss on assistant tokens only.", "label": "Loss on assistant tokens only"}
+    )
+    packing: bool = field(
+        default=False, metadata={"help": "Pack several examples into one sequence.", "label": "Packing"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Trade compute for activation memory.", "label": "Gradient checkpointing"},
+    )
+    logging_steps: int = field(
+        default=1,
+        metadata={"help": "Write a metrics line every N steps.", "label": "Log every (steps)", "minimum": 1},
+    )
+    eval_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Evaluate every N steps (0: at the end only).",
+            "label": "Evaluate every (steps, 0 = at the end)",
+            "minimum": 0,
+        },
+    )
+    save_steps: int = field(
+        default=50, metadata={"help": "Checkpoint every N steps.", "label": "Checkpoint every (steps)", "minimum": 1}
+    )
+    save_total_limit: int = field(
+        default=2, metadata={"help": "Checkpoints kept.", "label": "Checkpoints kept", "minimum": 1}
+    )
+    seed: int = field(default=42, metadata={"help": "Random seed.", "label": "Seed"})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Resume from the last checkpoint of the run.", "form": False},  # the Runs tab resumes
+    )
 
     def __post_init__(self):
         _positive("training.num_epochs", self.num_epochs)
@@ -163,10 +277,31 @@ class TrainingConfig:
 
 @dataclass
 class DistributedConfig:
-    num_processes: int = field(default=1, metadata={"help": "Processes (one per GPU, or CPU ranks)."})
-    deepspeed: str = field(default="none", metadata={"help": "none, zero2 or zero3."})
-    offload: bool = field(default=False, metadata={"help": "ZeRO: offload optimizer states (and zero3 params) to CPU."})
-    num_machines: int = field(default=1, metadata={"help": "Nodes, for a multi-node accelerate launch."})
+    num_processes: int = field(
+        default=1,
+        metadata={
+            "help": "Processes (one per GPU, or CPU ranks); more than 1 uses accelerate launch.",
+            "label": "Processes (one per GPU)",
+            "minimum": 1,
+        },
+    )
+    deepspeed: str = field(
+        default="none",
+        metadata={
+            "help": "none, zero2 (shards gradients and optimizer states) or zero3 (the weights too).",
+            "label": "DeepSpeed ZeRO stage",
+            "choices": DEEPSPEED_STAGES,
+        },
+    )
+    offload: bool = field(
+        default=False,
+        metadata={"help": "ZeRO: offload optimizer states (and zero3 params) to CPU.", "label": "Offload to CPU"},
+    )
+    num_machines: int = field(
+        default=1,
+        # multi-node runs are launched from the CLI (tunelab train --machine-rank ...), not from one page
+        metadata={"help": "Nodes, for a multi-node accelerate launch.", "form": False},
+    )
 
     def __post_init__(self):
         _positive("distributed.num_processes", self.num_processes)
@@ -178,8 +313,19 @@ class DistributedConfig:
 
 @dataclass
 class OutputConfig:
-    runs_dir: str = field(default="runs", metadata={"help": "Directory that holds one folder per run."})
-    run_id: str | None = field(default=None, metadata={"help": "Folder name of the run; generated if empty."})
+    runs_dir: str = field(
+        default="runs",
+        # the app decides where runs live (one folder per user on a shared app)
+        metadata={"help": "Directory that holds one folder per run.", "form": False},
+    )
+    run_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder name of the run; generated from the date, model and method if empty.",
+            "label": "Run name (optional)",
+            "form_name": "run_name",
+        },
+    )
 
 
 @dataclass
@@ -234,23 +380,35 @@ class RunConfig:
 
     def with_overrides(self, overrides: list[str]) -> "RunConfig":
         """Apply ``section.key=value`` strings (values parsed as YAML scalars)."""
-        data = self.to_dict()
+        values = {}
         for item in overrides:
             if "=" not in item:
                 raise ConfigError("--set", f"{item!r} is not of the form section.key=value")
             key, raw = item.split("=", 1)
-            parts = key.strip().split(".")
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+            values[key.strip()] = value
+        return self.with_values(values)
+
+    def with_values(self, values: dict[str, Any]) -> "RunConfig":
+        """A copy with ``{"section.key": value}`` applied and checked like a config file."""
+        data = self.to_dict()
+        for key, value in values.items():
+            parts = key.split(".")
             if len(parts) != 2:
                 raise ConfigError("--set", f"{key!r} must be section.key, e.g. training.max_steps")
             section, name = parts
             if section not in data:
                 raise ConfigError(key, f"unknown section {section!r}; sections: {', '.join(data)}")
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                value = raw
             data[section][name] = value
         return RunConfig.from_dict(data)
+
+    def value(self, key: str) -> Any:
+        """The value of ``section.key``."""
+        section, name = key.split(".")
+        return getattr(getattr(self, section), name)
 
 
 def _build(cls, data: Any, prefix: str):
@@ -325,3 +483,105 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 def field_help(section_cls) -> dict[str, str]:
     """Help text of each field of a section dataclass (for the UI and the README)."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(section_cls)}
+
+
+# --------------------------------------------------------------------------- fields, for forms and the CLI
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One field of a run config, as a form or a listing needs it. ``meta`` is the field's
+    metadata: ``help``; for a form ``label``, ``minimum``, ``maximum``, ``step``, ``choices``,
+    ``lines``, ``form_name`` (a shorter name) and ``form`` (False: set elsewhere)."""
+
+    key: str  # "training.learning_rate"
+    section: str
+    name: str
+    hint: Any
+    default: Any
+    meta: dict
+
+    @property
+    def help(self) -> str:
+        return self.meta.get("help", "")
+
+    @property
+    def label(self) -> str:
+        return self.meta.get("label") or self.name.replace("_", " ").capitalize()
+
+    @property
+    def optional(self) -> bool:
+        return "None" in str(self.hint)
+
+    @property
+    def kind(self) -> str:
+        """bool, int, float, choice, text, list or mapping."""
+        if self.meta.get("choices"):
+            return "choice"
+        text = str(self.hint)
+        for kind, cls in (("bool", bool), ("int", int), ("float", float), ("list", list), ("mapping", dict)):
+            if self.hint is cls or text.startswith(cls.__name__):
+                return kind
+        return "text"
+
+
+def fields_of(config_cls: type | None = None) -> list[FieldInfo]:
+    """Every field of every section of ``config_cls`` (RunConfig), in declaration order."""
+    cls = config_cls or RunConfig
+    hints = get_type_hints(cls)
+    out = []
+    for section in dataclasses.fields(cls):
+        section_cls = hints[section.name]
+        section_hints = get_type_hints(section_cls)
+        for f in dataclasses.fields(section_cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            out.append(
+                FieldInfo(
+                    f"{section.name}.{f.name}", section.name, f.name, section_hints[f.name], default, dict(f.metadata)
+                )
+            )
+    return out
+
+
+def commented_yaml(cfg: RunConfig) -> str:
+    """The config as YAML, each field with its help as a comment (``tunelab config``)."""
+    lines = []
+    by_section: dict[str, list[FieldInfo]] = {}
+    for info in fields_of(type(cfg)):
+        by_section.setdefault(info.section, []).append(info)
+    for section, infos in by_section.items():
+        lines.append(f"{section}:")
+        for info in infos:
+            value = yaml.safe_dump(cfg.value(info.key), default_flow_style=True, allow_unicode=True, width=10**9)
+            value = value.strip().removesuffix("...").strip()
+            comment = f"  # {info.help}" if info.help else ""
+            lines.append(f"  {info.name}: {value}{comment}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- CLI: tunelab config
+
+
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("--from", dest="source", metavar="FILE", help="Start from this config file (YAML).")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="Override a value, e.g. --set training.max_steps=20 (repeatable).",
+    )
+
+
+def run_cli(args) -> int:
+    import sys
+
+    try:
+        cfg = RunConfig.load(args.source) if args.source else RunConfig()
+        cfg = cfg.with_overrides(args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(commented_yaml(cfg))
+    return 0

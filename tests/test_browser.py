@@ -151,7 +151,7 @@ def _prepare_training(page, chat_model, max_steps, batch=2):
     page.locator("#train-dataset").get_by_text("pip_chat.jsonl").wait_for()
     _pick(page, "train-model", str(chat_model))
     _set_number(page, "train-max-steps", max_steps)
-    _set_number(page, "train-batch", batch)
+    _set_number(page, "train-batch-size", batch)
     _wait_until(page, lambda: "engine.train" in page.locator("#train-command").inner_text(), what="the command")
 
 
@@ -204,7 +204,7 @@ def test_person_trains_exports_and_chats(app, page, chat_model):
     page.locator("#train-dataset").get_by_text("pip_chat.jsonl").wait_for()
     _pick(page, "train-model", str(chat_model))
     _set_number(page, "train-max-steps", 8)
-    _set_number(page, "train-batch", 2)
+    _set_number(page, "train-batch-size", 2)
     _set_number(page, "train-eval-steps", 4)
     _wait_until(page, lambda: "engine.train" in page.locator("#train-command").inner_text(), what="the command")
     page.locator("#train-start").click()

@@ -311,18 +311,12 @@ def _start_values(**form) -> list:
     return [getattr(values, name) for name in FormValues.names()]
 
 
-def _dataset(path: Path, records: int = 10, max_length: int = 256) -> dict:
-    return {
-        "path": str(path),
-        "name": path.name,
-        "format": "openai",
-        "on_error": "skip",
-        "validation_split": 0.2,
-        "max_length": max_length,
-        "records": records,
-        "train": records - 2,
-        "val": 2,
-    }
+def _dataset(path: Path, records: int = 10, max_length: int = 256):
+    from engine.config import DataConfig
+    from webui.links import DataChoice
+
+    config = DataConfig(path=str(path), format="openai", on_error="skip", validation_split=0.2, max_length=max_length)
+    return DataChoice(config=config, name=path.name, records=records, train=records - 2, val=2)
 
 
 def test_demo_mode_prefills_its_limits_and_refuses_a_run_over_them(tmp_path, monkeypatch):
@@ -336,7 +330,7 @@ def test_demo_mode_prefills_its_limits_and_refuses_a_run_over_them(tmp_path, mon
     widgets = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
     assert widgets["train-max-steps"].value == 60 and widgets["data-max-length"].value == 512
     assert widgets["data-max-length"].maximum == 512
-    assert widgets["train-deepspeed"].interactive is False and widgets["train-nproc"].interactive is False
+    assert widgets["train-deepspeed"].interactive is False and widgets["train-num-processes"].interactive is False
     assert [v for _, v in widgets["train-model"].choices] == ["smollm2-135m-instruct"]
 
     start, alice = handlers(app)["start"], user("alice")

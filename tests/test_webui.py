@@ -246,7 +246,7 @@ def test_inspect_sample_shows_format_split_stats_and_histogram(tokenizer):
     assert frame["records"].sum() == len(ins.records)
     assert frame["tokens"].iloc[0].startswith("0-")
     choice = data_tab.dataset_choice(ins, "skip", 0.1, 1024)
-    assert choice["format"] == "openai" and choice["records"] == len(ins.records) and choice["mean_tokens"] > 0
+    assert choice.config.format == "openai" and choice.records == len(ins.records) and choice.mean_tokens > 0
 
 
 def test_data_tab_shows_what_the_model_learns(tokenizer):
@@ -327,19 +327,12 @@ def test_preview_pages_escape_html_and_clamp():
 # --------------------------------------------------------------------------- train tab
 
 
-def _dataset_choice(path: Path) -> dict:
-    return {
-        "path": str(path),
-        "name": path.name,
-        "format": "openai",
-        "on_error": "skip",
-        "validation_split": 0.2,
-        "max_length": 256,
-        "records": 10,
-        "train": 8,
-        "val": 2,
-        "mean_tokens": 40,
-    }
+def _dataset_choice(path: Path):
+    from engine.config import DataConfig
+    from webui.links import DataChoice
+
+    config = DataConfig(path=str(path), format="openai", on_error="skip", validation_split=0.2, max_length=256)
+    return DataChoice(config=config, name=path.name, records=10, train=8, val=2, mean_tokens=40)
 
 
 def test_form_builds_a_validated_run_config(tmp_path):
@@ -378,7 +371,7 @@ def test_placeholders_are_filled_on_the_page_and_start_asks_when_they_are_not(sh
     path = shared_datasets / "identity.json"
     ins = data_tab.inspect_dataset(path, "auto", "skip", 0.1, 1024, tokenizer)
     choice = data_tab.dataset_choice(ins, "skip", 0.1, 1024)
-    assert choice["placeholders"] == ["author", "name"]
+    assert choice.placeholders == ["author", "name"]
     assert "Fill placeholders" in data_tab.summary_markdown(ins) and "name=..." in data_tab.summary_markdown(ins)
     question = unfilled_question(choice)
     assert "{{author}}, {{name}}" in question and "press Start again" in question
@@ -386,7 +379,7 @@ def test_placeholders_are_filled_on_the_page_and_start_asks_when_they_are_not(sh
     assert persona == {"name": "Pip", "author": "tunelab"}
     filled = data_tab.inspect_dataset(path, "auto", "skip", 0.1, 1024, tokenizer, persona=persona, max_records=10)
     choice = data_tab.dataset_choice(filled, "skip", 0.1, 1024, persona, 10)
-    assert len(filled.records) == 10 and choice["placeholders"] == [] and unfilled_question(choice) is None
+    assert len(filled.records) == 10 and choice.placeholders == [] and unfilled_question(choice) is None
     assert "Pip" in filled.records[0][-1]["content"] and "{{" not in str(filled.records)
     cfg = build_config(FormValues(max_steps=1), choice, tmp_path)
     assert cfg.data.persona == persona and cfg.data.max_records == 10

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
+from engine.config import DATA_FORMATS, DataConfig
 from webui.chat_html import render_page
 from webui.common import (
     AppContext,
@@ -26,7 +27,8 @@ from webui.common import (
     standalone_tab,
 )
 
-FORMATS = ("auto", "openai", "sharegpt", "alpaca", "qa", "preference")
+FORMATS = DATA_FORMATS
+DATA_DEFAULTS = DataConfig()  # the form starts from engine.config's data section
 PER_PAGE = 4
 PROBLEM_COLUMNS = ["File", "Line / record", "Field", "Problem"]
 
@@ -175,26 +177,34 @@ def dataset_choice(
     max_length,
     persona: dict | None = None,
     max_records: int | None = None,
-) -> dict | None:
-    """What the Train tab needs to know about a usable dataset (None if it cannot be trained)."""
+):
+    """What the Train tab needs to know about a usable dataset, a links.DataChoice (None if it
+    cannot be trained). Raises ConfigError naming the field if a setting is out of range."""
+    from engine.config import DataConfig
+    from webui.links import DataChoice
+
     if ins.stopped or not ins.records or ins.format == "preference":
         return None
     tokens = (ins.report.get("tokens") or {}).get("tokens") or {}
-    return {
-        "path": str(ins.path),
-        "name": ins.name,
-        "format": ins.format,
-        "on_error": on_error,
-        "validation_split": float(validation_split or 0.0),
-        "max_length": int(max_length or 1024),
-        "records": len(ins.records),
-        "train": ins.split.get("train", len(ins.records)),
-        "val": ins.split.get("validation", 0),
-        "mean_tokens": int(tokens["mean"]) if tokens.get("mean") else None,
-        "persona": dict(persona or {}),
-        "max_records": int(max_records) if max_records else None,
-        "placeholders": list(ins.report.get("placeholders_unfilled", [])),
-    }
+    defaults = DataConfig()
+    config = DataConfig(
+        path=str(ins.path),
+        format=ins.format,
+        on_error=on_error,
+        validation_split=float(validation_split if validation_split is not None else defaults.validation_split),
+        max_length=int(max_length or defaults.max_length),
+        persona=dict(persona or {}),
+        max_records=int(max_records) if max_records else None,
+    )
+    return DataChoice(
+        config=config,
+        name=ins.name,
+        records=len(ins.records),
+        train=ins.split.get("train", len(ins.records)),
+        val=ins.split.get("validation", 0),
+        mean_tokens=int(tokens["mean"]) if tokens.get("mean") else None,
+        placeholders=list(ins.report.get("placeholders_unfilled", [])),
+    )
 
 
 def where(problem) -> str:
@@ -235,7 +245,7 @@ def _summary_markdown(ins: Inspection) -> str:
         f"Format: **{rep.get('format')}** ({how}) - **{rep.get('valid')}** usable record(s) of {rep.get('total')}, "
         f"{rep.get('skipped')} skipped",
         f"Split: **{split.get('train', 0)} train / {split.get('validation', 0)} validation** "
-        f"(seed {split.get('seed', 42)})",
+        f"(seed {split.get('seed', DATA_DEFAULTS.seed)})",
     ]
     counts = rep.get("counts") or {}
     if counts.get("messages"):
@@ -360,18 +370,22 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             load_sample = gr.Button("Load sample", elem_id="data-load-sample")
     with gr.Row():
         fmt = gr.Dropdown(
-            list(FORMATS), value="auto", label="Format", elem_id="data-format", info="auto detects it from the fields"
+            list(FORMATS),
+            value=DATA_DEFAULTS.format,
+            label="Format",
+            elem_id="data-format",
+            info="auto detects it from the fields",
         )
         on_error = gr.Radio(
             [("Skip bad records (listed below)", "skip"), ("Stop and list every problem", "stop")],
-            value="skip",
+            value=DATA_DEFAULTS.on_error,
             label="Bad records",
             elem_id="data-on-error",
         )
         split = gr.Slider(
             0.0,
             0.5,
-            value=0.1,
+            value=DATA_DEFAULTS.validation_split,
             step=0.05,
             label="Validation split",
             info="Fraction held out to measure base vs tuned",
@@ -499,7 +513,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             fmt_v,
             on_error_v,
             split_v or 0.0,
-            max_len_v or 1024,
+            max_len_v or DATA_DEFAULTS.max_length,
             tokenizer,
             persona=filled,
             max_records=limit,
@@ -537,7 +551,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         if not 1 <= index <= len(records):
             raise gr.Error(f"Record {index}: the dataset has {len(records)} usable records (1 to {len(records)}).")
         tokenizer = load_tokenizer(ctx.check_model(request, tok_model or ctx.model_choices()[0]))
-        pieces, info = learned_view(records[index - 1], tokenizer, int(max_len_v or 1024))
+        pieces, info = learned_view(records[index - 1], tokenizer, int(max_len_v or DATA_DEFAULTS.max_length))
         return pieces, f"Record {index} of {len(records)}: {info}"
 
     def show_page(records, page_v, delta=0):

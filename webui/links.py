@@ -1,10 +1,9 @@
 """The few things that cross tabs.
 
-``Links.dataset`` is a per-user ``gr.State`` holding the dataset chosen on the Data tab (a
-plain dict: path, name, format, on_error, validation_split, max_length, records), which
-the Train tab reads when it starts a run. ``Links.tabs`` is the app's ``gr.Tabs``, so a
-button can switch tab; it is None when a tab runs alone. :func:`connect_tabs` wires the
-buttons that lead from one tab to another.
+``Links.dataset`` is a per-user ``gr.State`` holding the :class:`DataChoice` made on the
+Data tab, which the Train tab reads when it starts a run. ``Links.tabs`` is the app's
+``gr.Tabs``, so a button can switch tab; it is None when a tab runs alone.
+:func:`connect_tabs` wires the buttons that lead from one tab to another.
 
 Imported only when a page is built (never by ``tunelab --help``), so gradio is imported
 at module level: handlers annotate ``gr.Request``, which must resolve here.
@@ -12,15 +11,31 @@ at module level: handlers annotate ``gr.Request``, which must resolve here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 
+from engine.config import DataConfig
+
+
+@dataclass
+class DataChoice:
+    """A dataset the Data tab found trainable: the run's data section as chosen there, and
+    what the Train tab shows and checks about it."""
+
+    config: DataConfig  # becomes the run config's data section as it is
+    name: str  # file name shown to the user
+    records: int  # usable records (after skipping bad ones and the record limit)
+    train: int
+    val: int
+    mean_tokens: int | None = None  # per record, with the model's template
+    placeholders: list[str] = field(default_factory=list)  # {{names}} nothing fills
+
 
 @dataclass
 class Links:
-    dataset: Any  # gr.State
+    dataset: Any  # gr.State holding a DataChoice, or None
     tabs: Any = None  # gr.Tabs, or None when a tab is launched alone
 
     @classmethod
@@ -28,15 +43,14 @@ class Links:
         return cls(dataset=gr.State(None))
 
 
-def dataset_summary(choice: dict | None) -> str:
+def dataset_summary(choice: DataChoice | None) -> str:
     """One line describing the dataset chosen on the Data tab."""
     if not choice:
         return "No dataset chosen yet: load one on the **Data** tab."
-    split = choice.get("validation_split", 0)
     return (
-        f"**{choice.get('name')}** - {choice.get('format')} format, {choice.get('records')} usable records "
-        f"({choice.get('train')} train / {choice.get('val')} validation, split {split:g}); "
-        f"bad records: {choice.get('on_error')}."
+        f"**{choice.name}** - {choice.config.format} format, {choice.records} usable records "
+        f"({choice.train} train / {choice.val} validation, split {choice.config.validation_split:g}); "
+        f"bad records: {choice.config.on_error}."
     )
 
 

@@ -13,6 +13,7 @@ Launch alone: ``python -m webui.train_tab``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shlex
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
-from engine.config import RunConfig
+from engine.config import DataConfig, RunConfig
 from webui.common import (
     AppContext,
     engine_errors,
@@ -33,7 +34,8 @@ from webui.common import (
     plot_frame,
     standalone_tab,
 )
-from webui.links import dataset_summary
+from webui.config_form import ConfigForm, FormValues
+from webui.links import DataChoice, dataset_summary
 
 METHOD_CHOICES = [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora"), ("DoRA", "dora"), ("Full fine-tune", "full")]
 ACTIVE_STATES = ("created", "queued", "running")
@@ -64,115 +66,32 @@ def hardware_profile():
 
 # --------------------------------------------------------------------------- config
 
-
-_DEFAULTS = RunConfig()
-_T, _M, _D = _DEFAULTS.training, _DEFAULTS.method, _DEFAULTS.distributed
-
-
-@dataclass
-class FormValues:
-    """The Train tab's widgets, in the order they are passed to handlers; every default is
-    engine.config's, so the form starts from the same run as a bare config file."""
-
-    model: str = _DEFAULTS.model.name_or_path
-    method: str = _M.name
-    num_epochs: float = _T.num_epochs
-    max_steps: int = _T.max_steps
-    learning_rate: float | None = _T.learning_rate
-    batch_size: int = _T.batch_size
-    gradient_accumulation_steps: int = _T.gradient_accumulation_steps
-    warmup_ratio: float = _T.warmup_ratio
-    weight_decay: float = _T.weight_decay
-    lr_scheduler: str = _T.lr_scheduler
-    precision: str = _T.precision
-    assistant_only_loss: bool = _T.assistant_only_loss
-    packing: bool = _T.packing
-    gradient_checkpointing: bool = _T.gradient_checkpointing
-    logging_steps: int = _T.logging_steps
-    eval_steps: int = _T.eval_steps
-    save_steps: int = _T.save_steps
-    seed: int = _T.seed
-    r: int = _M.r
-    alpha: int = _M.alpha
-    dropout: float = _M.dropout
-    target_modules: str = _M.target_modules if isinstance(_M.target_modules, str) else ",".join(_M.target_modules)
-    use_rslora: bool = _M.use_rslora
-    deepspeed: str = _D.deepspeed
-    num_processes: int = _D.num_processes
-    offload: bool = _D.offload
-    trust_remote_code: bool = _DEFAULTS.model.trust_remote_code
-    run_name: str = ""
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return list(cls.__dataclass_fields__)
+# Where the form's sections go (config section -> accordion title, open at first), in page order.
+SECTION_TITLES = {
+    "training": ("Hyperparameters", True),
+    "method": ("LoRA options", False),
+    "distributed": ("Distributed (DeepSpeed)", False),
+    "model": ("Model code", False),
+    "output": ("Run", True),
+}
+# The number of examples estimates assume before a dataset is chosen.
+ESTIMATE_EXAMPLES = 1000
 
 
-def build_config(form: FormValues, dataset: dict | None, runs_dir: Path):
-    """A RunConfig from the form and the dataset chosen on the Data tab (raises ConfigError)."""
+def build_config(form: FormValues, dataset: DataChoice | None, runs_dir: Path):
+    """A RunConfig from the form, the dataset chosen on the Data tab (its data section, as
+    chosen there) and where this user's runs live; raises ConfigError naming the field."""
     from engine.config import ConfigError
 
     if not dataset:
         raise ConfigError("data.path", "no dataset chosen: load one on the Data tab first")
-
-    def num(value, cast, default=None):
-        if value is None or value == "":
-            return default
-        return cast(value)
-
-    targets = form.target_modules.strip() or "all-linear"
-    if targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    data = {
-        "model": {"name_or_path": (form.model or "").strip(), "trust_remote_code": bool(form.trust_remote_code)},
-        "data": {
-            "path": dataset["path"],
-            "format": dataset.get("format", "auto"),
-            "validation_split": float(dataset.get("validation_split", 0.1)),
-            "max_length": int(dataset.get("max_length", 1024)),
-            "on_error": dataset.get("on_error", "skip"),
-            "persona": dict(dataset.get("persona") or {}),
-            "max_records": dataset.get("max_records") or None,
-        },
-        "method": {
-            "name": form.method,
-            "r": num(form.r, int, 16),
-            "alpha": num(form.alpha, int, 32),
-            "dropout": num(form.dropout, float, 0.0),
-            "target_modules": targets,
-            "use_rslora": bool(form.use_rslora),
-        },
-        "training": {
-            "num_epochs": num(form.num_epochs, float, 1.0),
-            "max_steps": num(form.max_steps, int, -1),
-            "learning_rate": num(form.learning_rate, float) or None,
-            "batch_size": num(form.batch_size, int, 1),
-            "gradient_accumulation_steps": num(form.gradient_accumulation_steps, int, 1),
-            "warmup_ratio": num(form.warmup_ratio, float, 0.0),
-            "weight_decay": num(form.weight_decay, float, 0.0),
-            "lr_scheduler": form.lr_scheduler,
-            "precision": form.precision,
-            "assistant_only_loss": bool(form.assistant_only_loss),
-            "packing": bool(form.packing),
-            "gradient_checkpointing": bool(form.gradient_checkpointing),
-            "logging_steps": num(form.logging_steps, int, 1),
-            "eval_steps": num(form.eval_steps, int, 0),
-            "save_steps": num(form.save_steps, int, 50),
-            "seed": num(form.seed, int, 42),
-        },
-        "distributed": {
-            "deepspeed": form.deepspeed,
-            "num_processes": num(form.num_processes, int, 1),
-            "offload": bool(form.offload),
-        },
-        "output": {"runs_dir": str(runs_dir), "run_id": (form.run_name or "").strip() or None},
-    }
-    if data["training"]["max_steps"] in (0, None):
-        data["training"]["max_steps"] = -1
-    return RunConfig.from_dict(data)
+    values = form.config_values()
+    values.update({f"data.{name}": value for name, value in dataclasses.asdict(dataset.config).items()})
+    values["output.runs_dir"] = str(runs_dir)
+    return RunConfig().with_values(values)
 
 
-def command_preview(form: FormValues, dataset: dict | None, runs_dir: Path) -> str:
+def command_preview(form: FormValues, dataset: DataChoice | None, runs_dir: Path) -> str:
     """The command line that Start would run (the run id is a placeholder until it starts)."""
     from engine import launch
     from engine.security import redact
@@ -185,16 +104,16 @@ def command_preview(form: FormValues, dataset: dict | None, runs_dir: Path) -> s
 # --------------------------------------------------------------------------- recommendation
 
 
-def recommendation_for(model_ref: str, method: str | None, dataset: dict | None):
+def recommendation_for(model_ref: str, method: str | None, dataset: DataChoice | None):
     """The plan for a model on this machine, from its config alone (a catalog model's
     shipped shape: no download)."""
     from engine import hardware
     from engine.models import model_config
 
     shape = hardware.ModelShape.from_config(model_config(model_ref))
-    n = int((dataset or {}).get("train") or 1000)
-    max_length = int((dataset or {}).get("max_length") or 1024)
-    mean = (dataset or {}).get("mean_tokens")
+    n = dataset.train if dataset else ESTIMATE_EXAMPLES
+    max_length = (dataset.config if dataset else DataConfig()).max_length
+    mean = dataset.mean_tokens if dataset else None
     return hardware.recommend(hardware_profile(), shape, method, n, max_length, mean)
 
 
@@ -214,14 +133,14 @@ def catalog_choices() -> list[tuple[str, str]]:
         problem = availability(entry.hub_id)
         if problem and "network" in problem:
             notes.append("needs a network")
-        if not hardware.recommend(profile, shape, "lora", 1000, 1024).fits("lora"):
+        if not hardware.recommend(profile, shape, "lora", ESTIMATE_EXAMPLES, DataConfig().max_length).fits("lora"):
             notes.append("does not fit this machine")
         choices.append((f"{entry.label} ({', '.join(notes)})", entry.hub_id))
     return choices
 
 
-def comparison_markdown(rec, model_ref: str, dataset: dict | None) -> str:
-    basis = f"{dataset['train']} training examples" if dataset else "1000 examples (no dataset chosen yet)"
+def comparison_markdown(rec, model_ref: str, dataset: DataChoice | None) -> str:
+    basis = f"{dataset.train} training examples" if dataset else f"{ESTIMATE_EXAMPLES} examples (no dataset chosen yet)"
     return f"Estimated for **{escape_md(model_ref)}** on this machine, {basis}, one epoch:\n\n" + rec.table()
 
 
@@ -395,10 +314,7 @@ def read_log_tail(run_dir: str) -> str:
 def demo_defaults(limits) -> tuple[int, int]:
     """(max_steps, max_length) the form starts with: the config defaults, clamped into a
     public demo's limits (DemoLimits.clamp)."""
-
     cfg = RunConfig()
-    cfg.training.max_steps = -1
-    cfg.data.max_length = 1024
     limits.clamp(cfg)
     return cfg.training.max_steps, cfg.data.max_length
 
@@ -412,7 +328,7 @@ def demo_model_choices(ctx: AppContext, limits) -> list[str]:
     return [m for m in choices if m in allowed] + [m for m in limits.extra_models if m not in choices] or choices
 
 
-def check_run_allowed(cfg, dataset: dict | None, limits) -> None:
+def check_run_allowed(cfg, dataset: DataChoice | None, limits) -> None:
     """Refuse, with the message shown in the page, what this app may not run:
     trust_remote_code unless the operator allowed it (engine.security.check_remote_code),
     and in a public demo anything over DemoLimits (steps, cutoff, model, method, processes,
@@ -421,7 +337,7 @@ def check_run_allowed(cfg, dataset: dict | None, limits) -> None:
 
     security.check_remote_code(cfg)
     limits.check(cfg)
-    records = int((dataset or {}).get("records") or 0)
+    records = dataset.records if dataset else 0
     if limits.enabled and records > limits.max_records:
         raise security.UnsafeInputError(
             f"This is a demo with limits: the dataset has {records} usable records (at most {limits.max_records}); "
@@ -429,13 +345,13 @@ def check_run_allowed(cfg, dataset: dict | None, limits) -> None:
         )
 
 
-def check_dataset_path(ctx: AppContext, request, dataset: dict | None) -> None:
+def check_dataset_path(ctx: AppContext, request, dataset: DataChoice | None) -> None:
     """The dataset must be a sample or one of this user's uploads (on a shared app)."""
     from engine.security import owns
 
     if not dataset or not ctx.multi_user:
         return
-    path = Path(str(dataset.get("path") or ""))
+    path = Path(dataset.config.path)
     if not (owns(ctx.samples_dir, path) or owns(ctx.runs_for(request), path)):
         raise gr.Error(
             f"The dataset {path.name!r} is not one of your uploads: load it again on the Data tab.", title="Refused"
@@ -445,28 +361,26 @@ def check_dataset_path(ctx: AppContext, request, dataset: dict | None) -> None:
 # --------------------------------------------------------------------------- layout
 
 
-def unfilled_question(dataset: dict | None) -> str | None:
+def unfilled_question(dataset: DataChoice | None) -> str | None:
     """What Start asks before training on data with placeholders nothing fills (None: no question)."""
-    unfilled = (dataset or {}).get("placeholders") or []
+    unfilled = dataset.placeholders if dataset else []
     if not unfilled:
         return None
     names = ", ".join("{{" + name + "}}" for name in unfilled)
     return (
-        f"{dataset.get('name', 'The dataset')} holds placeholders that nothing fills: {names}. The model would "
+        f"{dataset.name} holds placeholders that nothing fills: {names}. The model would "
         f"learn them as they are. Fill them on the Data tab (Fill placeholders, e.g. "
         f"{' '.join(n + '=...' for n in unfilled)}) and inspect again, or press Start again to train with them."
     )
 
 
 def build(ctx: AppContext, links) -> SimpleNamespace:
-    from engine.config import DEEPSPEED_STAGES, PRECISIONS, SCHEDULERS, MethodConfig, TrainingConfig, field_help
     from engine.security import DemoLimits
 
     demo = DemoLimits.from_env()  # a public demo (TUNELAB_DEMO=1) limits steps, models and methods
     start_steps, _ = demo_defaults(demo)
     models = demo_model_choices(ctx, demo)
-    th = field_help(TrainingConfig)
-    mh = field_help(MethodConfig)
+    form = ConfigForm("train")  # one widget per field of engine.config (webui.config_form)
     watch_state = gr.State(None)  # Watch of the run this page shows
     rec_state = gr.State(None)  # the last recommendation's config overrides
 
@@ -479,20 +393,26 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         )
     with gr.Row():
         with gr.Column(scale=3):
-            model = gr.Dropdown(
-                [(m, m) for m in models] + ([] if demo.enabled else catalog_choices()),
-                value=models[0],
-                allow_custom_value=not demo.enabled,
-                label="Model",
-                elem_id="train-model",
-                info="The embedded SmolLM2-135M-Instruct, a listed Hub model (size and what it "
-                "needs shown; estimates below), a local directory, or a Hub id (org/name)",
+            model = form.add(
+                "model",
+                gr.Dropdown(
+                    [(m, m) for m in models] + ([] if demo.enabled else catalog_choices()),
+                    value=models[0],
+                    allow_custom_value=not demo.enabled,
+                    label=form.fields["model"].label,
+                    elem_id=form.elem_id("model"),
+                    info="The embedded SmolLM2-135M-Instruct, a listed Hub model (size and what it "
+                    "needs shown; estimates below), a local directory, or a Hub id (org/name)",
+                ),
             )
-            method = gr.Radio(
-                [c for c in METHOD_CHOICES if not demo.enabled or c[1] in demo.methods],
-                value="lora",
-                label="Method",
-                elem_id="train-method",
+            method = form.add(
+                "method",
+                gr.Radio(
+                    [c for c in METHOD_CHOICES if not demo.enabled or c[1] in demo.methods],
+                    value=form.default("method"),
+                    label=form.fields["method"].label,
+                    elem_id=form.elem_id("method"),
+                ),
             )
         with gr.Column(scale=2):
             apply_btn = gr.Button("Apply recommendation", elem_id="train-apply", variant="secondary")
@@ -503,118 +423,16 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         comparison = gr.Markdown(elem_id="train-comparison")
         reasons = gr.Markdown(elem_id="train-reasons")
 
-    with gr.Accordion("Hyperparameters", open=True):
-        with gr.Row():
-            num_epochs = gr.Number(
-                1.0, label="Epochs (passes)", minimum=0.01, step=0.5, info=th["num_epochs"], elem_id="train-epochs"
-            )
-            max_steps = gr.Number(
-                start_steps,
-                label="Max steps (optimizer steps, -1 = use epochs)",
-                precision=0,
-                minimum=-1,
-                info=th["max_steps"],
-                elem_id="train-max-steps",
-            )
-            learning_rate = gr.Number(
-                0,
-                label="Learning rate (0 = the method's default)",
-                minimum=0,
-                step=1e-5,
-                info=th["learning_rate"],
-                elem_id="train-lr",
-            )
-            lr_scheduler = gr.Dropdown(list(SCHEDULERS), value="cosine", label="LR schedule", info=th["lr_scheduler"])
-        with gr.Row():
-            batch_size = gr.Number(
-                4,
-                label="Batch size (examples / device)",
-                precision=0,
-                minimum=1,
-                info=th["batch_size"],
-                elem_id="train-batch",
-            )
-            grad_accum = gr.Number(
-                1,
-                label="Gradient accumulation (steps)",
-                precision=0,
-                minimum=1,
-                info=th["gradient_accumulation_steps"],
-                elem_id="train-accum",
-            )
-            warmup_ratio = gr.Number(
-                0.05, label="Warm-up (fraction of steps)", minimum=0, maximum=0.99, step=0.01, info=th["warmup_ratio"]
-            )
-            weight_decay = gr.Number(0.0, label="Weight decay", minimum=0, step=0.01, info=th["weight_decay"])
-        with gr.Row():
-            precision = gr.Dropdown(
-                list(PRECISIONS), value="auto", label="Precision", info=th["precision"], elem_id="train-precision"
-            )
-            logging_steps = gr.Number(1, label="Log every (steps)", precision=0, minimum=1, info=th["logging_steps"])
-            eval_steps = gr.Number(
-                0,
-                label="Evaluate every (steps, 0 = at the end)",
-                precision=0,
-                minimum=0,
-                info=th["eval_steps"],
-                elem_id="train-eval-steps",
-            )
-            save_steps = gr.Number(50, label="Checkpoint every (steps)", precision=0, minimum=1, info=th["save_steps"])
-            seed = gr.Number(42, label="Seed", precision=0, info=th["seed"])
-        with gr.Row():
-            assistant_only = gr.Checkbox(True, label="Loss on assistant tokens only", info=th["assistant_only_loss"])
-            packing = gr.Checkbox(False, label="Packing", info=th["packing"])
-            grad_ckpt = gr.Checkbox(
-                False, label="Gradient checkpointing", info=th["gradient_checkpointing"], elem_id="train-grad-ckpt"
-            )
-    with gr.Accordion("LoRA options", open=False) as lora_box:
-        with gr.Row():
-            lora_r = gr.Number(16, label="Rank r", precision=0, minimum=1, info=mh["r"], elem_id="train-lora-r")
-            lora_alpha = gr.Number(32, label="Alpha", precision=0, minimum=1, info=mh["alpha"])
-            lora_dropout = gr.Number(
-                0.05, label="Dropout (probability)", minimum=0, maximum=0.99, step=0.01, info=mh["dropout"]
-            )
-            target_modules = gr.Textbox("all-linear", label="Target modules", info=mh["target_modules"])
-            use_rslora = gr.Checkbox(False, label="rsLoRA", info=mh["use_rslora"])
-    with gr.Accordion("Distributed (DeepSpeed)", open=False):
-        with gr.Row():
-            deepspeed = gr.Dropdown(
-                list(DEEPSPEED_STAGES),
-                value="none",
-                label="DeepSpeed ZeRO stage",
-                info="zero2 shards gradients and optimizer states; zero3 the weights too",
-                elem_id="train-deepspeed",
-                interactive=not demo.enabled,
-            )
-            num_processes = gr.Number(
-                1,
-                label="Processes (one per GPU)",
-                precision=0,
-                minimum=1,
-                info="More than 1 uses accelerate launch",
-                elem_id="train-nproc",
-                interactive=not demo.enabled,
-            )
-            offload = gr.Checkbox(
-                False,
-                label="Offload to CPU",
-                info="ZeRO: optimizer states (and zero3 weights)",
-                interactive=not demo.enabled,
-            )
-    with gr.Accordion("Model code", open=False):
-        trust_remote_code = gr.Checkbox(
-            False,
-            label="Trust remote code",
-            elem_id="train-trust-remote-code",
-            info="Run Python code shipped with a Hub model. Refused unless the operator sets "
-            "TUNELAB_ALLOW_REMOTE_CODE=1.",
-        )
-    run_name = gr.Textbox(
-        "",
-        label="Run name (optional)",
-        placeholder="generated from the date, model and method",
-        elem_id="train-run-name",
-    )
+    # Every other field of the config, a section to an accordion; a section the config gains
+    # later gets an accordion of its own, titled with its name.
+    known = [section for section in SECTION_TITLES if section in form.sections()]
+    for section in known + [section for section in form.sections() if section not in SECTION_TITLES]:
+        title, is_open = SECTION_TITLES.get(section, (section.replace("_", " ").capitalize(), False))
+        locked = demo.enabled and section == "distributed"  # a public demo runs one process
+        with gr.Accordion(title, open=is_open) as box:
+            form.render_section(section, overrides={"max_steps": {"value": start_steps}}, interactive=not locked)
+        if section == "method":
+            lora_box = box
     command = gr.Code(
         "",
         language="shell",
@@ -658,42 +476,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         open_playground = gr.Button("Chat with it in the Playground", elem_id="train-open-playground")
         open_export = gr.Button("Export it", elem_id="train-open-export")
     current_run = gr.State(None)  # run directory (str) this page watches, for the buttons above
+    asked_state = gr.State(None)  # the question Start asked about this dataset, once answered by a second Start
     timer = gr.Timer(ctx.poll_seconds, active=False)
 
-    form_inputs = [
-        model,
-        method,
-        num_epochs,
-        max_steps,
-        learning_rate,
-        batch_size,
-        grad_accum,
-        warmup_ratio,
-        weight_decay,
-        lr_scheduler,
-        precision,
-        assistant_only,
-        packing,
-        grad_ckpt,
-        logging_steps,
-        eval_steps,
-        save_steps,
-        seed,
-        lora_r,
-        lora_alpha,
-        lora_dropout,
-        target_modules,
-        use_rslora,
-        deepspeed,
-        num_processes,
-        offload,
-        trust_remote_code,
-        run_name,
-    ]
-    assert len(form_inputs) == len(FormValues.names())
-
-    def form_from(values) -> FormValues:
-        return FormValues(**dict(zip(FormValues.names(), values)))
+    form_inputs = form.inputs  # in FormValues.names() order
 
     # ---- handlers
 
@@ -701,7 +487,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         from engine.config import ConfigError
 
         try:
-            return command_preview(form_from(values), dataset, ctx.listing_dir(request) or ctx.runs_dir)
+            return command_preview(FormValues.from_values(values), dataset, ctx.listing_dir(request) or ctx.runs_dir)
         except ConfigError as err:
             return f"# not ready: {err}"
 
@@ -724,20 +510,16 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             table = f"> **Before training:** {escape_md(needs)}\n\n{table}"
         return table, reasons_markdown(rec), rec.config_overrides()
 
-    def apply_recommendation(overrides):
+    def apply_recommendation(overrides, *values):
+        """The plan applied through the config's own override path (RunConfig.with_overrides);
+        only the widgets whose value changes are updated."""
         if not overrides:
             raise gr.Error("No recommendation yet: choose a model that can be estimated.")
-        values = dict(item.split("=", 1) for item in overrides)
-        gr.Info("Recommendation applied: precision, method, batch, accumulation, DeepSpeed.")
-        return (
-            values["training.precision"],
-            values["method.name"],
-            int(values["training.batch_size"]),
-            int(values["training.gradient_accumulation_steps"]),
-            values["training.gradient_checkpointing"] == "true",
-            values["distributed.deepspeed"],
-            int(values["distributed.num_processes"]),
-        )
+        before = FormValues.from_values(values).config()
+        after = before.with_overrides(overrides)
+        changed = form.labels(after, before)
+        gr.Info(f"Recommendation applied: {', '.join(changed)}." if changed else "The form already follows the plan.")
+        return form.updates(after, than=before)
 
     progress_outputs = [
         progress,
@@ -752,7 +534,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         after_row,
     ]
 
-    def render(watch: Watch, new_points: bool, first: bool = False):
+    def render(watch: Watch, new_points: bool, first: bool = False) -> dict:
+        """``{widget: update}`` for progress_outputs (a widget left out keeps its value)."""
         from engine import runs
 
         status = runs.refresh_status(Path(watch.run_dir))
@@ -763,18 +546,20 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         log_value = read_log_tail(watch.run_dir) if (size != watch.log_size or first) else gr.skip()
         watch.log_size = size
         fail = failure_markdown(status)
-        return (
-            progress_html(status, watch.last, watch.run_dir),
-            loss_frame(watch.points) if (new_points or first) else gr.skip(),
-            log_value,
-            gr.Markdown(fail, visible=bool(fail)),
-            watch,
-            gr.Timer(active=active),
-            gr.Button(interactive=True),
-            gr.Button(interactive=active),
-            watch.run_dir,
-            gr.Row(visible=state == "completed"),
-        )
+        updates = {
+            progress: progress_html(status, watch.last, watch.run_dir),
+            log_tail: log_value,
+            failure: gr.Markdown(fail, visible=bool(fail)),
+            watch_state: watch,
+            timer: gr.Timer(active=active),
+            start_btn: gr.Button(interactive=True),
+            stop_btn: gr.Button(interactive=active),
+            current_run: watch.run_dir,
+            after_row: gr.Row(visible=state == "completed"),
+        }
+        if new_points or first:
+            updates[loss_plot] = loss_frame(watch.points)
+        return updates
 
     @engine_errors
     def start(request: gr.Request, dataset, *values):
@@ -785,18 +570,18 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
         fields = len(FormValues.names())
         asked = values[fields] if len(values) > fields else None
-        form = form_from(values[:fields])
-        ctx.check_model(request, form.model)
-        problem = availability(form.model)
+        form_values = FormValues.from_values(values[:fields])
+        ctx.check_model(request, form_values.model)
+        problem = availability(form_values.model)
         if problem:  # before a run exists: a run never fails in the trainer for a model it cannot get
             raise gr.Error(problem, title="Model not available")
         question = unfilled_question(dataset)
         if question and asked != question:  # ask once; the same Start again trains as it is
             gr.Warning(question, duration=None)
-            return (*[gr.skip()] * len(progress_outputs), question)
+            return {asked_state: question}
         runs_dir = ctx.runs_for(request)
         check_dataset_path(ctx, request, dataset)
-        cfg = build_config(form, dataset, runs_dir)
+        cfg = build_config(form_values, dataset, runs_dir)
         check_run_allowed(cfg, dataset, DemoLimits.from_env())
         running = find_active_run(runs_dir)
         run_dir = launch.submit(cfg, runs_dir)
@@ -807,7 +592,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         else:
             gr.Info(f"Started {Path(run_dir).name}.")
         watch = Watch.attach(run_dir)
-        return (*render(watch, watch.read(), first=True), None)
+        return {**render(watch, watch.read(), first=True), asked_state: None}
 
     @engine_errors
     def stop(watch: Watch | None):
@@ -822,7 +607,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     @engine_errors
     def tick(watch: Watch | None):
         if watch is None:
-            return (gr.skip(),) * 5 + (gr.Timer(active=False),) + (gr.skip(),) * 4
+            return {timer: gr.Timer(active=False)}
         return render(watch, watch.read())
 
     @engine_errors
@@ -831,7 +616,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         root = ctx.listing_dir(request)
         run_dir = find_active_run(root) if root is not None else None
         if run_dir is None:
-            return (gr.skip(),) * len(progress_outputs)
+            return {}
         watch = Watch.attach(run_dir)
         return render(watch, watch.read(), first=True)
 
@@ -852,12 +637,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         show_progress="hidden",
     )
     links.dataset.change(dataset_summary, inputs=links.dataset, outputs=dataset_md, show_progress="hidden")
-    apply_btn.click(
-        apply_recommendation,
-        inputs=rec_state,
-        outputs=[precision, method, batch_size, grad_accum, grad_ckpt, deepspeed, num_processes],
-    )
-    asked_state = gr.State(None)  # the question Start asked about this dataset, once answered by a second Start
+    apply_btn.click(apply_recommendation, inputs=[rec_state, *form_inputs], outputs=form_inputs)
     start_btn.click(
         start,
         inputs=[links.dataset, *form_inputs, asked_state],
