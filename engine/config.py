@@ -181,8 +181,8 @@ class TrainingConfig:
     learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "Peak learning rate; empty picks the method's default (LoRA 2e-4, full 2e-5).",
-            "label": "Learning rate (empty = the method's default)",
+            "help": "Peak learning rate; empty (0 in the app) picks the method's default (LoRA 2e-4, full 2e-5).",
+            "label": "Learning rate (0 = the method's default)",
             "minimum": 0,
             "step": 1e-5,
         },

@@ -64,7 +64,7 @@ def test_form_values_round_trip_through_the_config():
     from webui.config_form import FormValues
 
     form = FormValues(
-        learning_rate="", max_steps=7.0, target_modules=" q_proj,v_proj ", run_name="  ", chat_template=""
+        learning_rate=0.0, max_steps=7.0, target_modules=" q_proj,v_proj ", run_name="  ", chat_template=""
     )
     cfg = form.config()
     assert cfg.training.learning_rate is None and cfg.training.max_steps == 7

@@ -53,6 +53,8 @@ def to_widget(info: FieldInfo, value: Any) -> Any:
         return yaml.safe_dump(value, default_flow_style=True).strip() if value else ""
     if value is None and info.kind in ("text", "list"):
         return ""
+    if value is None and info.kind in ("int", "float"):
+        return 0  # a gradio Number cannot be empty (the page sends 0): 0 stands for "none"
     return value
 
 
@@ -61,7 +63,7 @@ def from_widget(info: FieldInfo, value: Any) -> Any:
     default applies), None when empty and the field is optional."""
     if isinstance(value, str):
         value = value.strip()
-    if value is None or value == "":
+    if value is None or value == "" or (info.optional and info.kind in ("int", "float") and value == 0):
         return None if info.optional else _DEFAULT
     if info.kind == "int" and isinstance(value, float) and value.is_integer():
         return int(value)

@@ -180,7 +180,6 @@ def dataset_choice(
 ):
     """What the Train tab needs to know about a usable dataset, a links.DataChoice (None if it
     cannot be trained). Raises ConfigError naming the field if a setting is out of range."""
-    from engine.config import DataConfig
     from webui.links import DataChoice
 
     if ins.stopped or not ins.records or ins.format == "preference":

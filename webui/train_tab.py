@@ -616,7 +616,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         root = ctx.listing_dir(request)
         run_dir = find_active_run(root) if root is not None else None
         if run_dir is None:
-            return {}
+            return {timer: gr.Timer(active=False)}  # nothing to follow
         watch = Watch.attach(run_dir)
         return render(watch, watch.read(), first=True)
 
