@@ -191,13 +191,13 @@ def _save_tokenizer(tokenizer, directory: Path, chat_template: str | None) -> No
 
 
 def _fix_generation_config(directory: Path, tokenizer) -> list[int]:
-    from engine.inference import _stop_ids_from
+    from engine.inference import stop_ids_from
 
     path = directory / "generation_config.json"
     gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     eos = gen.get("eos_token_id")
     ids = [eos] if isinstance(eos, int) else list(eos or [])
-    for tid in sorted(_stop_ids_from(tokenizer)):
+    for tid in sorted(stop_ids_from(tokenizer)):
         if tid not in ids:
             ids.append(tid)
     gen["eos_token_id"] = ids[0] if len(ids) == 1 else ids
@@ -362,7 +362,7 @@ def _finish_onnx_dir(out_dir: Path, hf_dir: Path) -> None:
             shutil.copy2(hf_dir / name, out_dir / name)
     from transformers import AutoTokenizer
 
-    from engine.inference import _stop_ids_from
+    from engine.inference import stop_ids_from
     from engine.templates import inference_template
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
@@ -372,7 +372,7 @@ def _finish_onnx_dir(out_dir: Path, hf_dir: Path) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     eos = config["model"].get("eos_token_id", [])
     ids = [eos] if isinstance(eos, int) else list(eos)
-    for tid in sorted(_stop_ids_from(tokenizer)):
+    for tid in sorted(stop_ids_from(tokenizer)):
         if tid not in ids:
             ids.append(tid)
     config["model"]["eos_token_id"] = ids[0] if len(ids) == 1 else ids

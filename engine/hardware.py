@@ -127,7 +127,7 @@ class HardwareProfile:
 # --------------------------------------------------------------------------- detection
 
 
-def _read_cpuinfo(text: str | None = None) -> CPUInfo:
+def read_cpuinfo(text: str | None = None) -> CPUInfo:
     if text is None:
         try:
             text = Path("/proc/cpuinfo").read_text()
@@ -188,7 +188,7 @@ def detect(disk_path: str | os.PathLike = ".", cpuinfo_text: str | None = None, 
     return HardwareProfile(
         gpus=gpus,
         mps=mps,
-        cpu=_read_cpuinfo(cpuinfo_text),
+        cpu=read_cpuinfo(cpuinfo_text),
         ram_bytes=int(mem.total),
         ram_available_bytes=int(mem.available),
         disk_free_bytes=int(shutil.disk_usage(path).free),

@@ -453,7 +453,7 @@ class TorchChatModel(ChatModel):
         self.lean_note = ""  # why the lean decoder is not used, once that is known
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.stop_ids = frozenset(
-            _stop_ids_from(tokenizer, getattr(model, "generation_config", None), self.chat_template)
+            stop_ids_from(tokenizer, getattr(model, "generation_config", None), self.chat_template)
         )
         self._torch = torch
 
@@ -562,7 +562,7 @@ def _available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _stop_ids_from(tokenizer, generation_config=None, template: str | None = None) -> set[int]:
+def stop_ids_from(tokenizer, generation_config=None, template: str | None = None) -> set[int]:
     """Where generation stops: eos and the end-of-turn markers of the chat template
     (``template``, else the tokenizer's own; engine.templates), and the eos ids of
     ``generation_config``."""

@@ -44,9 +44,9 @@ class NativeUnavailable(RuntimeError):
 
 def _cpu_flags(cpuinfo_text: str | None = None) -> set[str]:
     """This CPU's flags from /proc/cpuinfo (or from ``cpuinfo_text``), as engine.hardware reads them."""
-    from engine.hardware import _read_cpuinfo
+    from engine.hardware import read_cpuinfo
 
-    return set(_read_cpuinfo(cpuinfo_text).flags)
+    return set(read_cpuinfo(cpuinfo_text).flags)
 
 
 def choose_isa(flags: set[str], requested: str | None = None, machine: str | None = None) -> str:

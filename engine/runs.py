@@ -243,7 +243,7 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
             "max_steps": status.get("max_steps"),
         }
         row.update(_config_summary(run_dir))
-        evaluation = _read_json(run_dir / EVAL_FILE)
+        evaluation = read_json(run_dir / EVAL_FILE)
         if evaluation:
             row["base_eval_loss"] = (evaluation.get("base") or {}).get("loss")
             row["tuned_eval_loss"] = (evaluation.get("tuned") or {}).get("loss")
@@ -252,7 +252,8 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
     return rows
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file of the run directory, or None when it is missing or unreadable."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
@@ -362,91 +363,3 @@ def tail_log(run_dir: str | Path, n: int = 50) -> str:
     while lines and not lines[-1]:
         lines.pop()
     return "\n".join(lines[-n:])
-
-
-# --------------------------------------------------------------------------- CLI: tunelab runs
-
-
-def add_cli_arguments(parser) -> None:
-    parser.add_argument(
-        "action",
-        nargs="?",
-        default="list",
-        choices=("list", "show", "log", "stop", "resume"),
-        help="list (default): all runs; show RUN: its status; log RUN: the end of its log; "
-        "stop RUN: stop it (it saves a checkpoint); resume RUN: continue a stopped or failed run.",
-    )
-    parser.add_argument("run", nargs="?", help="A run directory or a run id in --runs-dir.")
-    parser.add_argument("--runs-dir", default="runs", help="Directory that holds the runs (default: runs).")
-    parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
-    parser.add_argument("-n", "--lines", type=int, default=40, help="Lines of log for 'log' (default 40).")
-
-
-def _fmt_time(t: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
-
-
-def run_cli(args) -> int:
-    import sys
-
-    action = args.action
-    if action != "list" and not args.run:
-        print(f"error: 'tunelab runs {action}' needs a RUN (a run directory or id)", file=sys.stderr)
-        return 2
-    try:
-        if action == "list":
-            rows = list_runs(args.runs_dir)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-                return 0
-            if not rows:
-                print(f"no runs in {args.runs_dir}")
-                return 0
-            header = f"{'RUN':44} {'STATE':10} {'STEP':>9} {'METHOD':6} {'CREATED':16} ERROR"
-            print(header)
-            for r in rows:
-                step = f"{r.get('step') or 0}/{r.get('max_steps') or '?'}" if r.get("step") is not None else "-"
-                print(
-                    f"{r['run_id'][:44]:44} {r['state'] or '?':10} {step:>9} {r.get('method') or '?':6} "
-                    f"{_fmt_time(r.get('created_at')):16} {r.get('error_class') or ''}"
-                )
-            return 0
-        run_dir = find_run(args.run, args.runs_dir)
-        if action == "show":
-            status = refresh_status(run_dir)
-            status["path"] = str(run_dir)
-            evaluation = _read_json(run_dir / EVAL_FILE)
-            if evaluation:
-                status["eval"] = evaluation
-            if args.json:
-                print(json.dumps(status, indent=2))
-            else:
-                for key, value in status.items():
-                    if key == "log_tail":
-                        continue
-                    if key.endswith("_at") or key.endswith("_started"):
-                        value = _fmt_time(value)
-                    print(f"{key:18} {value}")
-                if status.get("log_tail"):
-                    print("\nlast lines of the log:\n" + status["log_tail"])
-            return 0
-        if action == "log":
-            print(tail_log(run_dir, args.lines))
-            return 0
-        from engine import launch
-
-        if action == "stop":
-            status = launch.stop(run_dir, wait=True)
-            print(f"{run_dir.name}: {status.get('state')}")
-            return 0
-        if action == "resume":
-            launch.resume(run_dir)
-            print(
-                f"{run_dir.name}: resumed ({read_status(run_dir).get('state')}); "
-                f"follow it with: tunelab runs log {run_dir.name}"
-            )
-            return 0
-    except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 2

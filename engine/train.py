@@ -760,7 +760,7 @@ def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None, 
     base_loss = None
     eval_path = run_dir / runs.EVAL_FILE
     if has_eval and not config.method.is_peft:
-        previous = runs._read_json(eval_path) or {}
+        previous = runs.read_json(eval_path) or {}
         if checkpoint and previous.get("base"):
             base_loss = previous["base"]["loss"]
         elif not checkpoint and config.distributed.deepspeed == "none":

@@ -287,14 +287,16 @@ def test_runs_cli_lists_json(tmp_path, runs_dir, capsys):
 
     run = runs.create_run(RunConfig(), runs_dir)
     runs.update_status(run, state="completed", step=3, max_steps=3)
+    from engine import runs_cli
+
     parser = argparse.ArgumentParser()
-    runs.add_cli_arguments(parser)
-    assert runs.run_cli(parser.parse_args(["--runs-dir", str(runs_dir), "--json"])) == 0
+    runs_cli.add_cli_arguments(parser)
+    assert runs_cli.run_cli(parser.parse_args(["--runs-dir", str(runs_dir), "--json"])) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["run_id"] == run.name and rows[0]["state"] == "completed" and rows[0]["method"] == "lora"
-    assert runs.run_cli(parser.parse_args(["show", run.name[:12], "--runs-dir", str(runs_dir), "--json"])) == 0
+    assert runs_cli.run_cli(parser.parse_args(["show", run.name[:12], "--runs-dir", str(runs_dir), "--json"])) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 3
-    assert runs.run_cli(parser.parse_args(["stop", "nope", "--runs-dir", str(runs_dir)])) == 1
+    assert runs_cli.run_cli(parser.parse_args(["stop", "nope", "--runs-dir", str(runs_dir)])) == 1
 
 
 def test_direct_python_m_engine_train_refuses_a_distributed_config(tmp_path):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from webui.common import CSS, AppContext, launch_and_serve
+from webui.common import AppContext, launch_and_serve, launch_kwargs
 
 TAB_IDS = ("data", "train", "playground", "export", "runs")
 
@@ -118,31 +118,6 @@ def build_app(ctx: AppContext):
             runs=runs,
         )
     return demo
-
-
-def launch_kwargs(ctx: AppContext) -> dict:
-    """Arguments of launch() that every entry point (app or single tab) shares.
-
-    Single user: the runs directory may be served (downloads are zipped there). Shared app:
-    it is blocked from Gradio's file route altogether, so nobody fetches a file of another
-    person's run by its path; downloads are zipped elsewhere (webui.export_tab.downloads_dir)
-    and Gradio serves its own copy. Uploads over MAX_UPLOAD_BYTES are refused as they arrive.
-    """
-    import gradio as gr
-
-    from engine.security import MAX_UPLOAD_BYTES
-
-    kwargs = {
-        "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald"),
-        "css": CSS,
-        "show_error": True,
-        "max_file_size": MAX_UPLOAD_BYTES,
-    }
-    if ctx.multi_user:
-        kwargs["blocked_paths"] = [str(ctx.runs_dir)]
-    else:
-        kwargs["allowed_paths"] = [str(ctx.runs_dir)]
-    return kwargs
 
 
 def run_cli(args) -> int:

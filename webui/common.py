@@ -521,16 +521,29 @@ def iterate_in_thread(make_iterator, on_close=None):
                 on_close()
 
 
-def standalone_tab(build, name: str, ctx: "AppContext | None" = None):
-    """One tab alone in its own gr.Blocks (each tab module's ``create``)."""
+def launch_kwargs(ctx: AppContext) -> dict:
+    """Arguments of launch() that every entry point (app or single tab) shares.
+
+    Single user: the runs directory may be served (downloads are zipped there). Shared app:
+    it is blocked from Gradio's file route altogether, so nobody fetches a file of another
+    person's run by its path; downloads are zipped elsewhere (webui.export_tab.downloads_dir)
+    and Gradio serves its own copy. Uploads over MAX_UPLOAD_BYTES are refused as they arrive.
+    """
     import gradio as gr
 
-    from webui.links import Links
+    from engine.security import MAX_UPLOAD_BYTES
 
-    ctx = ctx or AppContext()
-    with gr.Blocks(title=f"tunelab - {name}") as demo:
-        build(ctx, Links.create())
-    return demo
+    kwargs = {
+        "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald"),
+        "css": CSS,
+        "show_error": True,
+        "max_file_size": MAX_UPLOAD_BYTES,
+    }
+    if ctx.multi_user:
+        kwargs["blocked_paths"] = [str(ctx.runs_dir)]
+    else:
+        kwargs["allowed_paths"] = [str(ctx.runs_dir)]
+    return kwargs
 
 
 def launch_and_serve(demo, **kwargs) -> None:
@@ -550,7 +563,5 @@ def launch_and_serve(demo, **kwargs) -> None:
 
 def launch_standalone(create) -> None:
     """``python -m webui.<tab>``: serve one tab with the app's launch settings."""
-    from webui.app import launch_kwargs
-
     ctx = AppContext()
     launch_and_serve(create(ctx), **launch_kwargs(ctx))

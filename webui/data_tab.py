@@ -24,8 +24,8 @@ from webui.common import (
     launch_standalone,
     load_tokenizer,
     plot_frame,
-    standalone_tab,
 )
+from webui.links import DataChoice, standalone_tab
 
 FORMATS = DATA_FORMATS
 DATA_DEFAULTS = DataConfig()  # the form starts from engine.config's data section
@@ -180,8 +180,6 @@ def dataset_choice(
 ):
     """What the Train tab needs to know about a usable dataset, a links.DataChoice (None if it
     cannot be trained). Raises ConfigError naming the field if a setting is out of range."""
-    from webui.links import DataChoice
-
     if ins.stopped or not ins.records or ins.format == "preference":
         return None
     tokens = (ins.report.get("tokens") or {}).get("tokens") or {}

@@ -27,9 +27,9 @@ from webui.common import (
     escape_md,
     fmt_bytes,
     launch_standalone,
-    standalone_tab,
     stream_progress,
 )
+from webui.links import standalone_tab
 from webui.playground_tab import run_picker
 
 ONNX_PRECISIONS = ("int4", "int8", "fp32")

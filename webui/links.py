@@ -54,6 +54,16 @@ def dataset_summary(choice: DataChoice | None) -> str:
     )
 
 
+def standalone_tab(build, name: str, ctx=None):
+    """One tab alone in its own gr.Blocks (each tab module's ``create``)."""
+    from webui.common import AppContext
+
+    ctx = ctx or AppContext()
+    with gr.Blocks(title=f"tunelab - {name}") as demo:
+        build(ctx, Links.create())
+    return demo
+
+
 def user_banner(ctx):
     """A handler for the line at the top of a shared app: who is signed in, and that their
     runs are theirs alone (or how to sign in)."""

@@ -29,10 +29,10 @@ from webui.common import (
     escape_md,
     iterate_in_thread,
     launch_standalone,
-    standalone_tab,
     stream_progress,
     torch_on_cpu,
 )
+from webui.links import standalone_tab
 
 BACKENDS = ("base", "tuned", "onnx")
 TITLES = {"base": "Base", "tuned": "Tuned", "onnx": "Tuned (ONNX)"}

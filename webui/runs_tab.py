@@ -23,8 +23,8 @@ from webui.common import (
     fmt_number,
     launch_standalone,
     plot_frame,
-    standalone_tab,
 )
+from webui.links import standalone_tab
 
 PALETTE = ["#6366f1", "#f97316", "#10b981", "#ef4444", "#0ea5e9", "#a855f7", "#eab308", "#14b8a6", "#ec4899", "#64748b"]
 COLUMNS = ["Run", "Status", "Method", "Model", "Data", "Steps", "Train loss", "Eval loss", "Duration", "Created"]

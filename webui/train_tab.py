@@ -32,10 +32,9 @@ from webui.common import (
     fmt_number,
     launch_standalone,
     plot_frame,
-    standalone_tab,
 )
 from webui.config_form import ConfigForm, FormValues
-from webui.links import DataChoice, dataset_summary
+from webui.links import DataChoice, dataset_summary, standalone_tab
 
 METHOD_CHOICES = [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora"), ("DoRA", "dora"), ("Full fine-tune", "full")]
 ACTIVE_STATES = ("created", "queued", "running")
