@@ -485,7 +485,7 @@ def recommend(
             reasons["method"] += " QLoRA runs on this CPU through bitsandbytes but several times slower than LoRA."
 
     # DeepSpeed and launcher.
-    stage, offload_note = 0, ""
+    stage = 0
     if n_dev > 1:
         if mem(method).total <= budget:
             stage = 2
@@ -511,7 +511,7 @@ def recommend(
             "CPU ranks would only split the same cores."
             if profile.device == "cpu"
             else "One device: no DeepSpeed needed."
-        ) + offload_note
+        )
         reasons["launcher"] = "python -m engine.train: a single process uses the whole device."
 
     # Batch size: the largest power of two whose activations fit, capped for small data.

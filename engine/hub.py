@@ -55,11 +55,6 @@ SKIPPED_SUFFIXES = (".log", ".tmp", ".lock", ".pyc")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _HUB_LIKE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_DATA_LINE = re.compile(
-    r"format (?P<format>\w+), (?P<usable>\d+) usable of (?P<total>\d+) records \((?P<skipped>\d+) skipped\); "
-    r"train (?P<train>\d+), validation (?P<validation>\d+)"
-)
-
 Progress = Callable[[str], None]
 
 
@@ -247,21 +242,13 @@ def base_model_info(name_or_path: str) -> dict:
 
 
 def _data_counts(run_dir: Path) -> dict | None:
-    """Record counts the trainer logged ("format X, N usable of T records (S skipped); train A,
-    validation B"); the last session's line wins (a resumed run logs it again)."""
-    path = run_dir / "train.log"
-    try:
-        with path.open("rb") as f:
-            head = f.read(4 << 20).decode("utf-8", errors="replace")
-    except OSError:
+    """What the run trained on, as the trainer wrote it (data.json; None for a run from before it)."""
+    from engine.runs import DATA_FILE, read_json
+
+    counts = read_json(run_dir / DATA_FILE)
+    keys = ("total", "usable", "skipped", "train", "validation")
+    if not counts or not all(isinstance(counts.get(k), int) for k in keys):
         return None
-    found = None
-    for match in _DATA_LINE.finditer(head):
-        found = match
-    if not found:
-        return None
-    counts = {k: int(v) for k, v in found.groupdict().items() if k != "format"}
-    counts["format"] = found["format"]
     return counts
 
 
@@ -359,7 +346,7 @@ def _data_section(facts: dict) -> list[str]:
         split = f"validation_split {cfg.data.validation_split}, seed {cfg.data.seed}"
         if evaluation.get("examples"):
             split = f"{evaluation['examples']:,} validation examples ({split})"
-        rows += [("records", "not recorded (train.log has no data line)"), ("split", split)]
+        rows += [("records", "not recorded (the run has no data.json)"), ("split", split)]
     rows.append(("max length", f"{cfg.data.max_length} tokens (longer examples truncated)"))
     if cfg.data.max_records:
         rows.append(("max records", f"first {cfg.data.max_records:,} valid records"))

@@ -61,7 +61,7 @@ def embedded_gguf_path() -> Path:
 def fix_tokenizer_dir(directory: Path) -> None:
     """Correct the tokenizer that transformers converts from SmolLM2's GGUF file.
 
-    The converted tokenizer has three defects (see DESIGN.md):
+    The converted tokenizer has three defects (each checked in tests/test_tokenizer_parity.py):
     1. a TemplateProcessing post-processor that prepends ``<|im_start|>`` to every
        encode, so a rendered chat starts with a doubled start token;
     2. eos is ``<|im_start|>`` instead of ``<|im_end|>``, so generation never stops;
@@ -362,23 +362,6 @@ def build_tiny_model(directory: str | Path, spec: TinySpec | None = None) -> Pat
     _fix_generation_config(tmp, eos_id)
     tmp.rename(directory)
     return directory
-
-
-def parameter_count(model_dir: str | Path) -> int:
-    """Number of parameters from config.json alone (no weights loaded), for estimates."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    h = cfg["hidden_size"]
-    layers = cfg["num_hidden_layers"]
-    inter = cfg.get("intermediate_size", 4 * h)
-    vocab = cfg["vocab_size"]
-    heads = cfg.get("num_attention_heads", 1)
-    kv = cfg.get("num_key_value_heads", heads)
-    head_dim = cfg.get("head_dim") or h // heads
-    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
-    mlp = 3 * h * inter
-    per_layer = attn + mlp + 2 * h
-    embed = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
-    return layers * per_layer + embed + h
 
 
 def main() -> int:

@@ -51,6 +51,7 @@ STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 EVAL_FILE = "eval.json"
+DATA_FILE = "data.json"  # what the run trained on: format, record counts, split (the model card reads it)
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"
@@ -146,9 +147,7 @@ def update_status(run_dir: str | Path, **fields) -> dict:
             else:
                 status[key] = value
         status["updated_at"] = time.time()
-        tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(status, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, run_dir / STATUS_FILE)
+        write_json(run_dir / STATUS_FILE, status)
     return status
 
 
@@ -250,6 +249,14 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
         rows.append(row)
     rows.sort(key=lambda r: (r.get("created_at") or 0, r["run_id"]), reverse=True)
     return rows
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write a JSON file of the run directory whole or not at all (a temporary file, renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict | None:

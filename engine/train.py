@@ -737,6 +737,20 @@ def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None, 
         f"data {config.data.path}: format {loaded.format}, {len(loaded.records)} usable of {loaded.total} "
         f"records ({loaded.skipped} skipped); train {len(train_records)}, validation {len(val_records)}"
     )
+    runs.write_json(
+        run_dir / runs.DATA_FILE,
+        {
+            "path": str(config.data.path),
+            "format": loaded.format,
+            "total": loaded.total,
+            "usable": len(loaded.records),
+            "skipped": loaded.skipped,
+            "train": len(train_records),
+            "validation": len(val_records),
+            "validation_split": config.data.validation_split,
+            "seed": config.data.seed,
+        },
+    )
     for problem in loaded.problems[:5]:
         say(f"  skipped: {problem}")
     for warning in loaded.warnings:

@@ -95,6 +95,10 @@ def make_run(
             "loss_change": -0.9135,
         },
     )
+    _write_json(
+        run_dir / "data.json",
+        {"format": "openai", "total": 123, "usable": 120, "skipped": 3, "train": 108, "validation": 12},
+    )
     (run_dir / "train.log").write_text(
         f"[tunelab] run {run_dir}\n"
         f"[tunelab] data {data_file}: format openai, 120 usable of 123 records (3 skipped); train 108, validation 12\n"

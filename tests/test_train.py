@@ -180,6 +180,15 @@ def test_run_directory_metrics_resume_and_adapter_loads_alone(tiny_model_dir, tm
             assert row[key] is not None, (key, row)
     assert [("eval_loss" in r) for r in rows] == [False, False, True, False, False, True]
     assert rows[-1]["eta_s"] == 0
+    # What the run trained on, for the model card (data.json, not a line of the log)
+    data_summary = runs.read_json(run_dir / runs.DATA_FILE)
+    assert {k: data_summary[k] for k in ("total", "usable", "skipped", "train", "validation")} == {
+        "total": 16,
+        "usable": 16,
+        "skipped": 0,
+        "train": 12,
+        "validation": 4,
+    }
     # 12 training examples, batch 4: 6 steps are exactly 2 epochs, so the real tokens
     # seen are twice the unpadded lengths of the training split.
     lengths = [len(ids) for ids in summary["trainer"].train_dataset["input_ids"]]
