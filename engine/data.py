@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from engine.util import dir_size, fmt_bytes, is_hub_id, load_tokenizer
+
 FORMATS = ("openai", "sharegpt", "alpaca", "qa", "preference")
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_MAX_BYTES = 1 << 30
@@ -98,7 +100,6 @@ CONTEXT_KEYS = ("context", "passage", "document")
 ARRAY_KEYS = ("data", "train", "records", "examples", "rows", "items", "instances")
 TOOLS_HEADER = 'You can call these tools. To call one, reply with a JSON object holding "name" and "arguments".'
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 SNIFF_BYTES = 8192
 MAX_LISTED_IN_ERROR = 10
 
@@ -452,10 +453,6 @@ def _read_hub(ref: str, warnings: list[str]) -> list[_Raw]:
         ) from None
 
 
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _read_source(path: str | Path, max_bytes: int) -> _Source:
     ref = str(path).strip()
     if not ref:
@@ -468,7 +465,7 @@ def _read_source(path: str | Path, max_bytes: int) -> _Source:
     except (OSError, ValueError):  # a name with a NUL byte, or too long
         exists = False
     if not exists:
-        if p.suffix.lower() not in EXTENSIONS and HUB_ID.match(ref):
+        if p.suffix.lower() not in EXTENSIONS and is_hub_id(ref, local_wins=False):
             return _Source(ref, "hub", "record", _read_hub(ref, warnings), warnings)
         raise _fatal(label, f"not found ({ref})")
     try:
@@ -479,9 +476,9 @@ def _read_source(path: str | Path, max_bytes: int) -> _Source:
                     "is a directory but not a dataset saved by datasets.save_to_disk "
                     "(no dataset_info.json or dataset_dict.json in it); choose a data file",
                 )
-            size = _dir_size(p)
+            size = dir_size(p)
             if size > max_bytes:
-                raise _fatal(label, f"is {_human_bytes(size)}, over the limit of {_human_bytes(max_bytes)}")
+                raise _fatal(label, f"is {fmt_bytes(size)}, over the limit of {fmt_bytes(max_bytes)}")
             return _Source(label, "disk", "record", _read_saved_dataset(p, label, warnings), warnings)
         kind = EXTENSIONS.get(p.suffix.lower())
         if kind is None:
@@ -494,7 +491,7 @@ def _read_source(path: str | Path, max_bytes: int) -> _Source:
         if size == 0:
             raise _fatal(label, "is empty")
         if size > max_bytes:
-            raise _fatal(label, f"is {_human_bytes(size)}, over the limit of {_human_bytes(max_bytes)}")
+            raise _fatal(label, f"is {fmt_bytes(size)}, over the limit of {fmt_bytes(max_bytes)}")
         if kind == "parquet":
             return _Source(label, kind, "row", _read_parquet(p, label), warnings)
         raw = p.read_bytes()
@@ -511,15 +508,6 @@ def _read_source(path: str | Path, max_bytes: int) -> _Source:
         rows, unit = _read_json(text, label, warnings)
         return _Source(label, kind, unit, rows, warnings)
     return _Source(label, kind, "row", _read_delimited(text, label, "," if kind == "csv" else "\t"), warnings)
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def _kind(value: Any) -> str:
@@ -1526,10 +1514,8 @@ def _load_tokenizer(ref: str):
         directory = resolve_model(ref, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     except ModelNotFoundError as err:
         raise DataError(f"cannot count tokens: {err} (use --no-tokens to skip)") from None
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return load_tokenizer(directory)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot load the tokenizer of {ref}: {err}") from None
 

@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.util import atomic_dir, dir_size, fmt_bytes, load_tokenizer
+
 FORMATS = ("merged", "onnx")
 PRECISIONS = ("int4", "int8", "fp32")
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda")
@@ -105,12 +107,7 @@ def _say(progress: Progress | None) -> Progress:
     return progress or (lambda msg: None)
 
 
-def _dir_size(path: Path) -> int:
-    if not path.exists():
-        return 0
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+_dir_size = dir_size  # the name bench/bench_inference.py reads sizes with
 
 
 def _signature(path: Path) -> list:
@@ -132,23 +129,6 @@ def _read_stamp(directory: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(target.name + f".old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
-
-
-def _fresh_tmp(target: Path) -> Path:
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    return tmp
 
 
 def run_source(run_dir: Path) -> dict:
@@ -231,9 +211,8 @@ def merge(run_dir: str | Path, *, progress: Progress | None = None, force: bool 
         return target
 
     started = time.perf_counter()
-    tmp = _fresh_tmp(target)
     cfg = source["config"]
-    try:
+    with atomic_dir(target) as tmp:
         if source["kind"] == "adapter":
             from peft import PeftModel
 
@@ -247,19 +226,13 @@ def merge(run_dir: str | Path, *, progress: Progress | None = None, force: bool 
             say(f"Loading the full fine-tune from {source['dir']}...")
             model = AutoModelForCausalLM.from_pretrained(source["dir"], dtype=torch.float32)
             tokenizer_dir = source["dir"]
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
         say(f"Saving the merged model to {target}...")
         model.save_pretrained(tmp, safe_serialization=True)
         _save_tokenizer(tokenizer, tmp, cfg.model.chat_template)
         _fix_generation_config(tmp, tokenizer)
         stamp_data = dict(wanted, method=cfg.method.name, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
         (tmp / STAMP).write_text(json.dumps(stamp_data, indent=2), encoding="utf-8")
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"Merged model saved in {time.perf_counter() - started:.1f} s: {target}")
     return target
 
@@ -360,12 +333,10 @@ def _finish_onnx_dir(out_dir: Path, hf_dir: Path) -> None:
     ):
         if (hf_dir / name).is_file() and not (out_dir / name).is_file():
             shutil.copy2(hf_dir / name, out_dir / name)
-    from transformers import AutoTokenizer
-
     from engine.inference import stop_ids_from
     from engine.templates import inference_template
 
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer = load_tokenizer(hf_dir)
     if tokenizer.chat_template:
         (out_dir / "chat_template.jinja").write_text(inference_template(tokenizer.chat_template), encoding="utf-8")
     config_path = out_dir / "genai_config.json"
@@ -457,14 +428,16 @@ def build_onnx(
     ep = default_execution_provider() if execution_provider == "auto" else execution_provider
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     _check_architecture(hf_dir)
-    tmp = _fresh_tmp(out_dir)
-    cache_dir = tmp.with_name(tmp.name + "-cache")
     log_path = out_dir.with_name(out_dir.name + ".log")
-    cmd = builder_command(hf_dir, tmp, precision, ep, cache_dir, block_size)
-    say(f"Building ONNX {precision} for {ep.upper()}: {' '.join(cmd[1:])}")
     started = time.perf_counter()
-    try:
-        code = _stream_process(cmd, log_path, say, stop)
+    with atomic_dir(out_dir) as tmp:
+        cache_dir = tmp.with_name(tmp.name + "-cache")
+        cmd = builder_command(hf_dir, tmp, precision, ep, cache_dir, block_size)
+        say(f"Building ONNX {precision} for {ep.upper()}: {' '.join(cmd[1:])}")
+        try:
+            code = _stream_process(cmd, log_path, say, stop)
+        finally:
+            shutil.rmtree(cache_dir, ignore_errors=True)
         if code != 0 or not (tmp / "genai_config.json").is_file():
             raise ExportError(_builder_failure(hf_dir, code, log_path))
         _finish_onnx_dir(tmp, hf_dir)
@@ -477,15 +450,9 @@ def build_onnx(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (tmp / STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
     say(
         f"ONNX {precision} export done in {time.perf_counter() - started:.1f} s: {out_dir} "
-        f"({_dir_size(out_dir) / 1e6:.1f} MB)"
+        f"({fmt_bytes(dir_size(out_dir), binary=False)})"
     )
     return out_dir
 
@@ -530,10 +497,9 @@ def check_tokenizer_parity(
     """Encode texts (and a rendered multi-turn chat) with transformers and with ONNX Runtime
     GenAI; report whether the ids are identical and the first mismatches."""
     import onnxruntime_genai as og
-    from transformers import AutoTokenizer
 
     onnx_dir = Path(onnx_dir)
-    hf_tok = AutoTokenizer.from_pretrained(hf_dir or onnx_dir)
+    hf_tok = load_tokenizer(hf_dir or onnx_dir)
     og_tok = og.Tokenizer(og.Model(str(onnx_dir)))
     texts = list(texts or TOKENIZER_TEXTS)
     if hf_tok.chat_template:
@@ -762,7 +728,7 @@ def write_parity_report(
         del onnx
 
     report["sizes_bytes"] = {
-        name: _dir_size(path)
+        name: dir_size(path)
         for name, path in [
             ("adapter", run_dir / "adapter"),
             ("model", run_dir / "model"),

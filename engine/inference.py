@@ -586,10 +586,10 @@ def _torch_device_and_dtype():
 
 
 def _load_tokenizer(primary: Path, fallback: Path):
-    from transformers import AutoTokenizer
+    from engine.util import load_tokenizer
 
     source = primary if (primary / "tokenizer_config.json").is_file() else fallback
-    return AutoTokenizer.from_pretrained(source)
+    return load_tokenizer(source)
 
 
 def load_torch_model(

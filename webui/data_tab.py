@@ -104,13 +104,14 @@ def stable_copy(src: str | Path, uploads_dir: Path, max_uploads: int | None = No
     """
     from engine import security
     from engine.security import UnsafeInputError, safe_filename
+    from engine.util import fmt_bytes
 
     src = Path(src)
     size = src.stat().st_size
     if size > security.MAX_UPLOAD_BYTES:
         raise UnsafeInputError(
-            f"{safe_filename(src.name)} is {size / 2**20:.1f} MB; uploads are limited to "
-            f"{security.MAX_UPLOAD_BYTES / 2**20:.0f} MB here (TUNELAB_MAX_UPLOAD_MB)"
+            f"{safe_filename(src.name)} is {fmt_bytes(size)}; uploads are limited to "
+            f"{fmt_bytes(security.MAX_UPLOAD_BYTES)} here (TUNELAB_MAX_UPLOAD_MB)"
         )
     digest = hashlib.sha256()
     with src.open("rb") as fh:

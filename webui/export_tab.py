@@ -21,11 +21,11 @@ from types import SimpleNamespace
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
+from engine.util import dir_size, fmt_bytes
 from webui.common import (
     AppContext,
     engine_errors,
     escape_md,
-    fmt_bytes,
     launch_standalone,
     stream_progress,
 )
@@ -70,8 +70,7 @@ def artefact_markdown(run_dir: Path) -> str:
         return f"Run **{escape_md(run_dir.name)}** has nothing to export yet (no adapter or model)."
     rows = ["| artefact | folder | size |", "|---|---|---:|"]
     for name, path in found.items():
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        rows.append(f"| {name} | `{escape_md(path.relative_to(run_dir))}` | {fmt_bytes(size)} |")
+        rows.append(f"| {name} | `{escape_md(path.relative_to(run_dir))}` | {fmt_bytes(dir_size(path))} |")
     return "\n".join(rows)
 
 
@@ -362,7 +361,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         concurrency_id="hub-push",
         api_name="push",
     )
-    return SimpleNamespace(run=run, refresh=refresh)
+    # what the run holds (merged, exports, parity), derived from its directory again whenever the tab is shown
+    return SimpleNamespace(
+        run=run, refresh=refresh, show=show, show_inputs=[run], show_outputs=[contents, parity, hub_artifact]
+    )
 
 
 def create(ctx: AppContext | None = None):
