@@ -296,3 +296,32 @@ def test_second_start_queues_reload_reattaches_and_stop_stops(app, page, chat_mo
     states = {info["run_id"]: info["state"] for info in runs.list_runs(runs_dir)}
     assert states == {first: "aborted", second: "aborted"}
     shutil.rmtree(runs_dir, ignore_errors=True)
+
+
+def test_playground_derives_the_run_state_again_when_shown(app, page):
+    """A run picked while it had no weights: once it has them (and an ONNX export), going back
+    to the Playground shows the columns ready, not the notices of the earlier moment."""
+    import re
+
+    from engine import runs
+    from engine.config import RunConfig
+
+    url, runs_dir = app
+    run_dir = runs.create_run(RunConfig(), runs_dir)
+    runs.update_status(run_dir, state="running")
+    page.goto(url)
+    page.get_by_role("tab", name="3. Playground").click()
+    page.locator("#play-run input").click()
+    page.get_by_role("option", name=re.compile(re.escape(run_dir.name))).click()
+    notice = page.locator("#play-notice-tuned")
+    notice.get_by_text("has no trained weights yet").wait_for(timeout=20_000)
+    assert page.locator("#play-notice-onnx").get_by_text("has no trained weights yet").is_visible()
+
+    (run_dir / "adapter").mkdir()
+    (run_dir / "export" / "onnx-int4").mkdir(parents=True)
+    runs.update_status(run_dir, state="completed")
+    page.get_by_role("tab", name="4. Export").click()
+    page.get_by_role("tab", name="3. Playground").click()
+    notice.wait_for(state="hidden", timeout=20_000)
+    page.locator("#play-notice-onnx").wait_for(state="hidden", timeout=20_000)
+    assert not page.locator("#play-export-onnx").is_visible()

@@ -86,9 +86,20 @@ def user_banner(ctx):
 
 def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs) -> None:
     """Wire what leads from one tab to another (call inside the app's Blocks)."""
-    # Tabs that list runs refresh their pickers when shown (runs appear while the app lives).
-    tab_of["playground"].select(play.refresh, inputs=[play.run], outputs=[play.run], show_progress="hidden")
-    tab_of["export"].select(export.refresh, inputs=[export.run], outputs=[export.run], show_progress="hidden")
+
+    # Tabs that list runs refresh their pickers when shown (runs appear while the app lives), and
+    # what they show about the picked run is derived from its directory again then: a run that
+    # finished or was exported since must not keep an earlier moment's notices. (The picker's
+    # change event alone misses it: the picked run is often the same.)
+    def reshow(tab):
+        return dict(fn=tab.show, inputs=tab.show_inputs, outputs=tab.show_outputs, show_progress="hidden")
+
+    tab_of["playground"].select(play.refresh, inputs=[play.run], outputs=[play.run], show_progress="hidden").then(
+        **reshow(play)
+    )
+    tab_of["export"].select(export.refresh, inputs=[export.run], outputs=[export.run], show_progress="hidden").then(
+        **reshow(export)
+    )
     tab_of["runs"].select(runs.refresh, inputs=runs.refresh_inputs, outputs=runs.outputs, show_progress="hidden")
 
     def open_in_playground(run_id, request: gr.Request):
@@ -102,7 +113,9 @@ def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs) -> None:
         return handler
 
     # Runs -> Playground: pick the run there and switch tab.
-    runs.open.click(open_in_playground, inputs=runs.selected, outputs=[play.run, tabs], show_progress="hidden")
+    runs.open.click(open_in_playground, inputs=runs.selected, outputs=[play.run, tabs], show_progress="hidden").then(
+        **reshow(play)
+    )
     # Runs -> Train: a resumed run is followed on the Train tab.
     runs.resume_dep.success(train.attach, inputs=runs.resumed, outputs=train.progress_outputs).then(
         lambda: gr.Tabs(selected="train"), outputs=tabs
@@ -110,7 +123,7 @@ def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs) -> None:
     # Train -> Playground / Export once a run has finished.
     train.open_playground.click(
         open_run(play.refresh, "playground"), inputs=train.run_dir, outputs=[play.run, tabs], show_progress="hidden"
-    )
+    ).then(**reshow(play))
     train.open_export.click(
         open_run(export.refresh, "export"), inputs=train.run_dir, outputs=[export.run, tabs], show_progress="hidden"
-    )
+    ).then(**reshow(export))

@@ -416,7 +416,17 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     )
     if links.tabs is not None:
         fix_buttons["tuned"].click(lambda: gr.Tabs(selected="train"), outputs=links.tabs)
-    return SimpleNamespace(run=run, refresh=refresh, prompt=prompt, send=send_btn, chatbots=chatbots)
+    return SimpleNamespace(
+        run=run,
+        refresh=refresh,
+        prompt=prompt,
+        send=send_btn,
+        chatbots=chatbots,
+        # what the columns can do, derived from the run directory again whenever the tab is shown
+        show=show_availability,
+        show_inputs=[run, onnx_precision],
+        show_outputs=availability_outputs,
+    )
 
 
 def run_picker(ctx: AppContext, current, request=None):
