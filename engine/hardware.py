@@ -20,6 +20,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from engine.util import fmt_bytes
+
 GB = 1024**3
 
 # Dense bf16/fp16 tensor-core peak (FLOP/s) of common training GPUs, for time estimates.
@@ -414,14 +416,11 @@ class Recommendation:
             fits = "" if self.fits(method) else " (does not fit)"
             rows.append(
                 f"| {method}{' (recommended)' if method == self.method else ''} | {est.trainable_params:,} | "
-                f"{_gb(est.weights)} | {_gb(est.gradients)} | {_gb(est.optimizer)} | {_gb(est.activations)} | "
-                f"{_gb(est.total)}{fits} | {_duration(self.seconds[method])} |"
+                f"{fmt_bytes(est.weights)} | {fmt_bytes(est.gradients)} | {fmt_bytes(est.optimizer)} | "
+                f"{fmt_bytes(est.activations)} | "
+                f"{fmt_bytes(est.total)}{fits} | {_duration(self.seconds[method])} |"
             )
         return "\n".join(rows)
-
-
-def _gb(n: float) -> str:
-    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1024**2:.0f} MB"
 
 
 def _duration(s: float) -> str:
@@ -465,14 +464,14 @@ def recommend(
             method = "lora"
             reasons["method"] = (
                 f"LoRA trains {mem('lora').trainable_params / shape.params:.1%} of the weights and fits easily "
-                f"({_gb(mem('lora').total)} of {_gb(budget)} usable); full fine-tuning needs "
-                f"{_gb(mem('full').total)} and rarely helps on small chat datasets."
+                f"({fmt_bytes(mem('lora').total)} of {fmt_bytes(budget)} usable); full fine-tuning needs "
+                f"{fmt_bytes(mem('full').total)} and rarely helps on small chat datasets."
             )
         elif mem("qlora").total <= budget and profile.device == "cuda":
             method = "qlora"
             reasons["method"] = (
-                f"LoRA needs {_gb(mem('lora').total)} but only {_gb(budget)} is usable: QLoRA keeps the frozen "
-                f"weights in 4-bit NF4 ({_gb(mem('qlora').total)})."
+                f"LoRA needs {fmt_bytes(mem('lora').total)} but only {fmt_bytes(budget)} is usable: "
+                f"QLoRA keeps the frozen weights in 4-bit NF4 ({fmt_bytes(mem('qlora').total)})."
             )
         else:
             method = "lora"
@@ -480,7 +479,9 @@ def recommend(
     else:
         est = mem(method)
         fits = "fits" if est.total <= budget else "does NOT fit"
-        reasons["method"] = f"{method} chosen by you: about {_gb(est.total)} at batch 1, which {fits} in {_gb(budget)}."
+        reasons["method"] = (
+            f"{method} chosen by you: about {fmt_bytes(est.total)} at batch 1, which {fits} in {fmt_bytes(budget)}."
+        )
         if method == "qlora" and profile.device == "cpu":
             reasons["method"] += " QLoRA runs on this CPU through bitsandbytes but several times slower than LoRA."
 
@@ -490,14 +491,16 @@ def recommend(
         if mem(method).total <= budget:
             stage = 2
             reasons["deepspeed"] = (
-                f"{n_dev} GPUs: ZeRO-2 shards gradients and optimizer states; the weights ({_gb(mem(method).weights)}) "
+                f"{n_dev} GPUs: ZeRO-2 shards gradients and optimizer states; "
+                f"the weights ({fmt_bytes(mem(method).weights)}) "
                 "fit on each GPU, so ZeRO-3's extra communication is not needed."
             )
         else:
             stage = 3
             reasons["deepspeed"] = (
-                f"{n_dev} GPUs and the model does not fit on one ({_gb(mem(method).total)} > {_gb(budget)}): "
-                f"ZeRO-3 shards weights too ({_gb(mem(method, stage=3).total)} per GPU)."
+                f"{n_dev} GPUs and the model does not fit on one "
+                f"({fmt_bytes(mem(method).total)} > {fmt_bytes(budget)}): "
+                f"ZeRO-3 shards weights too ({fmt_bytes(mem(method, stage=3).total)} per GPU)."
             )
             if method == "qlora":
                 method = "lora"

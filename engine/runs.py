@@ -31,6 +31,8 @@ import socket
 import time
 from pathlib import Path
 
+from engine.util import atomic_write_text
+
 # created: the directory exists, nothing launched yet; queued: waiting for the machine;
 # running; then one of the three final states.
 STATES = ("created", "queued", "running", "completed", "failed", "aborted")
@@ -253,10 +255,7 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
 
 def write_json(path: Path, data: dict) -> None:
     """Write a JSON file of the run directory whole or not at all (a temporary file, renamed)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_json(path: Path) -> dict | None:

@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 
 from engine import runs, templates
 from engine.config import ConfigError, MethodConfig, RunConfig
+from engine.util import load_tokenizer
 
 EXIT_OK = 0  # completed, or aborted on request (status.json says which)
 EXIT_FAILED = 1
@@ -240,15 +241,6 @@ def tokenize_conversations(
 
 
 # --------------------------------------------------------------------------- model
-
-
-def load_tokenizer(model_dir: Path, config: RunConfig):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.model.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_model(model_dir: Path, config: RunConfig, precision: str, quantization):
@@ -613,7 +605,7 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
     precision, precision_reason = resolve_precision(config)
     say(f"precision {precision}: {precision_reason}")
     model_dir = resolve_model(config.model.name_or_path, progress=say)
-    tokenizer = load_tokenizer(model_dir, config)
+    tokenizer = load_tokenizer(model_dir, config.model.trust_remote_code)
     template, template_source = templates.model_template(tokenizer, config.model.chat_template)
     template = templates.inference_template(template)
     tokenizer.chat_template = template  # what adapter/ or model/ will carry: the template trained with

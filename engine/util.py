@@ -23,10 +23,11 @@ class HubIdError(ValueError):
 def check_hub_id(ref: str) -> str:
     """``ref`` stripped, when it is a Hub repository id of the form ``owner/name`` as the Hub
     accepts it (huggingface_hub's own rules: letters, digits, '-', '_', '.', no '--' or '..',
-    at most 96 characters, not ending in '.git'); :class:`HubIdError` saying why otherwise."""
+    at most 96 characters, not ending in '.git', '-' or '.'; and each part starting with a
+    letter or a digit); :class:`HubIdError` saying why otherwise."""
     text = (ref or "").strip() if isinstance(ref, str) else ""
     owner, slash, name = text.partition("/")
-    if not slash or not owner or not name or "/" in name or not text.isascii():
+    if not (slash and owner and name and text.isascii() and owner[0].isalnum() and name[0].isalnum()) or "/" in name:
         raise HubIdError(
             "use OWNER/NAME (a user name or an organisation, then the model name) with letters, digits, '-', '_' or '.'"
         )

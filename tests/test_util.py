@@ -29,6 +29,8 @@ def test_hub_ids_the_hub_accepts(ref):
         "my-org/",
         "my-org/pip lora",
         "my-org/-pip",
+        "_org/pip",
+        "org/.pip",
         "my-org/pip-",
         "my-org/pip..lora",
         "my--org/pip",
