@@ -21,6 +21,10 @@ from pathlib import Path
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "WANDB_API_KEY", "TUNELAB_AUTH")
 MAX_UPLOAD_BYTES = int(os.environ.get("TUNELAB_MAX_UPLOAD_MB", "200")) * 1024 * 1024
 MAX_UPLOADS_PER_USER = int(os.environ.get("TUNELAB_MAX_UPLOADS", "20"))
+# What one browser session may keep in the server's memory: its state is dropped after an hour
+# idle, and the Data tab keeps at most this many records of a dataset for its preview.
+SESSION_TTL_S = 3600
+PREVIEW_MAX_RECORDS = int(os.environ.get("TUNELAB_PREVIEW_RECORDS", "5000"))
 ANONYMOUS = "local"
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -614,3 +614,13 @@ def test_runs_table_and_loss_curves(tmp_path):
     assert list(loss_curves(tmp_path, ids, "eval").loss) == [1.7]
     details = run_details(tmp_path, run_dir.name)
     assert "base loss 2.9" in details and "tuned loss 1.7" in details
+
+
+def test_the_preview_keeps_a_bounded_number_of_records_and_says_so():
+    from engine import security
+    from webui.data_tab import page_label
+
+    assert page_label(1, 10) == "Page 1 of 3 (10 records)"
+    n = security.PREVIEW_MAX_RECORDS
+    label = page_label(1, n, n + 7)
+    assert f"the first {n} of {n + 7} records" in label and "training uses all" in label

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
+from engine import security
 from engine.config import DATA_FORMATS, DataConfig
 from webui.chat_html import render_page
 from webui.common import (
@@ -320,8 +321,12 @@ def learned_view(messages: list[dict], tokenizer, max_length: int) -> tuple[list
     return pieces, info
 
 
-def page_label(page: int, n_records: int) -> str:
+def page_label(page: int, n_records: int, total: int | None = None) -> str:
+    """'Page 2 of 3 (10 records)'; with ``total`` over the previewed ``n_records``, says the
+    preview holds only the first ones (engine.security.PREVIEW_MAX_RECORDS)."""
     pages = max(1, -(-n_records // PER_PAGE))
+    if total is not None and total > n_records:
+        return f"Page {page} of {pages} (the first {n_records} of {total} records; training uses all)"
     return f"Page {page} of {pages} ({n_records} records)"
 
 
@@ -342,7 +347,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     _, start_max_length = demo_defaults(demo)
     samples = ctx.sample_datasets()
-    records_state = gr.State([])  # this user's usable records, for paging the preview
+    # this user's usable records (at most PREVIEW_MAX_RECORDS), for paging the preview; dropped when idle
+    records_state = gr.State([], time_to_live=security.SESSION_TTL_S)
 
     gr.Markdown(
         "Upload chat data (JSONL, JSON, CSV, TSV or Parquet), or start from a sample. "
@@ -534,9 +540,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 if ins.problems
                 else "Problems: none",
             ),
-            ins.records,
+            ins.records[: security.PREVIEW_MAX_RECORDS],
             1,
-            page_label(1, len(ins.records)),
+            page_label(1, min(len(ins.records), security.PREVIEW_MAX_RECORDS), len(ins.records)),
             render_page(ins.records, 1, PER_PAGE),
             dataset_choice(ins, on_error_v, split_v, max_len_v, filled, limit),
         )

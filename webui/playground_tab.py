@@ -23,6 +23,7 @@ from typing import Any
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
+from engine import security
 from webui.common import (
     AppContext,
     engine_errors,
@@ -46,7 +47,6 @@ DECODE_LOCK = threading.Lock()
 # transformers' loading is not thread-safe (its empty-weights context patches torch globally):
 # two columns loading PyTorch models at once fail with "Cannot copy out of meta tensor".
 MODEL_LOAD_LOCK = threading.Lock()
-SESSION_TTL_S = 3600  # chat histories of an idle session are dropped after this
 
 
 # --------------------------------------------------------------------------- engine adapters
@@ -204,7 +204,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                     fix_buttons[backend] = gr.Button("Export to ONNX now", visible=False, elem_id="play-export-onnx")
                 elif backend == "tuned":
                     fix_buttons[backend] = gr.Button("Go to the Train tab", visible=False, elem_id="play-go-train")
-                col_states[backend] = gr.State(Column(backend), time_to_live=SESSION_TTL_S)
+                col_states[backend] = gr.State(Column(backend), time_to_live=security.SESSION_TTL_S)
     prompt = gr.Textbox(label="Prompt", placeholder="Ask the three models...", lines=2, elem_id="play-prompt")
     with gr.Row():
         send_btn = gr.Button("Send", variant="primary", elem_id="play-send")
