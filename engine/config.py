@@ -562,16 +562,21 @@ def commented_yaml(cfg: RunConfig) -> str:
 # --------------------------------------------------------------------------- CLI: tunelab config
 
 
-def add_cli_arguments(parser) -> None:
-    parser.add_argument("--from", dest="source", metavar="FILE", help="Start from this config file (YAML).")
+def add_set_argument(parser) -> None:
+    """``--set section.key=value`` (repeatable, into ``args.overrides``), for RunConfig.with_overrides."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="Override a value, e.g. --set training.max_steps=20 (repeatable).",
+        help="Override a config value, e.g. --set training.max_steps=20 (repeatable).",
     )
+
+
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("--from", dest="source", metavar="FILE", help="Start from this config file (YAML).")
+    add_set_argument(parser)
 
 
 def run_cli(args) -> int:

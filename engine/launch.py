@@ -514,14 +514,9 @@ def follow(run_dir: str | Path, out=None, poll_s: float = POLL_S, stop_when=None
 
 def add_cli_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="Run config (YAML); see assets/configs/.")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="Override a config value, e.g. --set training.max_steps=20 (repeatable).",
-    )
+    from engine.config import add_set_argument
+
+    add_set_argument(parser)
     parser.add_argument("--runs-dir", help="Where runs live (default: output.runs_dir of the config, 'runs').")
     parser.add_argument(
         "--foreground",
