@@ -238,6 +238,61 @@ def _trained_tokens(tiny_model_dir, tmp_path, **model_section):
     return info, [(tok, label != -100) for tok, label in zip(tokens, labels)], trainer.processing_class, ids, labels
 
 
+# What metrics.jsonl carries per step (RunMonitor), and what the trainer subclass and TRL put in
+# the logs it reads. pyproject.toml bounds transformers, TRL and PEFT because engine/train.py
+# relies on their internals: an upgrade that renames one of these keys fails here.
+METRICS_ROW_KEYS = {
+    "step",
+    "epoch",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens",
+    "tokens_per_second",
+    "elapsed_s",
+    "eta_s",
+    "memory_peak_mb",
+}
+TRAIN_LOG_KEYS = {"loss", "learning_rate", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens", "epoch"}
+EVAL_LOG_KEYS = {"eval_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens"}
+
+
+def test_metric_keys_of_a_real_run_are_the_ones_the_project_reads(tiny_model_dir, tmp_path):
+    """A real two-step run on the tiny model: every metrics.jsonl line has exactly the keys the
+    Runs tab, the model card and the README name, with numbers in them; the trainer's logs
+    carry the loss, learning rate, gradient norm and TRL's token metrics that the subclass
+    computes on its cheaper loss path (the same count of tokens as the trainer's own)."""
+    import torch
+
+    data = one_word_data(tmp_path / "data.jsonl", n=8)  # 6 train / 2 validation
+    config = tiny_config(
+        tiny_model_dir, data, tmp_path / "runs", training={"max_steps": 2, "eval_steps": 2, "save_steps": 2}
+    )
+    run_dir = runs.create_run(config)
+    summary = train.train(config, run_dir)
+
+    expected = METRICS_ROW_KEYS | ({"gpu_memory_peak_mb"} if torch.cuda.is_available() else set())
+    rows = runs.read_metrics(run_dir)
+    assert [set(r) for r in rows] == [expected, expected | {"eval_loss"}]
+    for row in rows:
+        for key in row:
+            assert isinstance(row[key], (int, float)) and not isinstance(row[key], bool), (key, row)
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["eta_s"] == 0
+    assert rows[0]["learning_rate"] == pytest.approx(1e-2) and rows[0]["grad_norm"] > 0
+    assert rows[0]["tokens"] > 0 and rows[0]["tokens_per_second"] > 0 and rows[0]["loss"] > 0
+
+    history = summary["trainer"].state.log_history
+    train_logs = [h for h in history if "loss" in h]
+    eval_logs = [h for h in history if "eval_loss" in h]
+    assert len(train_logs) == 2 and eval_logs
+    for logs in train_logs:
+        assert TRAIN_LOG_KEYS <= set(logs), sorted(logs)
+        assert 0 <= logs["mean_token_accuracy"] <= 1 and logs["entropy"] > 0
+    assert train_logs[-1]["num_tokens"] == train_logs[-1]["num_input_tokens_seen"] == rows[-1]["tokens"]
+    assert EVAL_LOG_KEYS <= set(eval_logs[0]), sorted(eval_logs[0])
+    assert eval_logs[0]["eval_loss"] == pytest.approx(rows[-1]["eval_loss"])
+
+
 def test_assistant_only_loss_chatml_token_by_token(tiny_model_dir, tmp_path):
     info, pairs, _, _, _ = _trained_tokens(tiny_model_dir, tmp_path)
     assert info["chat_template"] == "a ChatML template (tokenizer)"
