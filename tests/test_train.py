@@ -257,19 +257,26 @@ TRAIN_LOG_KEYS = {"loss", "learning_rate", "grad_norm", "entropy", "mean_token_a
 EVAL_LOG_KEYS = {"eval_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens"}
 
 
-def test_metric_keys_of_a_real_run_are_the_ones_the_project_reads(tiny_model_dir, tmp_path):
-    """A real two-step run on the tiny model: every metrics.jsonl line has exactly the keys the
-    Runs tab, the model card and the README name, with numbers in them; the trainer's logs
-    carry the loss, learning rate, gradient norm and TRL's token metrics that the subclass
-    computes on its cheaper loss path (the same count of tokens as the trainer's own)."""
-    import torch
-
-    data = one_word_data(tmp_path / "data.jsonl", n=8)  # 6 train / 2 validation
+@pytest.fixture(scope="module")
+def two_step_run(tiny_model_dir, tmp_path_factory):
+    """A real two-step LoRA run on the tiny model (about two seconds): (run_dir, summary)."""
+    root = tmp_path_factory.mktemp("two-step")
+    data = one_word_data(root / "data.jsonl", n=8)  # 6 train / 2 validation
     config = tiny_config(
-        tiny_model_dir, data, tmp_path / "runs", training={"max_steps": 2, "eval_steps": 2, "save_steps": 2}
+        tiny_model_dir, data, root / "runs", training={"max_steps": 2, "eval_steps": 2, "save_steps": 2}
     )
     run_dir = runs.create_run(config)
-    summary = train.train(config, run_dir)
+    return run_dir, train.train(config, run_dir)
+
+
+def test_metric_keys_of_a_real_run_are_the_ones_the_project_reads(two_step_run):
+    """Every metrics.jsonl line has exactly the keys the Runs tab, the model card and the
+    README name, with numbers in them; the trainer's logs carry the loss, learning rate,
+    gradient norm and TRL's token metrics that the subclass computes on its cheaper loss
+    path (the same count of tokens as the trainer's own)."""
+    import torch
+
+    run_dir, summary = two_step_run
 
     expected = METRICS_ROW_KEYS | ({"gpu_memory_peak_mb"} if torch.cuda.is_available() else set())
     rows = runs.read_metrics(run_dir)
@@ -291,6 +298,37 @@ def test_metric_keys_of_a_real_run_are_the_ones_the_project_reads(tiny_model_dir
     assert train_logs[-1]["num_tokens"] == train_logs[-1]["num_input_tokens_seen"] == rows[-1]["tokens"]
     assert EVAL_LOG_KEYS <= set(eval_logs[0]), sorted(eval_logs[0])
     assert eval_logs[0]["eval_loss"] == pytest.approx(rows[-1]["eval_loss"])
+
+
+def test_the_model_card_reads_what_the_trainer_wrote_to_data_json(two_step_run, tmp_path):
+    """The card's data section comes from data.json (not from train.log): the counts of the
+    real run, still there with the log gone, and "not recorded" without data.json."""
+    import shutil
+
+    from engine import hub
+
+    source, _ = two_step_run
+    run_dir = tmp_path / source.name
+    shutil.copytree(source, run_dir)
+    written = runs.read_json(run_dir / runs.DATA_FILE)
+    assert {k: written[k] for k in ("format", "total", "usable", "skipped", "train", "validation")} == {
+        "format": "openai",
+        "total": 8,
+        "usable": 8,
+        "skipped": 0,
+        "train": 6,
+        "validation": 2,
+    }
+    (run_dir / runs.LOG_FILE).write_text("", encoding="utf-8")
+    card = hub.model_card(run_dir, "adapter", "my-org/zebra")
+    section = card.split("## Training data", 1)[1].split("\n## ", 1)[0]
+    assert "| format | openai |" in section
+    assert "| records | 8 usable of 8 (0 skipped) |" in section
+    assert "| split | 6 train / 2 validation (validation_split 0.25, seed " in section
+
+    (run_dir / runs.DATA_FILE).unlink()
+    card = hub.model_card(run_dir, "adapter", "my-org/zebra")
+    assert "not recorded (the run has no data.json)" in card and "8 usable of 8" not in card
 
 
 def test_assistant_only_loss_chatml_token_by_token(tiny_model_dir, tmp_path):
