@@ -4,6 +4,8 @@ token for token, whatever its 4-bit draft proposes, with the native kernels
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from tiny_runs import CHATS, chat_base, shared_adapter_run
@@ -510,3 +512,40 @@ def test_a_model_whose_shape_the_kernels_refuse_decodes_on_pytorch():
             torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
         )[0, len(prompt) :].tolist()
     assert list(lean.greedy(prompt, 16, set())) == expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "named"),
+    [
+        (
+            {"hidden_size": 48, "intermediate_size": 64, "num_attention_heads": 3},
+            "hidden size divisible by 32 (it is 48)",
+        ),
+        (
+            {"hidden_size": 64, "intermediate_size": 100, "num_attention_heads": 4},
+            "MLP width divisible by 32 (it is 100)",
+        ),
+        (
+            {"hidden_size": 96, "intermediate_size": 64, "num_attention_heads": 3, "head_dim": 16},
+            "attention width divisible by 32 (it is 48)",
+        ),
+    ],
+)
+def test_real_models_with_widths_the_kernels_refuse(shape, named):
+    """Real Llama models whose hidden size, MLP width or attention width (heads x head size) is
+    not a multiple of 32: native=True is refused with the size named, from the model's own
+    config; without it the lean decoder refuses the model as a whole (its 4-bit draft needs
+    groups of 32 columns too), so chat falls back to generate()."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _native_or_skip()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, num_hidden_layers=1, num_key_value_heads=1, max_position_embeddings=64, **shape
+    )
+    model = LlamaForCausalLM(config).eval()
+    assert named in fastdecode._Native.refusal(fastdecode.model_config(model))
+    with pytest.raises(fastdecode.Unsupported, match=re.escape(named)):
+        fastdecode.LeanModel(model, native=True)
+    with pytest.raises(fastdecode.Unsupported, match="groups of 32 columns"):
+        fastdecode.LeanModel(model)
