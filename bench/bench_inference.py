@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine import export
     from engine.inference import GenerationSettings, OnnxChatModel, Target, build_chat_model, resolve_target
+    from engine.util import dir_size
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         path = export.export_onnx(run_dir, precision, block_size=block_size, progress=show)
         builds[precision] = {
             "seconds": round(time.perf_counter() - t0, 1),
-            "bytes": export._dir_size(path),
+            "bytes": dir_size(path),
             "reused": any(f"ONNX {precision} export is up to date" in m for m in messages),
         }
     result["exports"] = builds

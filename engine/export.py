@@ -107,9 +107,6 @@ def _say(progress: Progress | None) -> Progress:
     return progress or (lambda msg: None)
 
 
-_dir_size = dir_size  # the name bench/bench_inference.py reads sizes with
-
-
 def _signature(path: Path) -> list:
     """Names, sizes and modification times of the files under ``path``."""
     if not path.exists():

@@ -18,15 +18,15 @@ import functools
 import inspect
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.util import is_hub_id
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = REPO_ROOT / "assets" / "datasets"
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 log = logging.getLogger("tunelab.webui")
 
@@ -183,7 +183,7 @@ class AppContext:
         if not self.multi_user or ref in self.model_choices():
             return ref
         path = Path(ref).expanduser()
-        if _HUB_ID.match(ref) and not path.exists():
+        if is_hub_id(ref):  # a Hub id that is not a local folder
             return ref
         if path.is_absolute() and owns(self.runs_for(request), path):
             return ref
@@ -295,16 +295,6 @@ def fmt_number(value, digits: int = 4) -> str:
         return str(value)
 
 
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def escape_md(text: str) -> str:
     """Escape characters that Markdown would interpret in a table cell or a line."""
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
@@ -313,11 +303,10 @@ def escape_md(text: str) -> str:
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(model_ref: str):
     """A tokenizer for statistics (read-only; shared by every user)."""
-    from transformers import AutoTokenizer
-
     from engine.models import resolve_model
+    from engine.util import load_tokenizer as load
 
-    return AutoTokenizer.from_pretrained(resolve_model(model_ref))
+    return load(resolve_model(model_ref))
 
 
 CSS = """
