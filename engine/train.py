@@ -843,19 +843,14 @@ def classify_error(err: BaseException) -> tuple[str, str]:
 
 
 def parse_args(argv=None):
+    from engine.config import add_set_argument
+
     parser = argparse.ArgumentParser(
         prog="python -m engine.train",
         description="Train one run from a YAML config (see engine/config.py); writes a run directory.",
     )
     parser.add_argument("--config", required=True, help="Run config (YAML).")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="Override a config value, e.g. --set training.max_steps=20 (repeatable).",
-    )
+    add_set_argument(parser)
     parser.add_argument(
         "--run-dir", help="Run directory to write (made if missing). Default: a new one in output.runs_dir."
     )
