@@ -36,7 +36,9 @@ the float32 model checks several per pass, so the reply is the model's own greed
 ~1.7x faster than ``generate`` (see bench/). TUNELAB_FAST_DECODE=0 turns it off.
 
 Loaded models are cached by (run, backend, variant) in this process (``MAX_LOADED``
-entries, least recently used evicted) and reloaded when their files change.
+entries, least recently used evicted) and reloaded when their files change. A server
+(the web app, an evaluation job, an API) does not call this module from its own threads:
+it submits requests to engine.scheduler, which loads and generates on one PyTorch thread.
 """
 
 from __future__ import annotations
@@ -863,11 +865,13 @@ def build_chat_model(target: Target, *, merge: bool = False, progress: Progress 
     )
 
 
+# The model cache. In the web app every load comes from engine.scheduler's lanes (PyTorch
+# models from its one PyTorch thread, ONNX models from its ONNX thread); the two locks make
+# direct calls from several threads safe as well: the dict is read and written under
+# _CACHE_LOCK, and a miss loads under _LOAD_LOCK, one load at a time (transformers' loading
+# is not thread-safe), looking again first in case another thread has just loaded it.
 _CACHE: "OrderedDict[tuple, tuple[tuple, ChatModel]]" = OrderedDict()
 _CACHE_LOCK = threading.Lock()
-_KEY_LOCKS: dict[tuple, threading.Lock] = {}
-# One load at a time in this process: concurrent from_pretrained calls in threads can
-# interfere, and two loads at once only compete for the same disk and memory.
 _LOAD_LOCK = threading.Lock()
 
 
@@ -878,6 +882,15 @@ def _cache_key(run, backend, precision, merge):
         precision if backend == "onnx" else None,
         bool(merge),
     )
+
+
+def _cached(key: tuple, signature: tuple) -> ChatModel | None:
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0] == signature:
+            _CACHE.move_to_end(key)
+            return hit[1]
+    return None
 
 
 def is_loaded(run: str | Path, backend: str, precision: str | None = None, merge: bool = False) -> bool:
@@ -898,23 +911,22 @@ def load_chat_model(
     ``progress`` receives short status strings while loading. Two threads asking for
     the same model load it once. ``precision`` picks the ONNX export; ``merge`` merges
     a tuned adapter into the weights in memory (faster, same outputs within rounding).
+    A server loads through engine.scheduler, which calls this on the right thread.
     """
     say = progress or (lambda msg: None)
     key = _cache_key(run, backend, precision, merge)
-    with _CACHE_LOCK:
-        key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
-    with key_lock:
-        target = resolve_target(run, backend, precision, progress)
-        signature = _signature(target.files)
-        with _CACHE_LOCK:
-            hit = _CACHE.get(key)
-            if hit is not None and hit[0] == signature:
-                _CACHE.move_to_end(key)
-                return hit[1]
+    target = resolve_target(run, backend, precision, progress)
+    signature = _signature(target.files)
+    chat_model = _cached(key, signature)
+    if chat_model is not None:
+        return chat_model
+    with _LOAD_LOCK:
+        chat_model = _cached(key, signature)
+        if chat_model is not None:
+            return chat_model
         started = time.perf_counter()
         say(f"Loading {target.label} from {target.files}...")
-        with _LOAD_LOCK:
-            chat_model = build_chat_model(target, merge=merge, progress=progress)
+        chat_model = build_chat_model(target, merge=merge, progress=progress)
         say(f"{target.label} loaded in {time.perf_counter() - started:.1f} s")
         with _CACHE_LOCK:
             _CACHE[key] = (signature, chat_model)

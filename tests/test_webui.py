@@ -521,6 +521,60 @@ def test_columns_say_what_is_missing(tmp_path):
     assert backend_availability(str(run), "onnx", "int8") == (True, "")
 
 
+def test_a_column_streams_its_reply_through_the_scheduler(tiny_model_dir, tmp_path_factory, tmp_path):
+    """The playground's handler: a notice while the engine's PyTorch thread is busy, another
+    while the model loads, the reply, then its statistics; Stop ends it early."""
+    import threading
+    from types import SimpleNamespace
+
+    from tiny_runs import CHATS, chat_base, make_adapter_run
+
+    from engine import inference, scheduler
+    from webui import playground_tab
+    from webui.common import AppContext
+    from webui.playground_tab import Column
+
+    run_dir = make_adapter_run(tmp_path / "runs", chat_base(tiny_model_dir, tmp_path_factory.getbasetemp()))
+    demo = playground_tab.create(AppContext(runs_dir=tmp_path / "runs"))
+    answer = next(fn.fn for fn in demo.fns.values() if fn.api_name == "answer")  # the base column
+    request = SimpleNamespace(username=None, session_hash="page")
+    inference.unload_all()
+
+    def hold():
+        """Keep the engine's PyTorch thread busy until the returned event is set."""
+        release = threading.Event()
+
+        def busy():
+            release.wait()
+            yield "released"
+
+        return scheduler.default().stream(scheduler.TORCH, busy), release
+
+    held, release = hold()
+    column = Column("base")
+    updates = answer(CHATS[0][0], column, run_dir.name, "", 40, 0.0, 1.0, 1.0, "int4", request)
+    waiting = scheduler.WAITING_FOR_CPU if scheduler.default().share_cpu else "waiting for 1 other reply"
+    history, stats, _ = next(updates)
+    assert history[-1] == {"role": "assistant", "content": f"({waiting})"} and stats == ""
+    release.set()
+    assert list(held) == ["released"]
+    history, stats, _ = next(updates)
+    assert history[-1]["content"] == "(loading the Base model...)"
+    *_, (history, stats, _) = updates
+    assert history == [{"role": "user", "content": CHATS[0][0]}, {"role": "assistant", "content": CHATS[0][1]}]
+    assert column.history == history and "tokens/s" in stats and "stopped" not in stats
+
+    held, release = hold()
+    updates = answer(CHATS[1][0], column, run_dir.name, "", 40, 0.0, 1.0, 1.0, "int4", request)
+    assert next(updates)[0][-1]["content"] == f"({waiting})"
+    column.request_stop()  # the Stop button while the column waits: it ends now
+    *_, (history, stats, _) = updates
+    assert history[-2:] == [{"role": "user", "content": CHATS[1][0]}, {"role": "assistant", "content": "(stopped)"}]
+    assert stats == "" and column.history == history
+    release.set()
+    assert list(held) == ["released"]
+
+
 def test_validation_example_comes_from_the_held_out_split(tmp_path):
     import random
 

@@ -333,74 +333,51 @@ CSS = """
 
 
 class MainThreadRunner:
-    """Runs submitted jobs on the process's main thread, while Gradio serves from others.
+    """Lends the process's main thread to the engine's PyTorch work, while Gradio serves
+    from other threads.
 
-    PyTorch on the CPU (its OpenMP and MKL pools) is much slower when called from a thread
-    other than the main one: measured here, small linears 2.6x and attention 7x slower, a
-    SmolLM2 reply 41 -> 22 tokens/s. ``tunelab ui`` therefore starts Gradio without
-    blocking and serves this runner on the main thread; the playground's replies and the
-    export's measurements run there, one at a time (the CPU would share its cores between
-    them anyway). Without a serving main thread (tests, notebooks) jobs run in threads.
+    engine.scheduler runs every PyTorch call (loading, generating, the export's
+    measurements) on one thread, its ``torch`` lane: PyTorch on the CPU is slower from
+    many threads (each with its own OpenMP pool), and torch's inference mode is per thread.
+    ``tunelab ui`` starts Gradio without blocking and ``serve`` makes the main thread that
+    lane's thread until ``stop()``; without a serving main thread (tests, notebooks) the
+    lane runs a thread of its own.
     """
 
     def __init__(self):
-        import queue
         import threading
 
-        self._jobs: "queue.Queue" = queue.Queue()
         self._stop = threading.Event()
         self.serving = False
 
+    @staticmethod
+    def _lane():
+        from engine import scheduler
+
+        return scheduler.default().lane(scheduler.TORCH)
+
     def open(self) -> None:
-        """Accept jobs from now on (they wait in the queue until ``serve`` runs them)."""
+        """From now on PyTorch work waits for ``serve`` to run it on this thread."""
         self._stop.clear()
         self.serving = True
-
-    def submit(self, job) -> bool:
-        """Queue ``job()`` for the main thread; False when nobody serves (run it yourself)."""
-        if not self.serving:
-            return False
-        self._jobs.put(job)
-        return True
+        self._lane().expect_host()
 
     def serve(self, until=None) -> None:
-        """Run jobs on this (the main) thread until ``stop()`` or ``until()`` is true."""
-        import queue
-
+        """Run PyTorch work on this (the main) thread until ``stop()`` or ``until()`` is true;
+        what is left then goes back to the lane's own thread."""
         self.open()
         try:
-            while not self._stop.is_set() and not (until is not None and until()):
-                try:
-                    job = self._jobs.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                job()  # jobs hand their own errors to whoever waits for them
+            self._lane().host(until=lambda: self._stop.is_set() or (until is not None and until()))
         finally:
             self.serving = False
-            while not self._jobs.empty():  # nobody will run these now: run them here
-                self._jobs.get_nowait()()
 
     def stop(self) -> None:
         self._stop.set()
+        self.serving = False
+        self._lane().release_host()  # opened but never served: the lane's own thread serves
 
 
 MAIN_THREAD = MainThreadRunner()
-
-
-def _start_work(work) -> None:
-    """Run ``work`` on the serving main thread, else in a daemon thread of its own."""
-    import threading
-
-    if not (torch_on_cpu() and MAIN_THREAD.submit(work)):
-        threading.Thread(target=work, daemon=True).start()
-
-
-@functools.lru_cache(maxsize=1)
-def torch_on_cpu() -> bool:
-    """True when PyTorch has no GPU here (its work then belongs on the main thread)."""
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 def stream_progress(fn, *args, **kwargs):
@@ -411,28 +388,12 @@ def stream_progress(fn, *args, **kwargs):
 
     Used for long engine calls that report progress as strings (export, model conversion),
     so the page shows what is happening instead of a frozen spinner. ``fn`` runs on the
-    main thread when the app serves it (see MainThreadRunner).
+    engine's PyTorch thread (engine.scheduler; the main thread when the app serves it).
     """
-    import queue
+    from engine import scheduler
 
-    lines: "queue.Queue[tuple[str, object]]" = queue.Queue()
-
-    def work():
-        try:
-            result = fn(*args, progress=lambda msg: lines.put(("line", str(msg))), **kwargs)
-        except BaseException as err:  # handed to the handler's thread below
-            lines.put(("error", err))
-        else:
-            lines.put(("done", result))
-
-    _start_work(work)
-    while True:
-        kind, item = lines.get()
-        if kind == "error":
-            raise item
-        yield kind, item
-        if kind == "done":
-            return
+    with scheduler.default().progress(scheduler.TORCH, fn, *args, **kwargs) as stream:
+        yield from stream
 
 
 def plot_frame(rows: list[dict], columns: dict[str, str]):
@@ -455,57 +416,18 @@ def iterate_in_thread(make_iterator, on_close=None):
     Gradio resumes a synchronous generator handler on whatever worker thread is free, so
     each ``next()`` may run on a different thread; torch's grad and inference modes are
     per thread, so a generator that entered ``torch.inference_mode()`` finds it gone after
-    such a hop. Running the generator start to end in one thread avoids that: the main
-    thread when the app serves it (see MainThreadRunner), else a thread of its own.
-    ``on_close`` is called if the consumer stops early (e.g. to set a stop flag); the
-    generator is then closed after its next item instead of waiting to hand it over.
+    such a hop. The generator runs start to end on the engine's PyTorch thread instead
+    (engine.scheduler). ``on_close`` is called if the consumer stops early (e.g. to set a
+    stop flag); the generator is then closed on that thread after its current item.
     """
-    import queue
-    import threading
+    from engine import scheduler
 
-    items: "queue.Queue[tuple[str, object]]" = queue.Queue(maxsize=64)
-    abandoned = threading.Event()
-
-    def hand_over(entry) -> bool:
-        while not abandoned.is_set():
-            try:
-                items.put(entry, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        iterator = None
-        try:
-            iterator = make_iterator()
-            for item in iterator:
-                if not hand_over(("item", item)):
-                    break
-        except BaseException as err:  # handed to the consumer below
-            hand_over(("error", err))
-        else:
-            hand_over(("end", None))
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-
-    _start_work(work)
-    finished = False
+    stream = scheduler.default().stream(scheduler.TORCH, make_iterator)
     try:
-        while True:
-            kind, item = items.get()
-            if kind == "error":
-                finished = True
-                raise item
-            if kind == "end":
-                finished = True
-                return
-            yield item
+        yield from stream
     finally:
-        if not finished:
-            abandoned.set()
+        if not stream.finished:
+            stream.close()
             if on_close is not None:
                 on_close()
 
@@ -537,7 +459,7 @@ def launch_kwargs(ctx: AppContext) -> dict:
 
 def launch_and_serve(demo, **kwargs) -> None:
     """``demo.launch(**kwargs)`` without blocking, then the main thread runs the engine's
-    torch work (MainThreadRunner) until Ctrl-C, and the server is closed."""
+    PyTorch work (MainThreadRunner) until Ctrl-C, and the server is closed."""
     MAIN_THREAD.open()  # requests arriving before serve() starts wait for it
     try:
         demo.launch(prevent_thread_lock=True, **kwargs)
@@ -546,7 +468,6 @@ def launch_and_serve(demo, **kwargs) -> None:
         print("\nKeyboard interruption: closing the server.", flush=True)
     finally:
         MAIN_THREAD.stop()
-        MAIN_THREAD.serving = False
         demo.close()
 
 

@@ -2,11 +2,16 @@
 tuned model (PyTorch, adapter applied) and the tuned model exported to ONNX - each with
 its time to first token and tokens per second.
 
-Per-user things live in ``gr.State``: each column's history and its loaded model (freed
-when the session ends). The three columns are three events fired by the same click; with
-a GPU they stream together, on a CPU-only machine they take turns (DECODE_LOCK), so each
-column's tokens per second is its own and not a share of the cores. ``concurrency_limit``
-bounds how many chats run at once for all users together.
+Each column's history and the stream of its reply in flight live in ``gr.State`` (dropped
+after an idle hour). The models do not: every reply is a request to the engine's one
+inference scheduler (engine.scheduler), shared by all users, which loads each model once
+into the engine's cache and generates on its own threads - PyTorch work on one thread, ONNX
+Runtime on another. The three columns are three events fired by the same click; with a GPU
+they stream together, on a CPU-only machine the scheduler serves them one at a time in
+order (a waiting column says so), so each column's tokens per second is its own and not a
+share of the cores. Stop ends the replies after their current token (their statistics
+still come); a closed page or Clear abandons them. ``concurrency_limit`` bounds how many
+chats the page hands to the scheduler at once for all users together.
 
 Launch alone: ``python -m webui.playground_tab``.
 """
@@ -14,7 +19,6 @@ Launch alone: ``python -m webui.playground_tab``.
 from __future__ import annotations
 
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,25 +32,14 @@ from webui.common import (
     AppContext,
     engine_errors,
     escape_md,
-    iterate_in_thread,
     launch_standalone,
     stream_progress,
-    torch_on_cpu,
 )
 from webui.links import standalone_tab
 
 BACKENDS = ("base", "tuned", "onnx")
 TITLES = {"base": "Base", "tuned": "Tuned", "onnx": "Tuned (ONNX)"}
 STREAM_INTERVAL_S = 0.15  # the chat is redrawn at most this often while a reply streams
-
-# Without a GPU the three columns decode one at a time: on a few CPU cores, models decoding
-# side by side slow each other several-fold (each would show a fraction of its speed).
-DECODE_LOCK = threading.Lock()
-
-
-# transformers' loading is not thread-safe (its empty-weights context patches torch globally):
-# two columns loading PyTorch models at once fail with "Cannot copy out of meta tensor".
-MODEL_LOAD_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------- engine adapters
@@ -91,20 +84,20 @@ def backend_availability(run_dir: str | None, backend: str, onnx_precision: str 
 
 @dataclass
 class Column:
-    """One column's per-user state: its history and the stop flag of its generation.
+    """One column's per-user state: its history and the reply in flight.
 
-    The loaded models themselves are shared by every user through the engine's cache
-    (engine.inference.load_chat_model, a small LRU), so three users chatting with the same
-    run do not load it three times.
+    The loaded models themselves are shared by every user through the engine's scheduler
+    and cache (engine.scheduler, engine.inference.load_chat_model, a small LRU), so three
+    users chatting with the same run do not load it three times.
     """
 
     backend: str
     history: list = field(default_factory=list)
-    stop: Any = None  # threading.Event of the generation in flight
+    stream: Any = None  # engine.scheduler.Stream of the reply in flight
 
     def request_stop(self):
-        if self.stop is not None:
-            self.stop.set()
+        if self.stream is not None:
+            self.stream.stop()
 
 
 def stats_line(stats, backend: str) -> str:
@@ -151,7 +144,7 @@ def validation_example(run_dir: str, rng: random.Random) -> tuple[str, str, str]
 
 
 def build(ctx: AppContext, links) -> SimpleNamespace:
-    from engine import inference
+    from engine import inference, scheduler
 
     with gr.Row():
         run = gr.Dropdown(
@@ -247,75 +240,57 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             raise gr.Error("Type a prompt first.")
         return "", text
 
+    def chat_request(backend, history, run_dir, system_v, max_new, temp, top_p_v, rep, onnx_prec):
+        """The engine request for one column's reply (the base column uses the run's base model)."""
+        settings = inference.GenerationSettings(
+            max_new_tokens=int(max_new or 128),
+            temperature=float(temp or 0.0),
+            top_p=float(top_p_v or 1.0),
+            repetition_penalty=float(rep or 1.0),
+        )
+        return scheduler.ChatRequest(
+            run=run_dir or ctx.model_choices()[0],
+            backend=backend,
+            messages=history,
+            settings=settings,
+            system=system_v or None,
+            precision=onnx_prec if backend == "onnx" else None,
+        )
+
     def make_answer(backend: str):
         @engine_errors
         def answer(text, column: Column, run_id, system_v, max_new, temp, top_p_v, rep, onnx_prec, request: gr.Request):
             if not text:
                 return
-            run_dir = run_path(run_id, request)  # the base column uses the run's base model
-            ok, _ = backend_availability(run_dir, backend, onnx_prec)
-            if not ok:  # the column's notice says what to do
+            run_dir = run_path(run_id, request)
+            if not backend_availability(run_dir, backend, onnx_prec)[0]:  # the column's notice says what to do
                 yield column.history, "", column
                 return
             history = column.history + [{"role": "user", "content": text}]
-            settings = inference.GenerationSettings(
-                max_new_tokens=int(max_new or 128),
-                temperature=float(temp or 0.0),
-                top_p=float(top_p_v or 1.0),
-                repetition_penalty=float(rep or 1.0),
-            )
-            column.stop = threading.Event()
-            reply, stats = "", None
-            target = run_dir or ctx.model_choices()[0]
-            precision = onnx_prec if backend == "onnx" else None
-            stop = column.stop
-            turn = torch_on_cpu()
-            if turn and not DECODE_LOCK.acquire(blocking=False):
-                yield (
-                    history
-                    + [{"role": "assistant", "content": "(waiting: on this CPU the models answer one at a time)"}],
-                    "",
-                    column,
-                )
-                while not DECODE_LOCK.acquire(timeout=0.25):
-                    if stop.is_set():
-                        column.history = history + [{"role": "assistant", "content": "(stopped)"}]
-                        yield column.history, "", column
-                        return
-            try:
-                if not inference.is_loaded(target, backend, precision):
-                    yield (
-                        history + [{"role": "assistant", "content": f"(loading the {TITLES[backend]} model...)"}],
-                        "",
-                        column,
-                    )
-                    with MODEL_LOAD_LOCK:  # one load at a time: parallel from_pretrained calls break each other
-                        inference.load_chat_model(target, backend, precision=precision)
-                events = iterate_in_thread(
-                    lambda: inference.stream_chat(
-                        target, backend, history, settings, system=system_v or None, stop=stop, precision=precision
-                    ),
-                    on_close=stop.set,
-                )
-                shown_at = 0.0
-                for event in events:
-                    if event.kind == "status":
-                        yield history + [{"role": "assistant", "content": f"({event.text})"}], "", column
-                    elif event.kind == "text":
+            chat = chat_request(backend, history, run_dir, system_v, max_new, temp, top_p_v, rep, onnx_prec)
+            reply, stats, shown_at = "", None, 0.0
+            with scheduler.default().submit(chat) as column.stream:
+                for event in column.stream:
+                    if event.kind == "text":
                         reply += event.text
                         # at most STREAM_INTERVAL_S between page updates: redrawing the chat per
                         # token (200 a second from ONNX) costs the server and the browser more
                         # CPU than the model itself on a small machine
-                        if time.perf_counter() - shown_at >= STREAM_INTERVAL_S:
-                            shown_at = time.perf_counter()
-                            yield history + [{"role": "assistant", "content": reply}], "", column
+                        if time.perf_counter() - shown_at < STREAM_INTERVAL_S:
+                            continue
+                        shown_at = time.perf_counter()
                     elif event.kind == "done":
                         stats = event.stats
-            finally:
-                if turn:
-                    DECODE_LOCK.release()
-            column.history = history + [{"role": "assistant", "content": reply}]
+                        continue
+                    yield history + [{"role": "assistant", "content": reply or notice(event)}], "", column
+            column.history = history + [{"role": "assistant", "content": reply or ("" if stats else "(stopped)")}]
             yield column.history, stats_line(stats, backend), column
+
+        def notice(event) -> str:
+            """What a column shows before its reply: why it waits, or that its model loads."""
+            if event.kind == "loading":
+                return f"(loading the {TITLES[backend]} model...)"
+            return f"({event.text})"
 
         return answer
 
