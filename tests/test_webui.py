@@ -521,6 +521,39 @@ def test_columns_say_what_is_missing(tmp_path):
     assert backend_availability(str(run), "onnx", "int8") == (True, "")
 
 
+def test_showing_the_playground_or_export_derives_the_run_state_again(tmp_path):
+    """A run that finished or was exported since the tab last showed it: showing the tab (its
+    own select, Train's 'Chat with it' / 'Export it', Runs' open) must run the tab's ``show``
+    after refreshing the picker, whose change event does not fire when the same run stays picked."""
+    import gradio as gr
+
+    from webui.app import build_app
+    from webui.common import AppContext
+
+    app = build_app(AppContext(runs_dir=tmp_path / "runs"))
+    fns = list(app.fns.values())
+
+    def chained(trigger) -> set[str]:
+        """Names of the functions an event runs, with every .then/.success after them."""
+        todo = [fn for fn in fns if (trigger._id, trigger_event[trigger._id]) in fn.targets]
+        names = set()
+        while todo:
+            fn = todo.pop()
+            names.add(fn.name)
+            todo += [after for after in fns if after.trigger_after == fn._id]
+        return names
+
+    tabs = {b.id: b for b in app.blocks.values() if isinstance(b, gr.Tab)}
+    buttons = {b.elem_id: b for b in app.blocks.values() if isinstance(b, gr.Button) and b.elem_id}
+    trigger_event = {tabs["playground"]._id: "select", tabs["export"]._id: "select"}
+    trigger_event |= {buttons[i]._id: "click" for i in ("train-open-playground", "train-open-export", "runs-open")}
+    assert "show_availability" in chained(tabs["playground"])
+    assert "show" in chained(tabs["export"])
+    assert "show_availability" in chained(buttons["train-open-playground"])
+    assert "show" in chained(buttons["train-open-export"])
+    assert "show_availability" in chained(buttons["runs-open"])
+
+
 def test_a_column_streams_its_reply_through_the_scheduler(tiny_model_dir, tmp_path_factory, tmp_path):
     """The playground's handler: a notice while the engine's PyTorch thread is busy, another
     while the model loads, the reply, then its statistics; Stop ends it early."""
