@@ -294,7 +294,7 @@ def test_qa_csv_rows_and_format_override(tokenizer):
 
 def test_upload_is_copied_out_of_the_temporary_cache_once(tmp_path, monkeypatch):
     from engine import security
-    from webui.data_tab import stable_copy
+    from engine.uploads import stable_copy
 
     src = tmp_path / "tmp" / "my data.jsonl"
     src.parent.mkdir()

@@ -7,15 +7,13 @@ Launch alone: ``python -m webui.data_tab``.
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
-from engine import security
+from engine import security, uploads
 from engine.config import DATA_FORMATS, DataConfig
 from webui.chat_html import render_page
 from webui.common import (
@@ -52,80 +50,6 @@ class Inspection:
     @property
     def split(self) -> dict:
         return self.report.get("split", {})
-
-
-def uploads_in_use(runs_dir: Path) -> set[Path]:
-    """The upload folders that a run in ``runs_dir`` trains on (read from each config.yaml)."""
-    import yaml
-
-    used = set()
-    for config in runs_dir.glob("*/config.yaml"):
-        try:
-            data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
-            continue  # a run being written; it is not counted as using an upload
-        path = (data.get("data") or {}).get("path")
-        if path:
-            used.add(Path(str(path)).resolve().parent)
-    return used
-
-
-def make_room_for_upload(uploads_dir: Path, limit: int) -> None:
-    """Keep at most ``limit`` uploads per user: the oldest ones that no run trains on are
-    removed to make room; when every upload is in use, UnsafeInputError says what to do."""
-    from engine.security import UnsafeInputError
-
-    if not uploads_dir.is_dir():
-        return
-    kept = sorted((p for p in uploads_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    if len(kept) < limit:
-        return
-    used = uploads_in_use(uploads_dir.parent)
-    for folder in list(kept):
-        if len(kept) < limit:
-            return
-        if folder.resolve() not in used:
-            shutil.rmtree(folder)
-            kept.remove(folder)
-    if len(kept) >= limit:
-        raise UnsafeInputError(
-            f"You have {len(kept)} uploaded files, the most this app keeps per person ({limit}, "
-            "TUNELAB_MAX_UPLOADS), and runs use every one of them: delete runs you no longer need on the "
-            "Runs tab, then upload again."
-        )
-
-
-def stable_copy(src: str | Path, uploads_dir: Path, max_uploads: int | None = None) -> Path:
-    """Copy an upload out of Gradio's temporary cache, so that a queued or resumed run still
-    finds it: ``<runs_dir>/.uploads/<content hash>/<name>`` (the same file is stored once,
-    and the file keeps its name, sanitised, which the run id is made from).
-
-    Refuses files over MAX_UPLOAD_BYTES, and a new file beyond ``max_uploads`` (default
-    MAX_UPLOADS_PER_USER) when no older unused upload can make room.
-    """
-    from engine import security
-    from engine.security import UnsafeInputError, safe_filename
-    from engine.util import fmt_bytes
-
-    src = Path(src)
-    size = src.stat().st_size
-    if size > security.MAX_UPLOAD_BYTES:
-        raise UnsafeInputError(
-            f"{safe_filename(src.name)} is {fmt_bytes(size)}; uploads are limited to "
-            f"{fmt_bytes(security.MAX_UPLOAD_BYTES)} here (TUNELAB_MAX_UPLOAD_MB)"
-        )
-    digest = hashlib.sha256()
-    with src.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    dest = uploads_dir / digest.hexdigest()[:16] / safe_filename(src.name)
-    if not dest.exists():
-        make_room_for_upload(uploads_dir, security.MAX_UPLOADS_PER_USER if max_uploads is None else max_uploads)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest)
-    return dest
 
 
 def parse_persona(text: str | None) -> dict[str, str]:
@@ -479,7 +403,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     def on_upload(file, request: gr.Request):
         if not file:
             return None
-        return str(stable_copy(file, ctx.runs_for(request) / ".uploads"))
+        return str(uploads.stable_copy(file, uploads.uploads_dir(ctx.runs_for(request))))
 
     @engine_errors
     def on_sample(name):
