@@ -711,3 +711,27 @@ def test_the_preview_keeps_a_bounded_number_of_records_and_says_so():
     n = security.PREVIEW_MAX_RECORDS
     label = page_label(1, n, n + 7)
     assert f"the first {n} of {n + 7} records" in label and "training uses all" in label
+
+
+def test_a_capped_preview_says_so_on_every_page_and_in_the_training_text_view(monkeypatch, tmp_path):
+    """The session keeps a Preview (the first PREVIEW_MAX_RECORDS records and the total), and
+    the Data tab's paging and training-text handlers read it, so every page says it is capped."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from engine import security
+    from webui import data_tab
+    from webui.common import AppContext
+
+    monkeypatch.setattr(security, "PREVIEW_MAX_RECORDS", 6)
+    records = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(20)]
+    kept = data_tab.Preview.of(records)
+    assert len(kept.records) == 6 and kept.total == 20
+    fns = {fn.api_name: fn.fn for fn in data_tab.create(AppContext(runs_dir=tmp_path)).fns.values() if fn.api_name}
+    page, label, html = fns["show_page"](kept, 2)
+    assert page == 2 and label == "Page 2 of 2 (the first 6 of 20 records; training uses all)"
+    assert "q4" in html and "q6" not in html
+    assert fns["show_page"](kept, 9)[0] == 2  # past the kept records: their last page
+    with pytest.raises(gr.Error, match="the preview holds the first 6 of 20 usable records"):
+        fns["show_learned"](kept, 7, "", 256, SimpleNamespace(username=None))

@@ -52,6 +52,23 @@ class Inspection:
         return self.report.get("split", {})
 
 
+@dataclass
+class Preview:
+    """What one browser session keeps of a dataset, for paging the preview and the training
+    text view: the first engine.security.PREVIEW_MAX_RECORDS of its ``total`` usable records."""
+
+    records: list
+    total: int
+
+    @classmethod
+    def of(cls, records: list) -> "Preview":
+        return cls(list(records[: security.PREVIEW_MAX_RECORDS]), len(records))
+
+    def page(self, page: int) -> tuple[str, str]:
+        """The page's label and its records as HTML."""
+        return page_label(page, len(self.records), self.total), render_page(self.records, page, PER_PAGE)
+
+
 def parse_persona(text: str | None) -> dict[str, str]:
     """``name=Pip, author=tunelab`` (commas or new lines between pairs) as a dict; a pair
     without ``=`` is a gr.Error that names it."""
@@ -271,8 +288,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     _, start_max_length = demo_defaults(demo)
     samples = ctx.sample_datasets()
-    # this user's usable records (at most PREVIEW_MAX_RECORDS), for paging the preview; dropped when idle
-    records_state = gr.State([], time_to_live=security.SESSION_TTL_S)
+    # this user's usable records (a Preview: at most PREVIEW_MAX_RECORDS), for paging the preview; dropped when idle
+    records_state = gr.State(Preview([], 0), time_to_live=security.SESSION_TTL_S)
 
     gr.Markdown(
         "Upload chat data (JSONL, JSON, CSV, TSV or Parquet), or start from a sample. "
@@ -464,27 +481,31 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 if ins.problems
                 else "Problems: none",
             ),
-            ins.records[: security.PREVIEW_MAX_RECORDS],
+            (kept := Preview.of(ins.records)),
             1,
-            page_label(1, min(len(ins.records), security.PREVIEW_MAX_RECORDS), len(ins.records)),
-            render_page(ins.records, 1, PER_PAGE),
+            *kept.page(1),
             dataset_choice(ins, on_error_v, split_v, max_len_v, filled, limit),
         )
 
     @engine_errors
-    def show_learned(records, index, tok_model, max_len_v, request: gr.Request):
+    def show_learned(kept: Preview, index, tok_model, max_len_v, request: gr.Request):
+        records = kept.records if kept else []
         if not records:
             raise gr.Error("Load a dataset first.")
         index = int(index or 1)
         if not 1 <= index <= len(records):
-            raise gr.Error(f"Record {index}: the dataset has {len(records)} usable records (1 to {len(records)}).")
+            held = f"the preview holds the first {len(records)} of {kept.total}" if kept.total > len(records) else ""
+            raise gr.Error(
+                f"Record {index}: {held or f'the dataset has {len(records)}'} usable records (1 to {len(records)})."
+            )
         tokenizer = load_tokenizer(ctx.check_model(request, tok_model or ctx.model_choices()[0]))
         pieces, info = learned_view(records[index - 1], tokenizer, int(max_len_v or DATA_DEFAULTS.max_length))
-        return pieces, f"Record {index} of {len(records)}: {info}"
+        return pieces, f"Record {index} of {kept.total}: {info}"
 
-    def show_page(records, page_v, delta=0):
-        p = clamp_page((page_v or 1) + delta, len(records))
-        return p, page_label(p, len(records)), render_page(records, p, PER_PAGE)
+    def show_page(kept: Preview, page_v, delta=0):
+        kept = kept or Preview([], 0)
+        p = clamp_page((page_v or 1) + delta, len(kept.records))
+        return p, *kept.page(p)
 
     inspect_inputs = [path_state, fmt, on_error, split, max_length, tokenizer_model, persona, max_records]
     inspect_outputs = [
