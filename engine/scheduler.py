@@ -13,10 +13,13 @@ Work runs on **lanes**, one worker thread each, never on the caller's thread:
 
 * ``torch`` - every PyTorch call: loading a model (engine.inference.load_chat_model, whose
   cache keeps at most MAX_LOADED models, least recently used evicted) and generating. One
-  thread for all of it: PyTorch on the CPU is slower called from many threads (each brings
-  its own OpenMP pool), transformers' loading is not thread-safe, and torch's inference mode
-  belongs to a thread. ``tunelab ui`` lends this lane its main thread (:meth:`Lane.host`,
-  through webui.common.MAIN_THREAD); elsewhere the lane starts a thread of its own.
+  thread for all of it: transformers' loading is not thread-safe, torch's inference mode
+  belongs to a thread, and each thread calling PyTorch brings its own OpenMP pool (replies
+  once ran about 2x slower from Gradio's many worker threads; on a busy 2-core AMD EPYC,
+  SmolLM2-135M's plain decoder later ran at 13-16 tokens/s from the main thread, one
+  dedicated thread or threads taking turns alike). ``tunelab ui`` lends this lane its main
+  thread (:meth:`Lane.host`, through webui.common.MAIN_THREAD); elsewhere the lane starts a
+  thread of its own.
 * ``onnx`` - ONNX Runtime GenAI replies, which need no PyTorch and run on a thread of their own.
 
 Each lane serves its queue in order. A lane steps its running jobs in turn, one event each,
@@ -173,11 +176,6 @@ class Stream:
             raise value
         raise StopIteration
 
-    @property
-    def queued(self) -> bool:
-        """True while the work has not started."""
-        return self._job.state == "queued"
-
     def stop(self) -> None:
         """End the work early but keep its last events: a reply stops after the current
         token and still reports its stats; queued work is dropped now."""
@@ -217,7 +215,7 @@ class Lane:
         self.hosted = False  # a host thread serves the lane now
         self.own_thread: threading.Thread | None = None
 
-    # ---- submitting (any thread; the scheduler's condition is held by the callers below)
+    # ---- submitting and cancelling (any thread)
 
     def put(self, job: _Job) -> None:
         cond = self.scheduler.cond
