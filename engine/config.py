@@ -22,6 +22,8 @@ DEEPSPEED_STAGES = ("none", "zero2", "zero3")
 DATA_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "qa", "preference")
 ON_ERROR = ("skip", "stop")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# Experiment trackers, through transformers' integrations (engine/tracking.py says where each writes).
+TRACKERS = ("trackio", "tensorboard", "mlflow", "wandb")
 
 # Learning rates that work for each method (adapters tolerate much larger steps).
 DEFAULT_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "full": 2e-5}
@@ -33,6 +35,15 @@ class ConfigError(ValueError):
     def __init__(self, field_name: str, message: str):
         self.field = field_name
         super().__init__(f"{field_name}: {message}")
+
+
+def tracker_list(value: Any) -> list[str]:
+    """``training.report_to`` as a list of names: ``none`` or empty -> [], ``"a,b"`` -> [a, b]."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(item).strip().lower() for item in items]
+    return [n for n in dict.fromkeys(names) if n and n != "none"]
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -252,6 +263,15 @@ class TrainingConfig:
         default=2, metadata={"help": "Checkpoints kept.", "label": "Checkpoints kept", "minimum": 1}
     )
     seed: int = field(default=42, metadata={"help": "Random seed.", "label": "Seed"})
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Experiment trackers that also log the run, several allowed (trackio, tensorboard, mlflow, "
+            "wandb); none: only the run's own metrics.jsonl. They write beside the runs, in runs/.tracking/.",
+            "label": "Experiment tracking",
+            "choices": TRACKERS,
+        },
+    )
     resume: bool = field(
         default=False,
         metadata={"help": "Resume from the last checkpoint of the run.", "form": False},  # the Runs tab resumes
@@ -273,6 +293,9 @@ class TrainingConfig:
         _positive("training.eval_steps", self.eval_steps, allow_zero=True)
         _positive("training.save_steps", self.save_steps)
         _positive("training.save_total_limit", self.save_total_limit)
+        self.report_to = tracker_list(self.report_to)
+        for name in self.report_to:
+            _choice("training.report_to", name, TRACKERS)
 
 
 @dataclass
@@ -515,9 +538,9 @@ class FieldInfo:
 
     @property
     def kind(self) -> str:
-        """bool, int, float, choice, text, list or mapping."""
+        """bool, int, float, choice, choices (several of a list), text, list or mapping."""
         if self.meta.get("choices"):
-            return "choice"
+            return "choices" if str(self.hint).startswith("list") else "choice"
         text = str(self.hint)
         for kind, cls in (("bool", bool), ("int", int), ("float", float), ("list", list), ("mapping", dict)):
             if self.hint is cls or text.startswith(cls.__name__):

@@ -156,6 +156,7 @@ def submit(config, runs_dir: str | Path | None = None, **launch_options) -> Path
     problem = availability(config.model.name_or_path)
     if problem:  # said now, before a run exists, not by the trainer later
         raise ConfigError("model.name_or_path", problem)
+    check_trackers(config)
     _reap()
     _absolute_paths(config)
     run_dir = runs.create_run(config, runs_dir)
@@ -163,6 +164,19 @@ def submit(config, runs_dir: str | Path | None = None, **launch_options) -> Path
     (run_dir / runs.COMMAND_FILE).write_text(shlex.join(command) + "\n", encoding="utf-8")
     _start_supervisor(run_dir)
     return run_dir
+
+
+def check_trackers(config) -> None:
+    """Refuse a run whose experiment trackers are not installed, before it exists."""
+    from engine.config import ConfigError
+    from engine.tracking import missing
+
+    absent = missing(config.training.report_to)
+    if absent:
+        raise ConfigError(
+            "training.report_to",
+            "; ".join(f"{name} is not installed here ({hint})" for name, hint in absent),
+        )
 
 
 def resume(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
@@ -556,6 +570,11 @@ def run_cli(args) -> int:
             )
             print(shlex.join(command))
             return 0
+        from engine.recipe import dataset_warning
+
+        warning = dataset_warning(args.config, config)  # a recipe whose data changed since
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         run_dir = submit(config, config.output.runs_dir, **launch_options)
     except (ConfigError, runs.RunError) as err:
         print(f"error: {err}", file=sys.stderr)

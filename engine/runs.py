@@ -8,7 +8,7 @@
       status.json      state, pids, exit code, error class, times (see STATES)
       metrics.jsonl    one JSON object per logging step, appended and flushed
       train.log        the training process's stdout + stderr
-      adapter/ | model/, checkpoints/, eval.json, export/
+      adapter/ | model/, checkpoints/, eval.json, data.json, environment.json, export/
 
 ``status.json`` is written by two processes (the supervisor in engine.launch and the
 trainer itself), always through :func:`update_status`: a read-modify-write under a lock
@@ -54,6 +54,7 @@ METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 EVAL_FILE = "eval.json"
 DATA_FILE = "data.json"  # what the run trained on: format, record counts, split (the model card reads it)
+ENVIRONMENT_FILE = "environment.json"  # versions, machine, dataset sha256, seeds (engine/recipe.py)
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 CHECKPOINTS_DIR = "checkpoints"

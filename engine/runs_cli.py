@@ -12,6 +12,7 @@ import time
 
 from engine import launch
 from engine.runs import EVAL_FILE, RunError, find_run, list_runs, read_json, read_status, refresh_status, tail_log
+from engine.tracking import run_locations
 
 # --------------------------------------------------------------------------- CLI: tunelab runs
 
@@ -21,14 +22,16 @@ def add_cli_arguments(parser) -> None:
         "action",
         nargs="?",
         default="list",
-        choices=("list", "show", "log", "stop", "resume"),
-        help="list (default): all runs; show RUN: its status; log RUN: the end of its log; "
-        "stop RUN: stop it (it saves a checkpoint); resume RUN: continue a stopped or failed run.",
+        choices=("list", "show", "log", "stop", "resume", "recipe"),
+        help="list (default): all runs; show RUN: its status and trackers; log RUN: the end of its log; "
+        "stop RUN: stop it (it saves a checkpoint); resume RUN: continue a stopped or failed run; "
+        "recipe RUN: zip its config, command and environment (no weights) to train it again.",
     )
     parser.add_argument("run", nargs="?", help="A run directory or a run id in --runs-dir.")
     parser.add_argument("--runs-dir", default="runs", help="Directory that holds the runs (default: runs).")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     parser.add_argument("-n", "--lines", type=int, default=40, help="Lines of log for 'log' (default 40).")
+    parser.add_argument("-o", "--output", help="The zip 'recipe' writes (default: RUN-ID-recipe.zip here).")
 
 
 def fmt_time(t: float | None) -> str:
@@ -67,17 +70,28 @@ def run_cli(args) -> int:
             evaluation = read_json(run_dir / EVAL_FILE)
             if evaluation:
                 status["eval"] = evaluation
+            trackers = run_locations(run_dir)
+            if trackers:
+                status["tracking"] = [vars(t) for t in trackers]
             if args.json:
                 print(json.dumps(status, indent=2))
             else:
                 for key, value in status.items():
-                    if key == "log_tail":
+                    if key in ("log_tail", "tracking"):
                         continue
                     if key.endswith("_at") or key.endswith("_started"):
                         value = fmt_time(value)
                     print(f"{key:18} {value}")
+                for t in trackers:
+                    print(f"{t.tracker:18} {t.where}\n{'':18} open: {t.command}")
                 if status.get("log_tail"):
                     print("\nlast lines of the log:\n" + status["log_tail"])
+            return 0
+        if action == "recipe":
+            from engine.recipe import write_recipe
+
+            dest = write_recipe(run_dir, args.output or f"{run_dir.name}-recipe.zip")
+            print(f"{dest}: config.yaml, command.txt, environment.json of {run_dir.name} (no weights)")
             return 0
         if action == "log":
             print(tail_log(run_dir, args.lines))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from engine import runs, templates
+from engine import recipe, runs, templates, tracking
 from engine.config import ConfigError, MethodConfig, RunConfig
 from engine.util import load_tokenizer
 
@@ -441,7 +441,11 @@ def sft_config(config: RunConfig, run_dir: Path, precision: str, has_eval: bool)
         # Real tokens for tokens/s. Batches are padding-free (packed or not), so every token
         # counts; the pad id (eos) is also a real token, so "non_padding" would undercount.
         include_num_input_tokens_seen="all",
-        report_to=[],
+        # Experiment trackers through transformers' own callbacks (engine/tracking.py set
+        # where each writes); metrics.jsonl is written by RunMonitor either way.
+        report_to=list(t.report_to),
+        run_name=run_dir.name,
+        project=tracking.PROJECT,
         disable_tqdm=not sys.stderr.isatty(),  # in train.log, one printed line per log instead of bars
         dataloader_num_workers=0,
         dataset_num_proc=None,
@@ -720,8 +724,13 @@ def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None, 
     stop = stop or STOP
     main_process = is_main_process()
 
-    # 1. Seed: PEFT initialises adapters randomly, so before the model exists.
+    # 1. Seed: PEFT initialises adapters randomly, so before the model exists. What the run
+    # is made of (versions, machine, data checksum, seeds) goes to environment.json, and the
+    # trackers learn where to write before transformers' callbacks start.
     set_seed(config.training.seed)
+    if main_process:
+        runs.write_json(run_dir / runs.ENVIRONMENT_FILE, recipe.environment(config))
+    tracking.prepare(run_dir, config.training.report_to)
 
     # 2. Data: read, validate, split.
     loaded, train_records, val_records = load_for_training(config.data)

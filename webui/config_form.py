@@ -4,7 +4,7 @@ The Train tab does not list its settings. Every field of every section of
 :class:`engine.config.RunConfig` becomes a widget here, except the data section (the Data
 tab chooses it: :class:`webui.links.DataChoice`) and fields whose metadata says
 ``form: False``. The widget's kind comes from the field's annotation (bool: checkbox,
-int/float: number, ``choices``: dropdown, text and lists: textbox), its label, limits and
+int/float: number, ``choices``: dropdown (several for a list), text and lists: textbox), its label, limits and
 help from the metadata, its starting value from the default. So a field added to
 engine/config.py appears in this form, in ``tunelab config`` and in the YAML with no edit
 here or in the tab (tests/test_config_form.py adds one and checks all three).
@@ -156,6 +156,8 @@ class ConfigForm:
             component = gr.Checkbox(**kwargs)
         elif info.kind == "choice":
             component = gr.Dropdown(list(meta["choices"]), **kwargs)
+        elif info.kind == "choices":
+            component = gr.Dropdown(list(meta["choices"]), multiselect=True, **kwargs)
         elif info.kind in ("int", "float"):
             component = gr.Number(precision=0 if info.kind == "int" else None, **limits, **kwargs)
         else:

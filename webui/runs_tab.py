@@ -1,6 +1,6 @@
 """Runs tab: every run on disk with its status, method, data, final losses and duration;
-the loss curves of several runs on one chart; resume, delete (with confirmation), and open
-in the playground.
+the loss curves of several runs on one chart; resume, delete (with confirmation), open in
+the playground, its experiment trackers and their commands, and its recipe to download.
 
 Launch alone: ``python -m webui.runs_tab``.
 """
@@ -138,6 +138,10 @@ def run_details(runs_dir: Path, run_id: str | None) -> str:
     cmd = run_dir / "command.txt"
     if cmd.is_file():
         lines.append(f"```\n{redact(cmd.read_text(encoding='utf-8').strip())}\n```")
+    from engine.tracking import run_locations
+
+    for loc in run_locations(run_dir):
+        lines.append(f"**{loc.tracker}**: `{escape_md(loc.where)}`; open it with `{loc.command}`")
     return "\n\n".join(lines)
 
 
@@ -166,7 +170,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         selected = gr.Dropdown(ids, value=ids[0] if ids else None, label="Run", elem_id="runs-selected", scale=2)
         resume_btn = gr.Button("Resume", elem_id="runs-resume", scale=1)
         open_btn = gr.Button("Open in playground", elem_id="runs-open", scale=1)
+        recipe_btn = gr.Button("Download run recipe", elem_id="runs-recipe", scale=1)
         delete_btn = gr.Button("Delete...", variant="stop", elem_id="runs-delete", scale=1)
+    recipe_file = gr.File(label="Run recipe (config, command, environment; no weights)", visible=False)
     with gr.Row(visible=False) as confirm_row:
         confirm_md = gr.Markdown("", elem_id="runs-confirm-text")
         confirm_btn = gr.Button("Yes, delete it", variant="stop", elem_id="runs-confirm", scale=0)
@@ -233,6 +239,20 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         gr.Info(f"Resuming {run_id} from its last checkpoint; follow it on the Train tab.")
         return str(run_dir)
 
+    @engine_errors
+    def recipe(run_id, request: gr.Request):
+        from engine.recipe import write_recipe
+        from webui.export_tab import downloads_dir
+
+        if not run_id:
+            raise gr.Error("Pick a run first.")
+        run_dir = ctx.run_dir(request, run_id)
+        staged = downloads_dir(ctx, run_dir)
+        staged.mkdir(parents=True, exist_ok=True)
+        path = write_recipe(run_dir, staged / f"{run_dir.name}-recipe.zip")
+        return gr.File(value=str(path), visible=True)
+
+    recipe_btn.click(recipe, inputs=selected, outputs=recipe_file, api_name="run_recipe")
     refresh_outputs = [table, compare, selected]
     refresh_btn.click(
         refresh, inputs=[selected, compare], outputs=refresh_outputs, show_progress="hidden", api_name="list_runs"
