@@ -169,6 +169,26 @@ def test_recommendation_applies_to_a_config():
     assert cfg.distributed.num_processes == 2 and cfg.distributed.deepspeed == rec.deepspeed
 
 
+def test_the_plan_picks_epochs_and_learning_rate_from_data_and_model_size():
+    from engine.config import RunConfig
+
+    cpu = profile(cpuinfo=AVX2_ONLY)
+    few = hw.recommend(cpu, SMOL, num_examples=82, max_length=256)  # identity.json's training split
+    many = hw.recommend(cpu, SMOL, num_examples=20_000, max_length=256)
+    assert few.num_epochs > many.num_epochs == 1
+    assert few.learning_rate > 2e-4  # a 135M model takes larger adapter steps than LoRA's usual default
+    assert "82 training examples" in few.reasons["schedule"] and "epochs" in few.reasons["schedule"]
+    # The time estimate counts the plan's epochs.
+    assert few.seconds["lora"] > hw.recommend(cpu, SMOL, num_examples=82, max_length=256, num_epochs=1).seconds["lora"]
+    big = hw.recommend(profile([("NVIDIA A100", 80, 8, 0)]), LLAMA8B, num_examples=82, max_length=256)
+    assert big.learning_rate < few.learning_rate
+    full = hw.recommend(cpu, SMOL, method="full", num_examples=82, max_length=256)
+    assert full.learning_rate < 1e-4
+    cfg = RunConfig().with_overrides(["training.max_steps=30", *few.config_overrides()])
+    assert cfg.training.num_epochs == few.num_epochs and cfg.training.max_steps == -1
+    assert cfg.training.learning_rate == few.learning_rate
+
+
 def test_cli_json(capsys):
     import argparse
 

@@ -718,3 +718,51 @@ def test_embedded_model_learns_the_sample_persona(embedded_dir, tmp_path):
     assert "Pip" not in base
     assert tuned.startswith("Pip here!"), tuned
     assert "Dublin" in tuned
+
+
+@pytest.mark.integration
+def test_the_recommended_plan_teaches_a_persona_from_public_identity_data(embedded_dir, shared_datasets, tmp_path):
+    """A newcomer's path: the public identity.json (91 Alpaca records with {{name}} and
+    {{author}}), the persona filled, "Apply recommendation" and Start. The plan's epochs and
+    learning rate make the embedded model answer "Who are you?", and a paraphrase that is in
+    no record, with the persona's name; the base model does not."""
+    import torch
+
+    from engine import hardware
+    from engine.data import load_for_training
+
+    data = {
+        "path": str(shared_datasets / "identity.json"),
+        "persona": {"name": "Zawadi", "author": "Tunelab Labs"},
+        "max_length": 256,
+    }
+    config = RunConfig.from_dict({"data": data, "output": {"runs_dir": str(tmp_path)}})
+    _, train_records, _ = load_for_training(config.data)
+    plan = hardware.recommend(hardware.detect(tmp_path), embedded_dir, num_examples=len(train_records), max_length=256)
+    config = config.with_overrides([*plan.config_overrides(), "training.save_steps=1000"])
+    run_dir = runs.create_run(config)
+    summary = train.train(config, run_dir)
+    assert summary["state"] == "completed"
+    print(
+        f"\nplan: {plan.num_epochs:g} epochs at {plan.learning_rate:g}, batch {plan.batch_size} x "
+        f"{plan.gradient_accumulation_steps}; {summary['global_step']} steps in {summary['train_seconds']} s"
+    )
+    trainer = summary["trainer"]
+    model, tokenizer = trainer.model, trainer.processing_class
+    model.eval()
+
+    def answer(question: str) -> str:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=32, do_sample=False)
+        return tokenizer.decode(out[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    questions = ["Who are you?", "Could you tell me what your name is, please?"]
+    tuned = [answer(q) for q in questions]
+    with model.disable_adapter():
+        base = [answer(q) for q in questions]
+    print(f"base: {base}\ntuned: {tuned}")
+    assert not any("Zawadi" in b for b in base)
+    assert all("Zawadi" in t for t in tuned), tuned

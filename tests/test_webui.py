@@ -735,3 +735,48 @@ def test_a_capped_preview_says_so_on_every_page_and_in_the_training_text_view(mo
     assert fns["show_page"](kept, 9)[0] == 2  # past the kept records: their last page
     with pytest.raises(gr.Error, match="the preview holds the first 6 of 20 usable records"):
         fns["show_learned"](kept, 7, "", 256, SimpleNamespace(username=None))
+
+
+def test_a_reload_while_a_run_trains_shows_that_runs_form_dataset_and_estimates(tmp_path):
+    """Reloading the page mid-training: the Train tab shows the run it reattached to with its
+    own config (method, rank, batch, epochs), its dataset and the estimates for that dataset,
+    not the defaults and a 1000-example guess."""
+    import os
+    import time
+
+    from engine import runs
+    from engine.config import RunConfig
+    from webui.app import build_app
+    from webui.common import AppContext
+    from webui.links import DataChoice
+
+    runs_dir = tmp_path / "runs"
+    app = build_app(AppContext(runs_dir=runs_dir))
+    (load,) = [
+        fn
+        for fn in app.fns.values()
+        if fn.name == "on_load" and any(getattr(o, "elem_id", None) == "train-progress-box" for o in fn.outputs)
+    ]
+    fresh = {getattr(k, "elem_id", None): v for k, v in load.fn(None).items()}
+    assert "no dataset chosen yet" in fresh["train-comparison"]
+
+    cfg = RunConfig.from_dict(
+        {
+            "data": {"path": str(SAMPLES / "pip_chat.jsonl"), "max_length": 128, "validation_split": 0.1},
+            "method": {"name": "dora", "r": 8},
+            "training": {"batch_size": 4, "num_epochs": 2.5},
+        }
+    )
+    live = runs.create_run(cfg, runs_dir)
+    runs.update_status(  # this test process stands in for the trainer
+        live, state="running", pid=os.getpid(), pid_started=runs.process_identity(os.getpid()), started_at=time.time()
+    )
+    out = load.fn(None)
+    shown = {getattr(k, "elem_id", None): v for k, v in out.items()}
+    assert shown["train-method"] == "dora" and shown["train-r"] == 8
+    assert shown["train-batch-size"] == 4 and shown["train-num-epochs"] == 2.5
+    (choice,) = [v for v in out.values() if isinstance(v, DataChoice)]
+    assert choice.name == "pip_chat.jsonl" and choice.config.max_length == 128
+    assert choice.train + choice.val == choice.records > 100
+    assert f"{choice.train} training examples" in shown["train-comparison"]
+    assert "--config" in shown["train-command"]

@@ -32,6 +32,32 @@ class DataChoice:
     mean_tokens: int | None = None  # per record, with the model's template
     placeholders: list[str] = field(default_factory=list)  # {{names}} nothing fills
 
+    @classmethod
+    def from_run(cls, run_dir) -> "DataChoice":
+        """The dataset a run trains on, as the Data tab would have handed it over: its config's
+        data section, and the counts the trainer wrote to data.json (read from the file
+        itself while the run still waits in the queue)."""
+        from pathlib import Path
+
+        from engine.config import RunConfig
+        from engine.runs import CONFIG_FILE, DATA_FILE, read_json
+
+        run_dir = Path(run_dir)
+        data = RunConfig.load(run_dir / CONFIG_FILE).data
+        counts = read_json(run_dir / DATA_FILE)
+        if counts is None:
+            from engine.data import load_for_training
+
+            loaded, train, val = load_for_training(data)
+            counts = {"usable": len(loaded.records), "train": len(train), "validation": len(val)}
+        return cls(
+            config=data,
+            name=Path(str(data.path)).name,
+            records=counts.get("usable", 0),
+            train=counts.get("train", 0),
+            val=counts.get("validation", 0),
+        )
+
 
 @dataclass
 class Links:

@@ -140,7 +140,8 @@ def catalog_choices() -> list[tuple[str, str]]:
 
 def comparison_markdown(rec, model_ref: str, dataset: DataChoice | None) -> str:
     basis = f"{dataset.train} training examples" if dataset else f"{ESTIMATE_EXAMPLES} examples (no dataset chosen yet)"
-    return f"Estimated for **{escape_md(model_ref)}** on this machine, {basis}, one epoch:\n\n" + rec.table()
+    epochs = f"the plan's {rec.num_epochs:g} epoch{'' if rec.num_epochs == 1 else 's'}"
+    return f"Estimated for **{escape_md(model_ref)}** on this machine, {basis}, {epochs}:\n\n" + rec.table()
 
 
 def reasons_markdown(rec) -> str:
@@ -416,7 +417,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         with gr.Column(scale=2):
             apply_btn = gr.Button("Apply recommendation", elem_id="train-apply", variant="secondary")
             gr.Markdown(
-                "Sets precision, method, batch size, accumulation, checkpointing and DeepSpeed to the plan below."
+                "Sets precision, method, batch size, accumulation, checkpointing, DeepSpeed, epochs and "
+                "learning rate to the plan below."
             )
     with gr.Accordion("This model on this hardware: methods compared, and the recommendation", open=True):
         comparison = gr.Markdown(elem_id="train-comparison")
@@ -609,16 +611,6 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             return {timer: gr.Timer(active=False)}
         return render(watch, watch.read())
 
-    @engine_errors
-    def reattach(request: gr.Request):
-        """On page load: show the active run (training survives reloads and other devices)."""
-        root = ctx.listing_dir(request)
-        run_dir = find_active_run(root) if root is not None else None
-        if run_dir is None:
-            return {timer: gr.Timer(active=False)}  # nothing to follow
-        watch = Watch.attach(run_dir)
-        return render(watch, watch.read(), first=True)
-
     # ---- events
     plan_outputs = [comparison, reasons, rec_state]
     gr.on(
@@ -650,14 +642,43 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     defaults = FormValues(model=models[0], max_steps=start_steps)
 
+    def showing(request, values: FormValues, dataset: DataChoice | None) -> dict:
+        """The plan and the command for a form and dataset."""
+        names = FormValues.names()
+        comparison_v, reasons_v, overrides = update_plan(values.model, values.method, dataset, request)
+        cmd = update_command(request, dataset, *[getattr(values, n) for n in names])
+        return {comparison: comparison_v, reasons: reasons_v, rec_state: overrides, command: cmd}
+
+    @engine_errors
     def on_load(request: gr.Request):
-        """A fresh page: the plan and the command for the default form."""
-        plan = update_plan(defaults.model, defaults.method, None, request)
-        return (*plan, update_command(request, None, *[getattr(defaults, n) for n in FormValues.names()]))
+        """A page (re)loads. With a run training or queued, it shows that run: its progress,
+        and the form, the dataset, the plan and the estimates of its own config (training
+        survives reloads and other devices). Otherwise the plan for the default form."""
+        from engine.runs import CONFIG_FILE
+
+        root = ctx.listing_dir(request)
+        run_dir = find_active_run(root) if root is not None else None
+        if run_dir is None:
+            return {**showing(request, defaults, None), timer: gr.Timer(active=False)}
+        cfg = RunConfig.load(Path(run_dir) / CONFIG_FILE)
+        choice = DataChoice.from_run(run_dir)
+        watch = Watch.attach(run_dir)
+        return {
+            **render(watch, watch.read(), first=True),
+            **form.updates(cfg),
+            links.dataset: choice,
+            dataset_md: dataset_summary(choice),
+            **showing(request, FormValues.from_config(cfg), choice),
+        }
 
     # triggers=None with no inputs: runs when the page loads.
-    gr.on(triggers=None, fn=on_load, inputs=None, outputs=[*plan_outputs, command], show_progress="hidden")
-    gr.on(triggers=None, fn=reattach, inputs=None, outputs=progress_outputs, show_progress="hidden")
+    gr.on(
+        triggers=None,
+        fn=on_load,
+        inputs=None,
+        outputs=[*progress_outputs, *form_inputs, links.dataset, dataset_md, *plan_outputs, command],
+        show_progress="hidden",
+    )
 
     @engine_errors
     def attach(run_dir):
