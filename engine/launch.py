@@ -71,6 +71,7 @@ def build_command(
     main_process_port: int = 29500,
     python: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    probe: bool = False,
 ) -> list[str]:
     """The command that trains ``config`` into ``run_dir``.
 
@@ -93,6 +94,8 @@ def build_command(
     ]
     for item in overrides:
         train_args += ["--set", item]
+    if probe:
+        train_args.append("--probe")
     total = dist.num_processes * dist.num_machines
     if total == 1 and dist.deepspeed == "none":
         return [python, *train_args]
@@ -145,10 +148,12 @@ def _absolute_paths(config) -> None:
         config.model.name_or_path = str(model.resolve())
 
 
-def submit(config, runs_dir: str | Path | None = None, **launch_options) -> Path:
+def submit(config, runs_dir: str | Path | None = None, *, probe: bool = False, **launch_options) -> Path:
     """Create a run directory for ``config`` and start (or queue) it; returns the directory.
 
-    ``launch_options`` go to :func:`build_command` (machine_rank, main_process_ip, ...).
+    ``probe`` measures instead of training (engine/probe.py): the directory is marked
+    ``probe`` in status.json. ``launch_options`` go to :func:`build_command`
+    (machine_rank, main_process_ip, ...).
     """
     from engine.config import ConfigError
     from engine.models import availability
@@ -160,7 +165,9 @@ def submit(config, runs_dir: str | Path | None = None, **launch_options) -> Path
     _reap()
     _absolute_paths(config)
     run_dir = runs.create_run(config, runs_dir)
-    command = build_command(config, run_dir, **launch_options)
+    if probe:
+        runs.update_status(run_dir, probe=True)
+    command = build_command(config, run_dir, probe=probe, **launch_options)
     (run_dir / runs.COMMAND_FILE).write_text(shlex.join(command) + "\n", encoding="utf-8")
     _start_supervisor(run_dir)
     return run_dir
@@ -547,6 +554,12 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--main-process-ip", help="Multi-node: address of machine 0.")
     parser.add_argument("--main-process-port", type=int, default=29500, help="Multi-node: port on machine 0.")
     parser.add_argument("--json", action="store_true", help="Print the final status as JSON.")
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="Measure first: a few optimizer steps of this config on the longest examples, then the measured "
+        "peak memory, seconds per step and the whole run's projected time beside the formula's estimate.",
+    )
 
 
 def run_cli(args) -> int:
@@ -575,7 +588,7 @@ def run_cli(args) -> int:
         warning = dataset_warning(args.config, config)  # a recipe whose data changed since
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-        run_dir = submit(config, config.output.runs_dir, **launch_options)
+        run_dir = submit(config, config.output.runs_dir, probe=args.probe, **launch_options)
     except (ConfigError, runs.RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -600,9 +613,15 @@ def run_cli(args) -> int:
                 flush=True,
             )
             return 0
+    from engine.probe import read as read_probe
+    from engine.probe import table as probe_table
+
+    measured = read_probe(run_dir) if args.probe else None
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps({**status, "probe": measured} if measured else status, indent=2))
     else:
+        if measured:
+            print(probe_table(measured))
         line = f"run {run_dir.name}: {status.get('state')}"
         if status.get("state") == "failed":
             line += f" ({status.get('error_class')}): {status.get('error')}"

@@ -223,8 +223,9 @@ def refresh_status(run_dir: str | Path) -> dict:
 # --------------------------------------------------------------------------- listing
 
 
-def list_runs(runs_dir: str | Path) -> list[dict]:
-    """All runs in ``runs_dir``, newest first: status plus a few config and result fields."""
+def list_runs(runs_dir: str | Path, probes: bool = False) -> list[dict]:
+    """All runs in ``runs_dir``, newest first: status plus a few config and result fields.
+    Probe runs (``tunelab train --probe``) only with ``probes``."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
@@ -233,6 +234,8 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
         if not (run_dir / STATUS_FILE).is_file():
             continue
         status = refresh_status(run_dir)
+        if status.get("probe") and not probes:
+            continue
         row = {
             "run_id": run_dir.name,
             "path": str(run_dir),
@@ -243,6 +246,7 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
             "ended_at": status.get("ended_at"),
             "step": status.get("step"),
             "max_steps": status.get("max_steps"),
+            "probe": bool(status.get("probe")),
         }
         row.update(_config_summary(run_dir))
         evaluation = read_json(run_dir / EVAL_FILE)

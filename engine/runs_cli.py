@@ -30,6 +30,7 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("run", nargs="?", help="A run directory or a run id in --runs-dir.")
     parser.add_argument("--runs-dir", default="runs", help="Directory that holds the runs (default: runs).")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    parser.add_argument("--probes", action="store_true", help="Also list probe runs (tunelab train --probe).")
     parser.add_argument("-n", "--lines", type=int, default=40, help="Lines of log for 'log' (default 40).")
     parser.add_argument("-o", "--output", help="The zip 'recipe' writes (default: RUN-ID-recipe.zip here).")
 
@@ -47,7 +48,7 @@ def run_cli(args) -> int:
         return 2
     try:
         if action == "list":
-            rows = list_runs(args.runs_dir)
+            rows = list_runs(args.runs_dir, probes=args.probes)
             if args.json:
                 print(json.dumps(rows, indent=2))
                 return 0

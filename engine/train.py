@@ -863,6 +863,11 @@ def parse_args(argv=None):
     parser.add_argument(
         "--run-dir", help="Run directory to write (made if missing). Default: a new one in output.runs_dir."
     )
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="Measure instead of training: a few steps on the longest examples, then probe.json (engine/probe.py).",
+    )
     return parser.parse_args(argv)
 
 
@@ -925,7 +930,12 @@ def main(argv=None) -> int:
 
     # 2-7. The recipe.
     try:
-        summary = train(config, run_dir)
+        if args.probe:
+            from engine import probe
+
+            summary = probe.run(config, run_dir)
+        else:
+            summary = train(config, run_dir)
         # The work is saved: a late or repeated stop request must not turn this clean exit
         # into a death by SIGTERM (Python restores the default handler while it shuts down).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -23,6 +23,7 @@ from typing import Any
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
+from engine import probe
 from engine.config import DataConfig, RunConfig
 from webui.common import (
     AppContext,
@@ -293,7 +294,7 @@ def find_active_run(runs_dir: Path) -> str | None:
 
     if not runs_dir.is_dir():
         return None
-    listed = runs.list_runs(runs_dir)
+    listed = runs.list_runs(runs_dir, probes=True)  # a probe being measured is followed too
     for wanted in ("running", "queued", "created"):
         for info in listed:
             if info.get("state") == wanted:
@@ -444,7 +445,13 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     )
     with gr.Row():
         start_btn = gr.Button("Start training", variant="primary", elem_id="train-start")
+        probe_btn = gr.Button("Measure first", elem_id="train-probe")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop", interactive=False)
+    gr.Markdown(
+        "**Measure first** runs a few steps of this config on the longest examples (in the training queue) and "
+        "shows the measured peak memory and the whole run's time beside the estimates above."
+    )
+    probe_md = gr.Markdown("", elem_id="train-probe-result", visible=False)
 
     gr.Markdown("#### Progress")
     progress = gr.HTML(
@@ -533,6 +540,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         stop_btn,
         current_run,
         after_row,
+        probe_md,
     ]
 
     def render(watch: Watch, new_points: bool, first: bool = False) -> dict:
@@ -547,6 +555,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         log_value = read_log_tail(watch.run_dir) if (size != watch.log_size or first) else gr.skip()
         watch.log_size = size
         fail = failure_markdown(status)
+        probing = bool(status.get("probe"))
+        measured = probe.read(watch.run_dir) if probing and state == "completed" else None
         updates = {
             progress: progress_html(status, watch.last, watch.run_dir),
             log_tail: log_value,
@@ -556,7 +566,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             start_btn: gr.Button(interactive=True),
             stop_btn: gr.Button(interactive=active),
             current_run: watch.run_dir,
-            after_row: gr.Row(visible=state == "completed"),
+            after_row: gr.Row(visible=state == "completed" and not probing),
+            probe_md: gr.Markdown(probe.table(measured) if measured else "", visible=bool(measured)),
         }
         if new_points or first:
             updates[loss_plot] = loss_frame(watch.points)
@@ -566,6 +577,14 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     def start(request: gr.Request, dataset, *values):
         """Start (or queue) a run. ``values``: the form's fields in FormValues order, then the
         question Start asked last time, if any (the page passes it; other callers may not)."""
+        return submit(request, dataset, values, probe=False)
+
+    @engine_errors
+    def measure(request: gr.Request, dataset, *values):
+        """Start (or queue) a probe of the form's config (engine/probe.py); same values as start."""
+        return submit(request, dataset, values, probe=True)
+
+    def submit(request, dataset, values, probe: bool):
         from engine import launch, runs
         from engine.models import availability
 
@@ -585,13 +604,15 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         cfg = build_config(form_values, dataset, runs_dir)
         check_run_allowed(cfg, dataset, DemoLimits.from_env())
         running = find_active_run(runs_dir)
-        run_dir = launch.submit(cfg, runs_dir)
+        run_dir = launch.submit(cfg, runs_dir, probe=probe)
         status = runs.read_status(Path(run_dir))
+        what = "the probe" if probe else Path(run_dir).name
         if status.get("state") == "queued":
             other = Path(running).name if running else "another run"
-            gr.Info(f"Queued: {other} is training; {Path(run_dir).name} starts when it ends (one job at a time).")
+            gr.Info(f"Queued: {other} is training; {what} starts when it ends (one job at a time).")
         else:
-            gr.Info(f"Started {Path(run_dir).name}.")
+            steps = probe.steps()
+            gr.Info(f"Measuring {steps} steps of this config..." if probe else f"Started {what}.")
         watch = Watch.attach(run_dir)
         return {**render(watch, watch.read(), first=True), asked_state: None}
 
@@ -631,6 +652,13 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     apply_btn.click(apply_recommendation, inputs=[rec_state, *form_inputs], outputs=form_inputs)
     start_btn.click(
         start,
+        inputs=[links.dataset, *form_inputs, asked_state],
+        outputs=[*progress_outputs, asked_state],
+        concurrency_limit=1,
+        concurrency_id="train-start",
+    )
+    probe_btn.click(
+        measure,
         inputs=[links.dataset, *form_inputs, asked_state],
         outputs=[*progress_outputs, asked_state],
         concurrency_limit=1,
