@@ -66,6 +66,7 @@ def test_the_probe_projects_the_peak_memory_of_a_real_run(embedded_dir, tmp_path
     print(
         f"\nprobe: {report['seconds_per_step']} s/step, {report['tokens_per_second']} tokens/s, projected peak "
         f"{projected_mb:.0f} MB (above start {report['peak_above_before_bytes'] / 2**20:.0f} MB), formula "
-        f"{report['formula']['peak_bytes'] / 2**20:.0f} MB (ratio {report['ratio']['memory']}); run peak {peak_mb:.0f} MB"
+        f"{report['formula']['peak_bytes'] / 2**20:.0f} MB (ratio {report['ratio']['memory']}); "
+        f"run peak {peak_mb:.0f} MB"
     )
     assert abs(projected_mb - peak_mb) <= 0.25 * peak_mb
