@@ -69,6 +69,17 @@ class InferenceError(ValueError):
     """A problem the user can fix: a missing adapter or export, bad messages or settings."""
 
 
+class ContextLengthError(InferenceError):
+    """The prompt leaves no room for a reply in the model's context."""
+
+    def __init__(self, prompt_tokens: int, context_length: int):
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+        super().__init__(
+            f"the prompt has {prompt_tokens} tokens; the model's context is {context_length}: shorten the chat"
+        )
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -234,6 +245,7 @@ class ChatModel:
     label: str = ""
     source: str = ""
     stop_ids: frozenset[int] = frozenset()
+    context_length: int | None = None  # most tokens the model attends to (prompt and reply)
 
     def render(self, messages: list[dict]) -> str:
         raise NotImplementedError
@@ -268,6 +280,8 @@ class ChatModel:
         started = time.perf_counter()
         messages = normalize_messages(messages, system)
         prompt_ids = self.encode_prompt(messages)
+        if self.context_length and len(prompt_ids) >= self.context_length:
+            raise ContextLengthError(len(prompt_ids), self.context_length)
         detok = _Detokenizer(self.decode)
         used = [self.decoder_name(settings, len(prompt_ids))]
         reply_ids: list[int] = []
@@ -454,6 +468,8 @@ class TorchChatModel(ChatModel):
         self._lean_lock = threading.Lock()
         self.lean_note = ""  # why the lean decoder is not used, once that is known
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.context_length = int(positions) if isinstance(positions, int) and positions > 0 else None
         self.stop_ids = frozenset(
             stop_ids_from(tokenizer, getattr(model, "generation_config", None), self.chat_template)
         )
@@ -710,9 +726,7 @@ class OnnxChatModel(ChatModel):
         params = og.GeneratorParams(self.model)
         max_length = min(prompt_len + max_new, self.context_length)
         if prompt_len >= max_length:
-            raise InferenceError(
-                f"the prompt has {prompt_len} tokens; the model's context is {self.context_length}: shorten the chat"
-            )
+            raise ContextLengthError(prompt_len, self.context_length)
         options: dict[str, Any] = {"max_length": max_length, "do_sample": False, "repetition_penalty": 1.0}
         if settings is not None:
             options["repetition_penalty"] = float(settings.repetition_penalty)
