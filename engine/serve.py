@@ -39,7 +39,6 @@ requests get 503 with ``Retry-After``. A client that goes away is noticed within
 POLL_S and its reply abandoned (engine.scheduler.Stream.close), which frees its slot.
 """
 
-
 import asyncio
 import hashlib
 import hmac
