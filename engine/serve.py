@@ -784,3 +784,29 @@ def run_cli(args) -> int:
     )
     uvicorn.run(build_server_app(api), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def client_snippet(base_url: str, model_id: str, key_env: str = defaults.SERVE_API_KEY_ENV) -> str:
+    """Markdown with a ready call of ``model_id`` at ``base_url`` (…/v1): Python's openai
+    client, then curl. The key is read from ``key_env``, never written into the snippet."""
+    python = f'''```python
+import os
+from openai import OpenAI
+
+client = OpenAI(base_url="{base_url}", api_key=os.environ.get("{key_env}", "none"))
+stream = client.chat.completions.create(
+    model="{model_id}",
+    messages=[{{"role": "user", "content": "Hello!"}}],
+    stream=True,
+)
+for chunk in stream:
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+```'''
+    body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Hello!"}]})
+    curl = f"""```bash
+curl {base_url}/chat/completions \\
+  -H "Authorization: Bearer ${key_env}" \\
+  -H "Content-Type: application/json" \\
+  -d '{body}'
+```"""
+    return f"{python}\n\n{curl}"

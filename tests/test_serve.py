@@ -275,3 +275,44 @@ def test_client_leaving_mid_stream_frees_its_slot(open_api, monkeypatch):
     sched = api.scheduler
     assert sched.call(scheduler.ONNX, lambda: "after") == "after"  # share_cpu: runs once the reply is gone
     assert len(tokens) <= 2  # abandoned: the reply did not run to its end
+
+
+def test_web_app_serves_each_person_their_runs(runs, tmp_path, monkeypatch):
+    """`tunelab ui --api --auth ...`: /v1 beside the page, a key per person, and the
+    Playground's Python snippet runs as shown."""
+    import re
+    import shutil
+
+    from engine.security import user_dir
+    from webui import api_panel
+    from webui.app import api_routes, build_api, build_app
+    from webui.common import AppContext
+
+    ctx = AppContext(runs_dir=tmp_path / "runs", auth=True)
+    shutil.copytree(runs / "api-run", user_dir(ctx.runs_dir, "alice", True) / "api-run")
+    ctx.api = build_api(ctx)
+    demo = build_app(ctx)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    demo.launch(
+        prevent_thread_lock=True,
+        server_port=port,
+        quiet=True,
+        auth=[("alice", "pw-a"), ("bob", "pw-b")],
+        app_kwargs={"routes": api_routes(ctx)},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        assert httpx.get(f"{url}/models").status_code == 401  # a login app always wants a key
+        alice, bob = ctx.api.keys.issue("alice"), ctx.api.keys.issue("bob")
+        assert [m.id for m in openai.OpenAI(base_url=url, api_key=bob).models.list().data] == []
+        ids = [m.id for m in openai.OpenAI(base_url=url, api_key=alice).models.list().data]
+        assert ids == ["api-run:base", "api-run:tuned"]
+        shown = serve.client_snippet(url, api_panel.model_id("api-run", "tuned", "int4"))
+        code = re.search(r"```python\n(.*?)```", shown, re.S).group(1)
+        monkeypatch.setenv("TUNELAB_API_KEY", alice)
+        exec(compile(code, "snippet", "exec"), {})  # raises on any error status
+        assert f"curl {url}/chat/completions" in shown and alice not in shown
+    finally:
+        demo.close()
