@@ -685,6 +685,7 @@ class OnnxChatModel(ChatModel):
         self.source = str(self.export_dir)
         self.label = label or f"ONNX ({self.export_dir.name})"
         config = json.loads((self.export_dir / "genai_config.json").read_text(encoding="utf-8"))
+        self._config = config
         og_config = og.Config(str(self.export_dir))
         self.threads = onnx_threads(config)
         if self.threads:
@@ -752,6 +753,101 @@ class OnnxChatModel(ChatModel):
             while not generator.is_done():
                 generator.generate_next_token()
                 yield int(generator.get_next_tokens()[0])
+        finally:
+            del generator
+
+    def generate_batch(self, chats: list[tuple]) -> Iterator[tuple[int, "ChatEvent | Exception"]]:
+        """Greedy replies to several chats at once, with one ``og.Generator`` over all of
+        them: each step reads the weights once for every sequence, which is what bounds a
+        small model's decode on a CPU. ``chats`` holds ``(messages, settings, system, stop)``
+        tuples whose settings are greedy with the same repetition penalty (engine.scheduler
+        groups them). The prompts are right-padded with the export's pad token, as
+        ``og.Tokenizer.encode_batch`` does; each reply equals the chat's own greedy reply.
+
+        Yields ``(index, event)``: the same ``text`` events and final ``done`` (with its own
+        stats) as :meth:`generate` for each chat, interleaved, or ``(index, error)`` for a
+        chat refused before generation (bad messages, too long a prompt)."""
+        np, og = self._np, self._og
+        started = time.perf_counter()
+        live: dict[int, dict] = {}
+        for i, (messages, settings, system, stop) in enumerate(chats):
+            try:
+                prompt = self.encode_prompt(normalize_messages(messages, system))
+                if len(prompt) >= self.context_length:
+                    raise ContextLengthError(len(prompt), self.context_length)
+            except InferenceError as err:
+                yield i, err
+                continue
+            settings = settings or GenerationSettings(greedy=True)
+            live[i] = {"prompt": prompt, "settings": settings, "stop": stop, "detok": _Detokenizer(self.decode)}
+            live[i].update(ids=[], sampled=0, first=None, last=None)
+        if not live:
+            return
+        order = list(live)
+        width = max(len(live[i]["prompt"]) for i in order)
+        pad = int(self._config["model"].get("pad_token_id", min(self.stop_ids) if self.stop_ids else 0))
+        batch = np.full((len(order), width), pad, dtype=np.int32)
+        for row, i in enumerate(order):
+            batch[row, : len(live[i]["prompt"])] = live[i]["prompt"]
+        longest = width + max(live[i]["settings"].max_new_tokens for i in order)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(
+            max_length=min(longest, self.context_length),
+            batch_size=len(order),
+            do_sample=False,
+            repetition_penalty=float(live[order[0]]["settings"].repetition_penalty),
+        )
+        generator = og.Generator(self.model, params)
+
+        def finish(i: int, reason: str):
+            state = live.pop(i)
+            tail = state["detok"].flush()
+            if tail:
+                yield i, ChatEvent("text", tail)
+            ended = time.perf_counter()
+            first, last, sampled = state["first"], state["last"], state["sampled"]
+            rate = (sampled - 1) / (last - first) if sampled > 1 and last > first else 0.0
+            stats = GenerationStats(
+                backend=self.backend,
+                prompt_tokens=len(state["prompt"]),
+                new_tokens=len(state["ids"]),
+                ttft_s=(first - started) if first is not None else ended - started,
+                decode_tokens_per_s=rate,
+                total_s=ended - started,
+                finish_reason=reason,
+                token_ids=state["ids"],
+                decoder=f"batch of {len(order)}",
+            )
+            yield i, ChatEvent("done", stats=stats)
+
+        try:
+            generator.append_tokens(batch)
+            while live and not generator.is_done():
+                generator.generate_next_token()
+                tokens = generator.get_next_tokens()
+                now = time.perf_counter()
+                for row, i in enumerate(order):
+                    state = live.get(i)
+                    if state is None:
+                        continue
+                    if state["stop"] is not None and state["stop"].is_set():
+                        yield from finish(i, "stopped")
+                        continue
+                    token = int(tokens[row])
+                    state["sampled"] += 1
+                    state["last"] = now
+                    state["first"] = state["first"] or now
+                    if token in self.stop_ids:
+                        yield from finish(i, "eos")
+                        continue
+                    state["ids"].append(token)
+                    piece = state["detok"].push(token)
+                    if piece:
+                        yield i, ChatEvent("text", piece)
+                    if len(state["ids"]) >= state["settings"].max_new_tokens:
+                        yield from finish(i, "length")
+            for i in list(live):
+                yield from finish(i, "length")
         finally:
             del generator
 
