@@ -316,3 +316,25 @@ def test_web_app_serves_each_person_their_runs(runs, tmp_path, monkeypatch):
         assert f"curl {url}/chat/completions" in shown and alice not in shown
     finally:
         demo.close()
+
+
+def test_merged_backend_answers_as_the_tuned_one(tiny_model_dir, tmp_path, tmp_path_factory, sched):
+    from engine import export
+
+    base = chat_base(tiny_model_dir, tmp_path_factory.getbasetemp())  # the session's (cached)
+    run_dir = make_adapter_run(tmp_path, base, name="merge-run", seed=5, scale=0.02)
+    export.merge(run_dir)
+    catalog = serve.RunsCatalog(lambda user: tmp_path)
+    assert [m.id for m in catalog.models(None)] == ["merge-run:base", "merge-run:tuned", "merge-run:merged"]
+    api = serve.Api(catalog, serve.StaticKey(None), sched=sched)
+    with serving(api) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        replies = [
+            client.chat.completions.create(
+                model=f"merge-run:{backend}", messages=[{"role": "user", "content": "Hi!"}], temperature=0
+            )
+            .choices[0]
+            .message.content
+            for backend in ("tuned", "merged")
+        ]
+    assert replies[0] == replies[1]
