@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from tiny_runs import CHATS, chat_base, make_adapter_run
+from tiny_runs import CHATS, chat_base, make_adapter_run, shared_adapter_run
 
-from engine import inference, scheduler, serve
+from engine import export, inference, scheduler, serve
 from engine.scheduler import Scheduler
 
 KEY = "sk-test-not-a-real-secret"
@@ -319,8 +319,6 @@ def test_web_app_serves_each_person_their_runs(runs, tmp_path, monkeypatch):
 
 
 def test_merged_backend_answers_as_the_tuned_one(tiny_model_dir, tmp_path, tmp_path_factory, sched):
-    from engine import export
-
     base = chat_base(tiny_model_dir, tmp_path_factory.getbasetemp())  # the session's (cached)
     run_dir = make_adapter_run(tmp_path, base, name="merge-run", seed=5, scale=0.02)
     export.merge(run_dir)
@@ -338,3 +336,45 @@ def test_merged_backend_answers_as_the_tuned_one(tiny_model_dir, tmp_path, tmp_p
             for backend in ("tuned", "merged")
         ]
     assert replies[0] == replies[1]
+
+
+def test_onnx_clients_at_once_share_a_batch(tiny_model_dir, tmp_path_factory, sched, monkeypatch):
+    """Four streaming clients of an ONNX export: each gets the reply it gets alone, and the
+    scheduler answered them in batches (not one by one)."""
+    run_dir = shared_adapter_run(
+        tmp_path_factory.getbasetemp(), chat_base(tiny_model_dir, tmp_path_factory.getbasetemp())
+    )
+    export.export_onnx(run_dir, "fp32")  # reused when another test file made it
+    decoders = []
+    original = inference.OnnxChatModel.generate_batch
+
+    def recording(self, chats):
+        decoders.append(len(chats))
+        yield from original(self, chats)
+
+    monkeypatch.setattr(inference.OnnxChatModel, "generate_batch", recording)
+    api = serve.Api(serve.OneModel(run_dir, "onnx-fp32"), serve.StaticKey(None), sched=sched)
+    with serving(api) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+        def ask(question: str) -> str:
+            chunks = client.chat.completions.create(
+                model="lora-run:onnx-fp32",
+                messages=[{"role": "user", "content": question}],
+                temperature=0,
+                max_tokens=24,
+                stream=True,
+            )
+            return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+        alone = [ask(q) for q, _ in CHATS]
+        blocker, release = hold(sched)  # the four requests queue up behind it
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(ask, CHATS[i % len(CHATS)][0]) for i in range(4)]
+            while api.admission.active < 4:
+                time.sleep(0.01)
+            release.set()
+            together = [f.result() for f in futures]
+        list(blocker)
+    assert together == [alone[i % len(CHATS)] for i in range(4)]
+    assert max(decoders) == 4
