@@ -14,6 +14,9 @@ A shared app: with a login (--auth, or "Sign in with Hugging Face" in a Space wh
 has ``hf_oauth: true``) or TUNELAB_MULTI_USER=1, each person has their own runs directory
 and nobody reaches another's runs, uploads or downloads through the page or Gradio's file
 route (see webui.common.AppContext). TUNELAB_DEMO=1 adds the public demo's limits.
+
+``--api`` also serves the runs' models over the OpenAI-compatible API of engine.serve at /v1
+(added to Gradio's own server as a route; see :func:`build_api`).
 """
 
 from __future__ import annotations
