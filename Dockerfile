@@ -3,6 +3,8 @@
 #   GPU:            docker build -t tunelab:gpu --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 --build-arg GPU=1 .
 #   UI:             docker run -p 7860:7860 -v tunelab-data:/data tunelab
 #   Headless job:   docker run -v $PWD:/data tunelab tunelab train --config /data/run.yaml
+#   API (OpenAI):   docker run -p 8000:8000 -e TUNELAB_API_KEY=... -v $PWD:/data tunelab \
+#                     tunelab serve /data/runs/RUN --backend onnx-int4 --host 0.0.0.0 --port 8000
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 ARG GPU=0

@@ -15,7 +15,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 help:
 	@echo "make run    set up, then start the web app on http://127.0.0.1:$(PORT)"
 	@echo "make test   set up (with Chromium), lint (ruff), then run the test suite"
-	@echo "make bench  run the benchmarks and write bench/results/ (ONLY=train,inference picks sections)"
+	@echo "make bench  run the benchmarks and write bench/results/ (ONLY=train,inference,serve picks sections)"
 
 run: setup model
 	$(BIN)/tunelab ui --host 127.0.0.1 --port $(PORT)

@@ -28,6 +28,12 @@ def _inference(argv: list[str]) -> int:
     return bench_inference.main(argv)
 
 
+def _serve(argv: list[str]) -> int:
+    from bench import bench_serve
+
+    return bench_serve.main(argv)
+
+
 # section -> (what it measures, its entry point, the result tables it writes)
 SECTIONS = {
     "train": ("training speed and loss: tunelab vs the TRL script", _train, ("train.md",)),
@@ -35,6 +41,11 @@ SECTIONS = {
         "decode speed, time to first token and export agreement of every chat backend",
         _inference,
         ("inference.md",),
+    ),
+    "serve": (
+        "the OpenAI-compatible API under 1, 4 and 8 concurrent streaming clients",
+        _serve,
+        ("serve.md",),
     ),
 }
 

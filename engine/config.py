@@ -28,6 +28,14 @@ TRACKERS = ("trackio", "tensorboard", "mlflow", "wandb")
 # Learning rates that work for each method (adapters tolerate much larger steps).
 DEFAULT_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "full": 2e-5}
 
+# Serving (`tunelab ui`, `tunelab serve`, engine.serve): replies generated at the same time,
+# all users together (the playground's and, separately, the API's), and what the API adds.
+CHAT_CONCURRENCY = 4
+SERVE_PORT = 8000
+SERVE_API_KEY_ENV = "TUNELAB_API_KEY"
+SERVE_QUEUE = 16  # API requests that may wait for a slot; more are answered 503
+SERVE_MAX_BODY_BYTES = 1024 * 1024  # a larger request body is answered 413
+
 
 class ConfigError(ValueError):
     """A configuration problem; ``field`` is the dotted name of the offending field."""

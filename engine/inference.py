@@ -69,6 +69,17 @@ class InferenceError(ValueError):
     """A problem the user can fix: a missing adapter or export, bad messages or settings."""
 
 
+class ContextLengthError(InferenceError):
+    """The prompt leaves no room for a reply in the model's context."""
+
+    def __init__(self, prompt_tokens: int, context_length: int):
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+        super().__init__(
+            f"the prompt has {prompt_tokens} tokens; the model's context is {context_length}: shorten the chat"
+        )
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -234,6 +245,7 @@ class ChatModel:
     label: str = ""
     source: str = ""
     stop_ids: frozenset[int] = frozenset()
+    context_length: int | None = None  # most tokens the model attends to (prompt and reply)
 
     def render(self, messages: list[dict]) -> str:
         raise NotImplementedError
@@ -268,6 +280,8 @@ class ChatModel:
         started = time.perf_counter()
         messages = normalize_messages(messages, system)
         prompt_ids = self.encode_prompt(messages)
+        if self.context_length and len(prompt_ids) >= self.context_length:
+            raise ContextLengthError(len(prompt_ids), self.context_length)
         detok = _Detokenizer(self.decode)
         used = [self.decoder_name(settings, len(prompt_ids))]
         reply_ids: list[int] = []
@@ -454,6 +468,8 @@ class TorchChatModel(ChatModel):
         self._lean_lock = threading.Lock()
         self.lean_note = ""  # why the lean decoder is not used, once that is known
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.context_length = int(positions) if isinstance(positions, int) and positions > 0 else None
         self.stop_ids = frozenset(
             stop_ids_from(tokenizer, getattr(model, "generation_config", None), self.chat_template)
         )
@@ -669,6 +685,7 @@ class OnnxChatModel(ChatModel):
         self.source = str(self.export_dir)
         self.label = label or f"ONNX ({self.export_dir.name})"
         config = json.loads((self.export_dir / "genai_config.json").read_text(encoding="utf-8"))
+        self._config = config
         og_config = og.Config(str(self.export_dir))
         self.threads = onnx_threads(config)
         if self.threads:
@@ -710,9 +727,7 @@ class OnnxChatModel(ChatModel):
         params = og.GeneratorParams(self.model)
         max_length = min(prompt_len + max_new, self.context_length)
         if prompt_len >= max_length:
-            raise InferenceError(
-                f"the prompt has {prompt_len} tokens; the model's context is {self.context_length}: shorten the chat"
-            )
+            raise ContextLengthError(prompt_len, self.context_length)
         options: dict[str, Any] = {"max_length": max_length, "do_sample": False, "repetition_penalty": 1.0}
         if settings is not None:
             options["repetition_penalty"] = float(settings.repetition_penalty)
@@ -738,6 +753,101 @@ class OnnxChatModel(ChatModel):
             while not generator.is_done():
                 generator.generate_next_token()
                 yield int(generator.get_next_tokens()[0])
+        finally:
+            del generator
+
+    def generate_batch(self, chats: list[tuple]) -> Iterator[tuple[int, "ChatEvent | Exception"]]:
+        """Greedy replies to several chats at once, with one ``og.Generator`` over all of
+        them: each step reads the weights once for every sequence, which is what bounds a
+        small model's decode on a CPU. ``chats`` holds ``(messages, settings, system, stop)``
+        tuples whose settings are greedy with the same repetition penalty (engine.scheduler
+        groups them). The prompts are right-padded with the export's pad token, as
+        ``og.Tokenizer.encode_batch`` does; each reply equals the chat's own greedy reply.
+
+        Yields ``(index, event)``: the same ``text`` events and final ``done`` (with its own
+        stats) as :meth:`generate` for each chat, interleaved, or ``(index, error)`` for a
+        chat refused before generation (bad messages, too long a prompt)."""
+        np, og = self._np, self._og
+        started = time.perf_counter()
+        live: dict[int, dict] = {}
+        for i, (messages, settings, system, stop) in enumerate(chats):
+            try:
+                prompt = self.encode_prompt(normalize_messages(messages, system))
+                if len(prompt) >= self.context_length:
+                    raise ContextLengthError(len(prompt), self.context_length)
+            except InferenceError as err:
+                yield i, err
+                continue
+            settings = settings or GenerationSettings(greedy=True)
+            live[i] = {"prompt": prompt, "settings": settings, "stop": stop, "detok": _Detokenizer(self.decode)}
+            live[i].update(ids=[], sampled=0, first=None, last=None)
+        if not live:
+            return
+        order = list(live)
+        width = max(len(live[i]["prompt"]) for i in order)
+        pad = int(self._config["model"].get("pad_token_id", min(self.stop_ids) if self.stop_ids else 0))
+        batch = np.full((len(order), width), pad, dtype=np.int32)
+        for row, i in enumerate(order):
+            batch[row, : len(live[i]["prompt"])] = live[i]["prompt"]
+        longest = width + max(live[i]["settings"].max_new_tokens for i in order)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(
+            max_length=min(longest, self.context_length),
+            batch_size=len(order),
+            do_sample=False,
+            repetition_penalty=float(live[order[0]]["settings"].repetition_penalty),
+        )
+        generator = og.Generator(self.model, params)
+
+        def finish(i: int, reason: str):
+            state = live.pop(i)
+            tail = state["detok"].flush()
+            if tail:
+                yield i, ChatEvent("text", tail)
+            ended = time.perf_counter()
+            first, last, sampled = state["first"], state["last"], state["sampled"]
+            rate = (sampled - 1) / (last - first) if sampled > 1 and last > first else 0.0
+            stats = GenerationStats(
+                backend=self.backend,
+                prompt_tokens=len(state["prompt"]),
+                new_tokens=len(state["ids"]),
+                ttft_s=(first - started) if first is not None else ended - started,
+                decode_tokens_per_s=rate,
+                total_s=ended - started,
+                finish_reason=reason,
+                token_ids=state["ids"],
+                decoder=f"batch of {len(order)}",
+            )
+            yield i, ChatEvent("done", stats=stats)
+
+        try:
+            generator.append_tokens(batch)
+            while live and not generator.is_done():
+                generator.generate_next_token()
+                tokens = generator.get_next_tokens()
+                now = time.perf_counter()
+                for row, i in enumerate(order):
+                    state = live.get(i)
+                    if state is None:
+                        continue
+                    if state["stop"] is not None and state["stop"].is_set():
+                        yield from finish(i, "stopped")
+                        continue
+                    token = int(tokens[row])
+                    state["sampled"] += 1
+                    state["last"] = now
+                    state["first"] = state["first"] or now
+                    if token in self.stop_ids:
+                        yield from finish(i, "eos")
+                        continue
+                    state["ids"].append(token)
+                    piece = state["detok"].push(token)
+                    if piece:
+                        yield i, ChatEvent("text", piece)
+                    if len(state["ids"]) >= state["settings"].max_new_tokens:
+                        yield from finish(i, "length")
+            for i in list(live):
+                yield from finish(i, "length")
         finally:
             del generator
 

@@ -231,3 +231,33 @@ def test_onnx_replies_run_off_the_pytorch_thread(base_dir, tmp_path_factory, wor
     assert onnx_threads and len(set(onnx_threads)) == 1 and len(torch_threads) == 1
     assert set(onnx_threads) != torch_threads
     assert onnx_text == torch_text  # the fp32 export makes the same greedy choices
+
+
+def test_queued_onnx_greedy_replies_share_one_batch(base_dir, tmp_path_factory):
+    run_dir = shared_adapter_run(tmp_path_factory.getbasetemp(), base_dir)
+    export.export_onnx(run_dir, "fp32")  # reused when another test file made it
+    short = GenerationSettings(greedy=True, max_new_tokens=3)
+    asks = [(q, GREEDY) for q, _ in CHATS] + [(CHATS[0][0], short)]
+
+    def request(question, settings):
+        return ChatRequest(run_dir, "onnx", [{"role": "user", "content": question}], settings, precision="fp32")
+
+    alone = Scheduler(share_cpu=True, max_batch=1)
+    singles = [reply(alone.submit(request(q, s))) for q, s in asks]
+    sched = Scheduler(share_cpu=True)
+    held, release = hold(sched)  # the requests queue up behind it
+    streams = [sched.submit(request(q, s)) for q, s in asks]
+    sampled = sched.submit(request(CHATS[1][0], GenerationSettings(temperature=0.8, seed=1, max_new_tokens=5)))
+    abandoned = sched.submit(request(CHATS[2][0], GREEDY))
+    release.set()
+    assert list(held) == ["released"]
+    assert any(event.kind == "text" for event in abandoned)  # it has started, in the batch
+    abandoned.close()  # then its reader leaves
+    batched = [reply(s) for s in streams]
+    assert [(text, stats.finish_reason) for _, text, stats in batched] == [
+        (text, stats.finish_reason) for _, text, stats in singles
+    ]
+    assert {stats.decoder for _, _, stats in batched} == {"batch of 5"}
+    assert singles[-1][2].finish_reason == "length" and singles[-1][2].new_tokens == 3
+    assert reply(sampled)[2].decoder != "batch of 5"  # sampled: alone
+    assert sched.call(scheduler.ONNX, lambda: "free") == "free"  # nothing left pending

@@ -14,6 +14,9 @@ A shared app: with a login (--auth, or "Sign in with Hugging Face" in a Space wh
 has ``hf_oauth: true``) or TUNELAB_MULTI_USER=1, each person has their own runs directory
 and nobody reaches another's runs, uploads or downloads through the page or Gradio's file
 route (see webui.common.AppContext). TUNELAB_DEMO=1 adds the public demo's limits.
+
+``--api`` also serves the runs' models over the OpenAI-compatible API of engine.serve at /v1
+(added to Gradio's own server as a route; see :func:`build_api`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import os
 import sys
 
+from engine.config import CHAT_CONCURRENCY, SERVE_API_KEY_ENV
 from webui.common import AppContext, launch_and_serve, launch_kwargs
 
 TAB_IDS = ("data", "train", "playground", "export", "runs")
@@ -50,8 +54,15 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument(
         "--chat-concurrency",
         type=int,
-        default=4,
-        help="Chat requests served at the same time, all users together (default 4).",
+        default=CHAT_CONCURRENCY,
+        help=f"Chat requests served at the same time, all users together (default {CHAT_CONCURRENCY}); "
+        "with --api, the API has as many slots of its own.",
+    )
+    parser.add_argument(
+        "--api",
+        action="store_true",
+        help="Also serve the runs' models over an OpenAI-compatible API at /v1 (see `tunelab serve`). "
+        f"Key: ${SERVE_API_KEY_ENV}; with a login or on a Space, each person creates their own on the Playground.",
     )
 
 
@@ -67,6 +78,37 @@ def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
             raise ValueError(f"--auth expects user:password (several separated by commas), got {item!r}")
         pairs.append((user, password))
     return pairs
+
+
+def build_api(ctx: AppContext):
+    """The API of ``tunelab ui --api`` (engine.serve.Api): the runs of the caller's runs
+    directory. With a login or a Space, keys are per person (created on the Playground) and
+    always required; otherwise the one key in $TUNELAB_API_KEY, if set."""
+    from engine import serve
+    from engine.security import user_dir
+
+    if ctx.multi_user or ctx.auth or ctx.oauth:
+        keys = serve.UserKeys(ctx.runs_dir / ".api-keys.json")
+    else:
+        keys = serve.StaticKey(os.environ.get(SERVE_API_KEY_ENV, "").strip() or None)
+
+    def runs_dir_of(user):
+        if not ctx.multi_user:
+            return ctx.runs_dir
+        return user_dir(ctx.runs_dir, user, True) if user else None
+
+    return serve.Api(serve.RunsCatalog(runs_dir_of), keys, concurrency=ctx.chat_concurrency)
+
+
+def api_routes(ctx: AppContext) -> list:
+    """The routes to add to the app's server: the API mounted at /v1 (none without --api)."""
+    if ctx.api is None:
+        return []
+    from starlette.routing import Mount
+
+    from engine import serve
+
+    return [Mount("/v1", app=serve.create_app(ctx.api))]
 
 
 def build_app(ctx: AppContext):
@@ -141,6 +183,8 @@ def run_cli(args) -> int:
         chat_concurrency=max(1, args.chat_concurrency),
         auth=bool(auth),
     )
+    if args.api:
+        ctx.api = build_api(ctx)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=8)
     how = []
@@ -148,6 +192,8 @@ def run_cli(args) -> int:
         how.append("one runs directory per user")
     if ctx.oauth:
         how.append("Sign in with Hugging Face")
+    if ctx.api is not None:
+        how.append(f"OpenAI-compatible API at http://{host}:{port}/v1")
     print(
         f"tunelab: runs in {ctx.runs_dir}{' (' + ', '.join(how) + ')' if how else ''}; open http://{host}:{port}",
         flush=True,
@@ -159,6 +205,7 @@ def run_cli(args) -> int:
         share=args.share,
         auth=auth,
         auth_message="tunelab: log in" if auth else None,
+        app_kwargs={"routes": api_routes(ctx)},
         **launch_kwargs(ctx),
     )
     return 0

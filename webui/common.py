@@ -82,6 +82,8 @@ class AppContext:
     # Several people on one app: each user sees only their own runs. None = decide:
     # TUNELAB_MULTI_USER when it is set, else on whenever a login (auth or OAuth) exists.
     multi_user: bool | None = None
+    # The OpenAI-compatible API served at /v1 (engine.serve.Api), with --api.
+    api: object | None = None
 
     def __post_init__(self):
         self.runs_dir = Path(self.runs_dir).expanduser().resolve()

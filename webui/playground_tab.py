@@ -28,6 +28,7 @@ from typing import Any
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
 from engine import security
+from webui import api_panel
 from webui.common import (
     AppContext,
     engine_errors,
@@ -205,6 +206,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         clear_btn = gr.Button("Clear", elem_id="play-clear")
         example_btn = gr.Button("Try a validation example", elem_id="play-example")
     reference = gr.Markdown("", elem_id="play-reference")
+    api_panel.build(ctx, run, onnx_precision)
     pending = gr.State("")  # the prompt being answered (so the textbox can be cleared at once)
     rng_state = gr.State(None)
 
