@@ -104,13 +104,17 @@ def formula(config, model_dir: Path, precision: str, seq_len: int, n_examples: i
     return {"peak_bytes": int(est.total), "parts": est.to_dict(), "seconds": round(seconds, 1), "seq_len": seq_len}
 
 
-def run(config, run_dir: Path) -> dict:
-    """The probe (engine.train's ``--probe``): returns a summary like engine.train.train's."""
+def run(config, run_dir: Path, trainer_kit) -> dict:
+    """The probe (engine.train's ``--probe``): returns a summary like engine.train.train's.
+
+    ``trainer_kit`` is engine.train itself (its build_trainer, say, world_size,
+    is_main_process, TrainingDataError), handed over by its caller so that this module,
+    which engine.launch reads reports from, never imports the trainer."""
     import torch
 
-    from engine import train
     from engine.data import load_for_training
 
+    train = trainer_kit
     run_dir = Path(run_dir)
     before = rss_bytes()
     if torch.cuda.is_available():

@@ -933,7 +933,7 @@ def main(argv=None) -> int:
         if args.probe:
             from engine import probe
 
-            summary = probe.run(config, run_dir)
+            summary = probe.run(config, run_dir, sys.modules[__name__])
         else:
             summary = train(config, run_dir)
         # The work is saved: a late or repeated stop request must not turn this clean exit
