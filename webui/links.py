@@ -31,6 +31,7 @@ class DataChoice:
     val: int
     mean_tokens: int | None = None  # per record, with the model's template
     placeholders: list[str] = field(default_factory=list)  # {{names}} nothing fills
+    stages: tuple[str, ...] = ("sft",)  # the training stages it can train (engine.data.trainable_stages)
 
 
 @dataclass
