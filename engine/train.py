@@ -765,6 +765,78 @@ def trainer_class():
     return TunelabSFTTrainer
 
 
+_SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def use_label_positions_head(model) -> bool:
+    """Make DPO's and KTO's log-probabilities on the CPU cost only the answer tokens.
+
+    TRL 1.16 patches the model with a fused LM head (``fused_lm_head=True`` returns per-token
+    log-probabilities). Off Triton devices it projects *every* position, prompt and padding
+    included, through the 49k-column vocabulary in tiles: on SmolLM2 with 512-token pairs that
+    head was most of a DPO step on this CPU. Here, on the CPU, the labelled positions alone
+    are projected (one ``log_softmax`` over them) and the fields TRL reads (log_probs,
+    entropy, mean_logits, is_top1, log_sum_sq_probs) are scattered back: the same values, the
+    same gradients (tests/test_preference.py compares them with TRL's). Models that scale or
+    soft-cap their logits, and batches whose labelled logits would pass LABEL_LOGITS_LIMIT,
+    take TRL's path. Returns whether the head was installed."""
+    import types
+
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    text_config = model.config.get_text_config()
+    if any(getattr(text_config, name, None) not in (None, 1.0) for name in _SCALED_LOGITS):
+        return False
+    if next(model.parameters()).device.type != "cpu":
+        return False
+    trl_forward = model.forward  # TRL's fused forward (or the model's own)
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        lm_head = self.get_output_embeddings()
+        eligible = fused_lm_head and labels is not None and shift_labels is None
+        if eligible:
+            mask = labels[:, 1:] != -100
+            eligible = 0 < int(mask.sum()) * lm_head.weight.shape[0] <= LABEL_LOGITS_LIMIT
+        if not eligible or kwargs.get("output_router_logits"):
+            return trl_forward(
+                *args,
+                fused_lm_head=fused_lm_head,
+                labels=labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:][mask]
+        logits = lm_head(hidden[mask]).float()  # [labelled positions, vocab]
+        logp = torch.log_softmax(logits, -1)
+        picked = logp.gather(-1, targets[:, None])[:, 0]
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+            fields = (entropy, torch.logsumexp(2 * logp, -1), logits.mean(-1), logits.argmax(-1) == targets)
+
+        def scatter(values):
+            return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+        entropy, log_sum_sq, mean_logits, is_top1 = (scatter(v) for v in fields)
+        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-picked.sum() / denominator,
+            log_probs=scatter(picked),
+            entropy=entropy,
+            log_sum_sq_probs=log_sum_sq,
+            mean_logits=mean_logits,
+            is_top1=is_top1,
+            label_mask=mask,
+            aux_loss=None,
+        )
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
 def preference_trainer_class(stage: str, loss: str):
     """TRL's trainer for a preference stage, taking the data tokenized by
     :func:`tokenize_preferences` (prompts and answers rendered by engine.templates, not by
@@ -946,6 +1018,12 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
             if param.requires_grad and param.dtype == torch.bfloat16:
                 param.data = param.data.float()
     use_cheap_dropout(trainer.model)
+    if stage in ("dpo", "kto"):
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        for model_ in (base, getattr(trainer, "ref_model", None)):
+            if hasattr(model_, "get_output_embeddings") and use_label_positions_head(model_):
+                say(f"log-probabilities of the answer tokens only ({type(model_).__name__})")
     if len(trainer.train_dataset) == 0:
         raise TrainingDataError(
             f"no training example keeps any {'assistant ' if assistant_only else ''}token within "

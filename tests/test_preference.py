@@ -129,6 +129,39 @@ def test_kto_and_orpo_complete_and_write_their_metrics(stage, loss, keys, tiny_m
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_label_positions_head_equals_trls_fused_head(tiny_model_dir):
+    """The CPU head projects only the labelled positions; values and gradients are TRL's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    add_fused_lm_head(theirs, outputs=outputs)
+    add_fused_lm_head(ours, outputs=outputs)
+    assert train.use_label_positions_head(ours)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (4, 20))
+    attention = torch.ones_like(ids)
+    attention[2:, 15:] = 0  # padded rows
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :8] = -100  # the prompts
+    results = []
+    for model in (theirs, ours):
+        out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() * 0.5).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (a, grads_a), (b, grads_b) = results
+    for name in ("loss", "log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-4, rtol=1e-4), name
+    assert torch.equal(a.is_top1, b.is_top1) and torch.equal(a.label_mask, b.label_mask)
+    assert set(grads_a) == set(grads_b)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4), name
+
+
 def _completed(run_dir: Path, state: str = "completed") -> Path:
     runs.update_status(run_dir, state=state)
     return run_dir
@@ -182,3 +215,48 @@ def test_dpo_continues_an_sft_adapter_and_refuses_the_wrong_ones(tiny_model_dir,
     # method full cannot continue an adapter
     with pytest.raises(ConfigError, match="method full"):
         train.start_adapter(config.with_values({"method.name": "full"}), model_dir)
+
+
+@pytest.mark.integration
+def test_dpo_on_the_public_demo_pairs_through_the_cli(shared_datasets, embedded_dir, tmp_path):
+    """dpo_en_demo.json (ShareGPT conversations + chosen + rejected) trains 3 DPO steps on the
+    embedded model at max length 512, batch 2, through `tunelab train` and the example config."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    command = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "train",
+        "--config",
+        str(repo / "assets/configs/cpu-dpo.yaml"),
+        "--set",
+        f"data.path={shared_datasets / 'dpo_en_demo.json'}",
+        "--set",
+        "data.validation_split=0",
+        "--set",
+        "training.max_steps=3",
+        "--set",
+        "training.batch_size=2",
+        "--set",
+        f"output.runs_dir={tmp_path}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    out = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    status = runs.read_status(run_dir)
+    assert status["state"] == "completed" and status["stage"] == "dpo"
+    rows = runs.read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(isinstance(r["rewards_margins"], float) and r["tokens"] > 0 for r in rows)
+    data = runs.read_json(run_dir / runs.DATA_FILE)
+    assert data["format"] == "preference" and data["usable"] == 300 and data["stage"] == "dpo"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    print(
+        f"\nembedded DPO on dpo_en_demo: {rows[-1]['elapsed_s']} s for 3 steps, "
+        f"tokens/s {[r['tokens_per_second'] for r in rows]}, memory peak {rows[-1]['memory_peak_mb']} MB"
+    )
