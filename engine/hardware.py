@@ -273,10 +273,11 @@ class MemoryEstimate:
     optimizer: float
     activations: float
     trainable_params: int
+    reference: float = 0.0  # a frozen reference copy of the model (dpo/kto with method full)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.reference
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -294,8 +295,16 @@ def estimate_memory(
     zero_stage: int = 0,
     num_devices: int = 1,
     gradient_checkpointing: bool = False,
+    stage: str = "sft",
+    precompute_reference: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes on one device for a training step (a planning estimate, not a promise).
+
+    Preference stages (``stage`` dpo, kto, orpo) run the chosen and the rejected answer of
+    each pair: twice the sequences. dpo and kto with method ``full`` keep a frozen reference
+    copy of the weights (``reference``) unless ``precompute_reference`` computes its
+    log-probabilities once before training; adapters need no copy (the reference is the
+    model with the adapter switched off), and orpo has no reference.
 
     Weights at the compute precision (4-bit NF4 for QLoRA's frozen linears), gradients for
     trainable parameters, AdamW's two fp32 moments (plus an fp32 master copy for full
@@ -323,7 +332,10 @@ def estimate_memory(
         weights += trainable * 4
         grads = trainable * 4
         optimizer = trainable * 8
-    tokens = batch_size * seq_len
+    tokens = batch_size * seq_len * (2 if stage in ("dpo", "kto", "orpo") else 1)
+    reference = 0.0
+    if stage in ("dpo", "kto") and method == "full" and not precompute_reference:
+        reference = shape.params * b
     per_token_layer = shape.hidden * 34 + 5 * shape.heads * seq_len
     if gradient_checkpointing:
         per_token_layer = shape.hidden * 2 * 2
@@ -338,7 +350,8 @@ def estimate_memory(
         optimizer /= num_devices
     if zero_stage == 3 and num_devices > 1:
         weights /= num_devices
-    return MemoryEstimate(weights, grads, optimizer, activations, int(trainable))
+        reference /= num_devices
+    return MemoryEstimate(weights, grads, optimizer, activations, int(trainable), reference)
 
 
 def peak_flops(profile: HardwareProfile) -> float:
@@ -412,6 +425,7 @@ class Recommendation:
             "| method | trainable params | weights | grads | optimizer | activations | est. peak | est. time |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        reference = self.memory.get("full") and self.memory["full"].reference
         for method, est in self.memory.items():
             fits = "" if self.fits(method) else " (does not fit)"
             rows.append(
@@ -420,6 +434,8 @@ class Recommendation:
                 f"{fmt_bytes(est.activations)} | "
                 f"{fmt_bytes(est.total)}{fits} | {_duration(self.seconds[method])} |"
             )
+        if reference:
+            rows.append(f"\nfull includes a frozen reference copy of the model: {fmt_bytes(reference)}.")
         return "\n".join(rows)
 
 
@@ -440,12 +456,16 @@ def recommend(
     mean_tokens: int | None = None,
     num_epochs: float = 1.0,
     lora_r: int = 16,
+    training_stage: str = "sft",
+    precompute_reference: bool = False,
 ) -> Recommendation:
     """A training plan for ``model`` on ``profile`` with a reason for each choice.
 
     ``method`` None lets the plan choose; a given method is kept and only the rest is fitted
     to it (with a warning reason when it does not fit). ``mean_tokens`` is the average
     example length, when the data has been inspected (else half of ``max_length``).
+    ``training_stage`` (engine.config.STAGES) and ``precompute_reference`` size a preference
+    stage: two answers per example and, for a full fine-tune, its reference copy.
     """
     shape = model if isinstance(model, ModelShape) else ModelShape.from_dir(model)
     reasons: dict[str, str] = {}
@@ -456,7 +476,9 @@ def recommend(
     tokens = num_examples * (mean_tokens or max_length / 2) * num_epochs
 
     def mem(m: str, batch: int = 1, stage: int = 0, ckpt: bool = False) -> MemoryEstimate:
-        return estimate_memory(shape, m, precision, batch, seq, lora_r, stage, n_dev, ckpt)
+        return estimate_memory(
+            shape, m, precision, batch, seq, lora_r, stage, n_dev, ckpt, training_stage, precompute_reference
+        )
 
     # Method: LoRA unless it does not fit; QLoRA when only 4-bit weights fit.
     if method is None:
@@ -546,6 +568,17 @@ def recommend(
     )
 
     memory = {m: mem(m, batch, stage, ckpt) for m in ("lora", "qlora", "dora", "full")}
+    if training_stage in ("dpo", "kto"):
+        reasons["reference"] = (
+            f"{training_stage.upper()} compares with a reference model: with an adapter it is the model with the "
+            "adapter switched off (no copy); a full fine-tune "
+            + (
+                "uses reference log-probabilities computed once before training (no copy)."
+                if precompute_reference
+                else f"keeps a frozen copy ({fmt_bytes(memory['full'].reference)}, in the full estimate); "
+                "training.precompute_reference avoids it."
+            )
+        )
     seconds = {m: estimate_seconds(shape, m, tokens, profile, nproc) for m in memory}
     return Recommendation(
         precision=precision,

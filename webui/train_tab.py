@@ -120,7 +120,9 @@ def recommendation_for(model_ref: str, method: str | None, dataset: DataChoice |
     n = dataset.train if dataset else ESTIMATE_EXAMPLES
     max_length = (dataset.config if dataset else DataConfig()).max_length
     mean = dataset.mean_tokens if dataset else None
-    return hardware.recommend(hardware_profile(), shape, method, n, max_length, mean)
+    # preference data trains a preference stage (its first: dpo, or kto for unpaired data)
+    stage = dataset.stages[0] if dataset else "sft"
+    return hardware.recommend(hardware_profile(), shape, method, n, max_length, mean, training_stage=stage)
 
 
 def catalog_choices() -> list[tuple[str, str]]:
