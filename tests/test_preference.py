@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import runs, templates, train
+from engine import hub, runs, templates, train
 from engine.config import ConfigError, RunConfig
 
 PAIRS = [{"prompt": f"Word {i}?", "chosen": "Zebra.", "rejected": "Lion, perhaps."} for i in range(12)]
@@ -86,6 +86,10 @@ def test_dpo_raises_the_margin_and_the_chosen_over_rejected_gap(tiny_model_dir, 
     assert evaluation["tuned"]["rewards_margins"] > 0  # held out: the 3 validation pairs
     assert runs.read_json(run_dir / runs.DATA_FILE)["stage"] == "dpo"
     assert not (run_dir / "adapter" / "ref").exists()  # the reference copy is not saved
+    card = hub.model_card(run_dir)
+    assert "- stage: DPO (TRL), loss sigmoid, beta 0.1; reference: the base model with the adapter" in card
+    assert "| stage | DPO on preference data (prompt, chosen and rejected answers) |" in card
+    assert "| rewards_margins |" in card and "- dpo\n" in card  # a tag
 
     # On its pairs (9 trained on, 3 held out), the tuned model prefers chosen over rejected by more than the base does.
     model = summary["trainer"].accelerator.unwrap_model(summary["trainer"].model).eval()
