@@ -264,3 +264,24 @@ def test_dpo_on_the_public_demo_pairs_through_the_cli(shared_datasets, embedded_
         f"\nembedded DPO on dpo_en_demo: {rows[-1]['elapsed_s']} s for 3 steps, "
         f"tokens/s {[r['tokens_per_second'] for r in rows]}, memory peak {rows[-1]['memory_peak_mb']} MB"
     )
+
+
+def test_a_dpo_run_resumes_and_its_adapter_loads_alone(tiny_model_dir, tmp_path):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = pref_config(
+        tiny_model_dir, data, tmp_path / "runs", data={"validation_split": 0}, training={"save_steps": 2}
+    )
+    run_dir = runs.create_run(config)
+    train.train(config, run_dir)
+    assert (run_dir / "checkpoints" / "checkpoint-2").is_dir()
+    summary = train.train(config.with_overrides(["training.resume=true", "training.max_steps=3"]), run_dir)
+    assert summary["global_step"] == 3
+    rows = runs.read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3] and isinstance(rows[-1]["rewards_margins"], float)
+    model = AutoPeftModelForCausalLM.from_pretrained(run_dir / "adapter")
+    assert list(model.peft_config) == ["default"]  # the reference copy is not in the result
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
