@@ -1,8 +1,9 @@
 """The training entry point: ``python -m engine.train --config run.yaml [--run-dir DIR]``.
 
 It reads like a recipe, top to bottom: load the config -> the data -> the model -> the
-trainer (TRL's ``SFTTrainer``, PEFT for the adapter methods) -> train -> save -> evaluate
-base against tuned. The helpers come first, the recipe (:func:`train`) and :func:`main`
+trainer (TRL's ``SFTTrainer``, or for ``training.stage`` dpo, kto, orpo TRL's ``DPOTrainer``,
+``KTOTrainer``, ``ORPOTrainer``/``CPOTrainer``; PEFT for the adapter methods) -> train ->
+save -> evaluate base against tuned (or the held-out rewards). The helpers come first, the recipe (:func:`train`) and :func:`main`
 last.
 
 It writes the run directory (see engine.runs): status.json (its own progress and end),
