@@ -3,8 +3,8 @@
 It reads like a recipe, top to bottom: load the config -> the data -> the model -> the
 trainer (TRL's ``SFTTrainer``, or for ``training.stage`` dpo, kto, orpo TRL's ``DPOTrainer``,
 ``KTOTrainer``, ``ORPOTrainer``/``CPOTrainer``; PEFT for the adapter methods) -> train ->
-save -> evaluate base against tuned (or the held-out rewards). The helpers come first, the recipe (:func:`train`) and :func:`main`
-last.
+save -> evaluate base against tuned (or the held-out rewards). The helpers come first, the
+recipe (:func:`train`) and :func:`main` last.
 
 It writes the run directory (see engine.runs): status.json (its own progress and end),
 metrics.jsonl (one line per logging step, appended and flushed), checkpoints/, adapter/

@@ -178,7 +178,6 @@ class FirstWeights(train.TrainerCallback):
 
 def test_dpo_continues_an_sft_adapter_and_refuses_the_wrong_ones(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
-
     from tiny_runs import make_adapter_run, make_full_run
 
     runs_dir = tmp_path / "runs"
