@@ -333,7 +333,9 @@ def test_dpo_on_the_public_demo_pairs_in_the_browser(app, page, shared_datasets)
     url, runs_dir = app
     _open(page, url)
     _set_number(page, "data-max-length", 512)
-    _set_number(page, "data-split", 0)
+    split = page.locator("#data-split input[type=number]")  # a slider with a number box
+    split.fill("0")
+    split.press("Tab")
     _upload(page, shared_datasets / "dpo_en_demo.json")
     summary = page.locator("#data-summary")
     summary.get_by_text("Trains stage:").wait_for(timeout=120_000)
