@@ -22,6 +22,12 @@ def _train(argv: list[str]) -> int:
     return bench_train.main(argv)
 
 
+def _dpo(argv: list[str]) -> int:
+    from bench import bench_dpo
+
+    return bench_dpo.main(argv)
+
+
 def _inference(argv: list[str]) -> int:
     from bench import bench_inference
 
@@ -37,6 +43,7 @@ def _serve(argv: list[str]) -> int:
 # section -> (what it measures, its entry point, the result tables it writes)
 SECTIONS = {
     "train": ("training speed and loss: tunelab vs the TRL script", _train, ("train.md",)),
+    "dpo": ("DPO speed and reward accuracy: tunelab vs a plain TRL DPOTrainer script", _dpo, ("dpo.md",)),
     "inference": (
         "decode speed, time to first token and export agreement of every chat backend",
         _inference,

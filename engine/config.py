@@ -19,14 +19,28 @@ import yaml
 METHODS = ("lora", "qlora", "dora", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEEPSPEED_STAGES = ("none", "zero2", "zero3")
-DATA_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "qa", "preference")
+DATA_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "qa", "preference", "unpaired")
 ON_ERROR = ("skip", "stop")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # Experiment trackers, through transformers' integrations (engine/tracking.py says where each writes).
 TRACKERS = ("trackio", "tensorboard", "mlflow", "wandb")
+# Training stages: supervised fine-tuning, then preference tuning on TRL's trainers (DPOTrainer,
+# KTOTrainer, and ORPOTrainer / CPOTrainer from trl.experimental).
+STAGES = ("sft", "dpo", "kto", "orpo")
+# The losses of each stage, the first its default. orpo's "simpo" is CPOConfig(loss_type="simpo",
+# cpo_alpha=0.0), the reference-free choice; "cpo" is CPO's sigmoid loss with its NLL term.
+STAGE_LOSSES = {
+    "sft": ("nll",),
+    "dpo": ("sigmoid", "ipo", "robust", "hinge", "apo_zero", "apo_down", "sppo_hard", "nca_pair", "bco_pair"),
+    "kto": ("kto", "apo_zero_unpaired"),
+    "orpo": ("orpo", "simpo", "cpo"),
+}
+LOSS_TYPES = ("auto",) + tuple(dict.fromkeys(loss for losses in STAGE_LOSSES.values() for loss in losses))
 
 # Learning rates that work for each method (adapters tolerate much larger steps).
 DEFAULT_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "full": 2e-5}
+# Preference stages take smaller steps (DPO recipes use 5e-6..5e-7 full, ~5e-5 LoRA).
+PREFERENCE_LR_FACTOR = 0.25
 
 # Serving (`tunelab ui`, `tunelab serve`, engine.serve): replies generated at the same time,
 # all users together (the playground's and, separately, the API's), and what the API adds.
@@ -92,10 +106,20 @@ class ModelConfig:
             "lines": 2,
         },
     )
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue from the adapter of a finished run (its folder, or its name in output.runs_dir) "
+            "trained on the same base: the usual recipe is SFT, then DPO. Empty: a fresh adapter.",
+            "label": "Start from the adapter of run (optional)",
+        },
+    )
 
     def __post_init__(self):
         if not str(self.name_or_path).strip():
             raise ConfigError("model.name_or_path", "must not be empty")
+        if self.adapter is not None and not str(self.adapter).strip():
+            self.adapter = None
 
 
 @dataclass
@@ -185,6 +209,44 @@ class MethodConfig:
 
 @dataclass
 class TrainingConfig:
+    stage: str = field(
+        default="sft",
+        metadata={
+            "help": "sft (chat data), or preference tuning: dpo (chosen/rejected pairs), kto (pairs, or "
+            "prompt/completion/label records), orpo (pairs; no reference model).",
+            "label": "Stage",
+            "choices": STAGES,
+        },
+    )
+    loss_type: str = field(
+        default="auto",
+        metadata={
+            "help": "The stage's loss; auto = its standard one. "
+            + "; ".join(f"{stage}: {', '.join(losses)}" for stage, losses in STAGE_LOSSES.items())
+            + ".",
+            "label": "Loss (auto = the stage's own)",
+            "choices": LOSS_TYPES,
+        },
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "Preference stages: how far the model may move from the reference (DPO/KTO beta; ORPO's "
+            "odds-ratio weight lambda; SimPO's reward scale).",
+            "label": "Beta (preference stages)",
+            "minimum": 0,
+            "step": 0.01,
+        },
+    )
+    precompute_reference: bool = field(
+        default=False,
+        metadata={
+            "help": "dpo/kto with method full: compute the reference model's log-probabilities once before "
+            "training instead of keeping a reference copy of the model in memory (adapters need neither: "
+            "their reference is the base with the adapter off).",
+            "label": "Precompute reference log-probs (full)",
+        },
+    )
     num_epochs: float = field(
         default=1.0,
         metadata={"help": "Passes over the training split.", "label": "Epochs (passes)", "minimum": 0.01, "step": 0.5},
@@ -200,7 +262,8 @@ class TrainingConfig:
     learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "Peak learning rate; empty (0 in the app) picks the method's default (LoRA 2e-4, full 2e-5).",
+            "help": "Peak learning rate; empty (0 in the app) picks the method's default (LoRA 2e-4, full 2e-5; "
+            "a quarter of that for preference stages).",
             "label": "Learning rate (0 = the method's default)",
             "minimum": 0,
             "step": 1e-5,
@@ -286,6 +349,15 @@ class TrainingConfig:
     )
 
     def __post_init__(self):
+        _choice("training.stage", self.stage, STAGES)
+        _choice("training.loss_type", self.loss_type, LOSS_TYPES)
+        if self.loss_type != "auto" and self.loss_type not in STAGE_LOSSES[self.stage]:
+            raise ConfigError(
+                "training.loss_type",
+                f"{self.loss_type!r} is not a loss of stage {self.stage}; "
+                f"choose auto or one of {', '.join(STAGE_LOSSES[self.stage])}",
+            )
+        _positive("training.beta", self.beta)
         _positive("training.num_epochs", self.num_epochs)
         if self.max_steps != -1:
             _positive("training.max_steps", self.max_steps)
@@ -376,8 +448,16 @@ class RunConfig:
 
     @property
     def learning_rate(self) -> float:
-        """The configured learning rate, or the method's default."""
-        return self.training.learning_rate or DEFAULT_LEARNING_RATE[self.method.name]
+        """The configured learning rate, or the method's default (a quarter of it for preference stages)."""
+        if self.training.learning_rate:
+            return self.training.learning_rate
+        return DEFAULT_LEARNING_RATE[self.method.name] * (1.0 if self.training.stage == "sft" else PREFERENCE_LR_FACTOR)
+
+    @property
+    def loss_type(self) -> str:
+        """The stage's loss: the configured one, or the stage's standard one for auto."""
+        loss = self.training.loss_type
+        return STAGE_LOSSES[self.training.stage][0] if loss == "auto" else loss
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

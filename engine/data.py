@@ -8,8 +8,9 @@ Every supported input ends up as a list of conversations, each a list of
   line ends; a directory written by ``datasets.Dataset.save_to_disk``; a Hub dataset id
   (``org/name``, through ``datasets.load_dataset``);
 * formats (detected per record, overridable): OpenAI ``messages``, ShareGPT
-  ``conversations``, Alpaca, question/answer pairs, and preference data
-  (``chosen``/``rejected``), which is recognised and refused for SFT;
+  ``conversations``, Alpaca, question/answer pairs, preference pairs
+  (``chosen``/``rejected``, for the dpo, kto and orpo stages) and unpaired preferences
+  (``prompt``/``completion``/``label``, for kto), which SFT refuses (:func:`trainable_stages`);
 * every problem is a :class:`Problem` naming the file, the record (``line`` for JSONL,
   ``record`` for arrays and datasets, ``row`` for CSV/TSV/Parquet, all 1-based) and the
   field; bad records are skipped and listed, or loading stops (``on_error``);
@@ -38,7 +39,20 @@ from typing import Any, Iterable
 
 from engine.util import dir_size, fmt_bytes, is_hub_id, load_tokenizer
 
-FORMATS = ("openai", "sharegpt", "alpaca", "qa", "preference")
+FORMATS = ("openai", "sharegpt", "alpaca", "qa", "preference", "unpaired")
+# The training stages (engine.config.STAGES) each format can train.
+STAGES_OF_FORMAT = {"preference": ("dpo", "kto", "orpo"), "unpaired": ("kto",)}
+# Values of an unpaired record's ``label`` (CSV cells and JSON alike): desirable or not.
+LABEL_VALUES = {
+    "true": True,
+    "1": True,
+    "yes": True,
+    "good": True,
+    "false": False,
+    "0": False,
+    "no": False,
+    "bad": False,
+}
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_MAX_BYTES = 1 << 30
 EXTENSIONS = {
@@ -159,7 +173,8 @@ class LoadResult:
 
     ``records`` holds the usable conversations. For preference data, ``records`` holds
     prompt + chosen answer (so it can be measured) and ``pairs`` the full
-    ``{"prompt", "chosen", "rejected"}`` triples.
+    ``{"prompt", "chosen", "rejected"}`` triples; for unpaired data, prompt + completion
+    and ``{"prompt", "completion", "label"}`` (label True = desirable).
     """
 
     path: str
@@ -178,7 +193,12 @@ class LoadResult:
 
     @property
     def is_preference(self) -> bool:
-        return self.format == "preference"
+        """Paired or unpaired preference data (not trainable as SFT)."""
+        return self.format in STAGES_OF_FORMAT
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return trainable_stages(self.format)
 
     def summary(self) -> dict:
         """A JSON-able description (for the CLI and the UI)."""
@@ -191,6 +211,7 @@ class LoadResult:
             "valid": len(self.records),
             "skipped": self.skipped,
             "counts": self.counts,
+            "stages": list(self.stages),
             "placeholders": self.placeholders,
             "placeholders_unfilled": self.unfilled,
             "warnings": self.warnings,
@@ -560,6 +581,8 @@ def _detect_format(obj: Any) -> str | None:
     keys = _lower_keys(obj)
     if "chosen" in keys and "rejected" in keys:
         return "preference"
+    if "label" in keys and "completion" in keys:
+        return "unpaired"
     if "messages" in keys:
         return "openai"
     if "conversations" in keys:
@@ -905,6 +928,32 @@ def _parse_preference(obj: dict, ctx: _Ctx) -> tuple[list[dict], dict] | None:
     return prompt + chosen, {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _parse_unpaired(obj: dict, ctx: _Ctx) -> tuple[list[dict], dict] | None:
+    """KTO's unpaired shape: a prompt, one completion and whether it is desirable."""
+    keys = _lower_keys(obj)
+    for k in ("prompt", "completion", "label"):
+        if k not in keys:
+            ctx.add(k, "is missing (unpaired preference data needs prompt, completion and label)")
+    if ctx.problems:
+        return None
+    prompt = _prompt_value(obj.get(keys["prompt"]), ctx, keys["prompt"])
+    completion = _answer_value(obj.get(keys["completion"]), ctx, keys["completion"])
+    value = obj.get(keys["label"])
+    label = value if isinstance(value, bool) else LABEL_VALUES.get(str(value).strip().lower())
+    if isinstance(value, float) and value in (0.0, 1.0):
+        label = bool(value)
+    if label is None:
+        ctx.add(keys["label"], f"must be true or false (desirable or not), got {value!r}")
+    if ctx.problems or prompt is None or completion is None:
+        return None
+    return prompt + completion, {"prompt": prompt, "completion": completion, "label": label}
+
+
+def trainable_stages(fmt: str) -> tuple[str, ...]:
+    """The training stages (engine.config.STAGES) data of format ``fmt`` can train."""
+    return STAGES_OF_FORMAT.get(fmt, ("sft",))
+
+
 def _keys(obj: Any) -> str:
     if not isinstance(obj, dict):
         return "(not an object)"
@@ -941,6 +990,7 @@ _FIELD_OF = {
     "alpaca": "conversation",
     "qa": "conversation",
     "preference": "prompt",
+    "unpaired": "prompt",
 }
 
 
@@ -1001,7 +1051,7 @@ def load_records(
             problems = _row_problems(source)
             raise DataError(
                 f"{label}: no record matches a known format (openai messages, sharegpt conversations, alpaca "
-                f"instruction/output, question/answer pairs, chosen/rejected){hint}",
+                f"instruction/output, question/answer pairs, chosen/rejected, prompt/completion/label){hint}",
                 problems,
             )
     else:
@@ -1029,7 +1079,9 @@ def load_records(
         if persona is not None or any("{{" in m["content"] for m in messages):
             messages = _fill_placeholders(messages, persona or {}, placeholders)
             if pair is not None:
-                pair = {k: _fill_placeholders(v, persona or {}, {}) for k, v in pair.items()}
+                pair = {
+                    k: _fill_placeholders(v, persona or {}, {}) if isinstance(v, list) else v for k, v in pair.items()
+                }
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}] + messages
             if pair is not None:
@@ -1100,8 +1152,8 @@ def _normalise(raw: _Raw, detected: str | None, chosen: str, auto: bool, ctx: _C
             ctx.add(None, f"is a record in {detected} format, unlike the rest of the file ({chosen})")
         return None, None
     pair = None
-    if chosen == "preference":
-        parsed = _parse_preference(raw.value, ctx)
+    if chosen in STAGES_OF_FORMAT:
+        parsed = (_parse_preference if chosen == "preference" else _parse_unpaired)(raw.value, ctx)
         messages, pair = parsed if parsed else (None, None)
     else:
         messages = _PARSERS[chosen](raw.value, ctx)
@@ -1151,10 +1203,13 @@ def split_records(records: list, validation_split: float, seed: int = 42) -> tup
     return train, val
 
 
-def load_for_training(data_config) -> tuple[LoadResult, list, list]:
-    """Load ``data_config`` (engine.config.DataConfig) for SFT: (result, train, validation).
+def load_for_training(data_config, stage: str = "sft") -> tuple[LoadResult, list, list]:
+    """Load ``data_config`` (engine.config.DataConfig) for training ``stage``: (result, train,
+    validation).
 
-    Refuses preference data, applies ``max_records`` (first N usable records), then splits.
+    Refuses data the stage cannot train (preference data for SFT, chat data for DPO, ...),
+    applies ``max_records`` (first N usable records), then splits. For SFT the items are
+    conversations; for the preference stages they are the ``pairs`` (see :class:`LoadResult`).
     """
     path = getattr(data_config, "path", "")
     if not str(path).strip():
@@ -1166,12 +1221,20 @@ def load_for_training(data_config) -> tuple[LoadResult, list, list]:
         persona=data_config.persona or None,
         system_prompt=data_config.system_prompt,
     )
-    if result.is_preference:
+    name = Path(str(path)).name
+    if stage not in result.stages:
+        if result.format == "preference":
+            what = f"preference data (chosen/rejected, {len(result.records)} pairs)"
+        elif result.format == "unpaired":
+            what = f"unpaired preference data (prompt/completion/label, {len(result.records)} records)"
+        else:
+            what = f"chat data ({result.format}, {len(result.records)} conversations)"
         raise DataError(
-            f"{Path(str(path)).name}: this is preference data (chosen/rejected, {len(result.records)} pairs); "
-            "preference data cannot be trained as SFT. Use a chat, Alpaca or question/answer dataset."
+            f"{name}: this is {what}, which trains stage {' or '.join(result.stages)}, not {stage}: set "
+            f"training.stage to {result.stages[0]}, or choose a dataset for {stage} "
+            f"({_STAGE_DATA.get(stage, 'a chat, Alpaca or question/answer dataset')})."
         )
-    records = result.records
+    records = result.pairs if result.is_preference else result.records
     if data_config.max_records:
         records = records[: data_config.max_records]
     train, val = split_records(records, data_config.validation_split, data_config.seed)
@@ -1181,6 +1244,13 @@ def load_for_training(data_config) -> tuple[LoadResult, list, list]:
 
 
 # --------------------------------------------------------------------------- token statistics
+
+
+_STAGE_DATA = {
+    "dpo": "prompt/chosen/rejected pairs",
+    "orpo": "prompt/chosen/rejected pairs",
+    "kto": "prompt/chosen/rejected pairs, or prompt/completion/label records",
+}
 
 
 def _percentile(sorted_values: list[int], q: float) -> float:
@@ -1463,7 +1533,10 @@ def inspect_file(
     report = result.summary()
     report["split"] = {"train": len(train), "validation": len(val), "seed": seed, "validation_split": validation_split}
     if result.is_preference:
-        report["note"] = "preference data (chosen/rejected): it can be inspected, but cannot be trained as SFT"
+        report["note"] = (
+            f"{'unpaired ' if result.format == 'unpaired' else ''}preference data: it trains stage "
+            f"{', '.join(result.stages)} (training.stage), not sft"
+        )
     if tokenizer is not None:
         report["tokens"] = token_stats(result.records, tokenizer, max_length)
     return result, report
@@ -1526,6 +1599,7 @@ def _format_report(report: dict, max_problems: int) -> str:
     lines = [
         f"File:     {report['path']} ({report['source']})",
         f"Format:   {report['format']} ({how})",
+        f"Stages:   {', '.join(report.get('stages', ['sft']))} (training.stage this file can train)",
         f"Records:  {report['total']} read, {report['valid']} usable, {report['skipped']} skipped",
         "Messages: "
         + ", ".join(f"{k} {v}" for k, v in counts["messages"].items())

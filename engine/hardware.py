@@ -273,10 +273,11 @@ class MemoryEstimate:
     optimizer: float
     activations: float
     trainable_params: int
+    reference: float = 0.0  # a frozen reference copy of the model (dpo/kto with method full)
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.reference
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -294,8 +295,16 @@ def estimate_memory(
     zero_stage: int = 0,
     num_devices: int = 1,
     gradient_checkpointing: bool = False,
+    stage: str = "sft",
+    precompute_reference: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes on one device for a training step (a planning estimate, not a promise).
+
+    Preference stages (``stage`` dpo, kto, orpo) run the chosen and the rejected answer of
+    each pair: twice the sequences. dpo and kto with method ``full`` keep a frozen reference
+    copy of the weights (``reference``) unless ``precompute_reference`` computes its
+    log-probabilities once before training; adapters need no copy (the reference is the
+    model with the adapter switched off), and orpo has no reference.
 
     Weights at the compute precision (4-bit NF4 for QLoRA's frozen linears), gradients for
     trainable parameters, AdamW's two fp32 moments (plus an fp32 master copy for full
@@ -323,7 +332,10 @@ def estimate_memory(
         weights += trainable * 4
         grads = trainable * 4
         optimizer = trainable * 8
-    tokens = batch_size * seq_len
+    tokens = batch_size * seq_len * (2 if stage in ("dpo", "kto", "orpo") else 1)
+    reference = 0.0
+    if stage in ("dpo", "kto") and method == "full" and not precompute_reference:
+        reference = shape.params * b
     per_token_layer = shape.hidden * 34 + 5 * shape.heads * seq_len
     if gradient_checkpointing:
         per_token_layer = shape.hidden * 2 * 2
@@ -338,7 +350,8 @@ def estimate_memory(
         optimizer /= num_devices
     if zero_stage == 3 and num_devices > 1:
         weights /= num_devices
-    return MemoryEstimate(weights, grads, optimizer, activations, int(trainable))
+        reference /= num_devices
+    return MemoryEstimate(weights, grads, optimizer, activations, int(trainable), reference)
 
 
 def peak_flops(profile: HardwareProfile) -> float:
@@ -417,6 +430,7 @@ class Recommendation:
             "| method | trainable params | weights | grads | optimizer | activations | est. peak | est. time |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        reference = self.memory.get("full") and self.memory["full"].reference
         for method, est in self.memory.items():
             fits = "" if self.fits(method) else " (does not fit)"
             rows.append(
@@ -425,6 +439,8 @@ class Recommendation:
                 f"{fmt_bytes(est.activations)} | "
                 f"{fmt_bytes(est.total)}{fits} | {_duration(self.seconds[method])} |"
             )
+        if reference:
+            rows.append(f"\nfull includes a frozen reference copy of the model: {fmt_bytes(reference)}.")
         return "\n".join(rows)
 
 
@@ -436,7 +452,7 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def schedule(params: int, num_examples: int, method: str) -> tuple[float, float, str]:
+def schedule(params: int, num_examples: int, method: str, stage: str = "sft") -> tuple[float, float, str]:
     """Epochs and peak learning rate for ``num_examples`` on a model of ``params`` weights,
     and why: what makes a newcomer's first run show that training worked.
 
@@ -459,6 +475,12 @@ def schedule(params: int, num_examples: int, method: str) -> tuple[float, float,
         lr = 2e-4
     else:
         lr = 1e-4
+    if stage != "sft":
+        # Preference tuning moves a model that already answers well: the stage's own default
+        # (engine.config: a quarter of the method's), whatever the size.
+        from engine.config import DEFAULT_LEARNING_RATE, PREFERENCE_LR_FACTOR
+
+        lr = DEFAULT_LEARNING_RATE[method] * PREFERENCE_LR_FACTOR
     size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M"
     why = (
         f"{num_examples} training examples on a {size}-parameter model: {epochs:g} "
@@ -466,7 +488,9 @@ def schedule(params: int, num_examples: int, method: str) -> tuple[float, float,
         + ("(a small dataset needs several passes to be learnt)" if epochs > 1 else "(enough data for one pass)")
         + f" at a peak learning rate of {lr:g} ("
         + (
-            "full fine-tuning takes small steps"
+            f"{stage.upper()} refines a model that already answers: small steps"
+            if stage != "sft"
+            else "full fine-tuning takes small steps"
             if method == "full"
             else "a small model takes large adapter steps"
             if params < 1e9
@@ -486,6 +510,8 @@ def recommend(
     mean_tokens: int | None = None,
     num_epochs: float | None = None,
     lora_r: int = 16,
+    training_stage: str = "sft",
+    precompute_reference: bool = False,
 ) -> Recommendation:
     """A training plan for ``model`` on ``profile`` with a reason for each choice.
 
@@ -493,6 +519,8 @@ def recommend(
     to it (with a warning reason when it does not fit). ``mean_tokens`` is the average
     example length, when the data has been inspected (else half of ``max_length``).
     ``num_epochs`` None lets the plan choose the epochs and learning rate (:func:`schedule`).
+    ``training_stage`` (engine.config.STAGES) and ``precompute_reference`` size a preference
+    stage: two answers per example and, for a full fine-tune, its reference copy.
     """
     shape = model if isinstance(model, ModelShape) else ModelShape.from_dir(model)
     reasons: dict[str, str] = {}
@@ -502,7 +530,9 @@ def recommend(
     seq = max_length
 
     def mem(m: str, batch: int = 1, stage: int = 0, ckpt: bool = False) -> MemoryEstimate:
-        return estimate_memory(shape, m, precision, batch, seq, lora_r, stage, n_dev, ckpt)
+        return estimate_memory(
+            shape, m, precision, batch, seq, lora_r, stage, n_dev, ckpt, training_stage, precompute_reference
+        )
 
     # Method: LoRA unless it does not fit; QLoRA when only 4-bit weights fit.
     if method is None:
@@ -591,11 +621,22 @@ def recommend(
         f"{batch * accum * nproc} examples per optimizer step, {steps_per_epoch} steps per epoch."
     )
 
-    epochs, lr, reasons["schedule"] = schedule(shape.params, num_examples, method)
+    epochs, lr, reasons["schedule"] = schedule(shape.params, num_examples, method, training_stage)
     if num_epochs is not None:
         epochs = num_epochs
     tokens = num_examples * (mean_tokens or max_length / 2) * epochs
     memory = {m: mem(m, batch, stage, ckpt) for m in ("lora", "qlora", "dora", "full")}
+    if training_stage in ("dpo", "kto"):
+        reasons["reference"] = (
+            f"{training_stage.upper()} compares with a reference model: with an adapter it is the model with the "
+            "adapter switched off (no copy); a full fine-tune "
+            + (
+                "uses reference log-probabilities computed once before training (no copy)."
+                if precompute_reference
+                else f"keeps a frozen copy ({fmt_bytes(memory['full'].reference)}, in the full estimate); "
+                "training.precompute_reference avoids it."
+            )
+        )
     seconds = {m: estimate_seconds(shape, m, tokens, profile, nproc) for m in memory}
     reasons["schedule"] += (
         f" About {math.ceil(steps_per_epoch * epochs)} optimizer steps, {_duration(seconds[method])} on this machine."

@@ -296,6 +296,8 @@ def _front_matter(facts: dict, artifact: str) -> str:
         meta["license"] = base["license"]
     meta["pipeline_tag"] = "text-generation"
     tags = ["tunelab", cfg.method.name]
+    if cfg.training.stage != "sft":
+        tags.append(cfg.training.stage)
     if artifact.startswith("onnx-"):
         tags += ["onnx", "onnxruntime-genai", artifact.split("-", 1)[1]]
     if artifact == "adapter":
@@ -322,6 +324,9 @@ def _data_section(facts: dict) -> list[str]:
     file_name = Path(cfg.data.path).name if cfg.data.path else "-"
     fmt = (counts or {}).get("format") or cfg.data.format
     rows = [("file", f"`{file_name}`"), ("format", fmt)]
+    if cfg.training.stage != "sft":
+        shape = "prompt, completion, label" if fmt == "unpaired" else "prompt, chosen and rejected answers"
+        rows.append(("stage", f"{STAGE_TITLES[cfg.training.stage]} on preference data ({shape})"))
     if counts:
         rows += [
             ("records", f"{counts['usable']:,} usable of {counts['total']:,} ({counts['skipped']:,} skipped)"),
@@ -348,6 +353,9 @@ def _data_section(facts: dict) -> list[str]:
     return lines + [""]
 
 
+STAGE_TITLES = {"sft": "SFT", "dpo": "DPO", "kto": "KTO", "orpo": "ORPO"}
+
+
 def _one_line(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -372,8 +380,18 @@ def _method_section(facts: dict) -> list[str]:
         ]
     else:
         lines.append("- full fine-tune: every weight trained")
-    loss_on = "assistant tokens only" if cfg.training.assistant_only_loss else "all tokens"
-    lines.append(f"- loss on {loss_on}{', packed sequences' if cfg.training.packing else ''}")
+    t = cfg.training
+    if t.stage != "sft":
+        lines.append(
+            f"- stage: {STAGE_TITLES[t.stage]} (TRL), loss {cfg.loss_type}, beta {t.beta:g}; reference: "
+            f"{facts['status'].get('reference') or 'see the run'}"
+        )
+        if cfg.model.adapter:
+            lines.append(f"- started from the adapter of run `{Path(cfg.model.adapter).name}` (SFT, then {t.stage})")
+        lines.append("- loss on the answer tokens (chosen and rejected)")
+    else:
+        loss_on = "assistant tokens only" if t.assistant_only_loss else "all tokens"
+        lines.append(f"- loss on {loss_on}{', packed sequences' if t.packing else ''}")
     d = cfg.distributed
     if d.num_processes > 1 or d.deepspeed != "none":
         lines.append(
@@ -430,7 +448,21 @@ def _results_section(facts: dict) -> list[str]:
             f"- validation loss during training: {_fmt(last_eval['eval_loss'])} at step {last_eval.get('step')}"
         )
     evaluation = facts["eval"]
-    if evaluation and (evaluation.get("base") or evaluation.get("tuned")):
+    if evaluation and evaluation.get("stage") and evaluation.get("tuned"):
+        tuned = evaluation["tuned"]
+        names = ("loss", "rewards_chosen", "rewards_rejected", "rewards_margins", "rewards_accuracies", "kl")
+        lines += [
+            "",
+            f"Validation split ({_fmt(evaluation.get('examples'))} examples, {evaluation['stage']} loss "
+            f"{evaluation.get('loss_type')}):",
+            "",
+            "| metric | tuned |",
+            "|---|---|",
+        ]
+        lines += [f"| {name} | {_fmt(tuned[name])} |" for name in names if name in tuned]
+        if evaluation.get("note"):
+            lines += ["", f"Note: {evaluation['note']}."]
+    elif evaluation and (evaluation.get("base") or evaluation.get("tuned")):
         base, tuned = evaluation.get("base") or {}, evaluation.get("tuned") or {}
         lines += [
             "",

@@ -305,6 +305,23 @@ def training_example(messages: list[dict], tokenizer, template: str) -> tuple[li
     return list(enc["input_ids"]), mask
 
 
+def preference_example(prompt: list[dict], answer: list[dict], tokenizer, template: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of one answer of a preference record (DPO, KTO, ORPO), by
+    the same rule as SFT: the text is the model's rendering of ``prompt + answer``; the
+    answer runs from where the prompt of its first assistant turn ends through the
+    end-of-turn token of its last, so the loss covers exactly the answer's trained tokens.
+    ``answer`` holds assistant turns only."""
+    full, spans = assistant_spans(prompt + answer, tokenizer, template)
+    answer_spans = spans[len(spans) - len(answer) :]
+    start, end = answer_spans[0][0], answer_spans[-1][1]
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    trained = [i for i, (a, _) in enumerate(enc["offset_mapping"]) if start <= a < end]
+    if not trained:
+        raise TemplateError(f"{template_name(template)} renders the answer as no token")
+    return ids[: trained[0]], ids[trained[0] : trained[-1] + 1]
+
+
 def turn_end_marker(tokenizer, template: str) -> str:
     """The end-of-turn marker an answer of this template ends with ("" when it writes
     none): found by rendering a one-turn conversation."""

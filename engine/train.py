@@ -1,9 +1,10 @@
 """The training entry point: ``python -m engine.train --config run.yaml [--run-dir DIR]``.
 
 It reads like a recipe, top to bottom: load the config -> the data -> the model -> the
-trainer (TRL's ``SFTTrainer``, PEFT for the adapter methods) -> train -> save -> evaluate
-base against tuned. The helpers come first, the recipe (:func:`train`) and :func:`main`
-last.
+trainer (TRL's ``SFTTrainer``, or for ``training.stage`` dpo, kto, orpo TRL's ``DPOTrainer``,
+``KTOTrainer``, ``ORPOTrainer``/``CPOTrainer``; PEFT for the adapter methods) -> train ->
+save -> evaluate base against tuned (or the held-out rewards). The helpers come first, the
+recipe (:func:`train`) and :func:`main` last.
 
 It writes the run directory (see engine.runs): status.json (its own progress and end),
 metrics.jsonl (one line per logging step, appended and flushed), checkpoints/, adapter/
@@ -240,6 +241,82 @@ def tokenize_conversations(
     return Dataset.from_dict(columns)
 
 
+def tokenize_preferences(items, tokenizer, template: str, stage: str, label: str, max_length: int | None = None):
+    """A ``datasets.Dataset`` of token ids for a preference stage, each answer rendered with
+    the model's own template (engine.templates.preference_example, the rule SFT trains by):
+
+    * dpo, orpo: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` per pair;
+    * kto: ``prompt_ids``, ``completion_ids``, ``label`` per answer (a pair gives its chosen
+      answer as desirable and its rejected one as undesirable).
+
+    ``items`` are engine.data pairs (``prompt``/``chosen``/``rejected``) or unpaired records
+    (``prompt``/``completion``/``label``). The prompt is kept whole and the answers are cut
+    to ``max_length`` tokens with it (TRL's ``keep_start``); a record whose prompt alone fills
+    ``max_length`` is left out and counted.
+    """
+    from datasets import Dataset
+
+    columns: dict[str, list] = {"prompt_ids": []}
+    if stage == "kto":
+        columns.update(completion_ids=[], label=[])
+    else:
+        columns.update(chosen_ids=[], rejected_ids=[])
+    refused, too_long = [], 0
+    for index, item in enumerate(items):
+        try:
+            if "completion" in item:
+                prompt_ids, answer = templates.preference_example(
+                    item["prompt"], item["completion"], tokenizer, template
+                )
+                answers = [(prompt_ids, answer, item["label"])]
+            else:
+                chosen_prompt, chosen = templates.preference_example(
+                    item["prompt"], item["chosen"], tokenizer, template
+                )
+                rejected_prompt, rejected = templates.preference_example(
+                    item["prompt"], item["rejected"], tokenizer, template
+                )
+                answers = [(chosen_prompt, chosen, True), (rejected_prompt, rejected, False)]
+        except templates.TemplateError as err:
+            raise ConfigError("model.chat_template", f"{err} (in {label} example {index + 1})") from err
+        except Exception as err:  # jinja2 raise_exception() in a template: report and go on
+            refused.append(f"{label} example {index + 1}: {type(err).__name__}: {err}")
+            continue
+        if stage != "kto":
+            # One prompt for both answers: where their prompts part (a token merged across the
+            # boundary), the rest belongs to the answers.
+            (p1, a1, _), (p2, a2, _) = answers
+            n = 0
+            while n < min(len(p1), len(p2)) and p1[n] == p2[n]:
+                n += 1
+            answers = [(p1[:n], p1[n:] + a1, True), (p1[:n], p2[n:] + a2, False)]
+        if max_length and any(len(p) >= max_length for p, _, _ in answers):
+            too_long += 1
+            continue
+        if max_length:
+            answers = [(p, a[: max_length - len(p)], good) for p, a, good in answers]
+        if stage == "kto":
+            for p, a, good in answers:
+                columns["prompt_ids"].append(p)
+                columns["completion_ids"].append(a)
+                columns["label"].append(bool(good))
+        else:
+            columns["prompt_ids"].append(answers[0][0])
+            columns["chosen_ids"].append(answers[0][1])
+            columns["rejected_ids"].append(answers[1][1])
+    if refused:
+        say(f"the chat template refused {len(refused)} {label} example(s); first: {refused[0]}")
+    if too_long:
+        say(f"{too_long} {label} example(s) whose prompt alone fills data.max_length={max_length}: left out")
+    if items and not columns["prompt_ids"]:
+        if too_long:
+            raise TrainingDataError(
+                f"every {label} prompt fills data.max_length={max_length} alone: raise data.max_length"
+            )
+        raise TrainingDataError(f"the chat template refused every {label} example; first: {refused[0]}")
+    return Dataset.from_dict(columns)
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -267,7 +344,105 @@ def load_model(model_dir: Path, config: RunConfig, precision: str, quantization)
     return model
 
 
+def start_adapter(config: RunConfig, model_dir: Path) -> Path | None:
+    """The ``adapter/`` of the run ``model.adapter`` names (None when it names none), after
+    checking that this run can continue it: an adapter method, a completed run that saved an
+    adapter (not a full fine-tune's model/), trained on the same base model."""
+    from engine.models import ModelNotFoundError, resolve_model
+
+    ref = config.model.adapter
+    if not ref:
+        return None
+    if not config.method.is_peft:
+        raise ConfigError(
+            "model.adapter", "method full trains every weight and cannot continue an adapter: use lora, qlora or dora"
+        )
+    try:
+        run = runs.find_run(ref, config.output.runs_dir)
+    except runs.RunError as err:
+        raise ConfigError("model.adapter", str(err)) from err
+    state = runs.read_status(run).get("state")
+    if state != "completed":
+        raise ConfigError(
+            "model.adapter",
+            f"run {run.name} is {state or 'not started'}, not completed: only a finished run's adapter "
+            "can be continued (resume that run first)",
+        )
+    adapter = run / runs.ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        if (run / runs.MODEL_DIR).is_dir():
+            raise ConfigError(
+                "model.adapter",
+                f"run {run.name} is a full fine-tune (its weights are in {runs.MODEL_DIR}/), not an "
+                f"adapter: give {run / runs.MODEL_DIR} as model.name_or_path instead",
+            )
+        raise ConfigError("model.adapter", f"run {run.name} saved no adapter ({adapter} holds no adapter_config.json)")
+    try:
+        their = RunConfig.load(run / runs.CONFIG_FILE)
+        their_base = resolve_model(their.model.name_or_path)
+    except (ConfigError, ModelNotFoundError, OSError) as err:
+        raise ConfigError("model.adapter", f"run {run.name}: its base model cannot be found ({err})") from err
+    if Path(their_base).resolve() != Path(model_dir).resolve():
+        raise ConfigError(
+            "model.adapter",
+            f"run {run.name} was trained on {their.model.name_or_path}, not on "
+            f"{config.model.name_or_path}: an adapter only continues on the base it was trained on",
+        )
+    return adapter
+
+
+def continue_adapter(model, adapter: Path, stage: str):
+    """The base ``model`` with the saved adapter on it, trainable. For dpo and kto, TRL keeps
+    a frozen copy of it as the reference ("ref" adapter: the adapter's weights only, never a
+    second model), so DPO after SFT measures rewards against the SFT model."""
+    from peft import PeftModel
+
+    say(f"continuing the adapter of {adapter.parent.name} ({adapter})")
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+
+
+def reference_of(config: RunConfig, start: Path | None) -> str | None:
+    """What a preference stage compares the model with (status, model card, memory note)."""
+    stage = config.training.stage
+    if stage == "sft":
+        return None
+    if stage == "orpo":
+        return "none (reference-free)"
+    if start is not None:
+        return f"the adapter of {start.parent.name} as it started (a frozen copy of its weights)"
+    if config.method.is_peft:
+        return "the base model with the adapter switched off"
+    if config.training.precompute_reference:
+        return "the base model's log-probabilities, computed once before training"
+    return "a frozen copy of the base model"
+
+
 # --------------------------------------------------------------------------- metrics
+
+
+# What the preference trainers log (TRL's names) -> metrics.jsonl keys; "eval_" + key for the
+# validation split. rewards_* are beta x (policy - reference) log-probabilities of the answers.
+PREFERENCE_METRICS = {
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "rewards/margins": "rewards_margins",
+    "rewards/accuracies": "rewards_accuracies",
+    "logps/chosen": "logps_chosen",
+    "logps/rejected": "logps_rejected",
+    "kl": "kl",
+    "nll_loss": "nll_loss",
+    "log_odds_ratio": "log_odds_ratio",
+}
+
+
+def preference_metrics(logs: dict, prefix: str = "") -> dict:
+    """The preference metrics in one of the trainer's log dicts, under metrics.jsonl names."""
+    out = {}
+    for name, key in PREFERENCE_METRICS.items():
+        value = logs.get(prefix + name)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[prefix + key] = round(float(value), 6)
+    return out
 
 
 def memory_peak_mb() -> float:
@@ -351,6 +526,7 @@ class RunMonitor(TrainerCallback):
                 "eta_s": round(eta, 1) if eta is not None else None,
                 "memory_peak_mb": memory_peak_mb(),
             }
+            row.update(preference_metrics(logs))
             row.update(_gpu_memory())
             self.t_prev, self.tokens_prev = now, tokens
             if self.pending:
@@ -367,6 +543,7 @@ class RunMonitor(TrainerCallback):
             else:
                 row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
             row["eval_loss"] = logs["eval_loss"]
+            row.update(preference_metrics(logs, "eval_"))
             self._write(row)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -397,11 +574,10 @@ def _elapsed_so_far(run_dir: Path) -> float:
 # --------------------------------------------------------------------------- trainer
 
 
-def sft_config(config: RunConfig, run_dir: Path, precision: str, has_eval: bool):
-    """TRL SFTConfig from the run config. Every precision flag is explicit: TRL's own
+def trainer_arguments(config: RunConfig, run_dir: Path, precision: str, has_eval: bool) -> dict:
+    """The TrainingArguments every stage shares. Every precision flag is explicit: TRL's own
     default (bf16=True) would make a CPU without bf16 instructions crawl."""
     import torch
-    from trl import SFTConfig
 
     t = config.training
     distributed_cpu = world_size() > 1 and not torch.cuda.is_available()
@@ -428,19 +604,6 @@ def sft_config(config: RunConfig, run_dir: Path, precision: str, has_eval: bool)
         save_total_limit=t.save_total_limit,
         seed=t.seed,
         data_seed=t.seed,
-        # Without packing, batches are padding-free: the examples of a batch are laid end to
-        # end in one row with position_ids restarting at each, and transformers builds a
-        # block-diagonal causal mask from them, so no compute goes to padding and no token
-        # sees another example (the loss equals the padded one: tests/test_train.py).
-        # Examples are already cut to data.max_length (tokenize_conversations).
-        padding_free=not t.packing,
-        max_length=config.data.max_length if t.packing else None,
-        packing=t.packing,
-        assistant_only_loss=False,  # the masks come with the tokenized data (see tokenize_conversations)
-        completion_only_loss=False,
-        # Real tokens for tokens/s. Batches are padding-free (packed or not), so every token
-        # counts; the pad id (eos) is also a real token, so "non_padding" would undercount.
-        include_num_input_tokens_seen="all",
         # Experiment trackers through transformers' own callbacks (engine/tracking.py set
         # where each writes); metrics.jsonl is written by RunMonitor either way.
         report_to=list(t.report_to),
@@ -458,7 +621,71 @@ def sft_config(config: RunConfig, run_dir: Path, precision: str, has_eval: bool)
         from engine.launch import deepspeed_config_file
 
         kwargs["deepspeed"] = str(deepspeed_config_file(config))
+    return kwargs
+
+
+def sft_config(config: RunConfig, run_dir: Path, precision: str, has_eval: bool):
+    """TRL SFTConfig from the run config."""
+    from trl import SFTConfig
+
+    t = config.training
+    kwargs = trainer_arguments(config, run_dir, precision, has_eval)
+    kwargs.update(
+        # Without packing, batches are padding-free: the examples of a batch are laid end to
+        # end in one row with position_ids restarting at each, and transformers builds a
+        # block-diagonal causal mask from them, so no compute goes to padding and no token
+        # sees another example (the loss equals the padded one: tests/test_train.py).
+        # Examples are already cut to data.max_length (tokenize_conversations).
+        padding_free=not t.packing,
+        max_length=config.data.max_length if t.packing else None,
+        packing=t.packing,
+        assistant_only_loss=False,  # the masks come with the tokenized data (see tokenize_conversations)
+        completion_only_loss=False,
+        # Real tokens for tokens/s. Batches are padding-free (packed or not), so every token
+        # counts; the pad id (eos) is also a real token, so "non_padding" would undercount.
+        include_num_input_tokens_seen="all",
+    )
     return SFTConfig(**kwargs)
+
+
+def preference_config(config: RunConfig, run_dir: Path, precision: str, has_eval: bool):
+    """TRL's config for a preference stage: DPOConfig, KTOConfig, ORPOConfig, or CPOConfig
+    for SimPO (``loss_type="simpo"``, ``cpo_alpha=0.0``: no NLL term, no reference) and CPO.
+
+    The data comes tokenized (tokenize_preferences), already cut to data.max_length.
+    """
+    t = config.training
+    loss = config.loss_type
+    kwargs = trainer_arguments(config, run_dir, precision, has_eval)
+    kwargs.update(beta=t.beta, max_length=config.data.max_length)
+    precompute = t.precompute_reference and not config.method.is_peft
+    if t.stage == "dpo":
+        from trl import DPOConfig
+
+        # TRL 1.16's DPO turns padding_free off (with a warning); batches are padded.
+        return DPOConfig(
+            **kwargs,
+            loss_type=[loss],
+            padding_free=False,
+            precompute_ref_log_probs=precompute,
+            include_num_input_tokens_seen="non_padding",
+        )
+    if t.stage == "kto":
+        from trl import KTOConfig
+
+        return KTOConfig(
+            **kwargs, loss_type=loss, precompute_ref_log_probs=precompute, include_num_input_tokens_seen="non_padding"
+        )
+    kwargs.update(max_completion_length=None, remove_unused_columns=False)
+    if loss == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+
+        return ORPOConfig(**kwargs)
+    from trl.experimental.cpo import CPOConfig
+
+    if loss == "simpo":
+        return CPOConfig(**kwargs, loss_type="simpo", cpo_alpha=0.0)
+    return CPOConfig(**kwargs, loss_type="sigmoid")
 
 
 def _deepspeed_from_launcher() -> bool:
@@ -543,6 +770,137 @@ def trainer_class():
     return TunelabSFTTrainer
 
 
+_SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def use_label_positions_head(model) -> bool:
+    """Make DPO's and KTO's log-probabilities on the CPU cost only the answer tokens.
+
+    TRL 1.16 patches the model with a fused LM head (``fused_lm_head=True`` returns per-token
+    log-probabilities). Off Triton devices it projects *every* position, prompt and padding
+    included, through the 49k-column vocabulary in tiles: on SmolLM2 with 512-token pairs that
+    head was most of a DPO step on this CPU. Here, on the CPU, the labelled positions alone
+    are projected (one ``log_softmax`` over them) and the fields TRL reads (log_probs,
+    entropy, mean_logits, is_top1, log_sum_sq_probs) are scattered back: the same values, the
+    same gradients (tests/test_preference.py compares them with TRL's). Models that scale or
+    soft-cap their logits, and batches whose labelled logits would pass LABEL_LOGITS_LIMIT,
+    take TRL's path. Returns whether the head was installed."""
+    import types
+
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    text_config = model.config.get_text_config()
+    if any(getattr(text_config, name, None) not in (None, 1.0) for name in _SCALED_LOGITS):
+        return False
+    if next(model.parameters()).device.type != "cpu":
+        return False
+    trl_forward = model.forward  # TRL's fused forward (or the model's own)
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        lm_head = self.get_output_embeddings()
+        eligible = fused_lm_head and labels is not None and shift_labels is None
+        if eligible:
+            mask = labels[:, 1:] != -100
+            eligible = 0 < int(mask.sum()) * lm_head.weight.shape[0] <= LABEL_LOGITS_LIMIT
+        if not eligible or kwargs.get("output_router_logits"):
+            return trl_forward(
+                *args,
+                fused_lm_head=fused_lm_head,
+                labels=labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:][mask]
+        logits = lm_head(hidden[mask]).float()  # [labelled positions, vocab]
+        logp = torch.log_softmax(logits, -1)
+        picked = logp.gather(-1, targets[:, None])[:, 0]
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+            fields = (entropy, torch.logsumexp(2 * logp, -1), logits.mean(-1), logits.argmax(-1) == targets)
+
+        def scatter(values):
+            return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+        entropy, log_sum_sq, mean_logits, is_top1 = (scatter(v) for v in fields)
+        denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-picked.sum() / denominator,
+            log_probs=scatter(picked),
+            entropy=entropy,
+            log_sum_sq_probs=log_sum_sq,
+            mean_logits=mean_logits,
+            is_top1=is_top1,
+            label_mask=mask,
+            aux_loss=None,
+        )
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
+def preference_trainer_class(stage: str, loss: str):
+    """TRL's trainer for a preference stage, taking the data tokenized by
+    :func:`tokenize_preferences` (prompts and answers rendered by engine.templates, not by
+    TRL's own chat-template pass, so every stage trains on the same text as SFT).
+
+    dpo: DPOTrainer; kto: KTOTrainer (with its KL completions: each batch's answers rotated
+    by one); orpo: ORPOTrainer, or CPOTrainer for the simpo and cpo losses.
+    """
+    if stage == "dpo":
+        from trl import DPOTrainer
+
+        class TunelabDPOTrainer(DPOTrainer):
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                return dataset  # already prompt_ids / chosen_ids / rejected_ids
+
+        return TunelabDPOTrainer
+    if stage == "kto":
+        from trl import KTOTrainer
+
+        class TunelabKTOTrainer(KTOTrainer):
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                if not self.calculate_KL:
+                    return dataset
+
+                def rotate(batch):
+                    batch["KL_completion_ids"] = [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]
+                    return batch
+
+                return dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+
+        return TunelabKTOTrainer
+    if loss == "orpo":
+        from trl.experimental.orpo import ORPOTrainer as base
+    else:
+        from trl.experimental.cpo import CPOTrainer as base
+
+    class TunelabOddsRatioTrainer(base):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # Its batches hold chosen_/rejected_ ids, not input_ids: count their real tokens here.
+            import torch
+
+            tokens = sum(inputs[f"{side}_attention_mask"].sum() for side in ("chosen", "rejected"))
+            tokens = torch.as_tensor(tokens, device=self.args.device)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum().item())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def tokenize_row(self, feature, model=None):
+            prompt = feature["prompt_ids"]
+            row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                answer = feature[f"{side}_ids"]
+                row[f"{side}_input_ids"] = prompt + answer
+                row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+                row[f"{side}_labels"] = [-100] * len(prompt) + answer
+            return row
+
+    return TunelabOddsRatioTrainer
+
+
 _DROPOUT_CLASS = None
 
 
@@ -599,7 +957,7 @@ def use_cheap_dropout(model) -> int:
 
 
 def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, callbacks=()):
-    """Tokenizer, model and SFTTrainer for ``config``; returns (trainer, info dict)."""
+    """Tokenizer, model and the stage's trainer for ``config``; returns (trainer, info dict)."""
     from engine.models import resolve_model
 
     if not sys.stderr.isatty():  # train.log: no progress bars for the dataset preparation
@@ -613,24 +971,41 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
     template, template_source = templates.model_template(tokenizer, config.model.chat_template)
     template = templates.inference_template(template)
     tokenizer.chat_template = template  # what adapter/ or model/ will carry: the template trained with
-    assistant_only = config.training.assistant_only_loss
+    stage = config.training.stage
+    assistant_only = config.training.assistant_only_loss or stage != "sft"
     say(
+        f"stage {stage}{'' if stage == 'sft' else f' (loss {config.loss_type}, beta {config.training.beta:g})'}; "
         f"chat template: {templates.template_name(template)} ({template_source}); loss on "
         f"{'assistant tokens only' if assistant_only else 'every token'}"
     )
 
     cutoff = config.data.max_length
-    train_ds = tokenize_conversations(train_records, tokenizer, template, assistant_only, "train", cutoff)
-    val_ds = (
-        tokenize_conversations(val_records, tokenizer, template, assistant_only, "validation", cutoff)
-        if val_records
-        else None
-    )
+    if stage == "sft":
+        train_ds = tokenize_conversations(train_records, tokenizer, template, assistant_only, "train", cutoff)
+        val_ds = (
+            tokenize_conversations(val_records, tokenizer, template, assistant_only, "validation", cutoff)
+            if val_records
+            else None
+        )
+    else:
+        train_ds = tokenize_preferences(train_records, tokenizer, template, stage, "train", cutoff)
+        val_ds = (
+            tokenize_preferences(val_records, tokenizer, template, stage, "validation", cutoff) if val_records else None
+        )
 
     peft_config, quantization = method_configs(config.method, precision)
     model = load_model(model_dir, config, precision, quantization)
-    args = sft_config(config, run_dir, precision, has_eval=val_ds is not None)
-    trainer = trainer_class()(
+    start = start_adapter(config, model_dir)
+    if start is not None:
+        model = continue_adapter(model, start, stage)
+        peft_config = None
+    if stage == "sft":
+        args = sft_config(config, run_dir, precision, has_eval=val_ds is not None)
+        cls = trainer_class()
+    else:
+        args = preference_config(config, run_dir, precision, has_eval=val_ds is not None)
+        cls = preference_trainer_class(stage, config.loss_type)
+    trainer = cls(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -648,6 +1023,12 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
             if param.requires_grad and param.dtype == torch.bfloat16:
                 param.data = param.data.float()
     use_cheap_dropout(trainer.model)
+    if stage in ("dpo", "kto"):
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        for model_ in (base, getattr(trainer, "ref_model", None)):
+            if hasattr(model_, "get_output_embeddings") and use_label_positions_head(model_):
+                say(f"log-probabilities of the answer tokens only ({type(model_).__name__})")
     if len(trainer.train_dataset) == 0:
         raise TrainingDataError(
             f"no training example keeps any {'assistant ' if assistant_only else ''}token within "
@@ -658,6 +1039,9 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
         "precision": precision,
         "precision_reason": precision_reason,
         "chat_template": f"{templates.template_name(template)} ({template_source})",
+        "stage": stage,
+        "reference": reference_of(config, start),
+        "start_adapter": str(start) if start else None,
         "train_examples": len(trainer.train_dataset),
         "validation_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
     }
@@ -705,6 +1089,24 @@ def evaluate_base_vs_tuned(trainer, config: RunConfig, base_loss: float | None, 
     return result
 
 
+def evaluate_preferences(trainer, config: RunConfig, n_examples: int) -> dict:
+    """The stage's loss and reward metrics on the validation split (eval.json). The base has
+    no entry: its rewards are zero by definition (the reference is the model before training)."""
+    metrics = trainer.evaluate()
+    tuned = {"loss": round(float(metrics["eval_loss"]), 5)}
+    tuned.update({k.removeprefix("eval_"): v for k, v in preference_metrics(metrics, "eval_").items()})
+    return {
+        "split": "validation",
+        "examples": n_examples,
+        "stage": config.training.stage,
+        "loss_type": config.loss_type,
+        "loss_on": "answer tokens",
+        "base": None,
+        "tuned": tuned,
+        "note": "rewards are beta x log-probability ratios against the reference model; the base's are zero",
+    }
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -733,7 +1135,8 @@ def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None, 
     tracking.prepare(run_dir, config.training.report_to)
 
     # 2. Data: read, validate, split.
-    loaded, train_records, val_records = load_for_training(config.data)
+    stage = config.training.stage
+    loaded, train_records, val_records = load_for_training(config.data, stage)
     say(
         f"data {config.data.path}: format {loaded.format}, {len(loaded.records)} usable of {loaded.total} "
         f"records ({loaded.skipped} skipped); train {len(train_records)}, validation {len(val_records)}"
@@ -743,6 +1146,7 @@ def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None, 
         {
             "path": str(config.data.path),
             "format": loaded.format,
+            "stage": stage,
             "total": loaded.total,
             "usable": len(loaded.records),
             "skipped": loaded.skipped,
@@ -767,14 +1171,20 @@ def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None, 
     monitor = RunMonitor(run_dir, stop, elapsed_before=_elapsed_so_far(run_dir) if checkpoint else 0.0)
     trainer, info = build_trainer(config, run_dir, train_records, val_records, [monitor, *callbacks])
     if main_process:
-        runs.update_status(run_dir, precision=info["precision"], precision_reason=info["precision_reason"])
+        runs.update_status(
+            run_dir,
+            precision=info["precision"],
+            precision_reason=info["precision_reason"],
+            stage=stage,
+            reference=info["reference"],
+        )
     has_eval = trainer.eval_dataset is not None
 
     # Base loss for full fine-tuning is measured before its weights change (adapters
     # measure theirs after training, with the adapter switched off).
     base_loss = None
     eval_path = run_dir / runs.EVAL_FILE
-    if has_eval and not config.method.is_peft:
+    if has_eval and not config.method.is_peft and stage == "sft":
         previous = runs.read_json(eval_path) or {}
         if checkpoint and previous.get("base"):
             base_loss = previous["base"]["loss"]
@@ -809,16 +1219,25 @@ def train(config: RunConfig, run_dir: str | Path, stop: StopFlag | None = None, 
     # 6. Save: the adapter (PEFT layout) or the full model, with the tokenizer, so the
     # directory loads on its own.
     out_dir = run_dir / (runs.ADAPTER_DIR if config.method.is_peft else runs.MODEL_DIR)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(unwrapped, "peft_config", {}):
+        unwrapped.delete_adapter("ref")  # DPO/KTO's frozen reference copy is not part of the result
+        unwrapped.set_adapter("default")
     trainer.save_model(str(out_dir))
     say(f"saved {out_dir}")
 
     # 7. Evaluate base against tuned on the validation split.
     if has_eval and not stop.requested:
         monitor.enabled = False
-        evaluation = evaluate_base_vs_tuned(trainer, config, base_loss, len(trainer.eval_dataset))
+        if stage == "sft":
+            evaluation = evaluate_base_vs_tuned(trainer, config, base_loss, len(trainer.eval_dataset))
+            message = f"validation loss: base {evaluation['base']}, tuned {evaluation['tuned']}"
+        else:
+            evaluation = evaluate_preferences(trainer, config, len(trainer.eval_dataset))
+            message = f"validation ({stage}): {evaluation['tuned']}"
         if main_process:
             eval_path.write_text(json.dumps(evaluation, indent=2) + "\n")
-            say(f"validation loss: base {evaluation['base']}, tuned {evaluation['tuned']}")
+            say(message)
         summary["eval"] = evaluation
     return {**summary, "state": "completed"}
 

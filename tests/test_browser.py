@@ -325,3 +325,35 @@ def test_playground_derives_the_run_state_again_when_shown(app, page):
     notice.wait_for(state="hidden", timeout=20_000)
     page.locator("#play-notice-onnx").wait_for(state="hidden", timeout=20_000)
     assert not page.locator("#play-export-onnx").is_visible()
+
+
+def test_dpo_on_the_public_demo_pairs_in_the_browser(app, page, shared_datasets):
+    """dpo_en_demo.json on the Data tab says it trains dpo, kto or orpo; the Train tab trains 3
+    DPO steps of the embedded model on it (max length 512, batch 2) and draws the rewards."""
+    url, runs_dir = app
+    _open(page, url)
+    _set_number(page, "data-max-length", 512)
+    split = page.locator("#data-split input[type=number]")  # a slider with a number box
+    split.fill("0")
+    split.press("Tab")
+    _upload(page, shared_datasets / "dpo_en_demo.json")
+    summary = page.locator("#data-summary")
+    summary.get_by_text("Trains stage:").wait_for(timeout=120_000)
+    assert "dpo, kto, orpo" in summary.inner_text()
+    _tab(page, "2. Train")
+    page.locator("#train-dataset").get_by_text("dpo_en_demo.json").wait_for()
+    _pick(page, "train-stage", "dpo")
+    _set_number(page, "train-max-steps", 3)
+    _set_number(page, "train-batch-size", 2)
+    _wait_until(page, lambda: "engine.train" in page.locator("#train-command").inner_text(), what="the command")
+    page.locator("#train-start").click()
+    page.locator("#train-progress[data-state=completed]").wait_for(timeout=900_000)
+    assert "step 3 / 3 (100%)" in _progress(page).inner_text()
+    page.locator("#train-rewards svg").first.wait_for()
+    assert "reward margin" in _progress(page).inner_text()
+    from engine import runs
+
+    (run,) = [r for r in runs.list_runs(runs_dir)]
+    config = runs.read_json(Path(run["path"]) / "status.json")
+    assert config["stage"] == "dpo" and config["state"] == "completed"
+    assert runs.read_json(Path(run["path"]) / runs.DATA_FILE)["stage"] == "dpo"

@@ -70,3 +70,19 @@ def test_overrides_parse_values_and_validate():
         RunConfig().with_overrides(["training.max_steps=-5"])
     with pytest.raises(ConfigError, match="section.key"):
         RunConfig().with_overrides(["max_steps=5"])
+
+
+def test_stage_and_its_loss():
+    cfg = RunConfig().with_overrides(["training.stage=dpo", "training.loss_type=ipo"])
+    assert cfg.training.stage == "dpo" and cfg.loss_type == "ipo"
+    assert RunConfig().with_overrides(["training.stage=orpo"]).loss_type == "orpo"
+    assert RunConfig().with_overrides(["training.stage=kto"]).loss_type == "kto"
+    assert RunConfig().loss_type == "nll"
+    # preference stages take a quarter of the method's default step unless one is given
+    assert RunConfig().with_overrides(["training.stage=dpo"]).learning_rate == RunConfig().learning_rate / 4
+    assert RunConfig().with_overrides(["training.stage=dpo", "training.learning_rate=1e-3"]).learning_rate == 1e-3
+    with pytest.raises(ConfigError, match="training.loss_type: 'ipo' is not a loss of stage kto"):
+        RunConfig().with_overrides(["training.stage=kto", "training.loss_type=ipo"])
+    with pytest.raises(ConfigError, match="training.stage: 'ppo' is not one of sft, dpo, kto, orpo"):
+        RunConfig().with_overrides(["training.stage=ppo"])
+    assert RunConfig().with_overrides(["model.adapter=''"]).model.adapter is None

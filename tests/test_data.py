@@ -322,8 +322,59 @@ def test_preference_is_recognised_and_refused_for_training(tmp_path):
         "rejected": [{"role": "assistant", "content": "No."}],
     }
     assert result.records[1][-1] == {"role": "assistant", "content": "Hi there"}
-    with pytest.raises(DataError, match="preference data .*cannot be trained as SFT"):
+    assert result.stages == ("dpo", "kto", "orpo")
+    with pytest.raises(DataError, match=r"preference data .*trains stage dpo or kto or orpo, not sft: set training"):
         load_for_training(DataConfig(path=str(path)))
+    _, train, val = load_for_training(DataConfig(path=str(path), validation_split=0.0), stage="dpo")
+    assert train == result.pairs and val == []
+
+
+def test_unpaired_kto_records_and_their_problems_by_line(tmp_path):
+    rows = [
+        {"prompt": "Say hi.", "completion": "Hi!", "label": True},
+        {"prompt": [{"role": "user", "content": "Hello"}], "completion": "Go away", "label": "false"},
+        {"prompt": "Say hi.", "completion": "", "label": True},
+        {"prompt": "Say hi.", "completion": "Hi.", "label": "maybe"},
+        {"prompt": "Say hi.", "completion": "Hi.", "label": 1},
+    ]
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    result = load_records(path)
+    assert result.format == "unpaired" and result.stages == ("kto",)
+    assert [p["label"] for p in result.pairs] == [True, False, True]
+    assert result.pairs[1]["completion"] == [{"role": "assistant", "content": "Go away"}]
+    assert [(p.record, p.field) for p in result.problems] == [(3, "completion"), (4, "label")]
+    assert "kto.jsonl, line 4, field 'label': must be true or false" in str(result.problems[1])
+    for stage in ("sft", "dpo", "orpo"):
+        with pytest.raises(DataError, match=f"unpaired preference data .*trains stage kto, not {stage}"):
+            load_for_training(DataConfig(path=str(path)), stage=stage)
+    assert len(load_for_training(DataConfig(path=str(path), validation_split=0.0), stage="kto")[1]) == 3
+
+
+def test_bad_preference_records_are_reported_by_line_and_field(tmp_path):
+    rows = [
+        {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."},
+        {"prompt": "Say hi.", "chosen": "", "rejected": "No."},
+        {"prompt": "Say hi.", "chosen": "Hi!"},
+        {
+            "conversations": [{"from": "human", "value": "Hi"}],
+            "chosen": {"from": "human", "value": "x"},
+            "rejected": "y",
+        },
+        {"messages": [{"role": "user", "content": "Hi"}], "chosen": "Hello", "rejected": 5},
+        {
+            "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "B"}],
+        },
+    ]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    result = load_records(path)
+    assert result.format == "preference" and len(result.pairs) == 2
+    assert result.pairs[1]["prompt"] == [{"role": "user", "content": "Q"}]
+    where = [(p.record, p.field) for p in result.problems]
+    assert where[:2] == [(2, "chosen"), (3, None)] and where[2][0] == 4 and where[3] == (5, "rejected")
+    assert all(str(p).startswith(f"pairs.jsonl, line {p.record}") for p in result.problems)
+    with pytest.raises(DataError, match="pairs.jsonl, line 2, field 'chosen': is empty"):
+        load_for_training(DataConfig(path=str(path), on_error="stop"), stage="dpo")
 
 
 def test_format_override(tmp_path):
@@ -797,7 +848,7 @@ def test_shared_dpo_is_preference(shared_datasets):
     assert result.format == "preference" and result.problems == []
     assert len(result.pairs) == len(result.records) == 300
     assert all(p["chosen"] != p["rejected"] for p in result.pairs)
-    with pytest.raises(DataError, match="cannot be trained as SFT"):
+    with pytest.raises(DataError, match="not sft"):
         load_for_training(DataConfig(path=str(shared_datasets / "dpo_en_demo.json")))
 
 

@@ -52,3 +52,29 @@ def test_two_process_zero_run_completes(stage, tiny_model_dir, tmp_path, runs_di
     assert trained and any(v.abs().sum() > 0 for v in trained.values())  # the gathered adapter is not empty
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_two_process_zero2_dpo_run_completes(tiny_model_dir, tmp_path, runs_dir):  # noqa: F811
+    rows = [{"prompt": f"Word {i}?", "chosen": "Zebra.", "rejected": "Lion, perhaps."} for i in range(16)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = RunConfig.from_dict(
+        {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"path": str(data), "max_length": 48, "validation_split": 0.25},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "training": {"stage": "dpo", "max_steps": 2, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-2},
+            "distributed": {"num_processes": 2, "deepspeed": "zero2"},
+            "output": {"runs_dir": str(runs_dir)},
+        }
+    )
+    run = launch.submit(config, runs_dir)
+    status = final(run, timeout=240)
+    assert status["state"] == "completed", (status, runs.tail_log(run, 40))
+    assert status["stage"] == "dpo" and status["reference"] == "the base model with the adapter switched off"
+    metrics = runs.read_metrics(run)
+    assert [r["step"] for r in metrics] == [1, 2]
+    assert all(isinstance(r["rewards_margins"], float) for r in metrics)
+    assert json.loads((run / "eval.json").read_text())["stage"] == "dpo"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert "Traceback" not in (run / "train.log").read_text()

@@ -131,6 +131,22 @@ def test_small_model_on_cpu_plan():
     assert "| lora (recommended)" in rec.table()
 
 
+def test_preference_stages_size_two_answers_and_the_full_reference_copy():
+    sft = hw.recommend(profile(cpuinfo=AVX2_ONLY), SMOL, num_examples=200, max_length=512)
+    dpo = hw.recommend(profile(cpuinfo=AVX2_ONLY), SMOL, num_examples=200, max_length=512, training_stage="dpo")
+    pre = hw.recommend(profile(cpuinfo=AVX2_ONLY), SMOL, 200, 512, training_stage="dpo", precompute_reference=True)
+    orpo = hw.recommend(profile(cpuinfo=AVX2_ONLY), SMOL, num_examples=200, max_length=512, training_stage="orpo")
+    # full DPO keeps a frozen copy of the weights (fp32 here: 4 bytes a parameter); adapters none
+    assert dpo.memory["full"].reference == SMOL.params * 4 and dpo.memory["lora"].reference == 0
+    assert pre.memory["full"].reference == 0 and orpo.memory["full"].reference == 0
+    batch = dpo.batch_size
+    assert hw.estimate_memory(SMOL, "lora", "fp32", batch, 512, stage="dpo").activations == (
+        hw.estimate_memory(SMOL, "lora", "fp32", 2 * batch, 512).activations
+    )
+    assert "frozen copy" in dpo.reasons["reference"] and "computed once" in pre.reasons["reference"]
+    assert "reference" not in sft.reasons and "reference copy" in dpo.table()
+
+
 def test_8b_model_on_one_24gb_gpu_needs_qlora():
     rec = hw.recommend(profile([("NVIDIA L4", 24, 8, 9)]), LLAMA8B, num_examples=5000, max_length=1024)
     assert rec.precision == "bf16"

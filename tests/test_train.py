@@ -656,6 +656,8 @@ def test_example_configs_load():
     assert cpu.model.name_or_path == "smollm2-135m-instruct" and cpu.method.name == "lora"
     assert (REPO / cpu.data.path).is_file()
     assert cpu.distributed.num_processes == 1 and cpu.training.precision == "auto"
+    dpo = RunConfig.load(REPO / "assets/configs/cpu-dpo.yaml")
+    assert dpo.training.stage == "dpo" and dpo.loss_type == "sigmoid" and dpo.model.adapter is None
     zero3 = RunConfig.load(REPO / "assets/configs/multi-gpu-zero3.yaml")
     assert zero3.distributed.deepspeed == "zero3" and zero3.distributed.num_processes == 8
     from engine.launch import build_command

@@ -780,3 +780,51 @@ def test_a_reload_while_a_run_trains_shows_that_runs_form_dataset_and_estimates(
     assert choice.train + choice.val == choice.records > 100
     assert f"{choice.train} training examples" in shown["train-comparison"]
     assert "--config" in shown["train-command"]
+
+
+# --------------------------------------------------------------------------- preference stages
+
+
+def test_data_tab_says_which_stages_and_the_train_tab_checks_the_stage(tokenizer, tmp_path):
+    from engine.config import ConfigError
+    from webui import data_tab
+    from webui.train_tab import FormValues, build_config
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."}) + "\n" for i in range(5))
+    )
+    ins = data_tab.inspect_dataset(pairs, "auto", "skip", 0.2, 256, tokenizer)
+    assert "Trains stage: **dpo, kto, orpo**" in data_tab.summary_markdown(ins)
+    choice = data_tab.dataset_choice(ins, "skip", 0.2, 256)
+    assert choice.stages == ("dpo", "kto", "orpo")
+    cfg = build_config(FormValues(stage="dpo", loss_type="ipo"), choice, tmp_path)
+    assert cfg.training.stage == "dpo" and cfg.loss_type == "ipo" and cfg.data.path == str(pairs)
+    with pytest.raises(ConfigError, match="training.stage: pairs.jsonl trains stage dpo or kto or orpo, not sft"):
+        build_config(FormValues(), choice, tmp_path)
+    chat = data_tab.inspect_dataset(SAMPLES / "pip_chat.jsonl", "auto", "skip", 0.1, 1024, tokenizer)
+    assert "Trains stage: **sft**" in data_tab.summary_markdown(chat)
+    with pytest.raises(ConfigError, match="trains stage sft, not kto"):
+        build_config(FormValues(stage="kto"), data_tab.dataset_choice(chat, "skip", 0.1, 1024), tmp_path)
+
+
+def test_watch_draws_the_rewards_of_preference_runs(tmp_path):
+    from engine import runs
+    from engine.config import RunConfig
+    from webui.train_tab import Watch, progress_html, reward_frame
+
+    run_dir = runs.create_run(RunConfig.from_dict({"data": {"path": str(SAMPLES / "pip_chat.jsonl")}}), tmp_path)
+    watch = Watch.attach(run_dir)
+    _write_metrics(
+        run_dir,
+        [
+            {"step": 1, "loss": 0.69, "rewards_chosen": 0.0, "rewards_rejected": 0.0, "rewards_margins": 0.0},
+            {"step": 2, "loss": 0.5, "rewards_margins": 0.4, "rewards_accuracies": 1.0, "eval_rewards_margins": 0.3},
+        ],
+    )
+    assert watch.read() is True and len(watch.points) == 2
+    frame = reward_frame(watch.reward_points)
+    assert list(frame[frame.series == "margin"].value.dropna()) == [0.0, 0.4]
+    assert list(frame[frame.series == "eval margin"].value.dropna()) == [0.3]
+    assert "reward margin 0.4" in progress_html({"state": "running"}, watch.last, str(run_dir))
+    assert reward_frame([]) is None  # an SFT run draws no reward chart

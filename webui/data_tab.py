@@ -123,7 +123,7 @@ def dataset_choice(
 ):
     """What the Train tab needs to know about a usable dataset, a links.DataChoice (None if it
     cannot be trained). Raises ConfigError naming the field if a setting is out of range."""
-    if ins.stopped or not ins.records or ins.format == "preference":
+    if ins.stopped or not ins.records:
         return None
     tokens = (ins.report.get("tokens") or {}).get("tokens") or {}
     defaults = DataConfig()
@@ -144,6 +144,7 @@ def dataset_choice(
         val=ins.split.get("validation", 0),
         mean_tokens=int(tokens["mean"]) if tokens.get("mean") else None,
         placeholders=list(ins.report.get("placeholders_unfilled", [])),
+        stages=tuple(ins.report.get("stages") or ("sft",)),
     )
 
 
@@ -186,6 +187,7 @@ def _summary_markdown(ins: Inspection) -> str:
         f"{rep.get('skipped')} skipped",
         f"Split: **{split.get('train', 0)} train / {split.get('validation', 0)} validation** "
         f"(seed {split.get('seed', DATA_DEFAULTS.seed)})",
+        f"Trains stage: **{', '.join(rep.get('stages') or ['sft'])}** (the Train tab's Stage)",
     ]
     counts = rep.get("counts") or {}
     if counts.get("messages"):

@@ -31,6 +31,7 @@ class DataChoice:
     val: int
     mean_tokens: int | None = None  # per record, with the model's template
     placeholders: list[str] = field(default_factory=list)  # {{names}} nothing fills
+    stages: tuple[str, ...] = ("sft",)  # the training stages it can train (engine.data.trainable_stages)
 
     @classmethod
     def from_run(cls, run_dir) -> "DataChoice":
@@ -40,22 +41,24 @@ class DataChoice:
         from pathlib import Path
 
         from engine.config import RunConfig
+        from engine.data import load_for_training, trainable_stages
         from engine.runs import CONFIG_FILE, DATA_FILE, read_json
 
         run_dir = Path(run_dir)
-        data = RunConfig.load(run_dir / CONFIG_FILE).data
+        config = RunConfig.load(run_dir / CONFIG_FILE)
+        data = config.data
         counts = read_json(run_dir / DATA_FILE)
         if counts is None:
-            from engine.data import load_for_training
-
-            loaded, train, val = load_for_training(data)
-            counts = {"usable": len(loaded.records), "train": len(train), "validation": len(val)}
+            loaded, train, val = load_for_training(data, config.training.stage)
+            counts = {"format": loaded.format, "usable": len(loaded.records), "train": len(train)}
+            counts["validation"] = len(val)
         return cls(
             config=data,
             name=Path(str(data.path)).name,
             records=counts.get("usable", 0),
             train=counts.get("train", 0),
             val=counts.get("validation", 0),
+            stages=trainable_stages(counts.get("format") or data.format),
         )
 
 

@@ -88,6 +88,13 @@ def build_config(form: FormValues, dataset: DataChoice | None, runs_dir: Path):
     values = form.config_values()
     values.update({f"data.{name}": value for name, value in dataclasses.asdict(dataset.config).items()})
     values["output.runs_dir"] = str(runs_dir)
+    stage = values.get("training.stage", "sft")
+    if stage not in dataset.stages:
+        raise ConfigError(
+            "training.stage",
+            f"{dataset.name} trains stage {' or '.join(dataset.stages)}, not {stage}: pick "
+            f"{dataset.stages[0]} as the Stage, or another dataset on the Data tab",
+        )
     return RunConfig().with_values(values)
 
 
@@ -114,7 +121,9 @@ def recommendation_for(model_ref: str, method: str | None, dataset: DataChoice |
     n = dataset.train if dataset else ESTIMATE_EXAMPLES
     max_length = (dataset.config if dataset else DataConfig()).max_length
     mean = dataset.mean_tokens if dataset else None
-    return hardware.recommend(hardware_profile(), shape, method, n, max_length, mean)
+    # preference data trains a preference stage (its first: dpo, or kto for unpaired data)
+    stage = dataset.stages[0] if dataset else "sft"
+    return hardware.recommend(hardware_profile(), shape, method, n, max_length, mean, training_stage=stage)
 
 
 def catalog_choices() -> list[tuple[str, str]]:
@@ -171,6 +180,7 @@ class Watch:
     run_dir: str
     reader: Any = None
     points: list = field(default_factory=list)
+    reward_points: list = field(default_factory=list)  # preference stages (engine.train.PREFERENCE_METRICS)
     last: dict = field(default_factory=dict)
     log_size: int = -1
 
@@ -195,6 +205,10 @@ class Watch:
             if row.get("eval_loss") is not None:
                 self.points.append({"step": step, "loss": float(row["eval_loss"]), "series": "eval"})
                 added = True
+            for key, series in REWARD_SERIES.items():
+                if row.get(key) is not None:
+                    self.reward_points.append({"step": step, "value": float(row[key]), "series": series})
+                    added = True
         return added
 
 
@@ -206,6 +220,34 @@ def loss_frame(points: list):
         return None
     placeholder = {"step": points[0]["step"], "loss": float("nan"), "series": "eval"}
     return plot_frame([*points, placeholder], {"step": "int64", "loss": "float64", "series": "str"})
+
+
+# metrics.jsonl keys drawn on the rewards chart, and their series names.
+REWARD_SERIES = {
+    "rewards_chosen": "chosen",
+    "rewards_rejected": "rejected",
+    "rewards_margins": "margin",
+    "rewards_accuracies": "accuracy",
+    "eval_rewards_margins": "eval margin",
+    "eval_rewards_accuracies": "eval accuracy",
+}
+REWARD_COLORS = {
+    "chosen": "#16a34a",
+    "rejected": "#dc2626",
+    "margin": "#6366f1",
+    "accuracy": "#0ea5e9",
+    "eval margin": "#f97316",
+    "eval accuracy": "#a16207",
+}
+
+
+def reward_frame(points: list):
+    """Rewards of the chosen and rejected answers, their margin and the reward accuracy by
+    step (DPO, KTO, ORPO runs), with a NaN placeholder per series (see loss_frame)."""
+    if not points:
+        return None
+    placeholders = [{"step": points[0]["step"], "value": float("nan"), "series": s} for s in REWARD_COLORS]
+    return plot_frame([*points, *placeholders], {"step": "int64", "value": "float64", "series": "str"})
 
 
 def _total_steps(status: dict, last: dict) -> int | None:
@@ -246,6 +288,10 @@ def progress_html(status: dict, last: dict, run_dir: str) -> str:
         parts.append(f"loss {fmt_number(last.get('loss'))}")
     if last.get("eval_loss") is not None:
         parts.append(f"eval loss {fmt_number(last.get('eval_loss'))}")
+    if last.get("rewards_margins") is not None:
+        parts.append(f"reward margin {fmt_number(last.get('rewards_margins'))}")
+    if last.get("rewards_accuracies") is not None:
+        parts.append(f"reward accuracy {fmt_number(last.get('rewards_accuracies'))}")
     if last.get("tokens_per_second"):
         parts.append(f"{fmt_number(last.get('tokens_per_second'), 3)} tokens/s")
     if state == "queued":
@@ -459,18 +505,33 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         elem_id="train-progress-box",
     )
     failure = gr.Markdown("", visible=False, elem_id="train-failure", elem_classes=["tl-fail"])
-    loss_plot = gr.LinePlot(
-        loss_frame([]),
-        x="step",
-        y="loss",
-        color="series",
-        title="Loss",
-        height=300,
-        elem_id="train-loss",
-        x_title="step",
-        y_title="loss",
-        color_map={"train": "#6366f1", "eval": "#f97316"},
-    )
+    with gr.Row():
+        loss_plot = gr.LinePlot(
+            loss_frame([]),
+            x="step",
+            y="loss",
+            color="series",
+            title="Loss",
+            height=300,
+            elem_id="train-loss",
+            x_title="step",
+            y_title="loss",
+            color_map={"train": "#6366f1", "eval": "#f97316"},
+        )
+        # Preference stages: shown once the run logs rewards.
+        reward_plot = gr.LinePlot(
+            reward_frame([]),
+            x="step",
+            y="value",
+            color="series",
+            title="Rewards (preference stages)",
+            height=300,
+            elem_id="train-rewards",
+            x_title="step",
+            y_title="reward / accuracy",
+            color_map=REWARD_COLORS,
+            visible=False,
+        )
     log_tail = gr.Code(
         "",
         language=None,
@@ -532,6 +593,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     progress_outputs = [
         progress,
         loss_plot,
+        reward_plot,
         log_tail,
         failure,
         watch_state,
@@ -571,6 +633,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         }
         if new_points or first:
             updates[loss_plot] = loss_frame(watch.points)
+            updates[reward_plot] = gr.LinePlot(reward_frame(watch.reward_points), visible=bool(watch.reward_points))
         return updates
 
     @engine_errors
