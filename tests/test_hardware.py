@@ -134,7 +134,14 @@ def test_small_model_on_cpu_plan():
 def test_preference_stages_size_two_answers_and_the_full_reference_copy():
     sft = hw.recommend(profile(cpuinfo=AVX2_ONLY), SMOL, num_examples=200, max_length=512)
     dpo = hw.recommend(profile(cpuinfo=AVX2_ONLY), SMOL, num_examples=200, max_length=512, training_stage="dpo")
-    pre = hw.recommend(profile(cpuinfo=AVX2_ONLY), SMOL, 200, 512, training_stage="dpo", precompute_reference=True)
+    pre = hw.recommend(
+        profile(cpuinfo=AVX2_ONLY),
+        SMOL,
+        num_examples=200,
+        max_length=512,
+        training_stage="dpo",
+        precompute_reference=True,
+    )
     orpo = hw.recommend(profile(cpuinfo=AVX2_ONLY), SMOL, num_examples=200, max_length=512, training_stage="orpo")
     # full DPO keeps a frozen copy of the weights (fp32 here: 4 bytes a parameter); adapters none
     assert dpo.memory["full"].reference == SMOL.params * 4 and dpo.memory["lora"].reference == 0
