@@ -229,3 +229,28 @@ def test_batched_greedy_equals_one_at_a_time_on_pip_prompts(embedded_dir):
     for ids, reply in zip(prompts, batched):
         one = _plain_greedy(model, ids, 16)
         assert one == reply, _first_divergence(model, ids, one, reply)
+
+
+def test_a_queued_job_reports_progress_and_stops_keeping_its_answers(tiny_run, chats_file, tmp_path):
+    data = tmp_path / "many.jsonl"
+    data.write_text(chats_file.read_text() * 10)  # 60 examples, one at a time: still running when stopped
+    name = f"job-{time.time_ns()}"
+    spec = EvalSpec(run=str(tiny_run), name=name, backends=["base"], data=str(data), batch_size=1, max_new_tokens=12)
+    eval_dir = evaluate.submit(spec)
+    deadline = time.time() + 300
+    found = None
+    while time.time() < deadline:
+        # what a reloaded page does: find the run's evaluations and their progress
+        found = next(e for e in evaluate.list_evals(tiny_run) if e["name"] == name)
+        if found["state"] in runs.FINAL_STATES or (found["progress"] or {}).get("done", 0) >= 2:
+            break
+        time.sleep(0.5)
+    assert found["state"] == "running", (found, runs.tail_log(eval_dir))
+    assert found["progress"]["total"] == 60 and found["progress"]["eta_s"] >= 0
+    status = evaluate.stop_job(eval_dir, wait=True, timeout=120)
+    assert status["state"] == "aborted", runs.tail_log(eval_dir)
+    summary = json.loads((eval_dir / evaluate.SUMMARY_FILE).read_text())
+    rows = evaluate.read_results(eval_dir)
+    assert summary["partial"] is True and 2 <= len(rows) < 60
+    assert summary["backends"]["base"]["examples"] == len(rows)
+    assert "**Partial**" in (eval_dir / evaluate.REPORT_FILE).read_text()
