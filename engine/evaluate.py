@@ -839,6 +839,79 @@ def render_report(summary: dict, rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+# --------------------------------------------------------------------------- comparison view
+
+FILTERS = ("all examples", "tuned worse than base", "ONNX differs from tuned", "all wrong")
+WRONG_BELOW = 50.0  # an answer whose score is below this is "wrong" (checks and exact match are 0 or 100)
+
+
+def score_choices(summary: dict) -> list[str]:
+    """The per-example scores the comparison can show, the most telling first: the user's
+    checks, accuracy (closed label sets), then the text metrics."""
+    names: list[str] = []
+    for entry in summary.get("backends", {}).values():
+        names += [m for m in entry["metrics"] if m not in names and m not in ("loss", "perplexity")]
+    checks = [m for m in names if m.partition(":")[0] in CHECK_KINDS]
+    rest = [m for m in ("accuracy", "rouge_l", "token_f1", "chrf", "bleu", "exact_match") if m in names]
+    return checks + rest
+
+
+def comparison(rows: list[dict], backends: list[str], score: str, view: str = FILTERS[0]) -> list[dict]:
+    """One dict per example: its prompt, reference, and per backend the answer and ``score``,
+    kept when it passes the filter ``view`` (one of FILTERS)."""
+    if view not in FILTERS:
+        raise EvalError(f"filter: {view!r} is not one of {', '.join(FILTERS)}")
+    grouped: dict[int, dict] = {}
+    for row in rows:
+        grouped.setdefault(row["example"], {})[row["backend"]] = row
+    onnx = [b for b in backends if b.startswith("onnx-")]
+    out = []
+    for index in sorted(grouped):
+        group = grouped[index]
+        first = next(iter(group.values()))
+        scores = {b: group[b]["scores"].get(score) for b in backends if b in group}
+        if view == "tuned worse than base":
+            if not ("tuned" in group and "base" in group and scores["tuned"] is not None):
+                continue
+            if not scores["tuned"] < scores["base"]:
+                continue
+        elif view == "ONNX differs from tuned":
+            if "tuned" not in group or not any(
+                b in group and group[b]["answer"] != group["tuned"]["answer"] for b in onnx
+            ):
+                continue
+        elif view == "all wrong":
+            if not scores or any(v is None or v >= WRONG_BELOW for v in scores.values()):
+                continue
+        entry = {
+            "example": index,
+            "prompt": first["prompt"],
+            "reference": first["reference"],
+            "answers": {b: group[b]["answer"] for b in backends if b in group},
+            "scores": scores,
+        }
+        out.append(entry)
+    return out
+
+
+def comparison_csv(entries: list[dict], backends: list[str], score: str) -> str:
+    """The comparison as CSV: example, prompt (last user turn), reference, then per backend
+    its answer and score."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["example", "prompt", "reference", *[c for b in backends for c in (b, f"{b} {score}")]])
+    for e in entries:
+        cells = []
+        for b in backends:
+            value = e["scores"].get(b)
+            cells += [e["answers"].get(b, ""), "" if value is None else f"{value:.2f}"]
+        writer.writerow([e["example"], e["prompt"][-1]["content"], e["reference"], *cells])
+    return buffer.getvalue()
+
+
 # --------------------------------------------------------------------------- jobs
 
 

@@ -84,7 +84,7 @@ def user_banner(ctx):
     return whoami
 
 
-def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs) -> None:
+def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs, evaluation=None) -> None:
     """Wire what leads from one tab to another (call inside the app's Blocks)."""
 
     # Tabs that list runs refresh their pickers when shown (runs appear while the app lives), and
@@ -127,3 +127,50 @@ def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs) -> None:
     train.open_export.click(
         open_run(export.refresh, "export"), inputs=train.run_dir, outputs=[export.run, tabs], show_progress="hidden"
     ).then(**reshow(export))
+    if evaluation is None:
+        return
+    tab_of["evaluate"].select(
+        evaluation.refresh, inputs=[evaluation.run], outputs=[evaluation.run], show_progress="hidden"
+    ).then(**reshow(evaluation))
+
+    # Evaluate -> Playground: a clicked row's conversation is loaded there (earlier turns in
+    # every column's history, its last user turn in the prompt box, the reference below).
+    def open_example(run_id, entries, evt: gr.SelectData, request: gr.Request):
+        from webui.common import escape_md
+        from webui.playground_tab import BACKENDS, Column
+
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if not entries or row is None or not 0 <= int(row) < len(entries):
+            raise gr.Error("That row is no longer shown: pick it again.")
+        entry = entries[int(row)]
+        run_dir = ctx.run_dir(request, run_id)
+        messages = entry["prompt"]
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        earlier = [m for m in messages[:-1] if m["role"] != "system"]
+        columns = [Column(backend, history=list(earlier)) for backend in BACKENDS]
+        return (
+            play.refresh(run_dir.name, request),
+            system,
+            messages[-1]["content"],
+            f"**Reference answer** (example {entry['example']}):\n\n> {escape_md(entry['reference'])}",
+            *[list(earlier) for _ in BACKENDS],
+            *columns,
+            gr.Tabs(selected="playground"),
+        )
+
+    from webui.playground_tab import BACKENDS
+
+    evaluation.table.select(
+        open_example,
+        inputs=[evaluation.run, evaluation.entries],
+        outputs=[
+            play.run,
+            play.system,
+            play.prompt,
+            play.reference,
+            *[play.chatbots[b] for b in BACKENDS],
+            *[play.columns[b] for b in BACKENDS],
+            tabs,
+        ],
+        show_progress="hidden",
+    ).then(**reshow(play))

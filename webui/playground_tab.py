@@ -397,6 +397,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         prompt=prompt,
         send=send_btn,
         chatbots=chatbots,
+        system=system,
+        reference=reference,
+        columns=col_states,
         # what the columns can do, derived from the run directory again whenever the tab is shown
         show=show_availability,
         show_inputs=[run, onnx_precision],
