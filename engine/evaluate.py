@@ -60,12 +60,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine import runs
-
-EVAL_DIR = "eval"  # engine.launch.JOBS_DIR: the queue looks for jobs there
-SPEC_FILE = "spec.json"
-RESULTS_FILE = "results.jsonl"
-SUMMARY_FILE = "summary.json"
-REPORT_FILE = "report.md"
+from engine.evalfiles import (
+    REPORT_FILE,
+    RESULTS_FILE,
+    SPEC_FILE,
+    SUMMARY_FILE,
+    eval_root,
+    fmt_entry,
+    summary_table,
+)
 
 TEXT_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "bleu")
 METRICS = (*TEXT_METRICS, "accuracy", "loss")
@@ -552,10 +555,6 @@ def generate_answers(
 # --------------------------------------------------------------------------- the evaluation
 
 
-def eval_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / EVAL_DIR
-
-
 def check_can_start(run_dir: Path, name: str) -> None:
     """Refuse a run that is still training and a name already used."""
     status = runs.refresh_status(run_dir) if (run_dir / runs.STATUS_FILE).is_file() else {}
@@ -772,35 +771,6 @@ def finalize(eval_dir: Path, spec: EvalSpec, source: dict, skipped: dict, labels
 # --------------------------------------------------------------------------- report
 
 
-def _fmt(entry: dict | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "-"
-    low, high = entry["ci95"]
-    return f"{entry['value']:.1f} [{low:.1f}, {high:.1f}]"
-
-
-def summary_table(summary: dict) -> str:
-    """The backends x metrics table (markdown): aggregate [95% interval]."""
-    backends = summary["backends"]
-    names = []
-    for entry in backends.values():
-        names += [m for m in entry["metrics"] if m not in names]
-    lines = ["| metric | " + " | ".join(backends) + " |", "|---" * (len(backends) + 1) + "|"]
-    for metric in names:
-        cells = []
-        for entry in backends.values():
-            value = entry["metrics"].get(metric)
-            cells.append(
-                f"{value['value']:.3f} [{value['ci95'][0]:.3f}, {value['ci95'][1]:.3f}]"
-                if value and metric in ("loss", "perplexity")
-                else _fmt(value)
-            )
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    lines.append("| tokens/s | " + " | ".join(f"{e['tokens_per_s']:.1f}" for e in backends.values()) + " |")
-    lines.append("| examples | " + " | ".join(str(e["examples"]) for e in backends.values()) + " |")
-    return "\n".join(lines)
-
-
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
@@ -822,7 +792,7 @@ def render_report(summary: dict, rows: list[dict]) -> str:
     if summary["deltas"]:
         out += ["", "Mean per-example deltas [95% interval]:", ""]
         for pair, metrics in summary["deltas"].items():
-            out.append(f"- **{pair}**: " + ", ".join(f"{m} {_fmt(v)}" for m, v in metrics.items()))
+            out.append(f"- **{pair}**: " + ", ".join(f"{m} {fmt_entry(v)}" for m, v in metrics.items()))
     out += ["", "## Every answer", ""]
     backends = list(summary["backends"])
     out.append("| # | prompt | reference | " + " | ".join(backends) + " |")
@@ -915,30 +885,6 @@ def comparison_csv(entries: list[dict], backends: list[str], score: str) -> str:
 # --------------------------------------------------------------------------- jobs
 
 
-def list_evals(run_dir: str | Path) -> list[dict]:
-    """The run's evaluations, newest first: name, state, progress, partial."""
-    root = eval_root(run_dir)
-    out = []
-    if not root.is_dir():
-        return out
-    for path in root.iterdir():
-        if not (path / SPEC_FILE).is_file():
-            continue
-        status = runs.refresh_status(path) if (path / runs.STATUS_FILE).is_file() else {"state": "completed"}
-        summary = runs.read_json(path / SUMMARY_FILE) or {}
-        out.append(
-            {
-                "name": path.name,
-                "dir": str(path),
-                "state": status.get("state"),
-                "progress": status.get("progress"),
-                "partial": summary.get("partial"),
-                "created": (path / SPEC_FILE).stat().st_mtime,
-            }
-        )
-    return sorted(out, key=lambda e: e["created"], reverse=True)
-
-
 def prepare(spec: EvalSpec) -> Path:
     """Check the spec against the run and create ``RUN/eval/<name>/`` with spec.json."""
     run_dir = Path(spec.run).resolve()
@@ -997,16 +943,6 @@ def stop_job(eval_dir: str | Path, wait: bool = False, timeout: float | None = N
     from engine import launch
 
     return launch.stop(eval_dir, grace_s=60.0, wait=wait, timeout=timeout)
-
-
-def latest_summary(run_dir: str | Path) -> dict | None:
-    """The newest evaluation summary of a run (for the model card), or None."""
-    found = [
-        runs.read_json(Path(e["dir"]) / SUMMARY_FILE)
-        for e in list_evals(run_dir)
-        if (Path(e["dir"]) / SUMMARY_FILE).is_file()
-    ]
-    return found[0] if found else None
 
 
 # --------------------------------------------------------------------------- CLI

@@ -137,40 +137,22 @@ def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs, evaluation=
     # every column's history, its last user turn in the prompt box, the reference below).
     def open_example(run_id, entries, evt: gr.SelectData, request: gr.Request):
         from webui.common import escape_md
-        from webui.playground_tab import BACKENDS, Column
 
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         if not entries or row is None or not 0 <= int(row) < len(entries):
             raise gr.Error("That row is no longer shown: pick it again.")
         entry = entries[int(row)]
         run_dir = ctx.run_dir(request, run_id)
-        messages = entry["prompt"]
-        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-        earlier = [m for m in messages[:-1] if m["role"] != "system"]
-        columns = [Column(backend, history=list(earlier)) for backend in BACKENDS]
+        reference = f"**Reference answer** (example {entry['example']}):\n\n> {escape_md(entry['reference'])}"
         return (
             play.refresh(run_dir.name, request),
-            system,
-            messages[-1]["content"],
-            f"**Reference answer** (example {entry['example']}):\n\n> {escape_md(entry['reference'])}",
-            *[list(earlier) for _ in BACKENDS],
-            *columns,
+            *play.load_conversation(entry["prompt"], reference),
             gr.Tabs(selected="playground"),
         )
-
-    from webui.playground_tab import BACKENDS
 
     evaluation.table.select(
         open_example,
         inputs=[evaluation.run, evaluation.entries],
-        outputs=[
-            play.run,
-            play.system,
-            play.prompt,
-            play.reference,
-            *[play.chatbots[b] for b in BACKENDS],
-            *[play.columns[b] for b in BACKENDS],
-            tabs,
-        ],
+        outputs=[play.run, *play.load_outputs, tabs],
         show_progress="hidden",
     ).then(**reshow(play))
