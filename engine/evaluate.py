@@ -1012,7 +1012,14 @@ def run_cli(args) -> int:
                 return 0
             from engine import launch
 
-            status = launch.follow(eval_dir)
+            try:
+                status = launch.follow(eval_dir)
+            except KeyboardInterrupt:
+                print(
+                    f"\nstopped following; the evaluation goes on. Stop it: tunelab runs stop {eval_dir}",
+                    file=sys.stderr,
+                )
+                return 0
             summary = runs.read_json(eval_dir / SUMMARY_FILE)
             if summary is None:
                 print(f"evaluation {spec.name}: {status.get('state')}: {status.get('error', '')}", file=sys.stderr)
