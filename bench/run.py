@@ -28,6 +28,12 @@ def _inference(argv: list[str]) -> int:
     return bench_inference.main(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from bench import bench_eval
+
+    return bench_eval.main(argv)
+
+
 # section -> (what it measures, its entry point, the result tables it writes)
 SECTIONS = {
     "train": ("training speed and loss: tunelab vs the TRL script", _train, ("train.md",)),
@@ -35,6 +41,11 @@ SECTIONS = {
         "decode speed, time to first token and export agreement of every chat backend",
         _inference,
         ("inference.md",),
+    ),
+    "eval": (
+        "evaluation: batched greedy generation against one at a time, PyTorch and ONNX",
+        _eval,
+        ("eval.md",),
     ),
 }
 
