@@ -5,6 +5,7 @@ their state, the newest summary, and its table. Light (engine.runs only), so the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from engine import runs
@@ -14,6 +15,10 @@ SPEC_FILE = "spec.json"
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
+
+
+class EvalError(ValueError):
+    """A problem the person can fix: a bad backend name, data, check or a busy run."""
 
 
 def eval_root(run_dir: str | Path) -> Path:
@@ -81,3 +86,17 @@ def latest_summary(run_dir: str | Path) -> dict | None:
         if (Path(e["dir"]) / SUMMARY_FILE).is_file()
     ]
     return found[0] if found else None
+
+
+def read_results(eval_dir: Path) -> list[dict]:
+    path = Path(eval_dir) / RESULTS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise EvalError(f"{path}, line {number}: not JSON ({err.msg})") from err
+    return rows

@@ -65,10 +65,14 @@ from engine.evalfiles import (
     RESULTS_FILE,
     SPEC_FILE,
     SUMMARY_FILE,
+    EvalError,
     eval_root,
     fmt_entry,
+    read_results,
     summary_table,
 )
+from engine.judge import JudgeError
+from engine.util import atomic_write_text
 
 TEXT_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "bleu")
 METRICS = (*TEXT_METRICS, "accuracy", "loss")
@@ -80,10 +84,6 @@ MAX_LABELS = 20
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Backends compared example by example: (later, earlier) -> a delta "later - earlier".
 PYTORCH_BACKENDS = ("base", "tuned", "merged")
-
-
-class EvalError(ValueError):
-    """A problem the person can fix: a bad backend name, data, check or a busy run."""
 
 
 @dataclass
@@ -101,6 +101,12 @@ class EvalSpec:
     max_new_tokens: int = 128
     batch_size: int = 8
     system: str | None = None
+    # the optional pairwise judge (engine.judge): a model reference, or an OpenAI-compatible URL
+    # whose key is read from the environment variable judge_key_env (the key is never stored)
+    judge: str | None = None
+    judge_model: str = ""
+    judge_key_env: str = "OPENAI_API_KEY"
+    judge_prompt: str | None = None
 
     def __post_init__(self):
         if not self.name:
@@ -648,21 +654,30 @@ def run_evaluation(
             if on_progress:
                 on_progress(progress)
     partial = stop.is_set() or done < total
-    return finalize(eval_dir, spec, source, skipped, labels, partial=partial)
+    summary = finalize(eval_dir, spec, source, skipped, labels, partial=partial)
+    if spec.judge and not partial:
+        from engine import judge as judging
+
+        summary["judge"] = judging.run_judge(
+            eval_dir, make_judge(spec), spec.judge_prompt or judging.DEFAULT_PROMPT, say=say, stop=stop
+        )
+        atomic_write_text(eval_dir / REPORT_FILE, render_report(summary, read_results(eval_dir)))
+    return summary
 
 
-def read_results(eval_dir: Path) -> list[dict]:
-    path = Path(eval_dir) / RESULTS_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise EvalError(f"{path}, line {number}: not JSON ({err.msg})") from err
-    return rows
+def make_judge(spec: EvalSpec, key: str | None = None, shared: bool = False):
+    """The judge of ``spec``: an endpoint for an http(s) URL (its key from ``key`` or the
+    environment variable ``spec.judge_key_env``), else a local model reference."""
+    from engine import judge as judging
+
+    if spec.judge_prompt:
+        judging.check_prompt(spec.judge_prompt)
+    if str(spec.judge).startswith(("http://", "https://")):
+        if not spec.judge_model:
+            raise EvalError("judge_model: name the endpoint's model (e.g. gpt-4o-mini)")
+        url = judging.check_url(spec.judge, shared)
+        return judging.EndpointJudge(url, spec.judge_model, key or os.environ.get(spec.judge_key_env) or None)
+    return judging.LocalJudge(str(spec.judge))
 
 
 def delta_pairs(backends: list[str]) -> list[tuple[str, str]]:
@@ -729,8 +744,6 @@ def finalize(eval_dir: Path, spec: EvalSpec, source: dict, skipped: dict, labels
                 per_metric.setdefault(m, []).append(d)
         deltas_summary[f"{later} - {earlier}"] = {m: mean_with_ci(v) for m, v in per_metric.items()}
     if rows:
-        from engine.util import atomic_write_text
-
         atomic_write_text(eval_dir / RESULTS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     per_backend = {}
     for name in backends:
@@ -762,8 +775,6 @@ def finalize(eval_dir: Path, spec: EvalSpec, source: dict, skipped: dict, labels
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "interval": "95% percentile"},
     }
     runs.write_json(eval_dir / SUMMARY_FILE, summary)
-    from engine.util import atomic_write_text
-
     atomic_write_text(eval_dir / REPORT_FILE, render_report(summary, rows))
     return summary
 
@@ -793,6 +804,13 @@ def render_report(summary: dict, rows: list[dict]) -> str:
         out += ["", "Mean per-example deltas [95% interval]:", ""]
         for pair, metrics in summary["deltas"].items():
             out.append(f"- **{pair}**: " + ", ".join(f"{m} {fmt_entry(v)}" for m, v in metrics.items()))
+    verdicts = summary.get("judge")
+    if verdicts:
+        out += ["", f"Judge ({verdicts['judge']}, both orders): win / tie / loss", ""]
+        for pair, counts in verdicts["pairs"].items():
+            rates = counts["rates"]
+            text = f"{rates['win']:.0%} / {rates['tie']:.0%} / {rates['loss']:.0%}" if rates else "no verdict parsed"
+            out.append(f"- **{pair}**: {text} ({counts['unparsed']} without a verdict)")
     out += ["", "## Every answer", ""]
     backends = list(summary["backends"])
     out.append("| # | prompt | reference | " + " | ".join(backends) + " |")
@@ -926,7 +944,7 @@ def run_job(eval_dir: str | Path) -> int:
         summary = run_evaluation(
             eval_dir, spec, stop=stop, say=say, on_progress=lambda p: runs.update_status(eval_dir, progress=p)
         )
-    except EvalError as err:
+    except (EvalError, JudgeError) as err:
         say(f"error: {err}")
         runs.update_status(
             eval_dir, state="failed", error=str(err), error_class=runs.ERROR_CONFIG, ended_at=time.time()
@@ -979,6 +997,19 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--foreground", action="store_true", help="Evaluate in this process instead of the background queue."
     )
     parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
+    parser.add_argument(
+        "--judge",
+        help="Pairwise judge (tuned vs base, ONNX vs tuned): a model reference, or an OpenAI-compatible URL.",
+    )
+    parser.add_argument("--judge-model", default="", help="The endpoint's model name (with a URL --judge).")
+    parser.add_argument(
+        "--judge-key-env",
+        default=defaults.judge_key_env,
+        help="Environment variable holding the endpoint's key (never stored).",
+    )
+    parser.add_argument(
+        "--judge-prompt", help="A file with the judge prompt ({question} {reference} {answer_a} {answer_b})."
+    )
     parser.add_argument("--job", help=argparse.SUPPRESS)
 
 
@@ -1001,7 +1032,13 @@ def run_cli(args) -> int:
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
+            judge=args.judge,
+            judge_model=args.judge_model,
+            judge_key_env=args.judge_key_env,
+            judge_prompt=Path(args.judge_prompt).read_text(encoding="utf-8") if args.judge_prompt else None,
         )
+        if spec.judge:
+            make_judge(spec)  # a bad URL or prompt is said now
         if args.foreground:
             eval_dir = prepare(spec)
             summary = run_evaluation(eval_dir, spec, say=lambda m: print(m, file=sys.stderr, flush=True))
@@ -1024,7 +1061,7 @@ def run_cli(args) -> int:
             if summary is None:
                 print(f"evaluation {spec.name}: {status.get('state')}: {status.get('error', '')}", file=sys.stderr)
                 return 1
-    except (EvalError, runs.RunError) as err:
+    except (EvalError, runs.RunError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:

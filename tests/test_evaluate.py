@@ -119,11 +119,15 @@ def test_a_training_run_and_a_used_name_are_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, tmp_path_factory) -> Path:
+def adapter_run(tiny_model_dir, tmp_path_factory) -> Path:
     base = chat_base(tiny_model_dir, tmp_path_factory.getbasetemp())
-    run_dir = shared_adapter_run(tmp_path_factory.getbasetemp(), base)
-    export.export_onnx(run_dir, "fp32")
-    return run_dir
+    return shared_adapter_run(tmp_path_factory.getbasetemp(), base)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(adapter_run) -> Path:
+    export.export_onnx(adapter_run, "fp32")
+    return adapter_run
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +258,80 @@ def test_a_queued_job_reports_progress_and_stops_keeping_its_answers(tiny_run, c
     assert summary["partial"] is True and 2 <= len(rows) < 60
     assert summary["backends"]["base"]["examples"] == len(rows)
     assert "**Partial**" in (eval_dir / evaluate.REPORT_FILE).read_text()
+
+
+# --------------------------------------------------------------------------- the judge
+
+
+def test_judge_verdicts_urls_and_keys():
+    from engine import judge
+
+    assert judge.parse_verdict("A is closer.\nVerdict: B") == "B"
+    assert judge.parse_verdict("**Verdict:** tie") == "tie"
+    assert judge.parse_verdict("I cannot decide.") is None
+    assert [judge.combine(*v) for v in (("A", "B"), ("A", "A"), ("B", "A"), ("tie", "tie"), ("A", None))] == [
+        "win",
+        "tie",
+        "loss",
+        "tie",
+        None,
+    ]
+    for private in ("http://127.0.0.1:8000/v1", "http://10.1.2.3/v1", "http://[::1]/v1", "http://169.254.169.254/"):
+        with pytest.raises(judge.JudgeError, match="not a public address"):
+            judge.check_url(private, shared=True)
+    assert judge.check_url("http://127.0.0.1:8000/v1/", shared=False) == "http://127.0.0.1:8000/v1"
+    with pytest.raises(judge.JudgeError, match="must contain"):
+        judge.check_prompt("Which is better, {answer_a} or {answer_b}?")
+    unreachable = judge.EndpointJudge("http://127.0.0.1:9/v1", "m", key="sk-do-not-leak", timeout_s=2)
+    with pytest.raises(judge.JudgeError) as err:
+        unreachable.ask("hello")
+    assert "sk-do-not-leak" not in str(err.value)
+
+
+class _AlwaysA:
+    """A judge with nothing but a position bias: it always prefers the first answer."""
+
+    label = "always A"
+
+    def ask(self, prompt: str) -> str:
+        return "The first one.\nVerdict: A"
+
+
+def test_asking_both_orders_cancels_a_position_bias(adapter_run, chats_file):
+    from engine import judge
+
+    name = f"judge-{time.time_ns()}"
+    spec = EvalSpec(run=str(adapter_run), name=name, backends=["base", "tuned"], data=str(chats_file), max_new_tokens=8)
+    spec.metrics = ["rouge_l"]
+    eval_dir = evaluate.prepare(spec)
+    evaluate.run_evaluation(eval_dir, spec, say=lambda m: None)
+    verdicts = judge.run_judge(eval_dir, _AlwaysA(), say=lambda m: None)
+    pair = verdicts["pairs"]["tuned vs base"]
+    assert pair["tie"] == len(CHATS) * 2 and pair["rates"] == {"win": 0.0, "tie": 1.0, "loss": 0.0}
+
+
+def test_judge_with_a_tiny_local_model(adapter_run, chats_file, tmp_path_factory):
+    from engine import judge
+
+    base = chat_base(None, tmp_path_factory.getbasetemp())  # cached by the adapter_run fixture
+    name = f"local-judge-{time.time_ns()}"
+    spec = EvalSpec(
+        run=str(adapter_run),
+        name=name,
+        backends=["base", "tuned"],
+        data=str(chats_file),
+        limit=2,
+        max_new_tokens=8,
+        metrics=["rouge_l"],
+        judge=str(base),
+    )
+    summary = evaluate.run_evaluation(evaluate.prepare(spec), spec, say=lambda m: None)
+    eval_dir = adapter_run / "eval" / name
+    lines = [json.loads(line) for line in (eval_dir / judge.JUDGE_FILE).read_text().splitlines()]
+    assert [(e["example"], e["compared"], e["against"]) for e in lines] == [(0, "tuned", "base"), (1, "tuned", "base")]
+    assert all(len(e["reasons"]) == 2 and len(e["verdicts"]) == 2 for e in lines)  # both orders, reasons kept
+    counts = summary["judge"]["pairs"]["tuned vs base"]
+    assert sum(counts[k] for k in ("win", "tie", "loss", "unparsed")) == 2
+    assert summary["judge"]["prompt"] == judge.DEFAULT_PROMPT
+    assert json.loads((eval_dir / evaluate.SUMMARY_FILE).read_text())["judge"]["pairs"] == summary["judge"]["pairs"]
+    assert "Judge (local model" in (eval_dir / evaluate.REPORT_FILE).read_text()
