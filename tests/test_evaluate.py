@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tiny_runs import CHATS, chat_base, shared_adapter_run
 
-from engine import evaluate, export, runs
+from engine import evalfiles, evaluate, export, runs
 from engine.evaluate import EvalError, EvalSpec
 
 # sacrebleu's README example: three hypotheses, two reference streams.
@@ -183,7 +183,7 @@ def test_end_to_end_over_base_tuned_and_onnx(tiny_run, chats_file, capsys):
         )
     report = (eval_dir / "report.md").read_text()
     assert "| rouge_l |" in report and "Skipped onnx-int8" in report and CHATS[1][1] in report
-    assert evaluate.latest_summary(tiny_run)["name"] == name
+    assert evalfiles.latest_summary(tiny_run)["name"] == name
     # the name is taken now
     assert cli.main(argv) == 2
     assert "exists" in capsys.readouterr().err
@@ -245,7 +245,7 @@ def test_a_queued_job_reports_progress_and_stops_keeping_its_answers(tiny_run, c
     found = None
     while time.time() < deadline:
         # what a reloaded page does: find the run's evaluations and their progress
-        found = next(e for e in evaluate.list_evals(tiny_run) if e["name"] == name)
+        found = next(e for e in evalfiles.list_evals(tiny_run) if e["name"] == name)
         if found["state"] in runs.FINAL_STATES or (found["progress"] or {}).get("done", 0) >= 2:
             break
         time.sleep(0.5)

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
-from engine import evaluate, runs
+from engine import evalfiles, evaluate, runs
 from webui.common import AppContext, engine_errors, escape_md, fmt_duration, launch_standalone, plot_frame
 from webui.links import standalone_tab
 from webui.playground_tab import run_picker
@@ -168,7 +168,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     def results_view(run_id, eval_name, score_v, view_v, request):
         """Everything shown about one evaluation; the timer runs while it is queued or running."""
         run_dir = ctx.run_dir(request, run_id)
-        info = next((e for e in evaluate.list_evals(run_dir) if e["name"] == eval_name), None)
+        info = next((e for e in evalfiles.list_evals(run_dir) if e["name"] == eval_name), None)
         path = evaluate.eval_root(run_dir) / str(eval_name) if info else None
         summary = runs.read_json(path / evaluate.SUMMARY_FILE) if path else None
         active = bool(info and info["state"] in ("created", "queued", "running"))
@@ -204,7 +204,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             return gr.CheckboxGroup(choices=[], value=[]), gr.Dropdown(choices=[], value=None)
         run_dir = ctx.run_dir(request, run_id)
         names, ready = run_backends(run_dir)
-        evals = [e["name"] for e in evaluate.list_evals(run_dir)]
+        evals = [e["name"] for e in evalfiles.list_evals(run_dir)]
         return (
             gr.CheckboxGroup(choices=names, value=ready),
             gr.Dropdown(choices=evals, value=evals[0] if evals else None),
@@ -234,7 +234,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         )
         evaluate.load_examples(run_dir, spec)  # a bad file or split is said now, not by the job
         evaluate.submit(spec)
-        evals = [e["name"] for e in evaluate.list_evals(run_dir)]
+        evals = [e["name"] for e in evalfiles.list_evals(run_dir)]
         gr.Info(f"Evaluation {spec.name} queued.")
         return gr.Dropdown(choices=evals, value=spec.name), gr.Timer(active=True)
 
