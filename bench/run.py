@@ -40,6 +40,12 @@ def _serve(argv: list[str]) -> int:
     return bench_serve.main(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from bench import bench_eval
+
+    return bench_eval.main(argv)
+
+
 # section -> (what it measures, its entry point, the result tables it writes)
 SECTIONS = {
     "train": ("training speed and loss: tunelab vs the TRL script", _train, ("train.md",)),
@@ -53,6 +59,11 @@ SECTIONS = {
         "the OpenAI-compatible API under 1, 4 and 8 concurrent streaming clients",
         _serve,
         ("serve.md",),
+    ),
+    "eval": (
+        "evaluation: batched greedy generation against one at a time, PyTorch and ONNX",
+        _eval,
+        ("eval.md",),
     ),
 }
 

@@ -21,6 +21,7 @@ COMMANDS = {
     "export": ("engine.export", "Merge a run's adapter and/or export it to ONNX, with a parity report."),
     "chat": ("engine.inference", "Chat with a run's base, tuned or ONNX model in the terminal."),
     "serve": ("engine.serve", "Serve a run's model over an OpenAI-compatible API (/v1/chat/completions)."),
+    "eval": ("engine.evaluate", "Evaluate a run's backends over a dataset: metrics, intervals, every answer."),
     "runs": ("engine.runs_cli", "List the runs in a runs directory."),
     "push": ("engine.hub", "Push a run's adapter, merged model or ONNX export to the Hugging Face Hub."),
 }

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.evalfiles import latest_summary, summary_table
 from engine.util import HubIdError, check_hub_id, dir_size, fmt_bytes, is_hub_id
 
 ARTIFACTS = ("adapter", "model", "merged", "onnx-int4", "onnx-int8", "onnx-fp32")
@@ -272,6 +273,7 @@ def run_facts(run_dir: str | Path) -> dict:
         "data_counts": _data_counts(run_dir),
         "parity": _read_json(run_dir / "export" / "parity.json"),
         "base": base_model_info(cfg.model.name_or_path),
+        "evaluation": latest_summary(run_dir),
     }
 
 
@@ -481,6 +483,26 @@ def _results_section(facts: dict) -> list[str]:
     if len(lines) == 2:
         lines.append("No losses were recorded (metrics.jsonl and eval.json are missing).")
     return lines + [""]
+
+
+def _evaluation_section(facts: dict) -> list[str]:
+    """The run's newest evaluation (engine.evaluate, ``tunelab eval``): its table of metrics."""
+    summary = facts.get("evaluation")
+    if not summary or not summary.get("backends"):
+        return []
+    source = summary.get("source") or {}
+    data = Path(str(source.get("data") or "")).name or "the data"
+    lines = [
+        "## Evaluation",
+        "",
+        f"`tunelab eval` ({summary.get('name')}): {source.get('examples')} examples of `{data}` "
+        f"({source.get('split')}), greedy answers scored against the references; every text score is "
+        "0-100, with a bootstrap 95% interval.",
+    ]
+    if summary.get("partial"):
+        lines += ["", "Partial: the evaluation was stopped before the end."]
+    lines += ["", summary_table(summary), ""]
+    return lines
 
 
 def _parity_section(facts: dict, artifact: str, artifact_path: Path | None) -> list[str]:
@@ -730,6 +752,7 @@ def model_card(run_dir: str | Path, artifact: str = "adapter", repo_id: str | No
     lines += _method_section(facts)
     lines += _hyper_section(facts)
     lines += _results_section(facts)
+    lines += _evaluation_section(facts)
     lines += _parity_section(facts, artifact, path)
     lines += _usage_section(facts, artifact, repo_id, path)
     lines += _config_section(facts)

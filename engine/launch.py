@@ -33,6 +33,7 @@ from pathlib import Path
 from engine import runs
 
 QUEUE_LOCK = ".queue.lock"
+JOBS_DIR = "eval"  # RUN/eval/<name>/: evaluation jobs, queued with the trainings (engine.evaluate)
 USERS_DIR = "users"  # the web app's per-user runs directories live under <runs>/users/
 POLL_S = 0.5
 DEFAULT_GRACE_S = 120.0
@@ -184,6 +185,19 @@ def check_trackers(config) -> None:
             "training.report_to",
             "; ".join(f"{name} is not installed here ({hint})" for name, hint in absent),
         )
+
+
+def submit_job(job_dir: str | Path, command: list[str]) -> Path:
+    """Queue another heavy job (an evaluation, engine.evaluate) in the training queue: a
+    directory with status.json under ``RUN/eval/``, its command run by the same supervisor,
+    one job at a time with the trainings of the same runs directory; stopped by :func:`stop`."""
+    _reap()
+    job_dir = Path(job_dir).resolve()
+    (job_dir / runs.COMMAND_FILE).write_text(shlex.join(command) + "\n", encoding="utf-8")
+    if not (job_dir / runs.STATUS_FILE).is_file():
+        runs.update_status(job_dir, state="created")
+    _start_supervisor(job_dir)
+    return job_dir
 
 
 def resume(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
@@ -338,19 +352,26 @@ def queue_root(run_dir: Path) -> Path:
     per-user layout (``<runs>/users/<user>/<run>``), the top runs directory, so several
     users' trainings still run one at a time on the machine."""
     parent = run_dir.parent
+    if parent.name == JOBS_DIR and (parent.parent / runs.STATUS_FILE).is_file():  # RUN/eval/<name>
+        return queue_root(parent.parent)
     if parent.parent.name == USERS_DIR:
         return parent.parent.parent
     return parent
 
 
 def queue_members(root: Path):
-    """Every run directory that shares ``root``'s queue."""
-    yield from (p for p in root.iterdir() if (p / runs.STATUS_FILE).is_file())
+    """Every run directory (and job directory under RUN/eval/) that shares ``root``'s queue."""
+    run_dirs = [p for p in root.iterdir() if (p / runs.STATUS_FILE).is_file()]
     users = root / USERS_DIR
     if users.is_dir():
         for user in users.iterdir():
             if user.is_dir():
-                yield from (p for p in user.iterdir() if (p / runs.STATUS_FILE).is_file())
+                run_dirs += [p for p in user.iterdir() if (p / runs.STATUS_FILE).is_file()]
+    for run_dir in run_dirs:
+        yield run_dir
+        jobs = run_dir / JOBS_DIR
+        if jobs.is_dir():
+            yield from (p for p in jobs.iterdir() if (p / runs.STATUS_FILE).is_file())
 
 
 def _reap() -> None:

@@ -357,3 +357,62 @@ def test_dpo_on_the_public_demo_pairs_in_the_browser(app, page, shared_datasets)
     config = runs.read_json(Path(run["path"]) / "status.json")
     assert config["stage"] == "dpo" and config["state"] == "completed"
     assert runs.read_json(Path(run["path"]) / runs.DATA_FILE)["stage"] == "dpo"
+
+
+def test_evaluate_tab_starts_compares_filters_and_opens_a_row(app, page, chat_model):
+    """An evaluation started from the page runs in the background queue; its table, filters
+    and downloads come from the results, and a clicked row opens in the playground."""
+    import json
+
+    from tiny_runs import CHATS, make_adapter_run
+
+    from engine import evaluate, runs
+
+    url, runs_dir = app
+    run_dir = make_adapter_run(runs_dir, chat_model, name="20260101-000000-lora-eval", scale=0.05)
+    runs.update_status(run_dir, state="completed")
+    data = runs_dir.parent / "chats.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in CHATS
+        )
+    )
+    page.goto(url)
+    _tab(page, "6. Evaluate")
+    page.locator("#eval-backends").get_by_text("tuned").wait_for()
+    page.locator("#eval-data input, #eval-data textarea").first.fill(str(data))
+    page.get_by_text("Checks and settings").click()
+    page.locator("#eval-checks textarea").fill("starts_with:Hello")
+    _set_number(page, "eval-max-new", 12)
+    page.locator("#eval-name input, #eval-name textarea").first.fill("from-page")
+    page.locator("#eval-start").click()
+    progress = page.locator("#eval-progress")
+    _wait_until(page, lambda: "completed" in progress.inner_text(), timeout_s=240, what="the evaluation")
+    page.locator("#eval-summary").get_by_text("rouge_l").wait_for()
+    rows = evaluate.read_results(run_dir / "eval" / "from-page")
+    assert {r["backend"] for r in rows} == {"base", "tuned"}  # onnx-int4 was not offered: no export
+    table = page.locator("#eval-table")
+    _wait_until(page, lambda: table.get_by_text(CHATS[2][0], exact=True).count() > 0, what="the table")
+
+    # The filter shows what the engine's comparison keeps for it.
+    page.locator("#eval-filter").get_by_text("tuned worse than base").click()
+    kept = evaluate.comparison(rows, ["base", "tuned"], "starts_with:Hello", "tuned worse than base")
+    _wait_until(
+        page,
+        lambda: all(
+            table.get_by_text(q, exact=True).count() == (q in [e["prompt"][-1]["content"] for e in kept])
+            for q, _ in CHATS
+        ),
+        what="the filtered table",
+    )
+    page.locator("#eval-filter").get_by_text("all examples").click()
+    _wait_until(page, lambda: table.get_by_text(CHATS[0][0], exact=True).count() > 0, what="every row again")
+    page.locator("#eval-dl-csv").click()
+    _wait_until(page, lambda: "from-page" in page.locator("#eval-files").inner_text(), what="the CSV download")
+    _shot(page, "evaluate")
+
+    # A click on a row: the playground with that prompt and its reference.
+    table.get_by_text(CHATS[1][0], exact=True).first.click()
+    _wait_until(page, lambda: page.locator("#play-prompt textarea").input_value() == CHATS[1][0], what="the playground")
+    assert CHATS[1][1] in page.locator("#play-reference").inner_text()

@@ -492,3 +492,39 @@ def test_cli_card_only_prints_the_card_for_a_run_id(tmp_path, capsys):
     assert _cli([run.name[:15], "--runs-dir", str(run.parent), "--repo", "my-org/pip-lora", "--card-only"]) == 0
     out = capsys.readouterr().out
     assert front_matter(out)["library_name"] == "peft" and "108 train / 12 validation" in out
+
+
+def test_card_includes_the_latest_evaluation(tmp_path):
+    import json
+
+    from engine import evaluate
+
+    run = make_run(tmp_path)
+    spec = evaluate.EvalSpec(run=str(run), name="pip-check", backends=["base", "tuned"], checks=["starts_with:Pip"])
+    eval_dir = evaluate.prepare(spec)
+    rows = []
+    for i, (base_answer, tuned_answer) in enumerate([("Hi.", "Pip here! Hi."), ("Hello.", "Pip here! Hello.")]):
+        for backend, answer in (("base", base_answer), ("tuned", tuned_answer)):
+            scores = evaluate.score_answer(
+                answer, "Pip here! Hi.", ["rouge_l"], [evaluate.parse_check("starts_with:Pip")], None
+            )
+            rows.append(
+                {
+                    "example": i,
+                    "backend": backend,
+                    "prompt": [{"role": "user", "content": "Hi"}],
+                    "reference": "Pip here! Hi.",
+                    "answer": answer,
+                    "scores": scores,
+                    "tokens_per_s": 10.0,
+                }
+            )
+    (eval_dir / evaluate.RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = {"data": str(tmp_path / "private" / "pip_chat.jsonl"), "split": "validation", "examples": 2}
+    summary = evaluate.finalize(eval_dir, spec, source, {}, None)
+    card = hub.model_card(run, "adapter", "my-org/pip-lora")
+    assert "## Evaluation" in card and "2 examples of `pip_chat.jsonl` (validation)" in card
+    assert evaluate.summary_table(summary) in card
+    assert summary["backends"]["tuned"]["metrics"]["starts_with:Pip"]["value"] == 100.0
+    assert "| starts_with:Pip | 0.0 [0.0, 0.0] | 100.0 [100.0, 100.0] |" in card
+    assert str(tmp_path) not in card

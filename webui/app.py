@@ -2,7 +2,7 @@
 
 Each tab lives in its own module with a ``build(ctx, links)`` that lays out its widgets in
 the current Blocks and a ``create(ctx)`` that wraps it in a ``gr.Blocks`` of its own, so a
-tab can be launched alone (``python -m webui.data_tab``). This module renders the five tabs
+tab can be launched alone (``python -m webui.data_tab``). This module renders the six tabs
 in one page and connects the few things that cross tabs (the dataset chosen on the Data tab
 feeds the Train tab; "open in playground" switches tabs).
 
@@ -27,7 +27,7 @@ import sys
 from engine.config import CHAT_CONCURRENCY, SERVE_API_KEY_ENV
 from webui.common import AppContext, launch_and_serve, launch_kwargs
 
-TAB_IDS = ("data", "train", "playground", "export", "runs")
+TAB_IDS = ("data", "train", "playground", "export", "runs", "evaluate")
 
 
 def add_cli_arguments(parser) -> None:
@@ -115,7 +115,7 @@ def build_app(ctx: AppContext):
     """The whole app as one gr.Blocks (not launched)."""
     import gradio as gr
 
-    from webui import data_tab, export_tab, playground_tab, runs_tab, train_tab
+    from webui import data_tab, evaluate_tab, export_tab, playground_tab, runs_tab, train_tab
     from webui.links import Links, connect_tabs, user_banner
 
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -150,14 +150,17 @@ def build_app(ctx: AppContext):
                 export = export_tab.build(ctx, links)
             with gr.Tab("5. Runs", id="runs") as t_runs:
                 runs = runs_tab.build(ctx, links)
+            with gr.Tab("6. Evaluate", id="evaluate") as t_eval:
+                evaluation = evaluate_tab.build(ctx, links)
         connect_tabs(
             ctx,
             tabs,
-            tab_of={"playground": t_play, "export": t_export, "runs": t_runs},
+            tab_of={"playground": t_play, "export": t_export, "runs": t_runs, "evaluate": t_eval},
             train=train,
             play=play,
             export=export,
             runs=runs,
+            evaluation=evaluation,
         )
     return demo
 

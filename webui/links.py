@@ -113,7 +113,7 @@ def user_banner(ctx):
     return whoami
 
 
-def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs) -> None:
+def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs, evaluation=None) -> None:
     """Wire what leads from one tab to another (call inside the app's Blocks)."""
 
     # Tabs that list runs refresh their pickers when shown (runs appear while the app lives), and
@@ -156,3 +156,32 @@ def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs) -> None:
     train.open_export.click(
         open_run(export.refresh, "export"), inputs=train.run_dir, outputs=[export.run, tabs], show_progress="hidden"
     ).then(**reshow(export))
+    if evaluation is None:
+        return
+    tab_of["evaluate"].select(
+        evaluation.refresh, inputs=[evaluation.run], outputs=[evaluation.run], show_progress="hidden"
+    ).then(**reshow(evaluation))
+
+    # Evaluate -> Playground: a clicked row's conversation is loaded there (earlier turns in
+    # every column's history, its last user turn in the prompt box, the reference below).
+    def open_example(run_id, entries, evt: gr.SelectData, request: gr.Request):
+        from webui.common import escape_md
+
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if not entries or row is None or not 0 <= int(row) < len(entries):
+            raise gr.Error("That row is no longer shown: pick it again.")
+        entry = entries[int(row)]
+        run_dir = ctx.run_dir(request, run_id)
+        reference = f"**Reference answer** (example {entry['example']}):\n\n> {escape_md(entry['reference'])}"
+        return (
+            play.refresh(run_dir.name, request),
+            *play.load_conversation(entry["prompt"], reference),
+            gr.Tabs(selected="playground"),
+        )
+
+    evaluation.table.select(
+        open_example,
+        inputs=[evaluation.run, evaluation.entries],
+        outputs=[play.run, *play.load_outputs, tabs],
+        show_progress="hidden",
+    ).then(**reshow(play))

@@ -393,9 +393,25 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     )
     if links.tabs is not None:
         fix_buttons["tuned"].click(lambda: gr.Tabs(selected="train"), outputs=links.tabs)
+
+    def load_conversation(messages: list[dict], reference_text: str) -> list:
+        """Values for ``load_outputs`` that put a conversation in the tab: its system prompt,
+        its earlier turns in every column's history, its last user turn in the prompt box."""
+        system_v = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        earlier = [m for m in messages[:-1] if m["role"] != "system"]
+        return [
+            system_v,
+            messages[-1]["content"],
+            reference_text,
+            *[list(earlier) for _ in BACKENDS],
+            *[Column(b, history=list(earlier)) for b in BACKENDS],
+        ]
+
     return SimpleNamespace(
         run=run,
         refresh=refresh,
+        load_conversation=load_conversation,
+        load_outputs=[system, prompt, reference, *(chatbots[b] for b in BACKENDS), *columns],
         prompt=prompt,
         send=send_btn,
         chatbots=chatbots,
