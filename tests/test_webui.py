@@ -110,7 +110,7 @@ def test_multi_user_mode_gives_each_user_a_runs_directory(monkeypatch, tmp_path)
 
 
 @pytest.mark.parametrize("demo", ["", "1"])
-def test_the_whole_app_builds_with_five_tabs(tmp_path, monkeypatch, demo):
+def test_the_whole_app_builds_with_six_tabs(tmp_path, monkeypatch, demo):
     import gradio as gr
 
     monkeypatch.setenv("TUNELAB_DEMO", demo)
@@ -120,13 +120,15 @@ def test_the_whole_app_builds_with_five_tabs(tmp_path, monkeypatch, demo):
 
     app = build_app(AppContext(runs_dir=tmp_path / "runs"))
     tabs = [b for b in app.blocks.values() if isinstance(b, gr.Tab)]
-    assert [t.id for t in tabs] == ["data", "train", "playground", "export", "runs"]
+    assert [t.id for t in tabs] == ["data", "train", "playground", "export", "runs", "evaluate"]
     methods = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "train-method")
     assert [v for _, v in methods.choices] == (["lora", "dora"] if demo else ["lora", "qlora", "dora", "full"])
     assert (tmp_path / "runs").is_dir()
 
 
-@pytest.mark.parametrize("module", ["data_tab", "train_tab", "playground_tab", "export_tab", "runs_tab"])
+@pytest.mark.parametrize(
+    "module", ["data_tab", "train_tab", "playground_tab", "export_tab", "runs_tab", "evaluate_tab"]
+)
 def test_each_tab_builds_alone(module, tmp_path):
     import importlib
 
