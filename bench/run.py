@@ -28,6 +28,12 @@ def _inference(argv: list[str]) -> int:
     return bench_inference.main(argv)
 
 
+def _exports(argv: list[str]) -> int:
+    from bench import bench_exports
+
+    return bench_exports.main(argv)
+
+
 # section -> (what it measures, its entry point, the result tables it writes)
 SECTIONS = {
     "train": ("training speed and loss: tunelab vs the TRL script", _train, ("train.md",)),
@@ -35,6 +41,11 @@ SECTIONS = {
         "decode speed, time to first token and export agreement of every chat backend",
         _inference,
         ("inference.md",),
+    ),
+    "exports": (
+        "every ONNX export variant of a short cpu-lora run: size, speed, agreement, perplexity change, verdict",
+        _exports,
+        ("exports.md",),
     ),
 }
 

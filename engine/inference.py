@@ -55,10 +55,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config import ONNX_VARIANTS
 from engine.templates import END_OF_TURN_MARKERS, end_of_turn_ids, inference_template
 
 BACKENDS = ("base", "tuned", "onnx")
-ONNX_PRECISIONS = ("int4", "int8", "fp32")
+ONNX_PRECISIONS = ONNX_VARIANTS  # RUN/export/onnx-<variant>; backend name "onnx-<variant>"
 ROLES = ("system", "user", "assistant")
 MAX_LOADED = int(os.environ.get("TUNELAB_MAX_LOADED_MODELS", "4"))
 
@@ -777,6 +778,18 @@ class Target:
         return self.onnx_dir or self.adapter_dir or self.model_dir
 
 
+def _auto_choice(export_dir: Path) -> list[str]:
+    """The variant auto mode kept, as recorded in export/parity.json (empty when none)."""
+    path = export_dir / "parity.json"
+    if not path.is_file():
+        return []
+    try:
+        chosen = (json.loads(path.read_text(encoding="utf-8")).get("auto") or {}).get("chosen")
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [chosen] if isinstance(chosen, str) else []
+
+
 def _run_config(run_dir: Path):
     from engine.config import RunConfig
 
@@ -784,9 +797,12 @@ def _run_config(run_dir: Path):
 
 
 def find_onnx_export(run_dir: Path, precision: str | None = None) -> Path:
-    """``run/export/onnx-<precision>``; without a precision the first of int4, int8, fp32."""
+    """``run/export/onnx-<precision>`` (any variant, e.g. ``int4-hqq``); without a precision the
+    one auto mode kept (export/parity.json), else the first present in ONNX_VARIANTS order."""
     export_dir = Path(run_dir) / "export"
-    choices = [precision] if precision else list(ONNX_PRECISIONS)
+    if precision and precision.startswith("onnx-"):
+        precision = precision.removeprefix("onnx-")
+    choices = [precision] if precision else [*_auto_choice(export_dir), *ONNX_PRECISIONS]
     for p in choices:
         candidate = export_dir / f"onnx-{p}"
         if (candidate / "genai_config.json").is_file():
@@ -978,7 +994,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=ONNX_PRECISIONS,
         default=None,
-        help="ONNX export to use (default: int4, else int8, else fp32).",
+        help="ONNX export variant to use (default: the one auto mode kept, else int4, int8, fp32 in that order).",
     )
     parser.add_argument("--prompt", default=None, help="Answer this one message and exit (default: interactive chat).")
     parser.add_argument("--system", default=None, help="System prompt.")

@@ -28,6 +28,7 @@ from typing import Any
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
 from engine import security
+from engine.config import ONNX_VARIANTS
 from webui.common import (
     AppContext,
     engine_errors,
@@ -80,6 +81,21 @@ def backend_availability(run_dir: str | None, backend: str, onnx_precision: str 
             "(about a minute for the default model), or on the **Export** tab."
         )
     return True, ""
+
+
+def onnx_header(run_dir: str | None, onnx_precision: str) -> str:
+    """The ONNX column's title: the export variant and its verdict from the parity report."""
+    from engine.export import export_verdicts
+
+    title = f"{TITLES['onnx']}: onnx-{onnx_precision}"
+    if not run_dir:
+        return title
+    judged = export_verdicts(Path(run_dir)).get(f"onnx-{onnx_precision}")
+    if judged:
+        return f"{title}, {judged}"
+    if (Path(run_dir) / "export" / f"onnx-{onnx_precision}").is_dir():
+        return f"{title}, verdict not measured yet"
+    return title
 
 
 @dataclass
@@ -156,9 +172,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             info="The tuned columns use this run's adapter and its ONNX export",
         )
         onnx_precision = gr.Dropdown(
-            ["int4", "int8", "fp32"],
+            list(ONNX_VARIANTS),
             value="int4",
-            label="ONNX precision",
+            label="ONNX export",
             scale=1,
             min_width=110,
             elem_id="play-onnx-precision",
@@ -226,6 +242,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             out.append(gr.Markdown(why, visible=not ok))
             if backend in fix_buttons:
                 out.append(gr.Button(visible=not ok and (backend != "tuned" or links.tabs is not None)))
+        out.append(gr.Chatbot(label=onnx_header(run_dir, onnx_prec)))
         return out
 
     availability_outputs = []
@@ -233,6 +250,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         availability_outputs.append(notices[backend])
         if backend in fix_buttons:
             availability_outputs.append(fix_buttons[backend])
+    availability_outputs.append(chatbots["onnx"])  # its header names the export and its verdict
 
     def take_prompt(text):
         text = (text or "").strip()
