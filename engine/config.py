@@ -350,6 +350,9 @@ ONNX_VARIANTS = (
 # these in this order, fastest decode first, and keeps the first whose verdict is faithful.
 # The order is measured on the embedded model (bench/, docs in README "ONNX export").
 AUTO_ORDER = ("int4-hqq", "int4-gptq", "int4-kquant-mixed", "int4-rtn-last", "int8", "fp32")
+# The base model in fp32 with LoRA inputs, and the run's LoRA as an ONNX Runtime GenAI adapter
+# file in its adapters/ folder (tunelab export RUN --adapter-file): RUN/export/onnx-lora-fp32.
+ONNX_LORA_BASE = "lora-fp32"
 DEFAULT_ONNX_PRECISION = "auto"
 VERDICTS = ("faithful", "degraded", "broken", "unmeasured")
 

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.config import AUTO_ORDER, DEFAULT_ONNX_PRECISION, ONNX_VARIANTS, ExportGate
+from engine.config import AUTO_ORDER, DEFAULT_ONNX_PRECISION, ONNX_LORA_BASE, ONNX_VARIANTS, ExportGate
 from engine.util import atomic_dir, dir_size, fmt_bytes, load_tokenizer
 
 FORMATS = ("merged", "onnx")
@@ -316,13 +316,12 @@ def builder_command(
         str(cache_dir),
     ]
     options = []
-    if precision in ("int4", "int8"):
-        if block_size:
-            options.append(f"block_size={int(block_size)}")
-        for key, value in (extra or {}).items():
-            if isinstance(value, (list, tuple)):
-                value = ",".join(str(v) for v in value)
-            options.append(f"{key}={value}")
+    if precision in ("int4", "int8") and block_size:
+        options.append(f"block_size={int(block_size)}")
+    for key, value in (extra or {}).items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        options.append(f"{key}={value}")
     if options:
         cmd += ["--extra_options", *options]
     return cmd
@@ -702,6 +701,104 @@ def export_onnx(
     )
 
 
+# --------------------------------------------------------------------------- LoRA adapter files
+
+LORA_BASE = ONNX_LORA_BASE  # RUN/export/onnx-lora-fp32: the base with LoRA inputs (backend name onnx-lora-fp32)
+ADAPTERS_DIR = "adapters"  # ... and its adapters/<run>.onnx_adapter
+
+
+def split_lora_weights(onnx_dir: Path, adapter_file: Path) -> int:
+    """Turn the LoRA weights the builder baked into ``onnx_dir/model.onnx`` into graph inputs
+    (their rank dimension free) and write their values to ``adapter_file`` with onnxruntime's
+    AdapterFormat; onnxruntime-genai's og.Adapters feeds them back at run time. Returns the
+    number of LoRA tensors."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    path = onnx_dir / "model.onnx"
+    model = onnx.load(str(path))
+    params = {}
+    kept = []
+    for init in model.graph.initializer:
+        is_a, is_b = ".lora_A." in init.name, ".lora_B." in init.name
+        if not (is_a or is_b):
+            kept.append(init)
+            continue
+        values = numpy_helper.to_array(init)
+        params[init.name] = ort.OrtValue.ortvalue_from_numpy(values.copy())
+        shape: list[Any] = list(values.shape)
+        shape[1 if is_a else 0] = "lora_rank"
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, shape))
+    if not params:
+        raise ExportError(f"{path}: the model builder wrote no LoRA weights (lora_A/lora_B) to split off")
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for old in onnx_dir.glob("model.onnx*"):
+        old.unlink()
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data"
+    )
+    adapter_file.parent.mkdir(parents=True, exist_ok=True)
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters(params)
+    adapter.export_adapter(str(adapter_file))
+    return len(params)
+
+
+def export_adapter_file(
+    run_dir: str | Path,
+    *,
+    progress: Progress | None = None,
+    force: bool = False,
+    stop: threading.Event | None = None,
+) -> dict:
+    """Export a LoRA run for ONNX Runtime GenAI's multi-LoRA (og.Adapters): the base model in
+    fp32 with LoRA inputs in ``RUN/export/onnx-lora-fp32`` (the same for every run of one base
+    and target modules) and the run's adapter as ``adapters/<run>.onnx_adapter`` beside it."""
+    say = _say(progress)
+    run_dir = Path(run_dir)
+    source = run_source(run_dir)
+    cfg = source["config"]
+    if source["kind"] != "adapter":
+        raise ExportError(
+            f"{run_dir.name} is a full fine-tune: it has no adapter to export on its own; export the whole "
+            "model with --precision auto (or a variant)"
+        )
+    if cfg.method.name == "dora":
+        raise ExportError("a DoRA adapter is not a plain LoRA: ONNX Runtime GenAI adapter files hold LoRA only")
+    merged = merge(run_dir, progress=progress, force=force)  # tokenizer and inference chat template
+    out_dir = run_dir / "export" / f"onnx-{LORA_BASE}"
+    adapter_file = out_dir / ADAPTERS_DIR / f"{run_dir.name}.onnx_adapter"
+    stamp = _read_stamp(out_dir) or {}
+    if not force and stamp.get("adapter_signature") == _signature(source["dir"]) and adapter_file.is_file():
+        say(f"ONNX base + adapter file are up to date: {adapter_file}")
+        return {"base": str(out_dir), "adapter_file": str(adapter_file)}
+    with atomic_dir(out_dir) as tmp:
+        build_onnx(
+            source["base"],
+            tmp / "model",
+            "fp32",
+            execution_provider="cpu",
+            progress=progress,
+            stop=stop,
+            extra={"adapter_path": str(source["dir"])},
+        )
+        for item in (tmp / "model").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "model").rmdir()
+        count = split_lora_weights(tmp, tmp / ADAPTERS_DIR / adapter_file.name)
+        _finish_onnx_dir(tmp, merged)
+        stamp = json.loads((tmp / STAMP).read_text(encoding="utf-8"))
+        stamp.update(adapter_signature=_signature(source["dir"]), lora_tensors=count, variant=f"onnx-{LORA_BASE}")
+        stamp["about"] = "the base in fp32 with LoRA inputs, for og.Adapters; the adapter in adapters/"
+        (tmp / STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
+    say(f"LoRA adapter file ({count} tensors): {adapter_file}; base with LoRA inputs: {out_dir}")
+    return {"base": str(out_dir), "adapter_file": str(adapter_file)}
+
+
 # --------------------------------------------------------------------------- tokenizer parity
 
 
@@ -742,7 +839,7 @@ def check_tokenizer_parity(
 def onnx_variants_present(run_dir: str | Path) -> list[str]:
     """The ONNX exports of a run (variant names, in ONNX_VARIANTS order)."""
     export_dir = Path(run_dir) / "export"
-    return [v for v in ONNX_VARIANTS if (export_dir / f"onnx-{v}" / "genai_config.json").is_file()]
+    return [v for v in (*ONNX_VARIANTS, LORA_BASE) if (export_dir / f"onnx-{v}" / "genai_config.json").is_file()]
 
 
 def _fraction(text: str | None) -> float | None:
@@ -1411,6 +1508,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"int4/int8 quantisation block size (default {DEFAULT_BLOCK_SIZE}; 32: a little more "
         "accurate and slower, 128: faster, less accurate).",
     )
+    parser.add_argument(
+        "--adapter-file",
+        action="store_true",
+        help="Export the LoRA adapter on its own: an ONNX Runtime GenAI adapter file (og.Adapters) in "
+        f"RUN/export/onnx-{ONNX_LORA_BASE}/adapters/, beside the base in fp32 with LoRA inputs.",
+    )
     parser.add_argument("--force", action="store_true", help="Rebuild even if the export is up to date.")
     parser.add_argument("--no-report", action="store_true", help="Skip the parity report.")
     parser.add_argument("--json", action="store_true", help="Print the result (paths and report) as JSON.")
@@ -1424,6 +1527,15 @@ def run_cli(args) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
+        if args.adapter_file:
+            result = export_adapter_file(args.run, progress=progress, force=args.force)
+            if not args.no_report:
+                result["report"] = write_parity_report(
+                    args.run, progress=progress, gate=ExportGate.from_pairs(args.gate)
+                )
+                result["verdict"] = result["report"]["onnx"][LORA_BASE]["verdict"]
+            print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else result["adapter_file"])
+            return 0
         result = export(
             args.run,
             args.format,

@@ -218,3 +218,42 @@ def test_variant_directories_are_found_by_name_and_auto_choice(tmp_path):
     assert find_onnx_export(tmp_path) == export_dir / "onnx-int8"
     assert onnx_header(str(tmp_path), "int4").endswith("onnx-int4, degraded")
     assert export.export_verdicts(tmp_path) == {"onnx-int4": "degraded", "onnx-int8": "faithful"}
+
+
+# --------------------------------------------------------------------------- LoRA adapter files
+
+
+def test_base_export_plus_adapter_file_answers_like_the_merged_export(base_dir, tmp_path_factory):
+    """fp32: the base with LoRA inputs plus the run's .onnx_adapter (og.Adapters) gives the
+    merged fp32 export's greedy replies, and the parity report judges it like any export."""
+    from test_export import PROMPTS
+    from tiny_runs import shared_adapter_run
+
+    from engine.inference import GenerationSettings, OnnxChatModel
+
+    run = shared_adapter_run(tmp_path_factory.getbasetemp(), base_dir)
+    merged = OnnxChatModel(export.export_onnx(run, "fp32"))
+    files = export.export_adapter_file(run)
+    adapter_file = Path(files["adapter_file"])
+    assert adapter_file.suffix == ".onnx_adapter" and adapter_file.parent.name == "adapters"
+    graph_inputs = [
+        i.name for i in onnx.load(str(Path(files["base"]) / "model.onnx"), load_external_data=False).graph.input
+    ]
+    assert any(".lora_A." in name for name in graph_inputs) and any(".lora_B." in name for name in graph_inputs)
+    with_adapter = OnnxChatModel(Path(files["base"]), adapter_file=adapter_file)
+    settings = GenerationSettings(greedy=True, max_new_tokens=24)
+    for messages in PROMPTS:
+        assert with_adapter.complete(messages, settings)[0] == merged.complete(messages, settings)[0]
+    report = export.write_parity_report(run, new_tokens=16, speed_tokens=4)
+    assert report["onnx"][export.LORA_BASE]["token_agreement"] == 1.0
+    assert (
+        report["onnx"][export.LORA_BASE]["verdict"]["verdict"] == "unmeasured"
+    )  # the tiny run has no validation split
+
+
+def test_a_full_finetune_has_no_adapter_file_to_export(base_dir, tmp_path):
+    from tiny_runs import make_full_run
+
+    run = make_full_run(tmp_path, base_dir, base_dir)
+    with pytest.raises(export.ExportError, match="full fine-tune: it has no adapter to export on its own"):
+        export.export_adapter_file(run)

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
-from engine.config import AUTO_ORDER, DEFAULT_ONNX_PRECISION, ONNX_VARIANTS
+from engine.config import AUTO_ORDER, DEFAULT_ONNX_PRECISION, ONNX_LORA_BASE, ONNX_VARIANTS
 from engine.util import dir_size, fmt_bytes
 from webui.common import (
     AppContext,
@@ -33,7 +33,8 @@ from webui.common import (
 from webui.links import standalone_tab
 from webui.playground_tab import run_picker
 
-ONNX_CHOICES = ("auto", *ONNX_VARIANTS)
+ADAPTER_FILE = "LoRA adapter file"  # the base with LoRA inputs + the run's .onnx_adapter (og.Adapters)
+ONNX_CHOICES = ("auto", *ONNX_VARIANTS, ADAPTER_FILE)
 PROGRESS_LINES = 12
 
 
@@ -58,7 +59,7 @@ def artefacts(run_dir: Path) -> dict[str, Path]:
     for name, rel in (("adapter", "adapter"), ("model", "model"), ("merged", "export/merged")):
         if (run_dir / rel / "config.json").is_file() or (run_dir / rel / "adapter_config.json").is_file():
             found[name] = run_dir / rel
-    for precision in ONNX_VARIANTS:
+    for precision in (*ONNX_VARIANTS, ONNX_LORA_BASE):
         onnx_dir = run_dir / "export" / f"onnx-{precision}"
         if (onnx_dir / "genai_config.json").is_file():
             found[f"onnx-{precision}"] = onnx_dir
@@ -278,8 +279,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         jobs = [
             (f"ONNX {p}", export.export_onnx, {"run_dir": path, "precision": p, "stop": stop})
             for p in chosen
-            if p != "auto"
+            if p in ONNX_VARIANTS
         ]
+        if ADAPTER_FILE in chosen:
+            jobs.append((ADAPTER_FILE, export.export_adapter_file, {"run_dir": path, "stop": stop}))
         if jobs:
             jobs.append(("Parity report (PyTorch vs ONNX)", export.write_parity_report, {"run_dir": path}))
         if "auto" in chosen:

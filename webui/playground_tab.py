@@ -28,7 +28,7 @@ from typing import Any
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
 from engine import security
-from engine.config import ONNX_VARIANTS
+from engine.config import ONNX_LORA_BASE, ONNX_VARIANTS
 from webui.common import (
     AppContext,
     engine_errors,
@@ -172,7 +172,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             info="The tuned columns use this run's adapter and its ONNX export",
         )
         onnx_precision = gr.Dropdown(
-            list(ONNX_VARIANTS),
+            [*ONNX_VARIANTS, ONNX_LORA_BASE],
             value="int4",
             label="ONNX export",
             scale=1,
