@@ -40,7 +40,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.config import AUTO_ORDER, DEFAULT_ONNX_PRECISION, ONNX_LORA_BASE, ONNX_VARIANTS, ExportGate
+from engine.config import (
+    AUTO_ORDER,
+    DEFAULT_ONNX_PRECISION,
+    DEFAULT_ONNX_VARIANT,
+    ONNX_LORA_BASE,
+    ONNX_VARIANTS,
+    ExportGate,
+)
 from engine.util import atomic_dir, dir_size, fmt_bytes, load_tokenizer
 
 FORMATS = ("merged", "onnx")
@@ -1339,6 +1346,17 @@ def export_auto(
     tried: list[dict] = []
     chosen = None
     report: dict = {}
+    note = ""
+    if (Path(run_dir) / "config.yaml").is_file():
+        chats = _perplexity_texts(run_source(Path(run_dir))["config"], PROBES, say)[2]
+        if chats < gate.min_validation_chats:
+            # no candidate can be judged: build the fixed default only, said as such
+            candidates = [DEFAULT_ONNX_VARIANT]
+            note = (
+                f" The run has {'no validation split' if not chats else f'a validation split of {chats} chats'}, "
+                f"so no candidate can be judged: auto built only onnx-{DEFAULT_ONNX_VARIANT}, the default."
+            )
+            say("Auto:" + note)
     for precision in candidates:
         _variant(precision)
         if stop is not None and stop.is_set():
@@ -1396,6 +1414,7 @@ def export_auto(
             if best
             else ""
         )
+    summary += note
     auto = {"order": list(candidates), "tried": tried, "chosen": chosen, "summary": summary}
     if report:
         report["auto"] = auto
@@ -1409,7 +1428,7 @@ def export_auto(
 def export(
     run_dir: str | Path,
     fmt: str = "onnx",
-    precision: str = "int4",
+    precision: str = DEFAULT_ONNX_VARIANT,
     *,
     progress: Progress | None = None,
     report: bool = True,

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import ONNX_LORA_BASE, ONNX_VARIANTS
+from engine.config import DEFAULT_ONNX_VARIANT, ONNX_LORA_BASE, ONNX_VARIANTS
 from engine.templates import END_OF_TURN_MARKERS, end_of_turn_ids, inference_template
 
 BACKENDS = ("base", "tuned", "onnx")
@@ -816,11 +816,12 @@ def _run_config(run_dir: Path):
 
 def find_onnx_export(run_dir: Path, precision: str | None = None) -> Path:
     """``run/export/onnx-<precision>`` (any variant, e.g. ``int4-hqq``); without a precision the
-    one auto mode kept (export/parity.json), else the first present in ONNX_VARIANTS order."""
+    one auto mode kept (export/parity.json), else DEFAULT_ONNX_VARIANT, else the first present in
+    ONNX_VARIANTS order."""
     export_dir = Path(run_dir) / "export"
     if precision and precision.startswith("onnx-"):
         precision = precision.removeprefix("onnx-")
-    choices = [precision] if precision else [*_auto_choice(export_dir), *ONNX_PRECISIONS]
+    choices = [precision] if precision else [*_auto_choice(export_dir), DEFAULT_ONNX_VARIANT, *ONNX_PRECISIONS]
     for p in choices:
         candidate = export_dir / f"onnx-{p}"
         if (candidate / "genai_config.json").is_file():
@@ -1012,7 +1013,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=ONNX_CHOICES,
         default=None,
-        help="ONNX export variant to use (default: the one auto mode kept, else int4, int8, fp32 in that order).",
+        help="ONNX export variant to use (default: the one auto mode kept, else int8, else the first there is).",
     )
     parser.add_argument("--prompt", default=None, help="Answer this one message and exit (default: interactive chat).")
     parser.add_argument("--system", default=None, help="System prompt.")

@@ -83,11 +83,11 @@ def test_gate_thresholds_are_settable_and_checked():
         ExportGate.from_pairs(["faithful_agreement"])
 
 
-def _report(verdicts: dict[str, tuple[float, float]], speeds: dict[str, float]) -> dict:
+def _report(verdicts: dict[str, tuple[float, float]], speeds: dict[str, float], chats: int = 16) -> dict:
     report = {"run": "runs/r", "method": "lora", "base_model": "m", "probes": ["?"], "new_tokens": 32, "created": "now"}
     report.update(onnx={}, speed={}, tokenizer={name: {"identical": True} for name in verdicts})
     for name, (agreement, change) in verdicts.items():
-        report["onnx"][name] = figures(agreement, change)
+        report["onnx"][name] = figures(agreement, change, chats=chats)
         report["onnx"][name]["verdict"] = export.verdict(report["onnx"][name])
         report["speed"][f"onnx_{name}"] = {"decode_tokens_per_s": speeds[name], "ttft_s": 0.01}
     for name, info in report["onnx"].items():
@@ -101,8 +101,8 @@ def test_a_degraded_export_names_what_would_do_better():
     )
     assert report["onnx"]["int4"]["verdict"]["advice"].startswith("use onnx-int8: it is faithful (92 tokens/s)")
     assert report["onnx"]["int8"]["verdict"]["advice"] is None
-    alone = _report({"int4-hqq": (0.7, 0.2)}, {"int4-hqq": 150})
-    assert "--precision int4-gptq" in alone["onnx"]["int4-hqq"]["verdict"]["advice"]
+    alone = _report({"int4-rtn-last": (0.7, 0.2)}, {"int4-rtn-last": 150})
+    assert "--precision int4-gptq" in alone["onnx"]["int4-rtn-last"]["verdict"]["advice"]
     lines = export.headline(report)
     assert lines[0].startswith("- **onnx-int4: broken") and "Better: use onnx-int8" in lines[0]
 
@@ -163,6 +163,26 @@ def test_auto_mode_without_a_faithful_candidate_and_stopped(tmp_path):
     assert "no faithful candidate before it was stopped" in auto["summary"]
 
 
+def test_auto_mode_without_a_validation_split_builds_the_default_only(base_dir, tmp_path):
+    from tiny_runs import make_adapter_run
+
+    run = make_adapter_run(tmp_path, base_dir, name="no-split")
+    built: list[str] = []
+
+    def build(run_dir, precision, **kwargs):
+        built.append(precision)
+        return Path(run_dir)
+
+    def measure(run_dir, **kwargs):
+        return _report({p: (0.99, 0.0) for p in built}, {p: 1.0 for p in built}, chats=0)
+
+    (run / "export").mkdir()
+    auto = export.export_auto(run, build=build, measure=measure)
+    assert auto["tried"][0]["verdict"] == "unmeasured"
+    assert built == ["int8"] and auto["chosen"] is None
+    assert "no validation split, so no candidate can be judged: auto built only onnx-int8" in auto["summary"]
+
+
 def test_auto_order_and_variants_are_named_once():
     assert set(AUTO_ORDER) <= set(ONNX_VARIANTS) == set(export.VARIANTS)
     assert AUTO_ORDER[-1] == "fp32"
@@ -208,14 +228,14 @@ def test_variant_directories_are_found_by_name_and_auto_choice(tmp_path):
     for name in ("int4", "int4-hqq", "int8"):
         (export_dir / f"onnx-{name}").mkdir(parents=True)
         (export_dir / f"onnx-{name}" / "genai_config.json").write_text("{}")
-    assert find_onnx_export(tmp_path) == export_dir / "onnx-int4"
+    assert find_onnx_export(tmp_path) == export_dir / "onnx-int8"  # DEFAULT_ONNX_VARIANT
     assert find_onnx_export(tmp_path, "int4-hqq") == export_dir / "onnx-int4-hqq"
     assert find_onnx_export(tmp_path, "onnx-int4-hqq") == export_dir / "onnx-int4-hqq"
     assert onnx_header(str(tmp_path), "int8").endswith("onnx-int8, verdict not measured yet")
     report = _report({"int4": (0.6, 0.3), "int8": (0.95, 0.01)}, {"int4": 170, "int8": 90})
-    report["auto"] = {"chosen": "int8"}
+    report["auto"] = {"chosen": "int4-hqq"}
     (export_dir / "parity.json").write_text(json.dumps(report))
-    assert find_onnx_export(tmp_path) == export_dir / "onnx-int8"
+    assert find_onnx_export(tmp_path) == export_dir / "onnx-int4-hqq"
     assert onnx_header(str(tmp_path), "int4").endswith("onnx-int4, degraded")
     assert export.export_verdicts(tmp_path) == {"onnx-int4": "degraded", "onnx-int8": "faithful"}
 

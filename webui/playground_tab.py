@@ -28,7 +28,7 @@ from typing import Any
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
 from engine import security
-from engine.config import ONNX_LORA_BASE, ONNX_VARIANTS
+from engine.config import DEFAULT_ONNX_VARIANT, ONNX_LORA_BASE, ONNX_VARIANTS
 from webui.common import (
     AppContext,
     engine_errors,
@@ -75,6 +75,14 @@ def backend_availability(run_dir: str | None, backend: str, onnx_precision: str 
             f"Run **{escape_md(run.name)}** has no trained weights yet: wait for it to finish "
             "on the **Train** tab, or pick another run."
         )
+    if onnx_precision == "auto":  # the export auto mode kept, else the first there is
+        present = sorted((run / "export").glob("onnx-*")) if (run / "export").is_dir() else []
+        if backend == "onnx" and not any(p.is_dir() for p in present):
+            return False, (
+                f"No ONNX export of **{escape_md(run.name)}** yet. Export it here "
+                "(about a minute for the default model), or on the **Export** tab."
+            )
+        return True, ""
     if backend == "onnx" and not (run / "export" / f"onnx-{onnx_precision}").is_dir():
         return False, (
             f"No ONNX {onnx_precision} export of **{escape_md(run.name)}** yet. Export it here "
@@ -87,6 +95,13 @@ def onnx_header(run_dir: str | None, onnx_precision: str) -> str:
     """The ONNX column's title: the export variant and its verdict from the parity report."""
     from engine.export import export_verdicts
 
+    if onnx_precision == "auto" and run_dir:
+        from engine.inference import InferenceError, find_onnx_export
+
+        try:
+            onnx_precision = find_onnx_export(Path(run_dir)).name.removeprefix("onnx-")
+        except InferenceError:
+            return TITLES["onnx"]
     title = f"{TITLES['onnx']}: onnx-{onnx_precision}"
     if not run_dir:
         return title
@@ -172,8 +187,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             info="The tuned columns use this run's adapter and its ONNX export",
         )
         onnx_precision = gr.Dropdown(
-            [*ONNX_VARIANTS, ONNX_LORA_BASE],
-            value="int4",
+            ["auto", *ONNX_VARIANTS, ONNX_LORA_BASE],
+            value="auto",
             label="ONNX export",
             scale=1,
             min_width=110,
@@ -272,7 +287,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             messages=history,
             settings=settings,
             system=system_v or None,
-            precision=onnx_prec if backend == "onnx" else None,
+            precision=onnx_prec if backend == "onnx" and onnx_prec != "auto" else None,
         )
 
     def make_answer(backend: str):
@@ -338,6 +353,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         if not run_id:
             raise gr.Error("Pick a trained run first.")
         run_dir = run_path(run_id, request)
+        precision = DEFAULT_ONNX_VARIANT if precision == "auto" else precision
         progress(None, desc=f"Exporting {Path(run_dir).name} to ONNX {precision}")
         for kind, item in stream_progress(export.export_onnx, run_dir=Path(run_dir), precision=precision):
             if kind == "line":
