@@ -46,6 +46,12 @@ def _eval(argv: list[str]) -> int:
     return bench_eval.main(argv)
 
 
+def _exports(argv: list[str]) -> int:
+    from bench import bench_exports
+
+    return bench_exports.main(argv)
+
+
 # section -> (what it measures, its entry point, the result tables it writes)
 SECTIONS = {
     "train": ("training speed and loss: tunelab vs the TRL script", _train, ("train.md",)),
@@ -64,6 +70,11 @@ SECTIONS = {
         "evaluation: batched greedy generation against one at a time, PyTorch and ONNX",
         _eval,
         ("eval.md",),
+    ),
+    "exports": (
+        "every ONNX export variant of a short cpu-lora run: size, speed, agreement, perplexity change, verdict",
+        _exports,
+        ("exports.md",),
     ),
 }
 

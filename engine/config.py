@@ -431,6 +431,92 @@ class OutputConfig:
     )
 
 
+# --------------------------------------------------------------------------- ONNX exports: variants, quality gate
+# Not a section of a run's config.yaml: an export is judged after training, and the same
+# run can be exported (and judged) again with other settings.
+
+# Every ONNX export variant, named once: RUN/export/onnx-<variant> is its directory, and
+# "onnx-<variant>" its backend name in the playground, the model card, `tunelab chat`,
+# `tunelab eval --backends` and `tunelab serve --backend`. What each one is: engine.export.VARIANTS.
+ONNX_VARIANTS = (
+    "int4",
+    "int4-rtn",
+    "int4-kquant",
+    "int4-hqq",
+    "int4-gptq",
+    "int4-rtn-last",
+    "int4-kquant-mixed",
+    "int8",
+    "fp32",
+)
+# Auto mode (`tunelab export RUN --format onnx --precision auto`, the web app's default) builds
+# these in this order, fastest decode first, and keeps the first whose verdict is faithful.
+# Measured on the embedded model with a cpu-lora adapter (README "Export variants"): every int4
+# variant was broken there and int8 faithful. int4-hqq is left out (the slowest to build and to
+# decode, and the least faithful), int4-kquant* too (the builder's k-quant cannot export a hidden
+# size of 576); int4-gptq is not measured there yet.
+AUTO_ORDER = ("int4-rtn-last", "int4-gptq", "int8", "fp32")
+# The fixed variant when one is asked for without auto (the playground's Export button, export()):
+# the fastest that passed the gate on the embedded model.
+DEFAULT_ONNX_VARIANT = "int8"
+# The base model in fp32 with LoRA inputs, and the run's LoRA as an ONNX Runtime GenAI adapter
+# file in its adapters/ folder (tunelab export RUN --adapter-file): RUN/export/onnx-lora-fp32.
+ONNX_LORA_BASE = "lora-fp32"
+DEFAULT_ONNX_PRECISION = "auto"
+VERDICTS = ("faithful", "degraded", "broken", "unmeasured")
+
+
+@dataclass
+class ExportGate:
+    """When an ONNX export answers like the tuned PyTorch model. Token agreement is the share
+    of greedy choices equal to PyTorch's along PyTorch's own continuation of the probe chats;
+    the perplexity change is relative, on the run's validation split. ``faithful`` (passes the
+    gate): agreement >= faithful_agreement and |change| <= faithful_perplexity_change and
+    greedy-identical replies >= faithful_greedy_identical; ``broken``: agreement <
+    broken_agreement or change > broken_perplexity_change; ``degraded`` in between;
+    ``unmeasured`` without a validation split of at least min_validation_chats chats.
+    Set them with ``tunelab export --gate KEY=VALUE``."""
+
+    faithful_agreement: float = field(default=0.85, metadata={"help": "Least token agreement of a faithful export."})
+    faithful_perplexity_change: float = field(
+        default=0.10, metadata={"help": "Largest relative perplexity change (either way) of a faithful export."}
+    )
+    faithful_greedy_identical: float = field(
+        default=0.0, metadata={"help": "Least share of probe replies that must be greedy-identical to be faithful."}
+    )
+    broken_agreement: float = field(default=0.50, metadata={"help": "Below this token agreement an export is broken."})
+    broken_perplexity_change: float = field(
+        default=0.50, metadata={"help": "Above this relative perplexity rise an export is broken."}
+    )
+    min_validation_chats: int = field(
+        default=4, metadata={"help": "Fewer validation chats than this: the verdict is unmeasured."}
+    )
+
+    def __post_init__(self):
+        for name in ("faithful_agreement", "faithful_greedy_identical", "broken_agreement"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"gate.{name}", f"must be between 0 and 1, got {value!r}")
+        for name in ("faithful_perplexity_change", "broken_perplexity_change"):
+            _positive(f"gate.{name}", getattr(self, name), allow_zero=True)
+        if self.broken_agreement > self.faithful_agreement:
+            raise ConfigError("gate.broken_agreement", "must not be above gate.faithful_agreement")
+        if self.broken_perplexity_change < self.faithful_perplexity_change:
+            raise ConfigError("gate.broken_perplexity_change", "must not be below gate.faithful_perplexity_change")
+        _positive("gate.min_validation_chats", self.min_validation_chats)
+
+    @classmethod
+    def from_pairs(cls, pairs: list[str] | None) -> "ExportGate":
+        """From ``KEY=VALUE`` strings (``--gate faithful_agreement=0.9``)."""
+        values: dict[str, Any] = {}
+        for item in pairs or []:
+            if "=" not in item:
+                raise ConfigError("--gate", f"{item!r} is not of the form KEY=VALUE")
+            key, raw = item.split("=", 1)
+            values[key.strip()] = yaml.safe_load(raw)
+        return _build(cls, values, "gate")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)

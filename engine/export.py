@@ -24,7 +24,9 @@ export never leaves a half-written ``merged/`` or ``onnx-*/`` behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -38,10 +40,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.config import (
+    AUTO_ORDER,
+    DEFAULT_ONNX_PRECISION,
+    DEFAULT_ONNX_VARIANT,
+    ONNX_LORA_BASE,
+    ONNX_VARIANTS,
+    ExportGate,
+)
 from engine.util import atomic_dir, dir_size, fmt_bytes, load_tokenizer
 
 FORMATS = ("merged", "onnx")
-PRECISIONS = ("int4", "int8", "fp32")
+PRECISIONS = ("int4", "int8", "fp32")  # what the model builder's --precision takes
 EXECUTION_PROVIDERS = ("auto", "cpu", "cuda")
 # int4 weight block size. Measured on SmolLM2-135M on a 2-core CPU (bench/): 32 (the
 # builder's default) decodes ~90 tokens/s, 64 ~105, 128 ~110-150; teacher-forced greedy
@@ -49,6 +59,40 @@ EXECUTION_PROVIDERS = ("auto", "cpu", "cuda")
 # France?" turns into nonsense. 64 keeps the answers and most of the speed.
 DEFAULT_BLOCK_SIZE = 64
 STAMP = "tunelab-export.json"
+# accuracy_level 4 (int8 activations in MatMulNBits): the builder's own choice for the CPU,
+# also set on the nodes onnxruntime's HQQ quantizer writes (it leaves the attribute out).
+CPU_ACCURACY_LEVEL = 4
+GPTQ_CALIBRATION_CHATS = 32  # training chats fed to GPTQ (each at most GPTQ_CALIBRATION_TOKENS tokens)
+GPTQ_CALIBRATION_TOKENS = 128
+
+# Every ONNX export variant (names: engine.config.ONNX_VARIANTS; directory RUN/export/onnx-<name>).
+# "builder": the model builder's --precision; "extra": its --extra_options; "quantizer": one of
+# onnxruntime.quantization.matmul_nbits_quantizer's configs applied to the builder's fp32 model
+# (HQQ and GPTQ are not builder options). onnxruntime-genai 0.18 reads algo_config, block_size,
+# nodes_to_exclude and accuracy_level, and ignores the int4_* names its help still lists.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "int4": {"builder": "int4", "extra": {}, "about": "int4, the builder's default (round to nearest)"},
+    "int4-rtn": {"builder": "int4", "extra": {"algo_config": "rtn"}, "about": "int4, the builder's RTN"},
+    "int4-kquant": {"builder": "int4", "extra": {"algo_config": "k_quant"}, "about": "int4, the builder's k-quant"},
+    "int4-hqq": {"builder": "fp32", "quantizer": "hqq", "about": "int4 by onnxruntime's HQQ (no data)"},
+    "int4-gptq": {
+        "builder": "fp32",
+        "quantizer": "gptq",
+        "about": "int4 by onnxruntime's GPTQ, calibrated on the run's training split",
+    },
+    "int4-rtn-last": {
+        "builder": "int4",
+        "extra": {"algo_config": "rtn_last"},
+        "about": "int4 RTN with the LM head in int8",
+    },
+    "int4-kquant-mixed": {
+        "builder": "int4",
+        "extra": {"algo_config": "k_quant_mixed"},
+        "about": "int4 k-quant with the LM head and the most sensitive layers in int8",
+    },
+    "int8": {"builder": "int8", "extra": {}, "about": "int8 weights"},
+    "fp32": {"builder": "fp32", "extra": {}, "about": "full precision"},
+}
 MERGE_TOLERANCE = 1e-3  # max |logit difference| accepted between merged and unmerged (fp32)
 
 Progress = Callable[[str], None]
@@ -253,9 +297,16 @@ def default_execution_provider() -> str:
 
 
 def builder_command(
-    hf_dir: Path, out_dir: Path, precision: str, execution_provider: str, cache_dir: Path, block_size: int | None = None
+    hf_dir: Path,
+    out_dir: Path,
+    precision: str,
+    execution_provider: str,
+    cache_dir: Path,
+    block_size: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[str]:
-    """The model builder's command line (a list: it runs without a shell)."""
+    """The model builder's command line (a list: it runs without a shell). ``extra``: more
+    ``--extra_options`` (algo_config, nodes_to_exclude as a list, accuracy_level, ...)."""
     cmd = [
         sys.executable,
         "-m",
@@ -271,8 +322,15 @@ def builder_command(
         "-c",
         str(cache_dir),
     ]
+    options = []
     if precision in ("int4", "int8") and block_size:
-        cmd += ["--extra_options", f"block_size={int(block_size)}"]
+        options.append(f"block_size={int(block_size)}")
+    for key, value in (extra or {}).items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        options.append(f"{key}={value}")
+    if options:
+        cmd += ["--extra_options", *options]
     return cmd
 
 
@@ -406,6 +464,114 @@ def _check_architecture(hf_dir: Path) -> None:
         )
 
 
+def _variant(precision: str) -> dict[str, Any]:
+    from engine.config import ONNX_VARIANTS
+
+    if precision not in VARIANTS:
+        raise ExportError(f"precision: {precision!r} is not one of {', '.join(ONNX_VARIANTS)} (or auto)")
+    return VARIANTS[precision]
+
+
+def quantize_weights(
+    onnx_dir: Path,
+    method: str,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    calibration: list[list[int]] | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Quantize the MatMul weights of the fp32 ``onnx_dir/model.onnx`` to int4 in place with
+    onnxruntime's MatMulNBitsQuantizer: ``hqq`` (HQQWeightOnlyQuantConfig, no data) or ``gptq``
+    (GPTQWeightOnlyQuantConfig, calibrated on ``calibration``: token id sequences)."""
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    say = _say(progress)
+    path = onnx_dir / "model.onnx"
+    model = onnx.load(str(path))
+    if method == "hqq":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
+    elif method == "gptq":
+        if not calibration:
+            raise ExportError(
+                "GPTQ needs calibration data: the run's training split gave no chats (check data.path in config.yaml)"
+            )
+        config = mnq.GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=_CalibrationReader(model, calibration, onnx_dir / "genai_config.json"),
+            percdamp=0.01,
+            actorder=False,
+        )
+    else:
+        raise ExportError(f"quantizer: {method!r} is not one of hqq, gptq")
+    say(f"Quantizing the MatMul weights to int4 with onnxruntime's {method.upper()} (block size {block_size})...")
+    started = time.perf_counter()
+    quantizer = mnq.MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=CPU_ACCURACY_LEVEL,
+        algo_config=config,
+    )
+    quant_logger = logging.getLogger("onnxruntime.quantization")
+    level = quant_logger.level
+    quant_logger.setLevel(logging.WARNING)  # it logs every node at INFO
+    try:
+        quantizer.process()
+    finally:
+        quant_logger.setLevel(level)
+    quantized = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    for node in quantized.graph.node:
+        if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", CPU_ACCURACY_LEVEL))
+    for old in onnx_dir.glob("model.onnx*"):
+        old.unlink()
+    onnx.save_model(
+        quantized, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data"
+    )
+    say(f"{method.upper()} int4 quantization done in {time.perf_counter() - started:.1f} s")
+
+
+class _CalibrationReader:
+    """onnxruntime CalibrationDataReader for GPTQ: one prompt at a time, as the exported model's
+    inputs (token ids, attention mask, empty past key/values)."""
+
+    def __init__(self, model, sequences: list[list[int]], genai_config: Path):
+        import numpy as np
+        from onnx import TensorProto
+
+        decoder = json.loads(genai_config.read_text(encoding="utf-8"))["model"]["decoder"]
+        kv_shape = (1, int(decoder["num_key_value_heads"]), 0, int(decoder["head_size"]))
+        self.feeds = []
+        inputs = {i.name: i for i in model.graph.input}
+        for ids in sequences:
+            feed = {}
+            n = len(ids)
+            for name, info in inputs.items():
+                if name == "input_ids":
+                    feed[name] = np.array([ids], dtype=np.int64)
+                elif name == "attention_mask":
+                    feed[name] = np.ones((1, n), dtype=np.int64)
+                elif name == "position_ids":
+                    feed[name] = np.arange(n, dtype=np.int64)[None, :]
+                elif name.startswith("past_key_values"):
+                    dtype = np.float16 if info.type.tensor_type.elem_type == TensorProto.FLOAT16 else np.float32
+                    feed[name] = np.zeros(kv_shape, dtype=dtype)
+                else:
+                    raise ExportError(f"GPTQ calibration: the exported model has an input {name!r} it cannot feed")
+            self.feeds.append(feed)
+        self.position = 0
+
+    def get_next(self):
+        if self.position >= len(self.feeds):
+            return None
+        self.position += 1
+        return self.feeds[self.position - 1]
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+
 def build_onnx(
     hf_dir: str | Path,
     out_dir: str | Path,
@@ -415,21 +581,25 @@ def build_onnx(
     block_size: int | None = DEFAULT_BLOCK_SIZE,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    extra: dict[str, Any] | None = None,
+    calibration: list[list[int]] | None = None,
 ) -> Path:
-    """Export any transformers directory to ONNX with onnxruntime-genai's model builder."""
+    """Export any transformers directory to ONNX with onnxruntime-genai's model builder.
+    ``precision`` is a variant (VARIANTS); ``extra`` adds builder ``--extra_options``."""
     say = _say(progress)
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    variant = _variant(precision)
     if execution_provider not in EXECUTION_PROVIDERS:
         raise ExportError(f"execution provider: {execution_provider!r} is not one of {', '.join(EXECUTION_PROVIDERS)}")
     ep = default_execution_provider() if execution_provider == "auto" else execution_provider
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     _check_architecture(hf_dir)
     log_path = out_dir.with_name(out_dir.name + ".log")
+    options = {**variant.get("extra", {}), **(extra or {})}
+    quantizer = variant.get("quantizer")
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         cache_dir = tmp.with_name(tmp.name + "-cache")
-        cmd = builder_command(hf_dir, tmp, precision, ep, cache_dir, block_size)
+        cmd = builder_command(hf_dir, tmp, variant["builder"], ep, cache_dir, block_size, options)
         say(f"Building ONNX {precision} for {ep.upper()}: {' '.join(cmd[1:])}")
         try:
             code = _stream_process(cmd, log_path, say, stop)
@@ -437,11 +607,23 @@ def build_onnx(
             shutil.rmtree(cache_dir, ignore_errors=True)
         if code != 0 or not (tmp / "genai_config.json").is_file():
             raise ExportError(_builder_failure(hf_dir, code, log_path))
+        if quantizer:
+            if stop is not None and stop.is_set():
+                raise ExportError("export stopped")
+            quantize_weights(
+                tmp, quantizer, block_size=block_size or DEFAULT_BLOCK_SIZE, calibration=calibration, progress=say
+            )
         _finish_onnx_dir(tmp, hf_dir)
         stamp = {
             "source": str(hf_dir),
             "source_signature": _signature(hf_dir),
             "precision": precision,
+            "variant": f"onnx-{precision}",
+            "about": variant["about"],
+            "builder_precision": variant["builder"],
+            "extra_options": options,
+            "quantizer": quantizer,
+            "calibration_chats": len(calibration or []) if quantizer == "gptq" else None,
             "execution_provider": ep,
             "block_size": block_size if precision != "fp32" else None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -454,6 +636,31 @@ def build_onnx(
     return out_dir
 
 
+def calibration_sequences(run_dir: Path, limit: int = GPTQ_CALIBRATION_CHATS) -> list[list[int]]:
+    """Token ids of the first ``limit`` chats of the run's training split, as the merged
+    model's chat template renders them (at most GPTQ_CALIBRATION_TOKENS each)."""
+    from engine.data import DataError, load_for_training
+
+    cfg = run_source(run_dir)["config"]
+    merged_dir = Path(run_dir) / "export" / "merged"
+    if not cfg.data.path or not Path(cfg.data.path).exists():
+        return []
+    try:
+        _, train, _ = load_for_training(cfg.data)
+    except (DataError, OSError) as err:
+        raise ExportError(f"GPTQ calibration: the run's training data cannot be read: {err}") from err
+    tokenizer = load_tokenizer(merged_dir)
+    sequences = []
+    for record in train[:limit]:
+        text = tokenizer.apply_chat_template(record, tokenize=False) if tokenizer.chat_template else None
+        if not text:
+            text = "\n".join(m["content"] for m in record)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:GPTQ_CALIBRATION_TOKENS]
+        if ids:
+            sequences.append(list(ids))
+    return sequences
+
+
 def export_onnx(
     run_dir: str | Path,
     precision: str = "int4",
@@ -463,9 +670,12 @@ def export_onnx(
     block_size: int | None = DEFAULT_BLOCK_SIZE,
     force: bool = False,
     stop: threading.Event | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Merge (if needed) and write ``RUN/export/onnx-<precision>``; reused when up to date."""
+    """Merge (if needed) and write ``RUN/export/onnx-<precision>`` (a variant name); reused when
+    up to date."""
     say = _say(progress)
+    variant = _variant(precision)
     run_dir = Path(run_dir)
     merged = merge(run_dir, progress=progress, force=force)
     out_dir = run_dir / "export" / f"onnx-{precision}"
@@ -477,12 +687,123 @@ def export_onnx(
         and stamp.get("source_signature") == _signature(merged)
         and stamp.get("execution_provider") == ep
         and stamp.get("block_size") == (block_size if precision != "fp32" else None)
+        and stamp.get("extra_options", {}) == {**variant.get("extra", {}), **(extra or {})}
     ):
         say(f"ONNX {precision} export is up to date: {out_dir}")
         return out_dir
+    calibration = None
+    if variant.get("quantizer") == "gptq":
+        calibration = calibration_sequences(run_dir)
+        say(f"GPTQ calibration: {len(calibration)} chats of the run's training split")
     return build_onnx(
-        merged, out_dir, precision, execution_provider=ep, block_size=block_size, progress=progress, stop=stop
+        merged,
+        out_dir,
+        precision,
+        execution_provider=ep,
+        block_size=block_size,
+        progress=progress,
+        stop=stop,
+        extra=extra,
+        calibration=calibration,
     )
+
+
+# --------------------------------------------------------------------------- LoRA adapter files
+
+LORA_BASE = ONNX_LORA_BASE  # RUN/export/onnx-lora-fp32: the base with LoRA inputs (backend name onnx-lora-fp32)
+ADAPTERS_DIR = "adapters"  # ... and its adapters/<run>.onnx_adapter
+
+
+def split_lora_weights(onnx_dir: Path, adapter_file: Path) -> int:
+    """Turn the LoRA weights the builder baked into ``onnx_dir/model.onnx`` into graph inputs
+    (their rank dimension free) and write their values to ``adapter_file`` with onnxruntime's
+    AdapterFormat; onnxruntime-genai's og.Adapters feeds them back at run time. Returns the
+    number of LoRA tensors."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    path = onnx_dir / "model.onnx"
+    model = onnx.load(str(path))
+    params = {}
+    kept = []
+    for init in model.graph.initializer:
+        is_a, is_b = ".lora_A." in init.name, ".lora_B." in init.name
+        if not (is_a or is_b):
+            kept.append(init)
+            continue
+        values = numpy_helper.to_array(init)
+        params[init.name] = ort.OrtValue.ortvalue_from_numpy(values.copy())
+        shape: list[Any] = list(values.shape)
+        shape[1 if is_a else 0] = "lora_rank"
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, shape))
+    if not params:
+        raise ExportError(f"{path}: the model builder wrote no LoRA weights (lora_A/lora_B) to split off")
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for old in onnx_dir.glob("model.onnx*"):
+        old.unlink()
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data"
+    )
+    adapter_file.parent.mkdir(parents=True, exist_ok=True)
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters(params)
+    adapter.export_adapter(str(adapter_file))
+    return len(params)
+
+
+def export_adapter_file(
+    run_dir: str | Path,
+    *,
+    progress: Progress | None = None,
+    force: bool = False,
+    stop: threading.Event | None = None,
+) -> dict:
+    """Export a LoRA run for ONNX Runtime GenAI's multi-LoRA (og.Adapters): the base model in
+    fp32 with LoRA inputs in ``RUN/export/onnx-lora-fp32`` (the same for every run of one base
+    and target modules) and the run's adapter as ``adapters/<run>.onnx_adapter`` beside it."""
+    say = _say(progress)
+    run_dir = Path(run_dir)
+    source = run_source(run_dir)
+    cfg = source["config"]
+    if source["kind"] != "adapter":
+        raise ExportError(
+            f"{run_dir.name} is a full fine-tune: it has no adapter to export on its own; export the whole "
+            "model with --precision auto (or a variant)"
+        )
+    if cfg.method.name == "dora":
+        raise ExportError("a DoRA adapter is not a plain LoRA: ONNX Runtime GenAI adapter files hold LoRA only")
+    merged = merge(run_dir, progress=progress, force=force)  # tokenizer and inference chat template
+    out_dir = run_dir / "export" / f"onnx-{LORA_BASE}"
+    adapter_file = out_dir / ADAPTERS_DIR / f"{run_dir.name}.onnx_adapter"
+    stamp = _read_stamp(out_dir) or {}
+    if not force and stamp.get("adapter_signature") == _signature(source["dir"]) and adapter_file.is_file():
+        say(f"ONNX base + adapter file are up to date: {adapter_file}")
+        return {"base": str(out_dir), "adapter_file": str(adapter_file)}
+    with atomic_dir(out_dir) as tmp:
+        build_onnx(
+            source["base"],
+            tmp / "model",
+            "fp32",
+            execution_provider="cpu",
+            progress=progress,
+            stop=stop,
+            extra={"adapter_path": str(source["dir"])},
+        )
+        for item in (tmp / "model").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "model").rmdir()
+        count = split_lora_weights(tmp, tmp / ADAPTERS_DIR / adapter_file.name)
+        _finish_onnx_dir(tmp, merged)
+        stamp = json.loads((tmp / STAMP).read_text(encoding="utf-8"))
+        stamp.update(adapter_signature=_signature(source["dir"]), lora_tensors=count, variant=f"onnx-{LORA_BASE}")
+        stamp["about"] = "the base in fp32 with LoRA inputs, for og.Adapters; the adapter in adapters/"
+        (tmp / STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
+    say(f"LoRA adapter file ({count} tensors): {adapter_file}; base with LoRA inputs: {out_dir}")
+    return {"base": str(out_dir), "adapter_file": str(adapter_file)}
 
 
 # --------------------------------------------------------------------------- tokenizer parity
@@ -519,6 +840,132 @@ def check_tokenizer_parity(
     return {"identical": not mismatches, "texts": len(texts), "mismatches": mismatches}
 
 
+# --------------------------------------------------------------------------- the quality gate
+
+
+def onnx_variants_present(run_dir: str | Path) -> list[str]:
+    """The ONNX exports of a run (variant names, in ONNX_VARIANTS order)."""
+    export_dir = Path(run_dir) / "export"
+    return [v for v in (*ONNX_VARIANTS, LORA_BASE) if (export_dir / f"onnx-{v}" / "genai_config.json").is_file()]
+
+
+def _fraction(text: str | None) -> float | None:
+    """ "3/5" -> 0.6."""
+    if not text or "/" not in str(text):
+        return None
+    done, total = str(text).split("/", 1)
+    return int(done) / int(total) if int(total) else None
+
+
+def export_verdicts(run_dir: Path) -> dict[str, str]:
+    """{"onnx-int4": "faithful", ...} from the run's parity report (export/parity.json)."""
+    path = run_dir / "export" / "parity.json"
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {
+        f"onnx-{name}": (info.get("verdict") or {}).get("verdict", "no verdict")
+        for name, info in (report.get("onnx") or {}).items()
+    }
+
+
+def verdict(figures: dict, gate: ExportGate | None = None) -> dict:
+    """The verdict on one ONNX export from its parity figures (``token_agreement``,
+    ``greedy_identical`` "n/m", ``perplexity`` {pytorch, onnx}, ``validation_chats``):
+    ``{"verdict": faithful|degraded|broken|unmeasured, "passes": bool, "summary": words,
+    "reasons": [...], "perplexity_change": relative change or None}``."""
+    gate = gate or ExportGate()
+    agreement = figures.get("token_agreement")
+    identical = _fraction(figures.get("greedy_identical"))
+    ppl = figures.get("perplexity") or {}
+    change = None
+    if ppl.get("pytorch") and ppl.get("onnx") is not None and math.isfinite(ppl["onnx"]):
+        change = (ppl["onnx"] - ppl["pytorch"]) / ppl["pytorch"]
+    elif ppl.get("pytorch") and ppl.get("onnx") is not None:
+        change = math.inf
+    chats = int(figures.get("validation_chats") or 0)
+    reasons: list[str] = []
+    if agreement is not None:
+        reasons.append(f"token agreement {agreement:.1%}")
+    if change is not None:
+        reasons.append(f"validation perplexity {change:+.1%}" if chats else f"probe perplexity {change:+.1%}")
+    if identical is not None:
+        reasons.append(f"{figures.get('greedy_identical')} replies greedy-identical")
+    if chats < gate.min_validation_chats or agreement is None or change is None:
+        why = (
+            "the run has no validation split"
+            if not chats
+            else f"the validation split has {chats} chats (fewer than {gate.min_validation_chats})"
+        )
+        name = "unmeasured"
+        summary = f"unmeasured: {why}, so the perplexity change cannot be judged"
+    elif agreement < gate.broken_agreement or change > gate.broken_perplexity_change:
+        name = "broken"
+        summary = "broken: its answers differ from the tuned model's"
+    elif (
+        agreement >= gate.faithful_agreement
+        and abs(change) <= gate.faithful_perplexity_change
+        and (identical is None or identical >= gate.faithful_greedy_identical)
+    ):
+        name = "faithful"
+        summary = "faithful: it answers like the tuned model"
+    else:
+        name = "degraded"
+        summary = "degraded: it answers close to, but not like, the tuned model"
+    return {
+        "verdict": name,
+        "passes": name == "faithful",
+        "summary": f"{summary} ({', '.join(reasons)})" if reasons else summary,
+        "reasons": reasons,
+        "perplexity_change": None if change is None else (round(change, 4) if math.isfinite(change) else None),
+    }
+
+
+def advice(precision: str, report: dict) -> str | None:
+    """For an export that is not faithful: which precision or setting would do better (a
+    faithful export of the report, the fastest first; else the next candidate of auto mode)."""
+    info = report.get("onnx", {}).get(precision, {})
+    if (info.get("verdict") or {}).get("verdict") in ("faithful", None):
+        return None
+    speed = report.get("speed", {})
+    faithful = [
+        name
+        for name, other in report.get("onnx", {}).items()
+        if name != precision and (other.get("verdict") or {}).get("passes")
+    ]
+    faithful.sort(key=lambda n: -(speed.get(f"onnx_{n}") or {}).get("decode_tokens_per_s", 0))
+    if faithful:
+        best = faithful[0]
+        tps = (speed.get(f"onnx_{best}") or {}).get("decode_tokens_per_s")
+        return f"use onnx-{best}: it is faithful" + (f" ({tps:.0f} tokens/s)" if tps else "")
+    if (info.get("verdict") or {}).get("verdict") == "unmeasured":
+        return "give the run a validation split (data.validation_split) to measure it"
+    later = [v for v in AUTO_ORDER if v != precision and v not in report.get("onnx", {})]
+    if precision in AUTO_ORDER:
+        later = [v for v in AUTO_ORDER[AUTO_ORDER.index(precision) + 1 :] if v not in report.get("onnx", {})]
+    if later:
+        return (
+            f"try --precision {later[0]} (more accurate, slower), or --precision auto to build candidates "
+            "until one is faithful"
+        )
+    return "try --precision fp32"
+
+
+def headline(report: dict) -> list[str]:
+    """One line per ONNX export: its verdict in words (the top of the parity report)."""
+    lines = []
+    for precision, info in (report.get("onnx") or {}).items():
+        v = info.get("verdict") or {}
+        line = f"**onnx-{precision}: {v.get('summary', 'no verdict')}.**"
+        if v.get("advice"):
+            line += f" Better: {v['advice']}."
+        lines.append(f"- {line}")
+    return lines
+
+
 # --------------------------------------------------------------------------- parity report
 
 
@@ -536,7 +983,7 @@ def _answer_ids(model, answer: str) -> list[int]:
     return model.tokenizer(answer + marker, add_special_tokens=False)["input_ids"][:64]
 
 
-def _perplexity_texts(cfg, probes, progress) -> tuple[list[dict], str]:
+def _perplexity_texts(cfg, probes, progress) -> tuple[list[dict], str, int]:
     """Chats with a reference answer: the run's validation split when it has one, else the probes."""
     if cfg is not None and cfg.data.path and cfg.data.validation_split > 0 and Path(cfg.data.path).exists():
         try:
@@ -558,8 +1005,8 @@ def _perplexity_texts(cfg, probes, progress) -> tuple[list[dict], str]:
                 if len(items) == 16:
                     break
             if items:
-                return items, f"validation split ({len(items)} chats)"
-    return list(probes), f"probe prompts ({len(probes)} chats with reference answers)"
+                return items, f"validation split ({len(items)} chats)", len(items)
+    return list(probes), f"probe prompts ({len(probes)} chats with reference answers)", 0
 
 
 def _greedy_exact(model, messages, new_tokens: int) -> list[int]:
@@ -601,6 +1048,16 @@ def _perplexity(model, scored: list[tuple[list[int], list[int]]]) -> float:
     return math.exp(sum(nll) / len(nll)) if nll else float("nan")
 
 
+def _previous_report(export_dir: Path) -> dict:
+    path = export_dir / "parity.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def _max_logit_diff(a, b, prompts_and_answers) -> float:
     worst = 0.0
     for prompt, answer in prompts_and_answers:
@@ -616,8 +1073,10 @@ def write_parity_report(
     new_tokens: int = 32,
     speed_tokens: int = 32,
     probes: list[dict] | None = None,
+    gate: ExportGate | None = None,
 ) -> dict:
-    """Compare every export of the run and write ``export/parity.json`` and ``export/parity.md``."""
+    """Compare every export of the run and write ``export/parity.json`` and ``export/parity.md``;
+    each ONNX export gets a verdict (:func:`verdict`) against ``gate`` (default: engine.config's)."""
     from engine.inference import OnnxChatModel, Target, build_chat_model, normalize_messages
 
     say = _say(progress)
@@ -629,6 +1088,7 @@ def write_parity_report(
     source = run_source(run_dir)
     cfg = source["config"]
     probes = probes or PROBES
+    gate = gate or ExportGate()
     started = time.perf_counter()
     report: dict[str, Any] = {
         "run": str(run_dir),
@@ -644,7 +1104,7 @@ def write_parity_report(
     prompts = _probe_prompts(merged, probes)
     say("Parity: greedy reference continuations (PyTorch merged)...")
     references = [_greedy_exact(merged, p["messages"], new_tokens) for p in probes]
-    ppl_items, ppl_source = _perplexity_texts(cfg, probes, say)
+    ppl_items, ppl_source, validation_chats = _perplexity_texts(cfg, probes, say)
 
     speeds: dict[str, dict] = {}
     if source["kind"] == "adapter":
@@ -683,13 +1143,34 @@ def write_parity_report(
         "source": ppl_source,
         "pytorch_merged": round(ppl_reference, 4),
         "answer_tokens": sum(len(a) for _, a in ppl_scored),
+        "validation_chats": validation_chats,
     }
+    report["gate"] = dataclasses.asdict(gate)
 
     report["onnx"] = {}
     report["tokenizer"] = {}
-    for precision in PRECISIONS:
+    # An export measured before against the same merged model, probes and reference keeps its
+    # figures (auto mode measures after each candidate; the earlier ones are not measured again).
+    previous = _previous_report(export_dir)
+    merged_created = (_read_stamp(merged_dir) or {}).get("created")
+    report["merged_created"] = merged_created
+    comparable = (
+        previous.get("merged_created") == merged_created
+        and previous.get("new_tokens") == new_tokens
+        and previous.get("probes") == report["probes"]
+        and (previous.get("perplexity") or {}).get("pytorch_merged") == report["perplexity"]["pytorch_merged"]
+    )
+    for precision in onnx_variants_present(run_dir):
         onnx_dir = export_dir / f"onnx-{precision}"
-        if not (onnx_dir / "genai_config.json").is_file():
+        old_entry = (previous.get("onnx") or {}).get(precision)
+        created = (_read_stamp(onnx_dir) or {}).get("created")
+        if comparable and old_entry and created and old_entry.get("export_created") == created:
+            say(f"Parity: ONNX {precision} measured before (export unchanged)")
+            report["onnx"][precision] = old_entry
+            report["tokenizer"][precision] = previous["tokenizer"][precision]
+            old_entry["verdict"] = verdict(old_entry, gate)
+            if f"onnx_{precision}" in previous.get("speed", {}):
+                speeds[f"onnx_{precision}"] = previous["speed"][f"onnx_{precision}"]
             continue
         say(f"Parity: ONNX {precision}...")
         report["tokenizer"][precision] = check_tokenizer_parity(onnx_dir, merged_dir)
@@ -720,9 +1201,15 @@ def write_parity_report(
             },
             "block_size": stamp.get("block_size"),
             "execution_provider": stamp.get("execution_provider"),
+            "about": stamp.get("about") or VARIANTS.get(precision, {}).get("about"),
+            "validation_chats": validation_chats,
+            "export_created": stamp.get("created"),
         }
+        report["onnx"][precision]["verdict"] = verdict(report["onnx"][precision], gate)
         speeds[f"onnx_{precision}"] = _speed(onnx, probes[0]["messages"], speed_tokens)
         del onnx
+    for precision, info in report["onnx"].items():
+        info["verdict"]["advice"] = advice(precision, report)
 
     report["sizes_bytes"] = {
         name: dir_size(path)
@@ -730,7 +1217,7 @@ def write_parity_report(
             ("adapter", run_dir / "adapter"),
             ("model", run_dir / "model"),
             ("merged", merged_dir),
-            *[(f"onnx-{p}", export_dir / f"onnx-{p}") for p in PRECISIONS],
+            *[(f"onnx-{p}", export_dir / f"onnx-{p}") for p in onnx_variants_present(run_dir)],
         ]
         if path.exists()
     }
@@ -743,19 +1230,20 @@ def write_parity_report(
 
 
 def parity_markdown(report: dict) -> str:
-    lines = [
-        f"# Export parity: {report['run']}",
-        "",
+    lines = [f"# Export parity: {report['run']}", ""]
+    if report.get("onnx"):
+        lines += headline(report) + [""]
+    lines += [
         f"Method {report['method']}, base {report['base_model']}, {len(report['probes'])} probe chats, "
         f"{report['new_tokens']} greedy tokens each. Created {report['created']}.",
         "",
     ]
     merge_info = report.get("merge", {})
     if "max_abs_logit_diff" in merge_info:
-        verdict = "OK" if merge_info["passed"] else "FAILED"
+        ok = "OK" if merge_info["passed"] else "FAILED"
         lines += [
             f"- Merged vs unmerged adapter: max |logit diff| {merge_info['max_abs_logit_diff']:.2e} "
-            f"(tolerance {merge_info['tolerance']:.0e}) {verdict}; greedy identical "
+            f"(tolerance {merge_info['tolerance']:.0e}) {ok}; greedy identical "
             f"{merge_info['greedy_identical']}.",
             "",
         ]
@@ -763,44 +1251,184 @@ def parity_markdown(report: dict) -> str:
         lines += [f"- {merge_info.get('note')}", ""]
     if report.get("onnx"):
         lines += [
-            "| export | greedy identical | token agreement | perplexity (PyTorch -> ONNX) | tokenizer |",
-            "|---|---|---|---|---|",
+            "| export | verdict | greedy identical | token agreement | perplexity (PyTorch -> ONNX) | tokenizer |",
+            "|---|---|---|---|---|---|",
         ]
         for precision, info in report["onnx"].items():
             ppl = info["perplexity"]
             tok = "identical" if report["tokenizer"][precision]["identical"] else "DIFFERS"
+            change = (info.get("verdict") or {}).get("perplexity_change")
+            change_text = f", {change:+.1%}" if change is not None else ""
             lines.append(
-                f"| onnx-{precision} | {info['greedy_identical']} | {info['token_agreement']:.1%} | "
-                f"{ppl['pytorch']:.3f} -> {ppl['onnx']:.3f} ({ppl['difference']:+.3f}) | {tok} |"
+                f"| onnx-{precision} | {(info.get('verdict') or {}).get('verdict', '-')} | {info['greedy_identical']} "
+                f"| {info['token_agreement']:.1%} | {ppl['pytorch']:.3f} -> {ppl['onnx']:.3f} "
+                f"({ppl['difference']:+.3f}{change_text}) | {tok} |"
             )
         first = next(iter(report["onnx"].values()))
+        gate = report.get("gate") or dataclasses.asdict(ExportGate())
         lines += [
             "",
             f"Perplexity on the {first['perplexity']['source']}; token agreement is the share of "
-            "positions where the export's greedy choice equals PyTorch's along the PyTorch continuation.",
+            "positions where the export's greedy choice equals PyTorch's along the PyTorch continuation. "
+            f"Faithful: agreement >= {gate['faithful_agreement']:.0%} and perplexity change within "
+            f"{gate['faithful_perplexity_change']:.0%}; broken: agreement < {gate['broken_agreement']:.0%} or "
+            f"perplexity change > +{gate['broken_perplexity_change']:.0%}; degraded in between; unmeasured "
+            f"without a validation split of {gate['min_validation_chats']} chats or more.",
             "",
         ]
-    lines += ["| model | size | decode tokens/s | time to first token |", "|---|---|---|---|"]
+    lines += [
+        "| model | size | decode tokens/s | time to first token | verdict |",
+        "|---|---|---|---|---|",
+    ]
     sizes = report.get("sizes_bytes", {})
     size_of = {
         "pytorch_adapter": sizes.get("adapter"),
         "pytorch_merged": sizes.get("merged"),
-        **{f"onnx_{p}": sizes.get(f"onnx-{p}") for p in PRECISIONS},
+        **{f"onnx_{p}": sizes.get(f"onnx-{p}") for p in report.get("onnx", {})},
     }
     for name, speed in report.get("speed", {}).items():
         size = size_of.get(name)
         size_text = f"{size / 1e6:.1f} MB" if size else "-"
-        lines.append(f"| {name} | {size_text} | {speed['decode_tokens_per_s']:.1f} | {speed['ttft_s'] * 1000:.0f} ms |")
+        v = ((report.get("onnx") or {}).get(name.removeprefix("onnx_")) or {}).get("verdict") or {}
+        label = f"onnx-{name.removeprefix('onnx_')}" if name.startswith("onnx_") else name
+        lines.append(
+            f"| {label} | {size_text} | {speed['decode_tokens_per_s']:.1f} | {speed['ttft_s'] * 1000:.0f} ms "
+            f"| {v.get('verdict', '(reference)')} |"
+        )
+    if report.get("auto"):
+        lines += ["", *auto_markdown(report["auto"])]
     return "\n".join(lines) + "\n"
+
+
+def auto_markdown(auto: dict) -> list[str]:
+    """What auto mode tried, each candidate's figures or failure, and what it kept."""
+    lines = [f"## Auto mode: candidates in order ({', '.join('onnx-' + c for c in auto['order'])})", ""]
+    lines += ["| candidate | verdict | token agreement | perplexity change | decode tokens/s | note |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for item in auto["tried"]:
+        change = item.get("perplexity_change")
+        lines.append(
+            f"| {item['variant']} | {item.get('verdict', 'failed')} | "
+            f"{'-' if item.get('token_agreement') is None else format(item['token_agreement'], '.1%')} | "
+            f"{'-' if change is None else format(change, '+.1%')} | "
+            f"{'-' if item.get('decode_tokens_per_s') is None else format(item['decode_tokens_per_s'], '.1f')} | "
+            f"{item.get('error') or ''} |"
+        )
+    lines += ["", auto["summary"]]
+    return lines
 
 
 # --------------------------------------------------------------------------- one call for the CLI and UI
 
 
+def export_auto(
+    run_dir: str | Path,
+    *,
+    candidates: tuple[str, ...] | list[str] = AUTO_ORDER,
+    gate: ExportGate | None = None,
+    progress: Progress | None = None,
+    execution_provider: str = "auto",
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+    force: bool = False,
+    stop: threading.Event | None = None,
+    measure: Callable[..., dict] | None = None,
+    build: Callable[..., Path] | None = None,
+) -> dict:
+    """Auto mode: build ``candidates`` in order (fastest first: engine.config.AUTO_ORDER) and
+    keep the first whose verdict is faithful. Every finished candidate stays under RUN/export
+    (a stopped build leaves no partial directory). ``build`` and ``measure`` default to
+    :func:`export_onnx` and :func:`write_parity_report`. Returns ``{"order", "tried",
+    "chosen", "summary", "report"}``."""
+    say = _say(progress)
+    gate = gate or ExportGate()
+    build = build or export_onnx
+    measure = measure or write_parity_report
+    tried: list[dict] = []
+    chosen = None
+    report: dict = {}
+    note = ""
+    if (Path(run_dir) / "config.yaml").is_file():
+        chats = _perplexity_texts(run_source(Path(run_dir))["config"], PROBES, say)[2]
+        if chats < gate.min_validation_chats:
+            # no candidate can be judged: build the fixed default only, said as such
+            candidates = [DEFAULT_ONNX_VARIANT]
+            note = (
+                f" The run has {'no validation split' if not chats else f'a validation split of {chats} chats'}, "
+                f"so no candidate can be judged: auto built only onnx-{DEFAULT_ONNX_VARIANT}, the default."
+            )
+            say("Auto:" + note)
+    for precision in candidates:
+        _variant(precision)
+        if stop is not None and stop.is_set():
+            tried.append({"variant": f"onnx-{precision}", "verdict": "not tried", "error": "stopped before it"})
+            continue
+        say(f"Auto: candidate onnx-{precision} ({VARIANTS[precision]['about']})")
+        try:
+            build(
+                run_dir,
+                precision,
+                progress=progress,
+                execution_provider=execution_provider,
+                block_size=block_size,
+                force=force,
+                stop=stop,
+            )
+            report = measure(run_dir, progress=progress, gate=gate)
+        except ExportError as err:
+            tried.append({"variant": f"onnx-{precision}", "verdict": "failed", "error": str(err)})
+            say(f"Auto: onnx-{precision} failed: {err}")
+            if stop is not None and stop.is_set():
+                continue
+            continue
+        info = report["onnx"][precision]
+        v = info["verdict"]
+        tried.append(
+            {
+                "variant": f"onnx-{precision}",
+                "verdict": v["verdict"],
+                "token_agreement": info.get("token_agreement"),
+                "perplexity_change": v.get("perplexity_change"),
+                "greedy_identical": info.get("greedy_identical"),
+                "decode_tokens_per_s": (report.get("speed", {}).get(f"onnx_{precision}") or {}).get(
+                    "decode_tokens_per_s"
+                ),
+            }
+        )
+        say(f"Auto: onnx-{precision} is {v['summary']}")
+        if v["passes"]:
+            chosen = precision
+            break
+    if chosen:
+        summary = f"Auto mode kept **onnx-{chosen}**: the first candidate in order of speed that is faithful."
+        slower = [t for t in tried if t["variant"] != f"onnx-{chosen}" and t.get("verdict") not in ("failed",)]
+        if slower:
+            summary += f" Faster candidates tried first were not faithful: {', '.join(t['variant'] for t in slower)}."
+    else:
+        measured = [t for t in tried if t.get("token_agreement") is not None]
+        best = max(measured, key=lambda t: t["token_agreement"], default=None)
+        summary = "Auto mode found no faithful candidate"
+        if stop is not None and stop.is_set():
+            summary += " before it was stopped"
+        summary += "." + (
+            f" The closest is {best['variant']} ({best['verdict']}, agreement {best['token_agreement']:.1%})."
+            if best
+            else ""
+        )
+    summary += note
+    auto = {"order": list(candidates), "tried": tried, "chosen": chosen, "summary": summary}
+    if report:
+        report["auto"] = auto
+        export_dir = Path(run_dir) / "export"
+        (export_dir / "parity.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        (export_dir / "parity.md").write_text(parity_markdown(report), encoding="utf-8")
+    say(summary.replace("**", ""))
+    return {**auto, "report": report}
+
+
 def export(
     run_dir: str | Path,
     fmt: str = "onnx",
-    precision: str = "int4",
+    precision: str = DEFAULT_ONNX_VARIANT,
     *,
     progress: Progress | None = None,
     report: bool = True,
@@ -808,14 +1436,37 @@ def export(
     block_size: int | None = DEFAULT_BLOCK_SIZE,
     force: bool = False,
     stop: threading.Event | None = None,
+    gate: ExportGate | None = None,
 ) -> dict:
-    """Merge or export, then write the parity report. Returns paths and the report."""
+    """Merge or export (``precision`` a variant or ``auto``), then write the parity report.
+    Returns paths, the report and, for an ONNX export, its verdict."""
     if fmt not in FORMATS:
         raise ExportError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
     result: dict[str, Any] = {"run": str(run_dir), "format": fmt}
     if fmt == "merged":
         result["path"] = str(merge(run_dir, progress=progress, force=force))
+    elif precision == "auto":
+        auto = export_auto(
+            run_dir,
+            gate=gate,
+            progress=progress,
+            execution_provider=execution_provider,
+            block_size=block_size,
+            force=force,
+            stop=stop,
+        )
+        chosen = auto["chosen"]
+        result["auto"] = {k: v for k, v in auto.items() if k != "report"}
+        result["precision"] = chosen
+        result["variant"] = f"onnx-{chosen}" if chosen else None
+        result["path"] = str(run_dir / "export" / f"onnx-{chosen}") if chosen else None
+        if auto["report"]:
+            result["report"] = auto["report"]
+            result["report_path"] = str(run_dir / "export" / "parity.md")
+            if chosen:
+                result["verdict"] = auto["report"]["onnx"][chosen]["verdict"]
+        return result
     else:
         result["path"] = str(
             export_onnx(
@@ -829,9 +1480,12 @@ def export(
             )
         )
         result["precision"] = precision
+        result["variant"] = f"onnx-{precision}"
     if report:
-        result["report"] = write_parity_report(run_dir, progress=progress)
+        result["report"] = write_parity_report(run_dir, progress=progress, gate=gate)
         result["report_path"] = str(run_dir / "export" / "parity.md")
+        if fmt == "onnx":
+            result["verdict"] = result["report"]["onnx"][precision]["verdict"]
     return result
 
 
@@ -843,7 +1497,23 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default="onnx",
         help="merged: a transformers directory; onnx: ONNX Runtime GenAI (merges first).",
     )
-    parser.add_argument("--precision", choices=PRECISIONS, default="int4", help="ONNX weight precision (default int4).")
+    parser.add_argument(
+        "--precision",
+        choices=(*ONNX_VARIANTS, "auto"),
+        default=DEFAULT_ONNX_PRECISION,
+        metavar="VARIANT",
+        help=f"ONNX export variant: {', '.join(ONNX_VARIANTS)}, or auto (default): build "
+        f"{', '.join(AUTO_ORDER)} in that order and keep the first that passes the quality gate.",
+    )
+    parser.add_argument(
+        "--gate",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Quality-gate threshold (repeatable), e.g. --gate faithful_agreement=0.9; keys: "
+        + ", ".join(f.name for f in dataclasses.fields(ExportGate))
+        + " (defaults in engine/config.py ExportGate).",
+    )
     parser.add_argument(
         "--execution-provider",
         choices=EXECUTION_PROVIDERS,
@@ -856,6 +1526,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_BLOCK_SIZE,
         help=f"int4/int8 quantisation block size (default {DEFAULT_BLOCK_SIZE}; 32: a little more "
         "accurate and slower, 128: faster, less accurate).",
+    )
+    parser.add_argument(
+        "--adapter-file",
+        action="store_true",
+        help="Export the LoRA adapter on its own: an ONNX Runtime GenAI adapter file (og.Adapters) in "
+        f"RUN/export/onnx-{ONNX_LORA_BASE}/adapters/, beside the base in fp32 with LoRA inputs.",
     )
     parser.add_argument("--force", action="store_true", help="Rebuild even if the export is up to date.")
     parser.add_argument("--no-report", action="store_true", help="Skip the parity report.")
@@ -870,6 +1546,15 @@ def run_cli(args) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     try:
+        if args.adapter_file:
+            result = export_adapter_file(args.run, progress=progress, force=args.force)
+            if not args.no_report:
+                result["report"] = write_parity_report(
+                    args.run, progress=progress, gate=ExportGate.from_pairs(args.gate)
+                )
+                result["verdict"] = result["report"]["onnx"][LORA_BASE]["verdict"]
+            print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else result["adapter_file"])
+            return 0
         result = export(
             args.run,
             args.format,
@@ -879,6 +1564,7 @@ def run_cli(args) -> int:
             execution_provider=args.execution_provider,
             block_size=args.block_size,
             force=args.force,
+            gate=ExportGate.from_pairs(args.gate),
         )
     except (ExportError, ConfigError, ModelNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -889,7 +1575,7 @@ def run_cli(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
     else:
-        print(result["path"])
+        print(result["path"] or "no faithful export (see the report)")
         if "report_path" in result:
             print((Path(result["report_path"])).read_text(encoding="utf-8"))
     return 0

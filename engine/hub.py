@@ -37,10 +37,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.config import ONNX_VARIANTS
 from engine.evalfiles import latest_summary, summary_table
 from engine.util import HubIdError, check_hub_id, dir_size, fmt_bytes, is_hub_id
 
-ARTIFACTS = ("adapter", "model", "merged", "onnx-int4", "onnx-int8", "onnx-fp32")
+ARTIFACTS = ("adapter", "model", "merged", *(f"onnx-{v}" for v in ONNX_VARIANTS))
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -525,6 +526,13 @@ def _parity_section(facts: dict, artifact: str, artifact_path: Path | None) -> l
         tokenizer = (report.get("tokenizer") or {}).get(precision) or {}
         if info:
             ppl = info.get("perplexity") or {}
+            judged = info.get("verdict") or {}
+            if judged.get("summary"):
+                lines.insert(2, f"**Verdict: {judged['summary']}.**")
+                lines.insert(3, "")
+                if judged.get("advice"):
+                    lines.insert(4, f"Better: {judged['advice']}.")
+                    lines.insert(5, "")
             lines += [
                 f"- greedy answers identical to PyTorch: {info.get('greedy_identical', '-')} probe chats",
                 f"- token agreement with PyTorch: {_percent(info.get('token_agreement'))} "

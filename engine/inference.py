@@ -55,10 +55,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config import DEFAULT_ONNX_VARIANT, ONNX_LORA_BASE, ONNX_VARIANTS
 from engine.templates import END_OF_TURN_MARKERS, end_of_turn_ids, inference_template
 
 BACKENDS = ("base", "tuned", "onnx")
-ONNX_PRECISIONS = ("int4", "int8", "fp32")
+ONNX_PRECISIONS = ONNX_VARIANTS  # RUN/export/onnx-<variant>; backend name "onnx-<variant>"
+# ... and the base with LoRA inputs whose adapters/ file is made active (engine.export.export_adapter_file)
+ONNX_CHOICES = (*ONNX_VARIANTS, ONNX_LORA_BASE)
 ROLES = ("system", "user", "assistant")
 MAX_LOADED = int(os.environ.get("TUNELAB_MAX_LOADED_MODELS", "4"))
 
@@ -674,7 +677,10 @@ def onnx_threads(genai_config: dict) -> int | None:
 class OnnxChatModel(ChatModel):
     """An onnxruntime-genai export (``genai_config.json``, ``model.onnx``, tokenizer)."""
 
-    def __init__(self, export_dir: Path, *, label: str | None = None):
+    def __init__(self, export_dir: Path, *, label: str | None = None, adapter_file: Path | None = None):
+        """``adapter_file``: an ONNX Runtime GenAI adapter (.onnx_adapter) made active on every
+        generator (og.Adapters); an export with LoRA inputs (tunelab export --adapter-file) uses
+        the first of its adapters/ folder without one."""
         import numpy as np
         import onnxruntime_genai as og
 
@@ -694,6 +700,16 @@ class OnnxChatModel(ChatModel):
             )
         self.model = og.Model(og_config)
         self.tokenizer = og.Tokenizer(self.model)
+        if adapter_file is None:
+            adapter_file = next(iter(sorted((self.export_dir / "adapters").glob("*.onnx_adapter"))), None)
+        self.adapters = None
+        self.adapter_file = Path(adapter_file) if adapter_file else None
+        if self.adapter_file is not None:
+            if not self.adapter_file.is_file():
+                raise InferenceError(f"{self.adapter_file}: no such adapter file")
+            self.adapters = og.Adapters(self.model)
+            self.adapters.load(str(self.adapter_file), "tuned")
+            self.label = label or f"ONNX ({self.export_dir.name} + {self.adapter_file.name})"
         self.context_length = int(config["model"].get("context_length", 2048))
         eos = config["model"].get("eos_token_id", [])
         template_path = self.export_dir / "chat_template.jinja"
@@ -741,7 +757,10 @@ class OnnxChatModel(ChatModel):
                     random_seed=int(settings.seed) if settings.seed is not None else -1,
                 )
         params.set_search_options(**options)
-        return og.Generator(self.model, params)
+        generator = og.Generator(self.model, params)
+        if self.adapters is not None:
+            generator.set_active_adapter(self.adapters, "tuned")
+        return generator
 
     def token_stream(
         self, prompt_ids: list[int], settings: GenerationSettings, used: list[str] | None = None
@@ -887,6 +906,18 @@ class Target:
         return self.onnx_dir or self.adapter_dir or self.model_dir
 
 
+def _auto_choice(export_dir: Path) -> list[str]:
+    """The variant auto mode kept, as recorded in export/parity.json (empty when none)."""
+    path = export_dir / "parity.json"
+    if not path.is_file():
+        return []
+    try:
+        chosen = (json.loads(path.read_text(encoding="utf-8")).get("auto") or {}).get("chosen")
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [chosen] if isinstance(chosen, str) else []
+
+
 def _run_config(run_dir: Path):
     from engine.config import RunConfig
 
@@ -894,9 +925,13 @@ def _run_config(run_dir: Path):
 
 
 def find_onnx_export(run_dir: Path, precision: str | None = None) -> Path:
-    """``run/export/onnx-<precision>``; without a precision the first of int4, int8, fp32."""
+    """``run/export/onnx-<precision>`` (any variant, e.g. ``int4-hqq``); without a precision the
+    one auto mode kept (export/parity.json), else DEFAULT_ONNX_VARIANT, else the first present in
+    ONNX_VARIANTS order."""
     export_dir = Path(run_dir) / "export"
-    choices = [precision] if precision else list(ONNX_PRECISIONS)
+    if precision and precision.startswith("onnx-"):
+        precision = precision.removeprefix("onnx-")
+    choices = [precision] if precision else [*_auto_choice(export_dir), DEFAULT_ONNX_VARIANT, *ONNX_PRECISIONS]
     for p in choices:
         candidate = export_dir / f"onnx-{p}"
         if (candidate / "genai_config.json").is_file():
@@ -1086,9 +1121,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="tuned", help="Which model answers (default: tuned).")
     parser.add_argument(
         "--precision",
-        choices=ONNX_PRECISIONS,
+        choices=ONNX_CHOICES,
         default=None,
-        help="ONNX export to use (default: int4, else int8, else fp32).",
+        help="ONNX export variant to use (default: the one auto mode kept, else int8, else the first there is).",
     )
     parser.add_argument("--prompt", default=None, help="Answer this one message and exit (default: interactive chat).")
     parser.add_argument("--system", default=None, help="System prompt.")

@@ -214,15 +214,15 @@ def test_person_trains_exports_and_chats(app, page, chat_model):
     page.locator("#train-loss svg").first.wait_for()
     _shot(page, "train")
 
-    # Export: ONNX int4 with its parity report.
+    # Export: ONNX (auto, the default) with its parity report and verdict.
     page.locator("#train-open-export").click()
     page.locator("#export-contents").get_by_text("adapter").first.wait_for()
     page.locator("#export-onnx").click()
     status = page.locator("#export-status textarea")
     _wait_until(page, lambda: "Done." in status.input_value(), 240, "the export")
-    page.locator("#export-parity").get_by_text("onnx-int4").first.wait_for()
+    page.locator("#export-parity").get_by_text("onnx-").first.wait_for()
     page.locator("#export-dl-onnx").click()
-    _wait_until(page, lambda: "onnx-int4" in page.locator("#export-files").inner_text(), what="the ONNX zip")
+    _wait_until(page, lambda: "onnx-" in page.locator("#export-files").inner_text(), what="the ONNX zip")
     _shot(page, "export")
 
     # Playground: a validation example, then one prompt answered by the three columns.
@@ -256,7 +256,7 @@ def test_person_trains_exports_and_chats(app, page, chat_model):
     assert "lora" in table.inner_text()
     page.locator("#runs-curves svg").first.wait_for()
     _shot(page, "runs")
-    assert any(p.name.startswith("onnx-int4") for p in runs_dir.glob("*/export/*"))
+    assert any(p.name.startswith("onnx-") for p in runs_dir.glob("*/export/*"))
 
 
 def test_second_start_queues_reload_reattaches_and_stop_stops(app, page, chat_model):

@@ -153,6 +153,12 @@ def add_exports(run_dir: Path) -> None:
                     },
                     "block_size": 128,
                     "execution_provider": "cpu",
+                    "validation_chats": 12,
+                    "verdict": {
+                        "verdict": "faithful",
+                        "summary": "faithful: it answers like the tuned model (token agreement 96.2%, "
+                        "validation perplexity +4.5%, 4/5 replies greedy-identical)",
+                    },
                 }
             },
             "tokenizer": {"int4": {"identical": True, "texts": 10, "mismatches": []}},
@@ -244,6 +250,10 @@ def test_card_of_onnx_export_has_parity_figures_and_onnx_snippet(tmp_path):
     assert {"tunelab", "lora", "onnx"} <= set(meta["tags"])
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["base_model_relation"] == "finetune"
     assert "4/5 probe chats" in card
+    assert (
+        "**Verdict: faithful: it answers like the tuned model (token agreement 96.2%, validation perplexity +4.5%"
+        in card
+    )
     assert "96.2% of 160" in card
     assert "perplexity PyTorch 5.432 -> ONNX 5.679 (on the validation split (12 chats))" in card
     assert "identical ids on 10 texts" in card

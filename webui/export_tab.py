@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
+from engine.config import AUTO_ORDER, DEFAULT_ONNX_PRECISION, ONNX_LORA_BASE, ONNX_VARIANTS
 from engine.util import dir_size, fmt_bytes
 from webui.common import (
     AppContext,
@@ -32,7 +33,8 @@ from webui.common import (
 from webui.links import standalone_tab
 from webui.playground_tab import run_picker
 
-ONNX_PRECISIONS = ("int4", "int8", "fp32")
+ADAPTER_FILE = "LoRA adapter file"  # the base with LoRA inputs + the run's .onnx_adapter (og.Adapters)
+ONNX_CHOICES = ("auto", *ONNX_VARIANTS, ADAPTER_FILE)
 PROGRESS_LINES = 12
 
 
@@ -57,7 +59,7 @@ def artefacts(run_dir: Path) -> dict[str, Path]:
     for name, rel in (("adapter", "adapter"), ("model", "model"), ("merged", "export/merged")):
         if (run_dir / rel / "config.json").is_file() or (run_dir / rel / "adapter_config.json").is_file():
             found[name] = run_dir / rel
-    for precision in ONNX_PRECISIONS:
+    for precision in (*ONNX_VARIANTS, ONNX_LORA_BASE):
         onnx_dir = run_dir / "export" / f"onnx-{precision}"
         if (onnx_dir / "genai_config.json").is_file():
             found[f"onnx-{precision}"] = onnx_dir
@@ -68,9 +70,15 @@ def artefact_markdown(run_dir: Path) -> str:
     found = artefacts(run_dir)
     if not found:
         return f"Run **{escape_md(run_dir.name)}** has nothing to export yet (no adapter or model)."
-    rows = ["| artefact | folder | size |", "|---|---|---:|"]
+    from engine.export import export_verdicts
+
+    verdicts = export_verdicts(run_dir)
+    rows = ["| artefact | folder | size | verdict |", "|---|---|---:|---|"]
     for name, path in found.items():
-        rows.append(f"| {name} | `{escape_md(path.relative_to(run_dir))}` | {fmt_bytes(dir_size(path))} |")
+        judged = verdicts.get(name, "not measured yet" if name.startswith("onnx-") else "")
+        rows.append(
+            f"| {name} | `{escape_md(path.relative_to(run_dir))}` | {fmt_bytes(dir_size(path))} | {escape_md(judged)} |"
+        )
     return "\n".join(rows)
 
 
@@ -151,9 +159,14 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             gr.Markdown("#### Merge\nFold the adapter into the base weights: one standalone transformers model.")
             merge_btn = gr.Button("Merge adapter", elem_id="export-merge")
         with gr.Column():
-            gr.Markdown("#### ONNX\nFor ONNX Runtime GenAI: int4 is the smallest and fastest on a CPU.")
+            gr.Markdown(
+                "#### ONNX\nFor ONNX Runtime GenAI. Each export gets a verdict against the tuned model "
+                "(faithful, degraded, broken, or unmeasured without a validation split). int4 is the smallest "
+                "and fastest, at a cost in accuracy that the verdict measures; **auto** builds "
+                f"{', '.join(AUTO_ORDER)} in that order (fastest first) and keeps the first that is faithful."
+            )
             precisions = gr.CheckboxGroup(
-                list(ONNX_PRECISIONS), value=["int4"], label="Precisions", elem_id="export-precisions"
+                list(ONNX_CHOICES), value=[DEFAULT_ONNX_PRECISION], label="Variants", elem_id="export-precisions"
             )
             with gr.Row():
                 onnx_btn = gr.Button("Export to ONNX", variant="primary", elem_id="export-onnx")
@@ -263,8 +276,19 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             raise gr.Error("Choose at least one ONNX precision.")
         stop = threading.Event()
         yield gr.skip(), gr.skip(), gr.skip(), stop
-        jobs = [(f"ONNX {p}", export.export_onnx, {"run_dir": path, "precision": p, "stop": stop}) for p in chosen]
-        jobs.append(("Parity report (PyTorch vs ONNX)", export.write_parity_report, {"run_dir": path}))
+        jobs = [
+            (f"ONNX {p}", export.export_onnx, {"run_dir": path, "precision": p, "stop": stop})
+            for p in chosen
+            if p in ONNX_VARIANTS
+        ]
+        if ADAPTER_FILE in chosen:
+            jobs.append((ADAPTER_FILE, export.export_adapter_file, {"run_dir": path, "stop": stop}))
+        if jobs:
+            jobs.append(("Parity report (PyTorch vs ONNX)", export.write_parity_report, {"run_dir": path}))
+        if "auto" in chosen:
+            jobs.append(
+                ("ONNX auto: candidates until one is faithful", export.export_auto, {"run_dir": path, "stop": stop})
+            )
         for out in follow(jobs, path, progress):
             yield (*out, stop)
 

@@ -28,6 +28,7 @@ from typing import Any
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
 from engine import security
+from engine.config import DEFAULT_ONNX_VARIANT, ONNX_LORA_BASE, ONNX_VARIANTS
 from webui import api_panel
 from webui.common import (
     AppContext,
@@ -75,12 +76,42 @@ def backend_availability(run_dir: str | None, backend: str, onnx_precision: str 
             f"Run **{escape_md(run.name)}** has no trained weights yet: wait for it to finish "
             "on the **Train** tab, or pick another run."
         )
+    if onnx_precision == "auto":  # the export auto mode kept, else the first there is
+        present = sorted((run / "export").glob("onnx-*")) if (run / "export").is_dir() else []
+        if backend == "onnx" and not any(p.is_dir() for p in present):
+            return False, (
+                f"No ONNX export of **{escape_md(run.name)}** yet. Export it here "
+                "(about a minute for the default model), or on the **Export** tab."
+            )
+        return True, ""
     if backend == "onnx" and not (run / "export" / f"onnx-{onnx_precision}").is_dir():
         return False, (
             f"No ONNX {onnx_precision} export of **{escape_md(run.name)}** yet. Export it here "
             "(about a minute for the default model), or on the **Export** tab."
         )
     return True, ""
+
+
+def onnx_header(run_dir: str | None, onnx_precision: str) -> str:
+    """The ONNX column's title: the export variant and its verdict from the parity report."""
+    from engine.export import export_verdicts
+
+    if onnx_precision == "auto" and run_dir:
+        from engine.inference import InferenceError, find_onnx_export
+
+        try:
+            onnx_precision = find_onnx_export(Path(run_dir)).name.removeprefix("onnx-")
+        except InferenceError:
+            return TITLES["onnx"]
+    title = f"{TITLES['onnx']}: onnx-{onnx_precision}"
+    if not run_dir:
+        return title
+    judged = export_verdicts(Path(run_dir)).get(f"onnx-{onnx_precision}")
+    if judged:
+        return f"{title}, {judged}"
+    if (Path(run_dir) / "export" / f"onnx-{onnx_precision}").is_dir():
+        return f"{title}, verdict not measured yet"
+    return title
 
 
 @dataclass
@@ -157,9 +188,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             info="The tuned columns use this run's adapter and its ONNX export",
         )
         onnx_precision = gr.Dropdown(
-            ["int4", "int8", "fp32"],
-            value="int4",
-            label="ONNX precision",
+            ["auto", *ONNX_VARIANTS, ONNX_LORA_BASE],
+            value="auto",
+            label="ONNX export",
             scale=1,
             min_width=110,
             elem_id="play-onnx-precision",
@@ -228,6 +259,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             out.append(gr.Markdown(why, visible=not ok))
             if backend in fix_buttons:
                 out.append(gr.Button(visible=not ok and (backend != "tuned" or links.tabs is not None)))
+        out.append(gr.Chatbot(label=onnx_header(run_dir, onnx_prec)))
         return out
 
     availability_outputs = []
@@ -235,6 +267,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         availability_outputs.append(notices[backend])
         if backend in fix_buttons:
             availability_outputs.append(fix_buttons[backend])
+    availability_outputs.append(chatbots["onnx"])  # its header names the export and its verdict
 
     def take_prompt(text):
         text = (text or "").strip()
@@ -256,7 +289,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             messages=history,
             settings=settings,
             system=system_v or None,
-            precision=onnx_prec if backend == "onnx" else None,
+            precision=onnx_prec if backend == "onnx" and onnx_prec != "auto" else None,
         )
 
     def make_answer(backend: str):
@@ -322,6 +355,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         if not run_id:
             raise gr.Error("Pick a trained run first.")
         run_dir = run_path(run_id, request)
+        precision = DEFAULT_ONNX_VARIANT if precision == "auto" else precision
         progress(None, desc=f"Exporting {Path(run_dir).name} to ONNX {precision}")
         for kind, item in stream_progress(export.export_onnx, run_dir=Path(run_dir), precision=precision):
             if kind == "line":
