@@ -30,33 +30,17 @@ DATA = REPO / "assets" / "datasets" / "pip_chat.jsonl"
 
 def build_model(tokenizer_dir: Path, target: Path) -> Path:
     """A ~50M-parameter Llama with the given tokenizer, random weights, saved to ``target``."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from engine.models import TinySpec, build_tiny_model
 
-    if (target / "config.json").is_file():
-        return target
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(
-        vocab_size=len(tok),
+    spec = TinySpec(
         hidden_size=512,
         num_hidden_layers=8,
         num_attention_heads=8,
         num_key_value_heads=4,
         intermediate_size=1536,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        bos_token_id=None,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = eos
-    model.save_pretrained(target)
-    tok.save_pretrained(target)
-    return target
+    return build_tiny_model(target, spec, tokenizer_dir=tokenizer_dir)
 
 
 def cases(steps: int, dpo_data: Path) -> list[tuple[str, dict]]:

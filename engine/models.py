@@ -311,8 +311,11 @@ class TinySpec:
     seed: int = 0
 
 
-def build_tiny_model(directory: str | Path, spec: TinySpec | None = None) -> Path:
-    """Write a tiny random LlamaForCausalLM with the embedded tokenizer into ``directory``."""
+def build_tiny_model(
+    directory: str | Path, spec: TinySpec | None = None, tokenizer_dir: str | Path | None = None
+) -> Path:
+    """Write a tiny random LlamaForCausalLM with the embedded tokenizer (or the one in
+    ``tokenizer_dir``, on a machine without the embedded model) into ``directory``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -320,8 +323,7 @@ def build_tiny_model(directory: str | Path, spec: TinySpec | None = None) -> Pat
     directory = Path(directory)
     if (directory / "config.json").is_file():
         return directory
-    source = embedded_model_dir()
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(tokenizer_dir or embedded_model_dir())
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
