@@ -62,9 +62,11 @@ def one_at_a_time(model, prompt_ids: list[list[int]], new_tokens: int) -> list[l
 
 
 def batched(model, prompt_ids: list[list[int]], new_tokens: int, batch: int) -> list[list[int]]:
-    from engine.evaluate import batch_generator
+    from engine.evaluate import batch_generator, onnx_greedy_batch
 
-    generate = batch_generator(model)
+    # ONNX: the batched loop an evaluation does not use yet (its answers differ), measured
+    # so that its speed and its agreement are on record.
+    generate = batch_generator(model) or onnx_greedy_batch
     replies = []
     for start in range(0, len(prompt_ids), batch):
         replies += generate(model, prompt_ids[start : start + batch], new_tokens)

@@ -775,6 +775,10 @@ class OnnxChatModel(ChatModel):
         finally:
             del generator
 
+    def pad_token_id(self) -> int:
+        """The id that pads a batch's shorter prompts on the right (the export's own)."""
+        return int(self._config["model"].get("pad_token_id", min(self.stop_ids) if self.stop_ids else 0))
+
     def generate_batch(self, chats: list[tuple]) -> Iterator[tuple[int, "ChatEvent | Exception"]]:
         """Greedy replies to several chats at once, with one ``og.Generator`` over all of
         them: each step reads the weights once for every sequence, which is what bounds a
@@ -804,7 +808,7 @@ class OnnxChatModel(ChatModel):
             return
         order = list(live)
         width = max(len(live[i]["prompt"]) for i in order)
-        pad = int(self._config["model"].get("pad_token_id", min(self.stop_ids) if self.stop_ids else 0))
+        pad = self.pad_token_id()
         batch = np.full((len(order), width), pad, dtype=np.int32)
         for row, i in enumerate(order):
             batch[row, : len(live[i]["prompt"])] = live[i]["prompt"]
