@@ -785,7 +785,9 @@ class OnnxChatModel(ChatModel):
         small model's decode on a CPU. ``chats`` holds ``(messages, settings, system, stop)``
         tuples whose settings are greedy with the same repetition penalty (engine.scheduler
         groups them). The prompts are right-padded with the export's pad token, as
-        ``og.Tokenizer.encode_batch`` does; each reply equals the chat's own greedy reply.
+        ``og.Tokenizer.encode_batch`` does. In fp32 each reply equals the chat's own greedy
+        reply; an int4 export's MatMulNBits computes a batch differently from one row, so a
+        near tie can go the other way (24 of 64 Pip prompts identical, bench/results/eval.md).
 
         Yields ``(index, event)``: the same ``text`` events and final ``done`` (with its own
         stats) as :meth:`generate` for each chat, interleaved, or ``(index, error)`` for a
