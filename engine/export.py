@@ -1489,6 +1489,153 @@ def export(
     return result
 
 
+# --------------------------------------------------------------------------- export jobs
+
+# RUN/export/jobs/<name>/: an export queued with the trainings (engine.launch), as an
+# evaluation is, so a build never competes with a training for the CPU and the web page
+# never waits on it. Its spec.json says what to build; its train.log is the progress;
+# result.json the outcome (auto mode: what it tried and kept).
+EXPORT_JOBS = ("export", "jobs")  # engine.launch.JOB_PARENTS lists it for the queue
+JOB_SPEC = "spec.json"
+JOB_RESULT = "result.json"
+
+
+def export_jobs(run_dir: str | Path) -> list[Path]:
+    """The run's export jobs, oldest first."""
+    root = Path(run_dir).joinpath(*EXPORT_JOBS)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / JOB_SPEC).is_file())
+
+
+def submit_export(
+    run_dir: str | Path,
+    variants: list[str] | tuple[str, ...],
+    *,
+    adapter_file: bool = False,
+    gate: ExportGate | None = None,
+    block_size: int | None = DEFAULT_BLOCK_SIZE,
+    execution_provider: str = "auto",
+) -> Path:
+    """Queue an export of ``variants`` (ONNX variant names or ``auto``; ``adapter_file`` adds
+    the LoRA adapter file) as a background job; returns its directory. Refused, with a
+    sentence, when the run has nothing to export, is training, or already has an export
+    waiting or running."""
+    from engine import launch, runs
+
+    run_dir = Path(run_dir).resolve()
+    run_source(run_dir)  # nothing to export is said now, not by the job
+    state = runs.refresh_status(run_dir).get("state")
+    if state in ("created", "queued", "running"):
+        raise ExportError(f"{run_dir.name} is {state}: export it once its training has ended")
+    for precision in variants:
+        if precision != "auto":
+            _variant(precision)
+    if not variants and not adapter_file:
+        raise ExportError("choose at least one ONNX variant (or auto, or the adapter file)")
+    for job in export_jobs(run_dir):
+        if runs.refresh_status(job).get("state") in ("created", "queued", "running"):
+            raise ExportError(f"an export of {run_dir.name} is already {runs.read_status(job)['state']}: {job.name}")
+    root = run_dir.joinpath(*EXPORT_JOBS)
+    root.mkdir(parents=True, exist_ok=True)
+    name = time.strftime("export-%Y%m%d-%H%M%S")
+    job_dir = root / name
+    n = 1
+    while job_dir.exists():
+        n += 1
+        job_dir = root / f"{name}-{n}"
+    job_dir.mkdir()
+    spec = {
+        "run": str(run_dir),
+        "variants": list(variants),
+        "adapter_file": bool(adapter_file),
+        "gate": dataclasses.asdict(gate or ExportGate()),
+        "block_size": block_size,
+        "execution_provider": execution_provider,
+    }
+    (job_dir / JOB_SPEC).write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    runs.update_status(job_dir, state="created", kind="export")
+    launch.submit_job(job_dir, [sys.executable, "-m", "engine.export", "--job", str(job_dir)])
+    return job_dir
+
+
+def run_export_job(job_dir: str | Path) -> int:
+    """The job's process: build what spec.json asks, one step after another, then the parity
+    report (or auto mode's own); SIGTERM stops the build in progress (its partial directory is
+    removed; finished variants are kept)."""
+    import signal
+
+    from engine import runs
+    from engine.config import ConfigError
+    from engine.models import ModelNotFoundError
+
+    job_dir = Path(job_dir).resolve()
+    spec = json.loads((job_dir / JOB_SPEC).read_text(encoding="utf-8"))
+    run_dir = Path(spec["run"])
+    gate = ExportGate(**spec["gate"])
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    named = [v for v in spec["variants"] if v != "auto"]
+    steps: list[tuple[str, Callable[[], Any]]] = []
+    options = {
+        "progress": None,
+        "execution_provider": spec["execution_provider"],
+        "block_size": spec["block_size"],
+        "stop": stop,
+    }
+
+    def say(message: str) -> None:
+        print(f"[export {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    options["progress"] = say
+    for precision in named:
+        steps.append((f"ONNX {precision}", lambda p=precision: export_onnx(run_dir, p, **options)))
+    if spec["adapter_file"]:
+        steps.append(("LoRA adapter file", lambda: export_adapter_file(run_dir, progress=say, stop=stop)))
+    if steps:
+        steps.append(("Parity report", lambda: write_parity_report(run_dir, progress=say, gate=gate)))
+    if "auto" in spec["variants"]:
+        steps.append(("ONNX auto", lambda: export_auto(run_dir, gate=gate, **options)))
+    result: dict[str, Any] = {"steps": []}
+    for i, (label, step) in enumerate(steps):
+        if stop.is_set():
+            result["steps"].append({"step": label, "state": "not started: stopped"})
+            continue
+        runs.update_status(job_dir, progress={"done": i, "total": len(steps), "step": label})
+        say(f"== {label}")
+        try:
+            out = step()
+        except (ExportError, ConfigError, ModelNotFoundError) as err:
+            say(f"error: {err}")
+            result["steps"].append({"step": label, "state": "failed", "error": str(err)})
+            continue
+        entry: dict[str, Any] = {"step": label, "state": "done"}
+        if isinstance(out, dict) and "chosen" in out:
+            entry["auto"] = {k: v for k, v in out.items() if k != "report"}
+        result["steps"].append(entry)
+    runs.write_json(job_dir / JOB_RESULT, result)
+    failed = [s for s in result["steps"] if s["state"] == "failed"]
+    if stop.is_set():
+        state = "aborted"
+    elif failed and len(failed) == len(steps):
+        state = "failed"
+    else:
+        state = "completed"
+    fields: dict[str, Any] = {"state": state, "ended_at": time.time()}
+    if state == "failed":
+        fields.update(error=failed[0]["error"], error_class=runs.ERROR_CONFIG)
+    runs.update_status(job_dir, progress={"done": len(steps), "total": len(steps)}, **fields)
+    say(f"export {state}" + (f": {len(failed)} of {len(steps)} steps failed" if failed else ""))
+    return 0 if state != "failed" else 2
+
+
+def stop_export(job_dir: str | Path, wait: bool = False, timeout: float | None = None) -> dict:
+    """Stop a queued or running export job (finished variants are kept)."""
+    from engine import launch
+
+    return launch.stop(job_dir, grace_s=60.0, wait=wait, timeout=timeout)
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN", help="Run directory (runs/<id>) with adapter/ or model/.")
     parser.add_argument(
@@ -1579,3 +1726,14 @@ def run_cli(args) -> int:
         if "report_path" in result:
             print((Path(result["report_path"])).read_text(encoding="utf-8"))
     return 0
+
+
+def _main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.export", description="Run a queued export job.")
+    parser.add_argument("--job", required=True, help="RUN/export/jobs/<name>: the job to run (engine.launch).")
+    return run_export_job(parser.parse_args(argv).job)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(_main())

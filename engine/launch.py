@@ -34,6 +34,8 @@ from engine import runs
 
 QUEUE_LOCK = ".queue.lock"
 JOBS_DIR = "eval"  # RUN/eval/<name>/: evaluation jobs, queued with the trainings (engine.evaluate)
+# Where a run's jobs live, relative to the run: evaluations, and exports (engine.export.EXPORT_JOBS).
+JOB_PARENTS = ((JOBS_DIR,), ("export", "jobs"))
 USERS_DIR = "users"  # the web app's per-user runs directories live under <runs>/users/
 POLL_S = 0.5
 DEFAULT_GRACE_S = 120.0
@@ -188,8 +190,8 @@ def check_trackers(config) -> None:
 
 
 def submit_job(job_dir: str | Path, command: list[str]) -> Path:
-    """Queue another heavy job (an evaluation, engine.evaluate) in the training queue: a
-    directory with status.json under ``RUN/eval/``, its command run by the same supervisor,
+    """Queue another heavy job (an evaluation, engine.evaluate; an export, engine.export) in the
+    training queue: a directory with status.json under one of JOB_PARENTS, its command run by the same supervisor,
     one job at a time with the trainings of the same runs directory; stopped by :func:`stop`."""
     _reap()
     job_dir = Path(job_dir).resolve()
@@ -352,15 +354,17 @@ def queue_root(run_dir: Path) -> Path:
     per-user layout (``<runs>/users/<user>/<run>``), the top runs directory, so several
     users' trainings still run one at a time on the machine."""
     parent = run_dir.parent
-    if parent.name == JOBS_DIR and (parent.parent / runs.STATUS_FILE).is_file():  # RUN/eval/<name>
-        return queue_root(parent.parent)
+    for parts in JOB_PARENTS:  # a job (RUN/eval/<name>, RUN/export/jobs/<name>) queues with its run
+        owner = run_dir.parents[len(parts)] if len(run_dir.parents) > len(parts) else None
+        if owner is not None and parent.relative_to(owner).parts == parts and (owner / runs.STATUS_FILE).is_file():
+            return queue_root(owner)
     if parent.parent.name == USERS_DIR:
         return parent.parent.parent
     return parent
 
 
 def queue_members(root: Path):
-    """Every run directory (and job directory under RUN/eval/) that shares ``root``'s queue."""
+    """Every run directory (and job directory of JOB_PARENTS) that shares ``root``'s queue."""
     run_dirs = [p for p in root.iterdir() if (p / runs.STATUS_FILE).is_file()]
     users = root / USERS_DIR
     if users.is_dir():
@@ -369,9 +373,10 @@ def queue_members(root: Path):
                 run_dirs += [p for p in user.iterdir() if (p / runs.STATUS_FILE).is_file()]
     for run_dir in run_dirs:
         yield run_dir
-        jobs = run_dir / JOBS_DIR
-        if jobs.is_dir():
-            yield from (p for p in jobs.iterdir() if (p / runs.STATUS_FILE).is_file())
+        for parts in JOB_PARENTS:
+            jobs = run_dir.joinpath(*parts)
+            if jobs.is_dir():
+                yield from (p for p in jobs.iterdir() if (p / runs.STATUS_FILE).is_file())
 
 
 def _reap() -> None:

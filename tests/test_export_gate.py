@@ -277,3 +277,63 @@ def test_a_full_finetune_has_no_adapter_file_to_export(base_dir, tmp_path):
     run = make_full_run(tmp_path, base_dir, base_dir)
     with pytest.raises(export.ExportError, match="full fine-tune: it has no adapter to export on its own"):
         export.export_adapter_file(run)
+
+
+# --------------------------------------------------------------------------- the export job
+
+
+def _wait_state(job: Path, states: tuple[str, ...], timeout: float = 180.0) -> dict:
+    import time
+
+    from engine import runs
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = runs.refresh_status(job)
+        if status.get("state") in states:
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"{job.name} never reached {states}: {runs.read_status(job)}\n{runs.tail_log(job, 30)}")
+
+
+def test_an_export_job_waits_for_a_training_then_builds_and_a_queued_one_stops(base_dir, tmp_path):
+    """An export is a job of the training queue: it waits while another run of the same runs
+    directory trains, then builds and writes the parity report; a second export of the same
+    run is refused meanwhile; one stopped in the queue ends aborted without building."""
+    import os
+    import time
+
+    from tiny_runs import make_adapter_run
+
+    from engine import runs
+
+    runs_dir = tmp_path / "runs"
+    run = make_adapter_run(runs_dir, base_dir, name="a-lora")
+    runs.update_status(run, state="completed")
+    training = make_adapter_run(runs_dir, base_dir, name="b-training")
+    me = os.getpid()
+    runs.update_status(training, state="running", pid=me, pid_started=runs.process_identity(me))
+    with pytest.raises(export.ExportError, match="b-training is running: export it once its training has ended"):
+        export.submit_export(training, ["fp32"])
+
+    job = export.submit_export(run, ["fp32"])
+    with pytest.raises(export.ExportError, match=f"an export of a-lora is already (queued|running): {job.name}"):
+        export.submit_export(run, ["int8"])
+    assert _wait_state(job, ("queued",))["state"] == "queued"
+    time.sleep(2.0)  # the supervisor polls: still waiting for the training
+    assert runs.refresh_status(job)["state"] == "queued"
+    runs.update_status(training, state="completed", ended_at=time.time())
+    status = _wait_state(job, runs.FINAL_STATES)
+    assert status["state"] == "completed", runs.tail_log(job, 30)
+    assert (run / "export" / "onnx-fp32" / "genai_config.json").is_file()
+    result = json.loads((job / export.JOB_RESULT).read_text())
+    assert [(s["step"], s["state"]) for s in result["steps"]] == [("ONNX fp32", "done"), ("Parity report", "done")]
+    assert "onnx" in json.loads((run / "export" / "parity.json").read_text())
+
+    runs.update_status(training, state="running", ended_at=None)
+    queued = export.submit_export(run, ["auto"])
+    _wait_state(queued, ("queued",))
+    assert export.stop_export(queued)["state"] == "aborted"
+    assert _wait_state(queued, runs.FINAL_STATES)["state"] == "aborted"
+    assert not (run / "export" / "onnx-int4-rtn-last").exists()
+    runs.update_status(training, state="completed")

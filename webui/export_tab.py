@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -146,10 +145,10 @@ def push_token(ctx: AppContext, pasted: str | None, oauth_token) -> str | None:
 
 
 def build(ctx: AppContext, links) -> SimpleNamespace:
-    from engine import export, hub
+    from engine import export, hub, runs
     from engine.security import redact
 
-    stop_state = gr.State(None)  # threading.Event of this user's export in flight
+    timer = gr.Timer(max(1.0, 2 * ctx.poll_seconds), active=False)  # polls the export job in the queue
     with gr.Row():
         run = gr.Dropdown([], value=None, label="Run", scale=3, elem_id="export-run")
         refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=90)
@@ -239,13 +238,16 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     @engine_errors
     def show(run_id, request: gr.Request):
         if not run_id:
-            return "Pick a run.", "", gr.Dropdown()
+            return "Pick a run.", "", gr.Dropdown(), "", gr.Timer(active=False)
         path = need_run(run_id, request)
         found = [a for a in artefacts(path) if a in hub.ARTIFACTS]
+        text, active = job_view(path)  # a reloaded page finds its export job again
         return (
             artefact_markdown(path),
             parity_text(path),
             gr.Dropdown(choices=found or list(hub.ARTIFACTS), value=found[0] if found else "adapter"),
+            text,
+            gr.Timer(active=active),
         )
 
     def follow(jobs, path: Path, progress):
@@ -269,33 +271,55 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         jobs = [("Merging the adapter into the base model", export.merge, {"run_dir": path})]
         yield from follow(jobs, path, progress)
 
+    def job_view(run_dir: Path):
+        """The run's newest export job: (progress text, timer active?)."""
+        jobs = export.export_jobs(run_dir)
+        if not jobs:
+            return "", False
+        job = jobs[-1]
+        info = runs.refresh_status(job)
+        state = info.get("state") or "?"
+        step = info.get("progress") or {}
+        head = f"Export {job.name}: {state}"
+        if state in ("created", "queued"):
+            head += " (waiting for the machine: a training or an evaluation runs first)"
+        elif state == "running" and step.get("step"):
+            head += f", step {step.get('done', 0) + 1} of {step.get('total', '?')}: {step['step']}"
+        elif state == "failed" and info.get("error"):
+            head += f": {info['error']}"
+        lines = [line for line in runs.tail_log(job, PROGRESS_LINES).splitlines() if line.strip()]
+        done = state in runs.FINAL_STATES
+        return "\n".join([head, *(redact(line) for line in lines), *(["Done."] if done else [])]), not done
+
     @engine_errors
-    def onnx(run_id, chosen, request: gr.Request, progress=gr.Progress()):
+    def poll(run_id, request: gr.Request):
+        if not run_id:
+            return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+        path = need_run(run_id, request)
+        text, active = job_view(path)
+        return text, artefact_markdown(path), parity_text(path), gr.Timer(active=active)
+
+    @engine_errors
+    def onnx(run_id, chosen, request: gr.Request):
+        """Queue the export as a background job (engine.export.submit_export): it waits for
+        a training or evaluation in progress, and the page polls its log."""
         path = need_run(run_id, request)
         if not chosen:
             raise gr.Error("Choose at least one ONNX precision.")
-        stop = threading.Event()
-        yield gr.skip(), gr.skip(), gr.skip(), stop
-        jobs = [
-            (f"ONNX {p}", export.export_onnx, {"run_dir": path, "precision": p, "stop": stop})
-            for p in chosen
-            if p in ONNX_VARIANTS
-        ]
-        if ADAPTER_FILE in chosen:
-            jobs.append((ADAPTER_FILE, export.export_adapter_file, {"run_dir": path, "stop": stop}))
-        if jobs:
-            jobs.append(("Parity report (PyTorch vs ONNX)", export.write_parity_report, {"run_dir": path}))
-        if "auto" in chosen:
-            jobs.append(
-                ("ONNX auto: candidates until one is faithful", export.export_auto, {"run_dir": path, "stop": stop})
-            )
-        for out in follow(jobs, path, progress):
-            yield (*out, stop)
+        variants = [p for p in chosen if p in ONNX_VARIANTS or p == "auto"]
+        job = export.submit_export(path, variants, adapter_file=ADAPTER_FILE in chosen)
+        gr.Info(f"Export {job.name} queued.")
+        text, _ = job_view(path)
+        return text, gr.Timer(active=True)
 
-    def request_stop(stop):
-        if stop is not None:
-            stop.set()
-            gr.Info("Stopping the export...")
+    @engine_errors
+    def request_stop(run_id, request: gr.Request):
+        if not run_id:
+            return
+        jobs = export.export_jobs(need_run(run_id, request))
+        if jobs:
+            status = export.stop_export(jobs[-1])
+            gr.Info(f"Stopping {jobs[-1].name} ({status.get('state')}): finished variants are kept.")
 
     def download(kind):
         @engine_errors
@@ -363,17 +387,16 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     gr.on(triggers=None, fn=on_load, inputs=None, outputs=run, show_progress="hidden")
     run.change(
-        show, inputs=run, outputs=[contents, parity, hub_artifact], show_progress="hidden", api_name="export_contents"
+        show,
+        inputs=run,
+        outputs=[contents, parity, hub_artifact, status, timer],
+        show_progress="hidden",
+        api_name="export_contents",
     )
     merge_btn.click(merge, inputs=run, outputs=[status, contents, parity], concurrency_limit=1, concurrency_id="export")
-    onnx_btn.click(
-        onnx,
-        inputs=[run, precisions],
-        outputs=[status, contents, parity, stop_state],
-        concurrency_limit=1,
-        concurrency_id="export",
-    )
-    stop_btn.click(request_stop, inputs=stop_state, outputs=None, concurrency_limit=None)
+    onnx_btn.click(onnx, inputs=[run, precisions], outputs=[status, timer], api_name="export_onnx")
+    timer.tick(poll, inputs=run, outputs=[status, contents, parity, timer], show_progress="hidden")
+    stop_btn.click(request_stop, inputs=run, outputs=None, concurrency_limit=None)
     for button, kind in ((dl_adapter, "adapter"), (dl_merged, "merged"), (dl_onnx, "onnx")):
         button.click(download(kind), inputs=run, outputs=files, api_name=f"download_{kind}")
     card_btn.click(preview_card, inputs=[run, hub_artifact, hub_repo], outputs=card, api_name="model_card")
@@ -387,7 +410,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     )
     # what the run holds (merged, exports, parity), derived from its directory again whenever the tab is shown
     return SimpleNamespace(
-        run=run, refresh=refresh, show=show, show_inputs=[run], show_outputs=[contents, parity, hub_artifact]
+        run=run,
+        refresh=refresh,
+        show=show,
+        show_inputs=[run],
+        show_outputs=[contents, parity, hub_artifact, status, timer],
     )
 
 
