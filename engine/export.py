@@ -62,6 +62,14 @@ STAMP = "tunelab-export.json"
 # accuracy_level 4 (int8 activations in MatMulNBits): the builder's own choice for the CPU,
 # also set on the nodes onnxruntime's HQQ quantizer writes (it leaves the attribute out).
 CPU_ACCURACY_LEVEL = 4
+# GPTQ in onnxruntime 1.2x (its neural_compressor port) fake-quantizes each weight on its own
+# grid, then quantizes the result again for MatMulNBits: with symmetric scales the two grids
+# differ and the second rounding undoes the error compensation (a tiny Pip-trained model:
+# 75.9% token agreement, against 98.1% for plain RTN). Asymmetric scales match, so GPTQ is
+# asymmetric here (99.1%). Its zero points are packed two per byte across a column's blocks,
+# which fails unless every weight has an even number of blocks: GPTQ_BLOCK_SIZES are tried
+# in order (32 fits SmolLM2's 576 and 1536 rows: 18 and 48 blocks).
+GPTQ_BLOCK_SIZES = (32, 64, 16)
 GPTQ_CALIBRATION_CHATS = 32  # training chats fed to GPTQ (each at most GPTQ_CALIBRATION_TOKENS tokens)
 GPTQ_CALIBRATION_TOKENS = 128
 
@@ -479,10 +487,11 @@ def quantize_weights(
     block_size: int = DEFAULT_BLOCK_SIZE,
     calibration: list[list[int]] | None = None,
     progress: Progress | None = None,
-) -> None:
+) -> int:
     """Quantize the MatMul weights of the fp32 ``onnx_dir/model.onnx`` to int4 in place with
     onnxruntime's MatMulNBitsQuantizer: ``hqq`` (HQQWeightOnlyQuantConfig, no data) or ``gptq``
-    (GPTQWeightOnlyQuantConfig, calibrated on ``calibration``: token id sequences)."""
+    (GPTQWeightOnlyQuantConfig, calibrated on ``calibration``: token id sequences). Returns
+    the block size used (GPTQ picks its own: gptq_block_size)."""
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
@@ -501,6 +510,7 @@ def quantize_weights(
             percdamp=0.01,
             actorder=False,
         )
+        block_size = gptq_block_size(model)
     else:
         raise ExportError(f"quantizer: {method!r} is not one of hqq, gptq")
     say(f"Quantizing the MatMul weights to int4 with onnxruntime's {method.upper()} (block size {block_size})...")
@@ -509,7 +519,7 @@ def quantize_weights(
         model,
         bits=4,
         block_size=block_size,
-        is_symmetric=True,
+        is_symmetric=method != "gptq",  # GPTQ_BLOCK_SIZES says why GPTQ is asymmetric
         accuracy_level=CPU_ACCURACY_LEVEL,
         algo_config=config,
     )
@@ -530,6 +540,26 @@ def quantize_weights(
         quantized, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data"
     )
     say(f"{method.upper()} int4 quantization done in {time.perf_counter() - started:.1f} s")
+    return block_size
+
+
+def gptq_block_size(model) -> int:
+    """The first of GPTQ_BLOCK_SIZES that splits every MatMul weight's rows into an even
+    number of blocks (what onnxruntime's GPTQ can pack); ExportError when none does."""
+    weights = {init.name: init for init in model.graph.initializer}
+    rows = set()
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in weights:
+            dims = list(weights[node.input[1]].dims)
+            if len(dims) == 2:
+                rows.add(int(dims[0]))
+    for size in GPTQ_BLOCK_SIZES:
+        if all(r % size == 0 and (r // size) % 2 == 0 for r in rows):
+            return size
+    raise ExportError(
+        f"GPTQ: no block size of {', '.join(map(str, GPTQ_BLOCK_SIZES))} splits the weights' rows "
+        f"({', '.join(map(str, sorted(rows)))}) into an even number of blocks; use int4-rtn-last or int8"
+    )
 
 
 class _CalibrationReader:
@@ -610,7 +640,7 @@ def build_onnx(
         if quantizer:
             if stop is not None and stop.is_set():
                 raise ExportError("export stopped")
-            quantize_weights(
+            block_size = quantize_weights(
                 tmp, quantizer, block_size=block_size or DEFAULT_BLOCK_SIZE, calibration=calibration, progress=say
             )
         _finish_onnx_dir(tmp, hf_dir)

@@ -337,3 +337,27 @@ def test_an_export_job_waits_for_a_training_then_builds_and_a_queued_one_stops(b
     assert _wait_state(queued, runs.FINAL_STATES)["state"] == "aborted"
     assert not (run / "export" / "onnx-int4-rtn-last").exists()
     runs.update_status(training, state="completed")
+
+
+def _matmul_model(rows: list[int]):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    for i, r in enumerate(rows):
+        inits.append(numpy_helper.from_array(np.zeros((r, 8), dtype=np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"], name=f"mm{i}"))
+    inputs = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, r]) for i, r in enumerate(rows)]
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 8]) for i in range(len(rows))]
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits))
+
+
+def test_gptq_block_size_gives_every_weight_an_even_number_of_blocks():
+    """onnxruntime's GPTQ packs the zero points of a column's blocks two per byte and fails
+    on an odd count: SmolLM2-135M's rows (576, 1536) take 32 (18 and 48 blocks), not 64 (9)."""
+    assert export.gptq_block_size(_matmul_model([576, 1536])) == 32
+    assert export.gptq_block_size(_matmul_model([128, 64 * 6])) == 32
+    assert export.gptq_block_size(_matmul_model([64 * 3])) == 32  # 192: 6 blocks of 32 (3 of 64)
+    assert export.gptq_block_size(_matmul_model([16 * 6])) == 16  # 96: 3 blocks of 32, 6 of 16
+    with pytest.raises(export.ExportError, match=r"GPTQ: no block size of 32, 64, 16 splits the weights' rows \(40\)"):
+        export.gptq_block_size(_matmul_model([40]))
