@@ -81,7 +81,12 @@ GPTQ_CALIBRATION_TOKENS = 128
 VARIANTS: dict[str, dict[str, Any]] = {
     "int4": {"builder": "int4", "extra": {}, "about": "int4, the builder's default (round to nearest)"},
     "int4-rtn": {"builder": "int4", "extra": {"algo_config": "rtn"}, "about": "int4, the builder's RTN"},
-    "int4-kquant": {"builder": "int4", "extra": {"algo_config": "k_quant"}, "about": "int4, the builder's k-quant"},
+    "int4-kquant": {
+        "builder": "int4",
+        "extra": {"algo_config": "k_quant"},
+        "block_size": 32,  # asymmetric: needs an even number of blocks per row (GPTQ_BLOCK_SIZES)
+        "about": "int4, the builder's k-quant (block size 32)",
+    },
     "int4-hqq": {"builder": "fp32", "quantizer": "hqq", "about": "int4 by onnxruntime's HQQ (no data)"},
     "int4-gptq": {
         "builder": "fp32",
@@ -96,7 +101,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "int4-kquant-mixed": {
         "builder": "int4",
         "extra": {"algo_config": "k_quant_mixed"},
-        "about": "int4 k-quant with the LM head and the most sensitive layers in int8",
+        "block_size": 32,
+        "about": "int4 k-quant (block size 32) with the LM head and the most sensitive layers in int8",
     },
     "int8": {"builder": "int8", "extra": {}, "about": "int8 weights"},
     "fp32": {"builder": "fp32", "extra": {}, "about": "full precision"},
@@ -627,6 +633,8 @@ def build_onnx(
     options = {**variant.get("extra", {}), **(extra or {})}
     quantizer = variant.get("quantizer")
     started = time.perf_counter()
+    requested_block_size = block_size
+    block_size = variant.get("block_size", block_size)
     with atomic_dir(out_dir) as tmp:
         cache_dir = tmp.with_name(tmp.name + "-cache")
         cmd = builder_command(hf_dir, tmp, variant["builder"], ep, cache_dir, block_size, options)
@@ -656,6 +664,7 @@ def build_onnx(
             "calibration_chats": len(calibration or []) if quantizer == "gptq" else None,
             "execution_provider": ep,
             "block_size": block_size if precision != "fp32" else None,
+            "requested_block_size": requested_block_size if precision != "fp32" else None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (tmp / STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
@@ -716,7 +725,7 @@ def export_onnx(
         and stamp
         and stamp.get("source_signature") == _signature(merged)
         and stamp.get("execution_provider") == ep
-        and stamp.get("block_size") == (block_size if precision != "fp32" else None)
+        and stamp.get("requested_block_size", stamp.get("block_size")) == (block_size if precision != "fp32" else None)
         and stamp.get("extra_options", {}) == {**variant.get("extra", {}), **(extra or {})}
     ):
         say(f"ONNX {precision} export is up to date: {out_dir}")

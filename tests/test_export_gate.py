@@ -218,6 +218,10 @@ def test_each_builder_option_we_pass_changes_the_built_model(base_dir, tmp_path)
     last = _nodes(export.build_onnx(base_dir, tmp_path / "last", "int4-rtn-last", execution_provider="cpu"))
     assert last["/lm_head/MatMul_Q8"][1]["bits"] == 8 and "/lm_head/MatMul_Q4" not in last
     assert last["/model/layers.0/attn/qkv_proj/MatMul_Q4"][1]["bits"] == 4
+    mixed = _nodes(export.build_onnx(base_dir, tmp_path / "mixed", "int4-kquant-mixed", execution_provider="cpu"))
+    quantized = [attrs for op, attrs in mixed.values() if op == "MatMulNBits"]
+    assert {a["bits"] for a in quantized} == {4, 8}  # k_quant_mixed: int8 where it hurts most
+    assert {a["block_size"] for a in quantized} == {32}  # the variant's own block size, not 64
 
 
 def test_variant_directories_are_found_by_name_and_auto_choice(tmp_path):
