@@ -24,6 +24,7 @@ export never leaves a half-written ``merged/`` or ``onnx-*/`` behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -533,7 +534,9 @@ def quantize_weights(
     level = quant_logger.level
     quant_logger.setLevel(logging.WARNING)  # it logs every node at INFO
     try:
-        quantizer.process()
+        # GPTQ prints a progress bar to stdout, which would corrupt `tunelab export --json`
+        with contextlib.redirect_stdout(sys.stderr):
+            quantizer.process()
     finally:
         quant_logger.setLevel(level)
     quantized = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
