@@ -365,3 +365,49 @@ def test_gptq_block_size_gives_every_weight_an_even_number_of_blocks():
     assert export.gptq_block_size(_matmul_model([16 * 6])) == 16  # 96: 3 blocks of 32, 6 of 16
     with pytest.raises(export.ExportError, match=r"GPTQ: no block size of 32, 64, 16 splits the weights' rows \(40\)"):
         export.gptq_block_size(_matmul_model([40]))
+
+
+# --------------------------------------------------------------------------- calibrated int4
+
+
+def test_gptq_calibrated_on_the_runs_data_keeps_the_tuned_model_closer_than_rtn(tiny_model_dir, tmp_path_factory):
+    """int4-gptq (onnxruntime's GPTQ, calibrated on the run's own training chats) against
+    int4-rtn (the builder's round-to-nearest), both against the tuned PyTorch model, teacher-
+    forced on the run's validation answers (12 Pip chats, fixed seed). Measured on this tiny
+    Pip model (hidden 128): agreement 95.1% against 94.1%, and the answer tokens' mean NLL
+    moves by -0.001 against +0.014 (the fp32 model's 3.361). The margins stated here: GPTQ
+    agrees at least as often, and moves the NLL at most a third as far."""
+    from tiny_runs import pip_trained_run
+
+    from engine.config import RunConfig
+    from engine.data import load_for_training
+    from engine.inference import OnnxChatModel, Target, build_chat_model, normalize_messages
+
+    run = pip_trained_run(tmp_path_factory.getbasetemp(), tiny_model_dir)
+    gptq, rtn = export.export_onnx(run, "int4-gptq"), export.export_onnx(run, "int4-rtn")
+    assert json.loads((gptq / export.STAMP).read_text())["calibration_chats"] == export.GPTQ_CALIBRATION_CHATS
+    _, _, validation = load_for_training(RunConfig.load(run / "config.yaml").data)
+    tuned = build_chat_model(Target("tuned", "PyTorch", model_dir=run / "export" / "merged"))
+    items = []
+    for chat in validation:
+        prompt = tuned.encode_prompt(normalize_messages(chat[:-1]))
+        answer = tuned.tokenizer(chat[-1]["content"], add_special_tokens=False)["input_ids"]
+        greedy, nll = tuned.score_continuation(prompt, answer)
+        items.append((prompt, answer, greedy, sum(nll)))
+    tokens = sum(len(a) for _, a, _, _ in items)
+    reference_nll = sum(n for *_, n in items) / tokens
+
+    def measure(onnx_dir):
+        model = OnnxChatModel(onnx_dir)
+        agree = nll = 0.0
+        for prompt, answer, greedy, _ in items:
+            predicted, scores = model.score_continuation(prompt, answer)
+            agree += sum(a == b for a, b in zip(predicted, greedy))
+            nll += sum(scores)
+        return agree / tokens, abs(nll / tokens - reference_nll)
+
+    gptq_agreement, gptq_shift = measure(gptq)
+    rtn_agreement, rtn_shift = measure(rtn)
+    assert tokens > 200
+    assert gptq_agreement >= rtn_agreement, (gptq_agreement, rtn_agreement)
+    assert gptq_shift <= rtn_shift / 3, (gptq_shift, rtn_shift)

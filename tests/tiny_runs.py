@@ -127,3 +127,48 @@ def shared_adapter_run(root: Path, base: Path) -> Path:
     if not (run_dir / "config.yaml").is_file():
         make_adapter_run(run_dir.parent, base, name=run_dir.name, scale=0.05, save_tokenizer=True)
     return run_dir
+
+
+def pip_trained_run(root: Path, tiny_model_dir: Path, hidden: int = 128, steps: int = 40) -> Path:
+    """A full fine-tune of a tiny Llama (``hidden`` wide) on assets/datasets/pip_chat.jsonl
+    (plain torch loop, batch 8, seed 0), as a run directory whose config.yaml points at that
+    file with a 10% validation split: in-distribution data for GPTQ's calibration and for the
+    parity report's perplexity. Cached under ``root``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.config import RunConfig
+    from engine.data import load_for_training
+    from engine.models import TinySpec, build_tiny_model
+
+    run_dir = Path(root) / f"pip-runs-{hidden}-{steps}" / "pip-full"
+    if (run_dir / "config.yaml").is_file():
+        return run_dir
+    data = Path(__file__).resolve().parent.parent / "assets" / "datasets" / "pip_chat.jsonl"
+    spec = TinySpec(hidden_size=hidden, intermediate_size=3 * hidden)
+    base = build_tiny_model(Path(root) / f"tiny-{hidden}", spec, tokenizer_dir=tiny_model_dir)
+    cfg = RunConfig()
+    cfg.data.path = str(data)
+    cfg.data.validation_split = 0.1
+    _, train, _ = load_for_training(cfg.data)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(0)
+    examples = [torch.tensor([tok.apply_chat_template(r, tokenize=True, return_dict=False)[:96]]) for r in train]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        for i in range(8):
+            ids = examples[(step * 8 + i) % len(examples)]
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model_dir = Path(root) / f"pip-model-{hidden}-{steps}"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    shutil.copy2(Path(base) / "generation_config.json", model_dir / "generation_config.json")
+    run_dir = make_full_run(run_dir.parent, model_dir, base, name=run_dir.name)
+    run_cfg = RunConfig.load(run_dir / "config.yaml")
+    run_cfg.data.path = str(data)
+    run_cfg.data.validation_split = 0.1
+    run_cfg.save(run_dir / "config.yaml")
+    return run_dir
