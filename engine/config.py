@@ -787,3 +787,32 @@ def run_cli(args) -> int:
         return 2
     sys.stdout.write(commented_yaml(cfg))
     return 0
+
+
+# --------------------------------------------------------------------------- evaluation (engine.evaluate)
+# The defaults of ``tunelab eval`` and the Evaluate tab.
+EVAL_MAX_NEW_TOKENS = 128
+EVAL_BATCH_SIZE = 8
+EVAL_BACKENDS = ("base", "tuned", "onnx-int4")
+# The pairwise judge (engine.judge): its prompt, the environment variable the CLI reads an
+# endpoint's key from, and the one the web app passes a pasted key in (to the job only).
+JUDGE_KEY_ENV = "OPENAI_API_KEY"
+JUDGE_PASTED_KEY_ENV = "TUNELAB_JUDGE_KEY"
+JUDGE_MAX_NEW_TOKENS = 96
+JUDGE_TIMEOUT_S = 60.0
+JUDGE_PROMPT = """You compare two answers to the same question. The reference answer shows what a good answer says.
+
+Question:
+{question}
+
+Reference answer:
+{reference}
+
+Answer A:
+{answer_a}
+
+Answer B:
+{answer_b}
+
+Which answer is closer to the reference in content and style? Write one sentence with your reason, then a last line \
+that is exactly "Verdict: A", "Verdict: B" or "Verdict: tie"."""

@@ -60,6 +60,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine import runs
+from engine.config import (
+    EVAL_BACKENDS,
+    EVAL_BATCH_SIZE,
+    EVAL_MAX_NEW_TOKENS,
+    JUDGE_KEY_ENV,
+    JUDGE_PASTED_KEY_ENV,
+)
 from engine.evalfiles import (
     REPORT_FILE,
     RESULTS_FILE,
@@ -71,7 +78,7 @@ from engine.evalfiles import (
     read_results,
     summary_table,
 )
-from engine.judge import JudgeError
+from engine.judge import JUDGE_FILE, JudgeError
 from engine.util import atomic_write_text
 
 TEXT_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "bleu")
@@ -92,21 +99,24 @@ class EvalSpec:
 
     run: str
     name: str = ""
-    backends: list[str] = field(default_factory=lambda: ["base", "tuned", "onnx-int4"])
+    backends: list[str] = field(default_factory=lambda: list(EVAL_BACKENDS))
     data: str | None = None  # a dataset file; None: the run's own split
     split: str = "validation"
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     checks: list[str] = field(default_factory=list)  # "starts_with:Pip here!", "regex:^\\d+$", ...
     limit: int | None = None
-    max_new_tokens: int = 128
-    batch_size: int = 8
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS
+    batch_size: int = EVAL_BATCH_SIZE
     system: str | None = None
     # the optional pairwise judge (engine.judge): a model reference, or an OpenAI-compatible URL
-    # whose key is read from the environment variable judge_key_env (the key is never stored)
+    # whose key is read from the environment variable judge_key_env (the key is never stored);
+    # a key pasted in the web app reaches the job in JUDGE_PASTED_KEY_ENV only. judge_public_only
+    # (a shared app's job): the URL must be public and the server's own judge_key_env is not lent.
     judge: str | None = None
     judge_model: str = ""
-    judge_key_env: str = "OPENAI_API_KEY"
+    judge_key_env: str = JUDGE_KEY_ENV
     judge_prompt: str | None = None
+    judge_public_only: bool = False
 
     def __post_init__(self):
         if not self.name:
@@ -668,13 +678,16 @@ def run_evaluation(
         summary["judge"] = judging.run_judge(
             eval_dir, make_judge(spec), spec.judge_prompt or judging.DEFAULT_PROMPT, say=say, stop=stop
         )
-        atomic_write_text(eval_dir / REPORT_FILE, render_report(summary, read_results(eval_dir)))
+        atomic_write_text(eval_dir / REPORT_FILE, render_report(summary, read_results(eval_dir), read_judged(eval_dir)))
     return summary
 
 
 def make_judge(spec: EvalSpec, key: str | None = None, shared: bool = False):
-    """The judge of ``spec``: an endpoint for an http(s) URL (its key from ``key`` or the
-    environment variable ``spec.judge_key_env``), else a local model reference."""
+    """The judge of ``spec``: an endpoint for an http(s) URL, else a local model reference.
+
+    The endpoint's key: ``key``, else a pasted one in JUDGE_PASTED_KEY_ENV, else (not for a
+    shared app's job, ``spec.judge_public_only``) the environment variable ``spec.judge_key_env``.
+    ``shared`` or ``spec.judge_public_only``: the URL must point at a public address."""
     from engine import judge as judging
 
     if spec.judge_prompt:
@@ -682,8 +695,12 @@ def make_judge(spec: EvalSpec, key: str | None = None, shared: bool = False):
     if str(spec.judge).startswith(("http://", "https://")):
         if not spec.judge_model:
             raise EvalError("judge_model: name the endpoint's model (e.g. gpt-4o-mini)")
-        url = judging.check_url(spec.judge, shared)
-        return judging.EndpointJudge(url, spec.judge_model, key or os.environ.get(spec.judge_key_env) or None)
+        public_only = shared or spec.judge_public_only
+        url = judging.check_url(spec.judge, public_only)
+        key = key or os.environ.get(JUDGE_PASTED_KEY_ENV)
+        if not key and not public_only:
+            key = os.environ.get(spec.judge_key_env)
+        return judging.EndpointJudge(url, spec.judge_model, key or None)
     return judging.LocalJudge(str(spec.judge))
 
 
@@ -793,7 +810,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
-def render_report(summary: dict, rows: list[dict]) -> str:
+def render_report(summary: dict, rows: list[dict], judged: list[dict] | None = None) -> str:
     out = [f"# Evaluation {summary['name']}", ""]
     source = summary["source"]
     out.append(
@@ -813,15 +830,17 @@ def render_report(summary: dict, rows: list[dict]) -> str:
             out.append(f"- **{pair}**: " + ", ".join(f"{m} {fmt_entry(v)}" for m, v in metrics.items()))
     verdicts = summary.get("judge")
     if verdicts:
-        out += ["", f"Judge ({verdicts['judge']}, both orders): win / tie / loss", ""]
-        for pair, counts in verdicts["pairs"].items():
-            rates = counts["rates"]
-            text = f"{rates['win']:.0%} / {rates['tie']:.0%} / {rates['loss']:.0%}" if rates else "no verdict parsed"
-            out.append(f"- **{pair}**: {text} ({counts['unparsed']} without a verdict)")
+        out += ["", f"Judge ({verdicts['judge']}, both orders asked): win / tie / loss of the first named", ""]
+        out.append(judge_table(summary))
     out += ["", "## Every answer", ""]
     backends = list(summary["backends"])
-    out.append("| # | prompt | reference | " + " | ".join(backends) + " |")
-    out.append("|---" * (3 + len(backends)) + "|")
+    judge_of: dict[int, dict] = {}
+    for line in judged or []:
+        judge_of.setdefault(line["example"], {})[f"{line['compared']} vs {line['against']}"] = line
+    pairs = judge_pair_names(judged or [])
+    judge_heads = [h for p in pairs for h in (f"judge {p}", "reasons")]
+    out.append("| # | prompt | reference | " + " | ".join(backends + judge_heads) + " |")
+    out.append("|---" * (3 + len(backends) + len(judge_heads)) + "|")
     by_example: dict[int, dict] = {}
     for row in rows:
         by_example.setdefault(row["example"], {})[row["backend"]] = row
@@ -830,6 +849,9 @@ def render_report(summary: dict, rows: list[dict]) -> str:
         first = next(iter(group.values()))
         prompt = first["prompt"][-1]["content"]
         cells = [_cell(group[b]["answer"]) if b in group else "" for b in backends]
+        for p in pairs:
+            line = judge_of.get(index, {}).get(p)
+            cells += [line["outcome"] or "unparsed", _cell(judge_reasons(line))] if line else ["", ""]
         out.append(f"| {index} | {_cell(prompt)} | {_cell(first['reference'])} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -851,15 +873,54 @@ def score_choices(summary: dict) -> list[str]:
     return checks + rest
 
 
-def comparison(rows: list[dict], backends: list[str], score: str, view: str = FILTERS[0]) -> list[dict]:
+def read_judged(eval_dir: Path) -> list[dict]:
+    """judge.jsonl's lines (one per example and judged pair), or [] without a judge."""
+    path = Path(eval_dir) / JUDGE_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def judge_pair_names(judged: list[dict]) -> list[str]:
+    return list(dict.fromkeys(f"{j['compared']} vs {j['against']}" for j in judged))
+
+
+def judge_reasons(line: dict) -> str:
+    """A judged pair's two replies (compared as A, then as B), on one line each."""
+    return " || ".join(" ".join((r or "").split()) for r in line.get("reasons") or [])
+
+
+def judge_table(summary: dict) -> str:
+    """The judge's win / tie / loss per pair, as a markdown table ('' without a judge)."""
+    verdicts = summary.get("judge")
+    if not verdicts:
+        return ""
+    out = ["| pair | win | tie | loss | without a verdict |", "|---|---|---|---|---|"]
+    for pair, counts in verdicts["pairs"].items():
+        rates = counts.get("rates")
+        cells = [f"{rates[k]:.0%} ({counts[k]})" if rates else f"- ({counts[k]})" for k in ("win", "tie", "loss")]
+        out.append(f"| {pair} | " + " | ".join(cells) + f" | {counts['unparsed']} |")
+    return "\n".join(out)
+
+
+def comparison(
+    rows: list[dict], backends: list[str], score: str, view: str = FILTERS[0], judged: list[dict] | None = None
+) -> list[dict]:
     """One dict per example: its prompt, reference, and per backend the answer and ``score``,
-    kept when it passes the filter ``view`` (one of FILTERS)."""
+    kept when it passes the filter ``view`` (one of FILTERS); with ``judged`` (read_judged),
+    ``judge`` maps each judged pair ("tuned vs base") to its outcome and reasons."""
     if view not in FILTERS:
         raise EvalError(f"filter: {view!r} is not one of {', '.join(FILTERS)}")
     grouped: dict[int, dict] = {}
     for row in rows:
         grouped.setdefault(row["example"], {})[row["backend"]] = row
     onnx = [b for b in backends if b.startswith("onnx-")]
+    by_example: dict[int, dict] = {}
+    for line in judged or []:
+        by_example.setdefault(line["example"], {})[f"{line['compared']} vs {line['against']}"] = {
+            "outcome": line["outcome"] or "unparsed",
+            "reasons": judge_reasons(line),
+        }
     out = []
     for index in sorted(grouped):
         group = grouped[index]
@@ -884,6 +945,7 @@ def comparison(rows: list[dict], backends: list[str], score: str, view: str = FI
             "reference": first["reference"],
             "answers": {b: group[b]["answer"] for b in backends if b in group},
             "scores": scores,
+            "judge": by_example.get(index, {}),
         }
         out.append(entry)
     return out
@@ -891,18 +953,24 @@ def comparison(rows: list[dict], backends: list[str], score: str, view: str = FI
 
 def comparison_csv(entries: list[dict], backends: list[str], score: str) -> str:
     """The comparison as CSV: example, prompt (last user turn), reference, then per backend
-    its answer and score."""
+    its answer and score, then per judged pair its verdict and the judge's reasons."""
     import csv
     import io
 
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["example", "prompt", "reference", *[c for b in backends for c in (b, f"{b} {score}")]])
+    pairs = list(dict.fromkeys(p for e in entries for p in e.get("judge", {})))
+    judge_columns = [c for p in pairs for c in (f"judge {p}", f"judge {p} reasons")]
+    header = ["example", "prompt", "reference", *[c for b in backends for c in (b, f"{b} {score}")], *judge_columns]
+    writer.writerow(header)
     for e in entries:
         cells = []
         for b in backends:
             value = e["scores"].get(b)
             cells += [e["answers"].get(b, ""), "" if value is None else f"{value:.2f}"]
+        for p in pairs:
+            verdict = e.get("judge", {}).get(p) or {}
+            cells += [verdict.get("outcome", ""), verdict.get("reasons", "")]
         writer.writerow([e["example"], e["prompt"][-1]["content"], e["reference"], *cells])
     return buffer.getvalue()
 
@@ -927,13 +995,15 @@ def prepare(spec: EvalSpec) -> Path:
     return eval_dir
 
 
-def submit(spec: EvalSpec) -> Path:
-    """Prepare the evaluation and queue it as a background job (engine.launch)."""
+def submit(spec: EvalSpec, judge_key: str | None = None) -> Path:
+    """Prepare the evaluation and queue it as a background job (engine.launch). ``judge_key``
+    (a pasted endpoint key) reaches the job's process in its environment only."""
     from engine import launch
 
     eval_dir = prepare(spec)
     runs.update_status(eval_dir, state="created", kind="eval")
-    launch.submit_job(eval_dir, [sys.executable, "-m", "engine.evaluate", "--job", str(eval_dir)])
+    env = {JUDGE_PASTED_KEY_ENV: judge_key} if judge_key else None
+    launch.submit_job(eval_dir, [sys.executable, "-m", "engine.evaluate", "--job", str(eval_dir)], env=env)
     return eval_dir
 
 
@@ -952,10 +1022,10 @@ def run_job(eval_dir: str | Path) -> int:
             eval_dir, spec, stop=stop, say=say, on_progress=lambda p: runs.update_status(eval_dir, progress=p)
         )
     except (EvalError, JudgeError) as err:
-        say(f"error: {err}")
-        runs.update_status(
-            eval_dir, state="failed", error=str(err), error_class=runs.ERROR_CONFIG, ended_at=time.time()
-        )
+        pasted = os.environ.get(JUDGE_PASTED_KEY_ENV)
+        text = str(err).replace(pasted, "***") if pasted else str(err)
+        say(f"error: {text}")
+        runs.update_status(eval_dir, state="failed", error=text, error_class=runs.ERROR_CONFIG, ended_at=time.time())
         return 2
     state = "aborted" if summary["partial"] and stop.is_set() else "completed"
     runs.update_status(eval_dir, state=state, ended_at=time.time(), partial=summary["partial"])

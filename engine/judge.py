@@ -27,25 +27,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from engine import runs
+from engine.config import JUDGE_MAX_NEW_TOKENS, JUDGE_PROMPT, JUDGE_TIMEOUT_S
 from engine.evalfiles import SUMMARY_FILE, read_results
 
 JUDGE_FILE = "judge.jsonl"
-DEFAULT_PROMPT = """You compare two answers to the same question. The reference answer shows what a good answer says.
-
-Question:
-{question}
-
-Reference answer:
-{reference}
-
-Answer A:
-{answer_a}
-
-Answer B:
-{answer_b}
-
-Which answer is closer to the reference in content and style? Write one sentence with your reason, then a last line \
-that is exactly "Verdict: A", "Verdict: B" or "Verdict: tie"."""
+DEFAULT_PROMPT = JUDGE_PROMPT  # one source: engine.config
 PLACEHOLDERS = ("{question}", "{reference}", "{answer_a}", "{answer_b}")
 VERDICT = re.compile(r"verdict\s*[:\-]?\s*\**\s*(a|b|tie)\b", re.IGNORECASE)
 
@@ -57,7 +43,16 @@ class JudgeError(ValueError):
 def check_prompt(template: str) -> str:
     missing = [p for p in PLACEHOLDERS if p not in template]
     if missing:
-        raise JudgeError(f"judge prompt: it must contain {', '.join(missing)}")
+        raise JudgeError(
+            f"judge prompt: it must contain {', '.join(missing)} (where the question, the reference "
+            "and the two answers go)"
+        )
+    try:
+        template.format(question="", reference="", answer_a="", answer_b="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise JudgeError(
+            f"judge prompt: {err!r} is not one of {', '.join(PLACEHOLDERS)}; write a literal brace as {{{{ or }}}}"
+        ) from None
     return template
 
 
@@ -107,7 +102,7 @@ class LocalJudge:
     """A model tunelab can load, answering greedily."""
 
     model: str
-    max_new_tokens: int = 96
+    max_new_tokens: int = JUDGE_MAX_NEW_TOKENS
 
     @property
     def label(self) -> str:
@@ -128,7 +123,7 @@ class EndpointJudge:
     url: str
     model: str
     key: str | None = None
-    timeout_s: float = 60.0
+    timeout_s: float = JUDGE_TIMEOUT_S
 
     @property
     def label(self) -> str:

@@ -189,16 +189,19 @@ def check_trackers(config) -> None:
         )
 
 
-def submit_job(job_dir: str | Path, command: list[str]) -> Path:
+def submit_job(job_dir: str | Path, command: list[str], env: dict[str, str] | None = None) -> Path:
     """Queue another heavy job (an evaluation, engine.evaluate; an export, engine.export) in the
     training queue: a directory with status.json under one of JOB_PARENTS, its command run by the same supervisor,
-    one job at a time with the trainings of the same runs directory; stopped by :func:`stop`."""
+    one job at a time with the trainings of the same runs directory; stopped by :func:`stop`.
+
+    ``env``: variables for the job only (a judge's pasted key): held in the supervisor's memory
+    and passed to the job's process, never written to the job directory, its command or its log."""
     _reap()
     job_dir = Path(job_dir).resolve()
     (job_dir / runs.COMMAND_FILE).write_text(shlex.join(command) + "\n", encoding="utf-8")
     if not (job_dir / runs.STATUS_FILE).is_file():
         runs.update_status(job_dir, state="created")
-    _start_supervisor(job_dir)
+    _start_supervisor(job_dir, env)
     return job_dir
 
 
@@ -321,7 +324,7 @@ def _kill(pid: int, sig: int, group: bool = False) -> None:
 # --------------------------------------------------------------------------- the supervisor
 
 
-def _start_supervisor(run_dir: Path) -> subprocess.Popen:
+def _start_supervisor(run_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``python -m engine.launch --supervise RUN_DIR`` detached, and queue the run."""
     log = (run_dir / runs.LOG_FILE).open("ab")
     try:
@@ -333,7 +336,7 @@ def _start_supervisor(run_dir: Path) -> subprocess.Popen:
             start_new_session=True,  # not in the caller's process group: Ctrl-C or its death do not reach it
             close_fds=True,
             cwd=str(run_dir),
-            env=child_env(),
+            env=child_env(env),
         )
     finally:
         log.close()

@@ -8,12 +8,14 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from tiny_runs import CHATS, chat_base, shared_adapter_run
+from tiny_runs import CHATS, chat_base, serving, shared_adapter_run
 
-from engine import evalfiles, evaluate, export, runs
+from engine import config, evalfiles, evaluate, export, runs, serve
 from engine.evaluate import EvalError, EvalSpec
+from engine.scheduler import Scheduler
 
 # sacrebleu's README example: three hypotheses, two reference streams.
 SACREBLEU_REFS = [
@@ -335,3 +337,130 @@ def test_judge_with_a_tiny_local_model(adapter_run, chats_file, tmp_path_factory
     assert summary["judge"]["prompt"] == judge.DEFAULT_PROMPT
     assert json.loads((eval_dir / evaluate.SUMMARY_FILE).read_text())["judge"]["pairs"] == summary["judge"]["pairs"]
     assert "Judge (local model" in (eval_dir / evaluate.REPORT_FILE).read_text()
+
+
+# --------------------------------------------------------------------------- the judge in the Evaluate tab
+
+PASTED_KEY = "sk-pasted-judge-key-4f1c9e"
+
+
+class _SeenKeys:
+    """A served API's one key, recording every bearer token it is shown."""
+
+    def __init__(self, key: str):
+        from engine import serve
+
+        self.inner = serve.StaticKey(key)
+        self.seen: list[str | None] = []
+
+    @property
+    def required(self) -> bool:
+        return self.inner.required
+
+    def user_of(self, token):
+        self.seen.append(token)
+        return self.inner.user_of(token)
+
+
+def _tab(ctx):
+    from webui import evaluate_tab
+
+    demo = evaluate_tab.create(ctx)
+    fns = {fn.fn.__name__: fn.fn for fn in demo.fns.values() if fn.fn}
+    fns.update({fn.api_name: fn.fn for fn in demo.fns.values() if fn.api_name})
+    return fns
+
+
+def test_tab_judge_asks_a_served_endpoint_with_the_pasted_key_and_keeps_it_out(adapter_run, chats_file):
+    from webui import evaluate_tab
+    from webui.common import AppContext
+
+    keys = _SeenKeys(PASTED_KEY)
+    api = serve.Api(serve.RunsCatalog(lambda user: adapter_run.parent), keys, sched=Scheduler(share_cpu=True))
+    fns = _tab(AppContext(runs_dir=adapter_run.parent, multi_user=False))
+    name = f"tab-judge-{time.time_ns()}"
+    outputs = []
+    with serving(api) as url:
+        outputs.append(
+            fns["eval_start"](
+                adapter_run.name,
+                ["base", "tuned"],
+                str(chats_file),
+                "",
+                2,
+                8,
+                2,
+                name,
+                evaluate_tab.JUDGE_ENDPOINT,
+                "",
+                url,
+                f"{adapter_run.name}:base",
+                PASTED_KEY,
+                config.JUDGE_PROMPT,
+                None,
+            )
+        )
+        eval_dir = adapter_run / "eval" / name
+        deadline = time.time() + 180
+        while runs.read_status(eval_dir).get("state") not in runs.FINAL_STATES and time.time() < deadline:
+            time.sleep(0.3)
+    status = runs.read_status(eval_dir)
+    assert status["state"] == "completed", runs.tail_log(eval_dir)
+    assert PASTED_KEY in keys.seen  # the endpoint was asked with the pasted key in Authorization
+    spec = json.loads((eval_dir / evaluate.SPEC_FILE).read_text())
+    assert spec["judge"] == url and spec["judge_public_only"] is False
+    lines = evaluate.read_judged(eval_dir)
+    assert [(e["example"], e["compared"]) for e in lines] == [(0, "tuned"), (1, "tuned")]
+    assert all(len(e["reasons"]) == 2 for e in lines)  # both orders, the judge's replies kept
+    summary = json.loads((eval_dir / evaluate.SUMMARY_FILE).read_text())
+    assert sum(summary["judge"]["pairs"]["tuned vs base"][k] for k in ("win", "tie", "loss", "unparsed")) == 2
+    report = (eval_dir / evaluate.REPORT_FILE).read_text()
+    assert "| pair | win | tie | loss |" in report and "judge tuned vs base | reasons" in report
+    # what the page shows: the judge's table in the summary, a verdict and reasons column per pair
+    view_args = (adapter_run.name, name, "rouge_l", evaluate.FILTERS[0], None)
+    outputs.append(fns["show_eval"](*view_args))
+    table = outputs[-1][4]
+    assert {"judge tuned vs base", "judge tuned vs base reasons"} <= set(table.columns)
+    assert "| tuned vs base |" in outputs[-1][1]
+    csv_path = fns["eval_download_csv"](*view_args)
+    header = Path(csv_path).read_text().splitlines()[0]
+    assert header.endswith("judge tuned vs base,judge tuned vs base reasons")
+    assert PASTED_KEY not in Path(csv_path).read_text()
+    # the key is nowhere: no file of the run (spec, results, summary, report, status, job log), no page output
+    for path in adapter_run.rglob("*"):
+        if path.is_file():
+            assert PASTED_KEY.encode() not in path.read_bytes(), path
+    assert PASTED_KEY not in repr(outputs)
+
+
+def test_shared_app_refuses_a_private_judge_url_and_lends_no_server_key(adapter_run, monkeypatch):
+    import gradio as gr
+
+    from webui import evaluate_tab
+    from webui.common import AppContext
+
+    fns = _tab(AppContext(runs_dir=adapter_run.parent, multi_user=True, auth=True))
+    visitor = SimpleNamespace(username="visitor")
+
+    def start(kind, url="", prompt=config.JUDGE_PROMPT):
+        args = ("any-run", ["base"], "", "", 0, 8, 1, "", kind, "", url, "judge-model", "sk-visitor", prompt)
+        return fns["eval_start"](*args, visitor)
+
+    for private in ("http://127.0.0.1:8000/v1", "http://10.1.2.3/v1", "http://169.254.169.254/v1", "http://[::1]/v1"):
+        with pytest.raises(gr.Error, match="not a public address"):
+            start(evaluate_tab.JUDGE_ENDPOINT, private)
+    with pytest.raises(gr.Error, match=r"must contain \{reference\}"):
+        start(
+            evaluate_tab.JUDGE_ENDPOINT, "https://8.8.8.8/v1", "Which is better, {question} {answer_a} or {answer_b}?"
+        )
+    # a shared app's job never borrows the server's own key; a visitor's pasted one is theirs
+    monkeypatch.setenv(config.JUDGE_KEY_ENV, "sk-server-own")
+    monkeypatch.delenv(config.JUDGE_PASTED_KEY_ENV, raising=False)
+    spec = EvalSpec(run="r", judge="https://8.8.8.8/v1", judge_model="m", judge_public_only=True)
+    assert evaluate.make_judge(spec).key is None
+    monkeypatch.setenv(config.JUDGE_PASTED_KEY_ENV, "sk-visitor")
+    assert evaluate.make_judge(spec).key == "sk-visitor"
+    monkeypatch.delenv(config.JUDGE_PASTED_KEY_ENV)
+    assert evaluate.make_judge(EvalSpec(run="r", judge="https://8.8.8.8/v1", judge_model="m")).key == "sk-server-own"
+    with pytest.raises(evaluate.JudgeError, match="not a public address"):
+        evaluate.make_judge(EvalSpec(run="r", judge="http://127.0.0.1/v1", judge_model="m", judge_public_only=True))

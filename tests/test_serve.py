@@ -9,7 +9,6 @@ reply paused before a token lets a client leave mid-stream.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from tiny_runs import CHATS, chat_base, make_adapter_run, shared_adapter_run
+from tiny_runs import CHATS, chat_base, make_adapter_run, serving, shared_adapter_run
 
 from engine import export, inference, scheduler, serve
 from engine.scheduler import Scheduler
@@ -39,28 +38,6 @@ def runs(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sched() -> Scheduler:
     return Scheduler(share_cpu=True)
-
-
-@contextlib.contextmanager
-def serving(api: serve.Api):
-    """``api`` served by uvicorn on a free loopback port; yields the /v1 base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(serve.build_server_app(api), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,17 @@
 * :func:`make_adapter_run` - a run whose ``adapter/`` is a PEFT LoRA (or DoRA) on that base
   with randomly perturbed weights (a fresh adapter is a no-op: B starts at zero).
 * :func:`make_full_run` - a run whose ``model/`` holds a full fine-tune.
+* :func:`serving` - an OpenAI-compatible API (engine.serve) on a free loopback port.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 CHATS = [
@@ -172,3 +177,27 @@ def pip_trained_run(root: Path, tiny_model_dir: Path, hidden: int = 128, steps: 
     run_cfg.data.validation_split = 0.1
     run_cfg.save(run_dir / "config.yaml")
     return run_dir
+
+
+@contextlib.contextmanager
+def serving(api):
+    """``api`` served by uvicorn on a free loopback port; yields the /v1 base URL."""
+    import uvicorn
+
+    from engine import serve
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(serve.build_server_app(api), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -11,6 +11,11 @@ table with one row per example (prompt, reference, each backend's answer and sco
 the filters "tuned worse than base", "ONNX differs from tuned" and "all wrong", downloads
 as CSV and JSONL, and a click on a row that opens the conversation in the playground.
 
+The optional judge (engine.judge): none, the run's base model, another local model, or an
+OpenAI-compatible endpoint with a pasted key. The key goes to the evaluation job in its
+environment only (engine.config.JUDGE_PASTED_KEY_ENV), never to the spec, the results, the log or
+the page. On a shared app the endpoint must be public and the server's own key is not lent.
+
 Launch alone: ``python -m webui.evaluate_tab``.
 """
 
@@ -22,13 +27,21 @@ from types import SimpleNamespace
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
-from engine import evalfiles, evaluate, runs
+from engine import config, evalfiles, evaluate, runs
+from engine import judge as judging
 from webui.common import AppContext, engine_errors, escape_md, fmt_duration, launch_standalone, plot_frame
 from webui.links import standalone_tab
 from webui.playground_tab import run_picker
 
 CELL_CHARS = 400  # characters of a prompt or answer shown in a table cell (downloads hold all)
 CHART_METRICS = ("exact_match", "token_f1", "rouge_l", "chrf", "bleu", "accuracy")
+JUDGE_NONE, JUDGE_BASE, JUDGE_LOCAL, JUDGE_ENDPOINT = (
+    "none",
+    "the run's base model",
+    "another local model",
+    "an OpenAI-compatible endpoint",
+)
+JUDGE_KINDS = (JUDGE_NONE, JUDGE_BASE, JUDGE_LOCAL, JUDGE_ENDPOINT)
 
 
 def run_backends(run_dir: Path) -> tuple[list[str], list[str]]:
@@ -81,16 +94,22 @@ def chart_update(summary: dict | None):
     return gr.BarPlot(value=frame, sort=list(frame["bar"]) if frame is not None else None)
 
 
-def table_value(entries: list[dict], backends: list[str], score: str):
+def table_value(entries: list[dict], backends: list[str], score: str, pairs: list[str] | None = None):
+    """The comparison table; ``pairs``: the judged pairs, each with a verdict and a reasons column."""
     import pandas as pd
 
+    pairs = pairs or []
     columns = ["#", "prompt", "reference"] + [c for b in backends for c in (b, f"{b} {score}")]
+    columns += [c for p in pairs for c in (f"judge {p}", f"judge {p} reasons")]
     data = []
     for e in entries:
         row = [e["example"], e["prompt"][-1]["content"][:CELL_CHARS], e["reference"][:CELL_CHARS]]
         for b in backends:
             value = e["scores"].get(b)
             row += [e["answers"].get(b, "")[:CELL_CHARS], None if value is None else round(value, 1)]
+        for p in pairs:
+            verdict = e.get("judge", {}).get(p) or {}
+            row += [verdict.get("outcome", ""), verdict.get("reasons", "")[:CELL_CHARS]]
         data.append(row)
     return pd.DataFrame(data, columns=columns)
 
@@ -127,6 +146,42 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             )
             batch = gr.Number(defaults.batch_size, label="Batch size", precision=0, minimum=1, elem_id="eval-batch")
             name = gr.Textbox("", label="Name", placeholder="eval-<date>-<time>", elem_id="eval-name")
+    with gr.Accordion("Judge (optional)", open=False, elem_id="eval-judge"):
+        judge_kind = gr.Radio(
+            list(JUDGE_KINDS),
+            value=JUDGE_NONE,
+            label="Judge: tuned vs base and ONNX vs tuned, each asked in both orders",
+            elem_id="eval-judge-kind",
+        )
+        judge_local = gr.Textbox(
+            "",
+            label="Judge model (a local directory or a Hub id tunelab can load)",
+            visible=False,
+            elem_id="eval-judge-local",
+        )
+        with gr.Row(visible=False) as endpoint_row:
+            judge_url = gr.Textbox(
+                "",
+                label="Endpoint URL",
+                placeholder="https://host/v1",
+                elem_id="eval-judge-url",
+                info="A public address on a shared app." if ctx.multi_user else None,
+            )
+            judge_endpoint_model = gr.Textbox("", label="Model name", elem_id="eval-judge-endpoint-model")
+            judge_key = gr.Textbox(
+                "",
+                label="Key",
+                type="password",
+                elem_id="eval-judge-key",
+                info="Used by this evaluation's job only; never stored, logged or shown."
+                + ("" if ctx.multi_user else f" Empty: {config.JUDGE_KEY_ENV} from the environment."),
+            )
+        judge_prompt = gr.Textbox(
+            config.JUDGE_PROMPT,
+            label="Judge prompt ({question}, {reference}, {answer_a}, {answer_b} are filled in)",
+            lines=8,
+            elem_id="eval-judge-prompt",
+        )
     with gr.Row():
         start_btn = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="eval-stop", scale=0, min_width=80)
@@ -185,13 +240,20 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         choices = evaluate.score_choices(summary)
         score_v = score_v if score_v in choices else (choices[0] if choices else None)
         names = list(summary["backends"])
-        entries = evaluate.comparison(evaluate.read_results(path), names, score_v, view_v) if score_v else []
+        judged = evaluate.read_judged(path)
+        entries = evaluate.comparison(evaluate.read_results(path), names, score_v, view_v, judged) if score_v else []
+        text = "Aggregates with bootstrap 95% intervals:\n\n" + evaluate.summary_table(summary)
+        if summary.get("judge"):
+            text += (
+                f"\n\nJudge ({escape_md(summary['judge']['judge'])}, both orders asked): "
+                "win / tie / loss of the first named\n\n" + evaluate.judge_table(summary)
+            )
         return (
             progress_markdown(info, summary),
-            "Aggregates with bootstrap 95% intervals:\n\n" + evaluate.summary_table(summary),
+            text,
             chart_update(summary),
             gr.Dropdown(choices=choices, value=score_v),
-            table_value(entries, names, score_v),
+            table_value(entries, names, score_v, evaluate.judge_pair_names(judged)),
             entries,
             gr.Timer(active=active),
         )
@@ -216,8 +278,48 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             return progress_markdown(None, None), "", None, gr.Dropdown(choices=[]), None, [], gr.Timer(active=False)
         return results_view(run_id, eval_name, score_v, view_v, request)
 
+    def judge_settings(run_id, kind, local_v, url_v, model_v, prompt_v, request) -> dict:
+        """The spec's judge fields from the page (checked now, not by the job)."""
+        if kind in (None, JUDGE_NONE):
+            return {}
+        prompt = judging.check_prompt(prompt_v or config.JUDGE_PROMPT)
+        fields = {"judge_prompt": None if prompt == config.JUDGE_PROMPT else prompt}
+        if kind == JUDGE_BASE:
+            from engine.config import RunConfig
+
+            run_dir = ctx.run_dir(request, run_id)
+            fields["judge"] = str(RunConfig.load(run_dir / runs.CONFIG_FILE).model.name_or_path)
+        elif kind == JUDGE_LOCAL:
+            fields["judge"] = ctx.check_model(request, local_v)
+        elif kind == JUDGE_ENDPOINT:
+            if not (model_v or "").strip():
+                raise gr.Error("Judge endpoint: name its model (the Model name box).")
+            fields["judge"] = judging.check_url(url_v or "", shared=bool(ctx.multi_user))
+            fields["judge_model"] = model_v.strip()
+            fields["judge_public_only"] = bool(ctx.multi_user)
+        else:
+            raise gr.Error(f"Judge: {kind!r} is not one of {', '.join(JUDGE_KINDS)}.")
+        return fields
+
     @engine_errors
-    def start(run_id, chosen, data_v, checks_v, limit_v, max_new_v, batch_v, name_v, request: gr.Request):
+    def start(
+        run_id,
+        chosen,
+        data_v,
+        checks_v,
+        limit_v,
+        max_new_v,
+        batch_v,
+        name_v,
+        kind,
+        local_v,
+        url_v,
+        model_v,
+        key_v,
+        prompt_v,
+        request: gr.Request,
+    ):
+        judge_fields = judge_settings(run_id, kind, local_v, url_v, model_v, prompt_v, request)
         run_dir = ctx.run_dir(request, run_id)
         data_file = (data_v or "").strip() or None
         if data_file and ctx.multi_user:
@@ -231,9 +333,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             limit=int(limit_v) if limit_v else None,
             max_new_tokens=int(max_new_v or defaults.max_new_tokens),
             batch_size=int(batch_v or defaults.batch_size),
+            **judge_fields,
         )
         evaluate.load_examples(run_dir, spec)  # a bad file or split is said now, not by the job
-        evaluate.submit(spec)
+        pasted = (key_v or "").strip() if kind == JUDGE_ENDPOINT else ""
+        evaluate.submit(spec, judge_key=pasted or None)
         evals = [e["name"] for e in evalfiles.list_evals(run_dir)]
         gr.Info(f"Evaluation {spec.name} queued.")
         return gr.Dropdown(choices=evals, value=spec.name), gr.Timer(active=True)
@@ -257,7 +361,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             else:
                 names = list(summary["backends"])
                 score_v = score_v or (evaluate.score_choices(summary) or ["rouge_l"])[0]
-                entries = evaluate.comparison(evaluate.read_results(path), names, score_v, view_v)
+                judged = evaluate.read_judged(path)
+                entries = evaluate.comparison(evaluate.read_results(path), names, score_v, view_v, judged)
                 target = out / f"{path.name}.csv"
                 target.write_text(evaluate.comparison_csv(entries, names, score_v), encoding="utf-8")
             return str(target)
@@ -272,6 +377,12 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     refresh_btn.click(refresh, inputs=run, outputs=run, show_progress="hidden", api_name="eval_runs")
     gr.on(triggers=None, fn=on_load, inputs=None, outputs=run, show_progress="hidden")
     run.change(show_run, inputs=run, outputs=[backends, pick], show_progress="hidden")
+    judge_kind.change(
+        lambda kind: (gr.Textbox(visible=kind == JUDGE_LOCAL), gr.Row(visible=kind == JUDGE_ENDPOINT)),
+        inputs=judge_kind,
+        outputs=[judge_local, endpoint_row],
+        show_progress="hidden",
+    )
     view_inputs = [run, pick, score, view]
     pick.change(show_eval, inputs=view_inputs, outputs=view_outputs, show_progress="hidden")
     score.input(show_eval, inputs=view_inputs, outputs=view_outputs, show_progress="hidden")
@@ -279,7 +390,22 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     timer.tick(show_eval, inputs=view_inputs, outputs=view_outputs, show_progress="hidden")
     start_btn.click(
         start,
-        inputs=[run, backends, data_path, checks, limit, max_new, batch, name],
+        inputs=[
+            run,
+            backends,
+            data_path,
+            checks,
+            limit,
+            max_new,
+            batch,
+            name,
+            judge_kind,
+            judge_local,
+            judge_url,
+            judge_endpoint_model,
+            judge_key,
+            judge_prompt,
+        ],
         outputs=[pick, timer],
         api_name="eval_start",
     ).success(show_eval, inputs=view_inputs, outputs=view_outputs, show_progress="hidden")
