@@ -1,0 +1,208 @@
+"""The web app's languages: one YAML file per language in webui/locales/ (adding a
+language = adding one file), served through Gradio's own ``gr.I18n``.
+
+Two ways a string reaches the page in the visitor's language:
+
+- Static text of a component (``label=``, ``info=``, ``placeholder=``, ``value=`` of a
+  Markdown, a Tab's name, a Button's text) is written as ``t("key")``: a ``gr.I18n`` key
+  that the browser translates. Gradio 6.31 translates such keys in the *frontend* only:
+  they are translated when they are a component's constructor argument, and also when a
+  handler returns them as a whole value or inside ``gr.update(label=t(...))`` (the
+  frontend walks the props it receives for I18nData markers). It does not translate a key
+  embedded in a longer string or formatted with parameters.
+- Messages with parameters (status lines, problems, reasons) are formatted on the server
+  with :func:`tr` in the visitor's language, taken with :func:`lang_of` from the request
+  (the picker's choice, kept in the ``tunelab_lang`` cookie, else Accept-Language).
+
+The language follows the browser; the picker in the header (:func:`picker`) stores the
+choice per browser in localStorage (and a cookie the server reads) and reloads the page,
+which then starts in that language: :data:`HEAD_JS` makes Gradio's frontend see it as the
+browser language. No server restart.
+
+The CLI, the logs and ``--json`` stay English; the engine gives its messages stable codes
+with parameters (e.g. ``engine.data.Problem.code``) that the page translates here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+LOCALES_DIR = Path(__file__).with_name("locales")
+DEFAULT_LANG = "en"
+COOKIE = "tunelab_lang"
+STORAGE_KEY = "tunelab.lang"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, full + "."))
+        elif isinstance(value, str):
+            out[full] = value
+        else:
+            raise ValueError(f"{LOCALES_DIR}: key {full!r} must map to text, got {type(value).__name__}")
+    return out
+
+
+@lru_cache(maxsize=1)
+def translations() -> dict[str, dict[str, str]]:
+    """{language code: {dotted key: text}} from every webui/locales/<code>.yaml."""
+    import yaml
+
+    out = {}
+    for path in sorted(LOCALES_DIR.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of keys to texts")
+        out[path.stem] = _flatten(data)
+    if DEFAULT_LANG not in out:
+        raise FileNotFoundError(f"{LOCALES_DIR / (DEFAULT_LANG + '.yaml')} is missing")
+    return out
+
+
+def languages() -> list[str]:
+    return list(translations())
+
+
+def language_names() -> list[tuple[str, str]]:
+    """(name of the language in itself, code) for the picker: key ``lang.self``."""
+    return [(table.get("lang.self", code), code) for code, table in translations().items()]
+
+
+@lru_cache(maxsize=1)
+def i18n():
+    """The app's ``gr.I18n`` (passed to ``launch(i18n=...)``)."""
+    import gradio as gr
+
+    return gr.I18n(**translations())
+
+
+def t(key: str):
+    """A frontend-translated key for a component's static text."""
+    if key not in translations()[DEFAULT_LANG]:
+        raise KeyError(f"i18n key {key!r} is not in {LOCALES_DIR / (DEFAULT_LANG + '.yaml')}")
+    return i18n()(key)
+
+
+def normalize(lang: str | None) -> str:
+    """'sw-KE' -> 'sw'; unknown -> the default language."""
+    if not lang:
+        return DEFAULT_LANG
+    code = lang.strip().lower().replace("_", "-")
+    if code in translations():
+        return code
+    base = code.split("-")[0]
+    return base if base in translations() else DEFAULT_LANG
+
+
+def _accept_language(header: str) -> str:
+    """The best language of an Accept-Language header that we have, else the default."""
+    ranked = []
+    for i, part in enumerate(header.split(",")):
+        tag, _, params = part.strip().partition(";")
+        q = 1.0
+        if params.strip().startswith("q="):
+            try:
+                q = float(params.strip()[2:])
+            except ValueError:
+                q = 0.0
+        if tag:
+            ranked.append((-q, i, tag))
+    for _, _, tag in sorted(ranked):
+        code = tag.lower().split("-")[0]
+        if code in translations():
+            return code
+    return DEFAULT_LANG
+
+
+def lang_of(request=None, choice: str | None = None) -> str:
+    """The visitor's language: the picker's choice (argument, or the cookie it sets), else
+    the browser's Accept-Language, else English. ``request`` is a ``gr.Request`` or None."""
+    if choice:
+        return normalize(choice)
+    if request is None:
+        return DEFAULT_LANG
+    cookies = getattr(request, "cookies", None) or {}
+    if cookies.get(COOKIE):
+        return normalize(cookies[COOKIE])
+    headers = getattr(request, "headers", None) or {}
+    header = headers.get("accept-language") or ""
+    return _accept_language(header) if header else DEFAULT_LANG
+
+
+def tr(lang: str | None, key: str, **params) -> str:
+    """A message with parameters, formatted on the server in ``lang`` (English when the key
+    is missing there). ``{name}`` placeholders are filled from ``params``."""
+    table = translations()
+    text = table.get(normalize(lang), {}).get(key) or table[DEFAULT_LANG].get(key)
+    if text is None:
+        raise KeyError(f"i18n key {key!r} is not in {LOCALES_DIR / (DEFAULT_LANG + '.yaml')}")
+    return text.format(**params) if params else text
+
+
+# Runs before Gradio's frontend starts: a language chosen with the picker (localStorage)
+# becomes the browser language Gradio's i18n picks, and a cookie tells the server.
+HEAD_JS = f"""
+<script>
+(function () {{
+  try {{
+    var lang = window.localStorage.getItem("{STORAGE_KEY}");
+    if (lang) {{
+      Object.defineProperty(window.navigator, "language", {{ get: function () {{ return lang; }} }});
+      Object.defineProperty(window.navigator, "languages", {{ get: function () {{ return [lang]; }} }});
+      document.cookie = "{COOKIE}=" + encodeURIComponent(lang) + "; path=/; SameSite=Lax";
+    }} else {{
+      document.cookie = "{COOKIE}=; path=/; max-age=0; SameSite=Lax";
+    }}
+  }} catch (e) {{ console.warn("tunelab: language choice not available", e); }}
+}})();
+</script>
+"""
+
+# The picker's change: remember the choice and reload in it when it differs.
+PICK_JS = f"""
+(lang) => {{
+  var now = (window.navigator.language || "en").split("-")[0].toLowerCase();
+  if (lang) {{
+    window.localStorage.setItem("{STORAGE_KEY}", lang);
+    if (lang !== now) window.location.reload();
+  }}
+  return lang;
+}}
+"""
+
+# On load: show the language in effect in the picker.
+CURRENT_JS = """
+() => {
+  var codes = %s;
+  var lang = (window.navigator.language || "en").toLowerCase();
+  if (codes.indexOf(lang) < 0) lang = lang.split("-")[0];
+  return codes.indexOf(lang) < 0 ? "en" : lang;
+}
+"""
+
+
+def picker():
+    """The language picker (a Dropdown) for the header; call inside a Blocks."""
+    import gradio as gr
+
+    codes = languages()
+    dd = gr.Dropdown(
+        choices=language_names(),
+        value=None,
+        label=t("lang.picker"),
+        scale=0,
+        min_width=160,
+        interactive=True,
+        elem_id="tl-lang",
+    )
+    dd.input(None, inputs=dd, outputs=dd, js=PICK_JS, show_progress="hidden", queue=False)
+    return dd, CURRENT_JS % (repr(codes).replace("'", '"'))
+
+
+# Key prefixes completed at run time with a code (e.g. an engine problem's code): their
+# keys count as used (tests/test_i18n.py).
+DYNAMIC: tuple[str, ...] = ()
