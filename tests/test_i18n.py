@@ -150,3 +150,26 @@ def test_t_refuses_an_unknown_key():
     with pytest.raises(KeyError, match="app.nope"):
         i18n.t("app.nope")
     assert re.fullmatch(r"__i18n__.*app\.tab\.data.*", str(i18n.t("app.tab.data")))
+
+
+def test_engine_problems_carry_codes_the_page_translates(tmp_path):
+    """Real problems of engine.data (English in the engine) shown in Kiswahili and English."""
+    import json
+
+    from engine.data import load_records
+
+    path = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "Habari?"}, {"role": "assistant", "content": "Nzuri."}]}
+    no_answer = {"messages": [{"role": "user", "content": "Habari?"}]}
+    bad_role = {"messages": [{"role": "mgeni", "content": "Habari?"}, {"role": "assistant", "content": "Nzuri."}]}
+    path.write_text("\n".join(json.dumps(r) for r in (good, no_answer, bad_role, [1])) + "\n")
+    problems = load_records(path).problems
+    codes = [p.code for p in problems]
+    assert codes == ["no_assistant_turn", "unknown_role", "not_object"], [str(p) for p in problems]
+    assert problems[1].params["role"] == "mgeni"
+    # English on the page reads as the engine's own message.
+    assert [i18n.problem_text("en", p) for p in problems] == [str(p) for p in problems]
+    sw = [i18n.problem_text("sw", p) for p in problems]
+    assert sw[0] == "chats.jsonl, mstari 2, sehemu 'messages': haina zamu ya msaidizi, kwa hiyo hakuna cha kujifunza"
+    assert "jukumu lisilojulikana 'mgeni'" in sw[1] and sw[1].startswith("chats.jsonl, mstari 3, ")
+    assert i18n.problem_text("sw", problems[2].to_dict()).startswith("chats.jsonl, mstari 4: ilitarajiwa")

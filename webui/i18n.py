@@ -205,4 +205,24 @@ def picker():
 
 # Key prefixes completed at run time with a code (e.g. an engine problem's code): their
 # keys count as used (tests/test_i18n.py).
-DYNAMIC: tuple[str, ...] = ()
+DYNAMIC: tuple[str, ...] = ("problem.code.", "problem.unit.")
+
+
+def problem_text(lang: str | None, problem) -> str:
+    """An engine.data.Problem (or its to_dict()) in ``lang``: where, then what. A code with
+    no key yet shows the engine's English message."""
+    p = problem if isinstance(problem, dict) else problem.to_dict()
+    table = translations()[DEFAULT_LANG]
+    parts = [p["file"]]
+    if p.get("record") is not None:
+        unit = p.get("unit") or "record"
+        key = f"problem.unit.{unit}" if f"problem.unit.{unit}" in table else "problem.unit.record"
+        where = tr(lang, key, n=p["record"])
+        if p.get("line") is not None and unit != "line":
+            where += " " + tr(lang, "problem.at_line", line=p["line"])
+        parts.append(where)
+    if p.get("field"):
+        parts.append(tr(lang, "problem.field", field=p["field"]))
+    key = f"problem.code.{p.get('code') or 'other'}"
+    message = tr(lang, key, **(p.get("params") or {})) if key in table else p["message"]
+    return ", ".join(parts) + ": " + message
