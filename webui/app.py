@@ -116,14 +116,14 @@ def build_app(ctx: AppContext):
     import gradio as gr
 
     from webui import data_tab, evaluate_tab, export_tab, playground_tab, runs_tab, train_tab
-    from webui.i18n import picker, t
+    from webui.i18n import connect_picker, picker, t
     from webui.links import Links, connect_tabs, user_banner
 
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     with gr.Blocks(title="tunelab", fill_width=False) as demo:
         with gr.Row(equal_height=True):
             gr.Markdown(t("app.header"), elem_id="tl-header")
-            lang_picker, lang_js = picker()
+            lang_picker = picker()
             if ctx.oauth:  # a Space with hf_oauth: true
                 gr.LoginButton(scale=0, min_width=240, elem_id="tl-login")
         whoami = gr.Markdown("", elem_id="tl-user", visible=ctx.multi_user)
@@ -139,9 +139,9 @@ def build_app(ctx: AppContext):
         links = Links.create()
         with gr.Tabs(selected="data") as tabs:
             links.tabs = tabs
-            with gr.Tab(t("app.tab.data"), id="data"):
+            with gr.Tab(t("app.tab.data"), id="data") as t_data:
                 data_tab.build(ctx, links)
-            with gr.Tab(t("app.tab.train"), id="train"):
+            with gr.Tab(t("app.tab.train"), id="train") as t_train:
                 train = train_tab.build(ctx, links)
             with gr.Tab(t("app.tab.playground"), id="playground") as t_play:
                 play = playground_tab.build(ctx, links)
@@ -161,7 +161,9 @@ def build_app(ctx: AppContext):
             runs=runs,
             evaluation=evaluation,
         )
-        demo.load(None, None, lang_picker, js=lang_js, show_progress="hidden", queue=False)
+        tab_items = {t_data: "data", t_train: "train", t_play: "playground", t_export: "export"}
+        tab_items.update({t_runs: "runs", t_eval: "evaluate"})
+        connect_picker(demo, lang_picker, {tab: f"app.tab.{k}" for tab, k in tab_items.items()})
     return demo
 
 

@@ -14,10 +14,9 @@ Two ways a string reaches the page in the visitor's language:
   with :func:`tr` in the visitor's language, taken with :func:`lang_of` from the request
   (the picker's choice, kept in the ``tunelab_lang`` cookie, else Accept-Language).
 
-The language follows the browser; the picker in the header (:func:`picker`) stores the
-choice per browser in localStorage (and a cookie the server reads) and reloads the page,
-which then starts in that language: :data:`HEAD_JS` makes Gradio's frontend see it as the
-browser language. No server restart.
+The language follows the browser; the picker in the header (:func:`picker`) switches the
+page at once and stores the choice per browser in localStorage (and a cookie the server
+reads); see :func:`load_js` for why the page sets the language itself. No restart.
 
 The CLI, the logs and ``--json`` stay English; the engine gives its messages stable codes
 with parameters (e.g. ``engine.data.Problem.code``) that the page translates here.
@@ -143,54 +142,72 @@ def tr(lang: str | None, key: str, **params) -> str:
     return text.format(**params) if params else text
 
 
-# Runs before Gradio's frontend starts: a language chosen with the picker (localStorage)
-# becomes the browser language Gradio's i18n picks, and a cookie tells the server.
-HEAD_JS = f"""
-<script>
-(function () {{
-  try {{
-    var lang = window.localStorage.getItem("{STORAGE_KEY}");
-    if (lang) {{
-      Object.defineProperty(window.navigator, "language", {{ get: function () {{ return lang; }} }});
-      Object.defineProperty(window.navigator, "languages", {{ get: function () {{ return [lang]; }} }});
-      document.cookie = "{COOKIE}=" + encodeURIComponent(lang) + "; path=/; SameSite=Lax";
-    }} else {{
-      document.cookie = "{COOKIE}=; path=/; max-age=0; SameSite=Lax";
-    }}
-  }} catch (e) {{ console.warn("tunelab: language choice not available", e); }}
-}})();
-</script>
+# Gradio 6.31's frontend starts in the browser language only when Gradio itself ships that
+# language (Kiswahili is not among them): custom gr.I18n languages are loaded but never
+# chosen. So the page sets the language itself, through the changeLocale of Gradio's own
+# i18n module (the same module instance the page runs), on load and when the picker
+# changes; the choice is kept in localStorage and a cookie the server reads (lang_of).
+_SET_LANG_JS = r"""
+  var storeKey = "%(store)s", cookie = "%(cookie)s", codes = %(codes)s;
+  function pick(tag) {
+    tag = (tag || "").toLowerCase();
+    if (codes.indexOf(tag) >= 0) return tag;
+    tag = tag.split("-")[0];
+    return codes.indexOf(tag) >= 0 ? tag : "%(default)s";
+  }
+  function apply(lang) {
+    document.cookie = cookie + "=" + encodeURIComponent(lang) + "; path=/; SameSite=Lax";
+    var core = performance.getEntriesByType("resource").map(function (e) { return e.name; })
+      .filter(function (n) { return /\/assets\/core-[\w-]+\.js$/.test(n); })[0];
+    if (!core) { console.warn("tunelab: Gradio's i18n module not found; language stays"); return; }
+    import(core).then(function (m) { m.changeLocale(lang); document.documentElement.lang = lang; });
+  }
 """
 
-# The picker's change: remember the choice and reload in it when it differs.
-PICK_JS = f"""
-(lang) => {{
-  var now = (window.navigator.language || "en").split("-")[0].toLowerCase();
-  if (lang) {{
-    window.localStorage.setItem("{STORAGE_KEY}", lang);
-    if (lang !== now) window.location.reload();
-  }}
+
+def _js_consts() -> dict:
+    return {
+        "store": STORAGE_KEY,
+        "cookie": COOKIE,
+        "codes": repr(languages()).replace("'", '"'),
+        "default": DEFAULT_LANG,
+    }
+
+
+def load_js() -> str:
+    """On load: the language in effect (the picker's choice, else the browser's), applied
+    and shown in the picker."""
+    return (
+        "() => {"
+        + _SET_LANG_JS % _js_consts()
+        + """
+  var lang = pick(window.localStorage.getItem(storeKey) || window.navigator.language);
+  apply(lang);
   return lang;
-}}
-"""
+}"""
+    )
 
-# On load: show the language in effect in the picker.
-CURRENT_JS = """
-() => {
-  var codes = %s;
-  var lang = (window.navigator.language || "en").toLowerCase();
-  if (codes.indexOf(lang) < 0) lang = lang.split("-")[0];
-  return codes.indexOf(lang) < 0 ? "en" : lang;
-}
-"""
+
+def pick_js() -> str:
+    """The picker's change: remember the choice in this browser and switch to it now."""
+    return (
+        "(lang) => {"
+        + _SET_LANG_JS % _js_consts()
+        + """
+  lang = pick(lang);
+  window.localStorage.setItem(storeKey, lang);
+  apply(lang);
+  return lang;
+}"""
+    )
 
 
 def picker():
-    """The language picker (a Dropdown) for the header; call inside a Blocks."""
+    """The language picker (a Dropdown) for the header; call inside a Blocks, then
+    :func:`connect_picker` once the components it relabels exist."""
     import gradio as gr
 
-    codes = languages()
-    dd = gr.Dropdown(
+    return gr.Dropdown(
         choices=language_names(),
         value=None,
         label=t("lang.picker"),
@@ -199,8 +216,21 @@ def picker():
         interactive=True,
         elem_id="tl-lang",
     )
-    dd.input(None, inputs=dd, outputs=dd, js=PICK_JS, show_progress="hidden", queue=False)
-    return dd, CURRENT_JS % (repr(codes).replace("'", '"'))
+
+
+def connect_picker(demo, dd, relabel: dict) -> None:
+    """Apply the language on load and on the picker's change. Gradio translates a label when
+    it arrives, and some (the tab names) are not translated again when the language changes,
+    so the components of ``relabel`` ({component: key}) get their label sent again."""
+    comps = list(relabel)
+    kinds = [type(c) for c in comps]
+
+    def labels(lang):
+        return [lang] + [kind(label=t(relabel[c])) for kind, c in zip(kinds, comps)]
+
+    common = {"fn": labels, "inputs": dd, "outputs": [dd, *comps], "show_progress": "hidden", "queue": False}
+    demo.load(js=load_js(), **common)
+    dd.input(js=pick_js(), **common)
 
 
 # Key prefixes completed at run time with a code (e.g. an engine problem's code): their
