@@ -451,6 +451,13 @@ def bare_app(tmp_path):
         proc.kill()
 
 
+def _visible(text: str) -> str:
+    """A locale value as the page shows it: without Markdown heading marks or HTML tags."""
+    import re
+
+    return re.sub(r"<[^>]+>", "", text).lstrip("#").strip()
+
+
 def test_language_follows_the_browser_and_the_picker_overrides_it(browser, bare_app):
     """Browser language sw: the tabs are in Kiswahili. The header's picker switches to
     English at once and the choice survives a reload; picking Kiswahili again brings it back."""
@@ -469,6 +476,10 @@ def test_language_follows_the_browser_and_the_picker_overrides_it(browser, bare_
         for key in tab_keys:
             page.get_by_role("tab", name=sw[key]).wait_for()
         assert page.get_by_role("tab", name=en["app.tab.train"]).count() == 0
+        page.get_by_text(_visible(sw["data.inspect"]), exact=True).wait_for()
+        body = page.locator("#data-upload").locator("xpath=ancestor::div[@role='tabpanel']").inner_text()
+        english = [_visible(en[k]) for k in en if k.startswith(("data.", "app.")) and en[k] != sw[k]]
+        assert not [text for text in english if text in body], "English left on the Data tab"
         page.screenshot(path=str(shots / "data.png"))
 
         _pick(page, "tl-lang", en["lang.self"])

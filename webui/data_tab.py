@@ -24,6 +24,7 @@ from webui.common import (
     load_tokenizer,
     plot_frame,
 )
+from webui.i18n import t
 from webui.links import DataChoice, standalone_tab
 
 FORMATS = DATA_FORMATS
@@ -293,14 +294,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     # this user's usable records (a Preview: at most PREVIEW_MAX_RECORDS), for paging the preview; dropped when idle
     records_state = gr.State(Preview([], 0), time_to_live=security.SESSION_TTL_S)
 
-    gr.Markdown(
-        "Upload chat data (JSONL, JSON, CSV, TSV or Parquet), or start from a sample. "
-        "The format is detected; override it if the guess is wrong."
-    )
+    gr.Markdown(t("data.intro"))
     with gr.Row():
         with gr.Column(scale=3):
             upload = gr.File(
-                label="Dataset file",
+                label=t("data.file"),
                 file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet"],
                 file_count="single",
                 elem_id="data-upload",
@@ -310,23 +308,23 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             sample = gr.Dropdown(
                 samples,
                 value=None,
-                label="...or a sample dataset",
+                label=t("data.sample"),
                 elem_id="data-sample",
-                info="Files in assets/datasets/",
+                info=t("data.sample_info"),
             )
-            load_sample = gr.Button("Load sample", elem_id="data-load-sample")
+            load_sample = gr.Button(t("data.load_sample"), elem_id="data-load-sample")
     with gr.Row():
         fmt = gr.Dropdown(
             list(FORMATS),
             value=DATA_DEFAULTS.format,
-            label="Format",
+            label=t("data.format"),
             elem_id="data-format",
-            info="auto detects it from the fields",
+            info=t("data.format_info"),
         )
         on_error = gr.Radio(
             [("Skip bad records (listed below)", "skip"), ("Stop and list every problem", "stop")],
             value=DATA_DEFAULTS.on_error,
-            label="Bad records",
+            label=t("data.on_error"),
             elem_id="data-on-error",
         )
         split = gr.Slider(
@@ -334,37 +332,35 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             0.5,
             value=DATA_DEFAULTS.validation_split,
             step=0.05,
-            label="Validation split",
-            info="Fraction held out to measure base vs tuned",
+            label=t("data.split"),
+            info=t("data.split_info"),
             elem_id="data-split",
         )
         max_length = gr.Number(
             start_max_length,
-            label="Cutoff length (tokens)",
+            label=t("data.max_length"),
             precision=0,
             minimum=16,
             maximum=demo.max_length if demo.enabled else 131072,
-            info="Longer records are truncated",
+            info=t("data.max_length_info"),
             elem_id="data-max-length",
         )
         tokenizer_model = gr.Dropdown(
             ctx.model_choices(),
             value=ctx.model_choices()[0],
             allow_custom_value=True,
-            label="Count tokens with",
+            label=t("data.tokenizer"),
             elem_id="data-tokenizer",
         )
     with gr.Row():
         persona = gr.Textbox(
-            label="Fill placeholders",
-            placeholder="name=Pip, author=tunelab",
+            label=t("data.persona"),
+            placeholder=t("data.persona_placeholder"),
             elem_id="data-persona",
-            info="Values for {{placeholders}} in the data (the CLI's --persona)",
+            info=t("data.persona_info"),
         )
-        max_records = gr.Number(
-            0, label="Use the first N records (0 = all)", precision=0, minimum=0, elem_id="data-max-records"
-        )
-    inspect_btn = gr.Button("Inspect", variant="primary", elem_id="data-inspect")
+        max_records = gr.Number(0, label=t("data.max_records"), precision=0, minimum=0, elem_id="data-max-records")
+    inspect_btn = gr.Button(t("data.inspect"), variant="primary", elem_id="data-inspect")
     path_state = gr.State(None)  # stable path of the current file
 
     summary = gr.Markdown(elem_id="data-summary")
@@ -386,32 +382,31 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     problems = gr.Dataframe(
         headers=PROBLEM_COLUMNS,
         value=[],
-        label="Problems (skipped records, with line numbers)",
+        label=t("data.problems"),
         interactive=False,
         wrap=True,
         elem_id="data-problems",
         max_height=300,
         column_widths=["20%", "12%", "18%", "50%"],
     )
-    gr.Markdown("#### Preview")
+    gr.Markdown(t("data.preview"))
     with gr.Row(equal_height=True):
-        prev_btn = gr.Button("< Previous", size="sm", elem_id="data-prev", scale=0, min_width=110)
+        prev_btn = gr.Button(t("data.previous"), size="sm", elem_id="data-prev", scale=0, min_width=110)
         page = gr.Number(
             1, show_label=False, precision=0, minimum=1, elem_id="data-page", scale=0, min_width=80, container=False
         )
-        next_btn = gr.Button("Next >", size="sm", elem_id="data-next", scale=0, min_width=110)
+        next_btn = gr.Button(t("data.next"), size="sm", elem_id="data-next", scale=0, min_width=110)
         page_info = gr.Markdown("", elem_id="data-page-info")
-    preview = gr.HTML("<p><em>Load a dataset to preview it.</em></p>", elem_id="data-preview")
-    gr.Markdown("#### What the model learns")
+    preview = gr.HTML(t("data.preview_empty"), elem_id="data-preview")
+    gr.Markdown(t("data.learns"))
     with gr.Row(equal_height=True):
         learn_index = gr.Number(
-            1, label="Record", precision=0, minimum=1, elem_id="data-learn-index", scale=0, min_width=120
+            1, label=t("data.record"), precision=0, minimum=1, elem_id="data-learn-index", scale=0, min_width=120
         )
-        learn_btn = gr.Button("Show the training text", size="sm", elem_id="data-learn", scale=0, min_width=200)
+        learn_btn = gr.Button(t("data.learn"), size="sm", elem_id="data-learn", scale=0, min_width=200)
         learn_info = gr.Markdown("", elem_id="data-learn-info")
     learned = gr.HighlightedText(
-        label="The exact text the model trains on (highlighted: the tokens that carry "
-        "the loss; grey: cut off at the cutoff length)",
+        label=t("data.learned"),
         combine_adjacent=True,
         show_legend=True,
         color_map={"trained": "green", "cut off": "gray"},
