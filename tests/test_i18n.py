@@ -172,3 +172,56 @@ def test_engine_problems_carry_codes_the_page_translates(tmp_path):
     assert sw[0] == "chats.jsonl, mstari 2, sehemu 'messages': haina zamu ya msaidizi, kwa hiyo hakuna cha kujifunza"
     assert "jukumu lisilojulikana 'mgeni'" in sw[1] and sw[1].startswith("chats.jsonl, mstari 3, ")
     assert i18n.problem_text("sw", problems[2].to_dict()).startswith("chats.jsonl, mstari 4: ilitarajiwa")
+
+
+@pytest.mark.integration
+def test_embedded_model_learns_the_kiswahili_persona(embedded_dir, tmp_path):
+    """A short LoRA on assets/datasets/nyota_sw.jsonl: the tuned greedy answer to each of the
+    3 held-out Kiswahili questions names Nyota, the base model's does not."""
+    import importlib.util
+
+    import torch
+
+    from engine import runs, train
+    from engine.config import RunConfig
+
+    spec = importlib.util.spec_from_file_location("make_nyota", REPO / "assets/datasets/make_nyota.py")
+    make_nyota = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_nyota)
+    data = REPO / "assets/datasets/nyota_sw.jsonl"
+    assert data.read_text(encoding="utf-8") == "".join(
+        __import__("json").dumps(r, ensure_ascii=False) + "\n" for r in make_nyota.records()
+    ), "nyota_sw.jsonl differs from what make_nyota.py writes"
+
+    config = RunConfig.load(REPO / "assets/configs/cpu-lora.yaml").with_overrides(
+        [
+            f"data.path={data}",
+            "training.max_steps=30",
+            "training.learning_rate=0.001",
+            "training.eval_steps=1000",
+            "training.save_steps=1000",
+            f"output.runs_dir={tmp_path}",
+        ]
+    )
+    summary = train.train(config, runs.create_run(config))
+    assert summary["state"] == "completed"
+    trainer = summary["trainer"]
+    model, tokenizer = trainer.model, trainer.processing_class
+    model.eval()
+
+    def answer(question: str) -> str:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=32, do_sample=False)
+        return tokenizer.decode(out[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    for question in make_nyota.HELD_OUT:
+        tuned = answer(question)
+        with model.disable_adapter():
+            base = answer(question)
+        print(f"\n{question}\n  base: {base!r}\n  tuned: {tuned!r}")
+        assert "Nyota" not in base
+        assert "Nyota" in tuned, tuned
+    print(f"train seconds: {summary['train_seconds']}")
