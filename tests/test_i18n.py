@@ -172,6 +172,16 @@ def test_engine_problems_carry_codes_the_page_translates(tmp_path):
     assert sw[0] == "chats.jsonl, mstari 2, sehemu 'messages': haina zamu ya msaidizi, kwa hiyo hakuna cha kujifunza"
     assert "jukumu lisilojulikana 'mgeni'" in sw[1] and sw[1].startswith("chats.jsonl, mstari 3, ")
     assert i18n.problem_text("sw", problems[2].to_dict()).startswith("chats.jsonl, mstari 4: ilitarajiwa")
+    # The Data tab's problems table in each language.
+    from webui import data_tab
+
+    assert data_tab.problem_rows(problems, "sw")[0] == [
+        "chats.jsonl",
+        "mstari 2",
+        "messages",
+        "haina zamu ya msaidizi, kwa hiyo hakuna cha kujifunza",
+    ]
+    assert [r[3] for r in data_tab.problem_rows(problems)] == [p.message for p in problems]
 
 
 @pytest.mark.integration

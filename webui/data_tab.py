@@ -24,13 +24,14 @@ from webui.common import (
     load_tokenizer,
     plot_frame,
 )
-from webui.i18n import t
+from webui.i18n import lang_of, problem_message, problem_where, t, tr
 from webui.links import DataChoice, standalone_tab
 
 FORMATS = DATA_FORMATS
 DATA_DEFAULTS = DataConfig()  # the form starts from engine.config's data section
 PER_PAGE = 4
-PROBLEM_COLUMNS = ["File", "Line / record", "Field", "Problem"]
+PROBLEM_COLUMN_KEYS = ["data.col.file", "data.col.where", "data.col.field", "data.col.problem"]
+PROBLEM_COLUMNS = [tr("en", k) for k in PROBLEM_COLUMN_KEYS]
 
 
 @dataclass
@@ -149,20 +150,16 @@ def dataset_choice(
     )
 
 
-def where(problem) -> str:
-    """'line 3', 'row 4', 'record 2 (line 10)' or 'whole file'."""
-    if problem.record is None:
-        return "whole file"
-    text = f"{problem.unit} {problem.record}"
-    if problem.line is not None and problem.unit != "line":
-        text += f" (line {problem.line})"
-    return text
+def where(problem, lang: str = "en") -> str:
+    """'line 3', 'row 4', 'record 2 (line 10)' or 'whole file' (in ``lang``)."""
+    return problem_where(lang, problem)
 
 
-def problem_rows(problems: list) -> list[list]:
+def problem_rows(problems: list, lang: str = "en") -> list[list]:
+    """The problems table, in ``lang`` (the engine's messages translated by their code)."""
     from engine.security import redact
 
-    return [[Path(str(p.file)).name, where(p), p.field or "", redact(p.message)] for p in problems]
+    return [[Path(str(p.file)).name, where(p, lang), p.field or "", redact(problem_message(lang, p))] for p in problems]
 
 
 def summary_markdown(ins: Inspection) -> str:
@@ -440,14 +437,15 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     ):
         from engine.security import owns
 
+        lang = lang_of(request)
         if not path:
-            raise gr.Error("Upload a dataset file or load a sample first.")
+            raise gr.Error(tr(lang, "data.no_file"))
         if ctx.multi_user and not (owns(ctx.samples_dir, path) or owns(ctx.runs_for(request), path)):
             raise gr.Error("That file is not one of your uploads: upload it again.", title="Refused")
         tok_model = ctx.check_model(request, tok_model or ctx.model_choices()[0])
-        progress(0.1, desc="Loading the tokenizer")
+        progress(0.1, desc=tr(lang, "data.progress_tokenizer"))
         tokenizer = load_tokenizer(tok_model)
-        progress(0.3, desc="Reading, validating and counting tokens")
+        progress(0.3, desc=tr(lang, "data.progress_reading"))
         filled = parse_persona(persona_v)
         limit = int(max_records_v or 0) or None
         ins = inspect_dataset(
@@ -461,9 +459,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             max_records=limit,
         )
         if ins.stopped:
-            gr.Warning(f"{ins.name}: {len(ins.problems)} problem(s); loading stopped. See the list.")
+            gr.Warning(tr(lang, "data.warn_stopped", name=ins.name, n=len(ins.problems)))
         elif ins.problems:
-            gr.Warning(f"{ins.name}: {ins.report.get('skipped')} record(s) skipped; see the list of problems.")
+            gr.Warning(tr(lang, "data.warn_skipped", name=ins.name, n=ins.report.get("skipped")))
         tokens = ins.report.get("tokens")
         return (
             summary_markdown(ins),
@@ -473,10 +471,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 value=(frame := histogram_frame(tokens)), sort=list(frame["tokens"]) if frame is not None else None
             ),
             gr.Dataframe(
-                value=problem_rows(ins.problems),
-                label=f"Problems: {len(ins.problems)} (file, line or row, field, message)"
+                value=problem_rows(ins.problems, lang),
+                headers=[tr(lang, k) for k in PROBLEM_COLUMN_KEYS],
+                label=tr(lang, "data.problems_count", n=len(ins.problems))
                 if ins.problems
-                else "Problems: none",
+                else tr(lang, "data.problems_none"),
             ),
             (kept := Preview.of(ins.records)),
             1,

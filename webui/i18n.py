@@ -238,21 +238,35 @@ def connect_picker(demo, dd, relabel: dict) -> None:
 DYNAMIC: tuple[str, ...] = ("problem.code.", "problem.unit.")
 
 
-def problem_text(lang: str | None, problem) -> str:
-    """An engine.data.Problem (or its to_dict()) in ``lang``: where, then what. A code with
-    no key yet shows the engine's English message."""
+def problem_where(lang: str | None, problem) -> str:
+    """Where an engine.data.Problem is, in ``lang``: 'line 3', 'row 4', 'record 2 (line 10)'
+    or 'whole file'."""
     p = problem if isinstance(problem, dict) else problem.to_dict()
-    table = translations()[DEFAULT_LANG]
+    if p.get("record") is None:
+        return tr(lang, "problem.whole_file")
+    unit = p.get("unit") or "record"
+    key = f"problem.unit.{unit}" if f"problem.unit.{unit}" in translations()[DEFAULT_LANG] else "problem.unit.record"
+    where = tr(lang, key, n=p["record"])
+    if p.get("line") is not None and unit != "line":
+        where += " " + tr(lang, "problem.at_line", line=p["line"])
+    return where
+
+
+def problem_message(lang: str | None, problem) -> str:
+    """What is wrong, in ``lang``; a code with no key yet shows the engine's English message."""
+    p = problem if isinstance(problem, dict) else problem.to_dict()
+    key = f"problem.code.{p.get('code') or 'other'}"
+    if key not in translations()[DEFAULT_LANG]:
+        return p["message"]
+    return tr(lang, key, **(p.get("params") or {}))
+
+
+def problem_text(lang: str | None, problem) -> str:
+    """An engine.data.Problem (or its to_dict()) in ``lang``: where, then what."""
+    p = problem if isinstance(problem, dict) else problem.to_dict()
     parts = [p["file"]]
     if p.get("record") is not None:
-        unit = p.get("unit") or "record"
-        key = f"problem.unit.{unit}" if f"problem.unit.{unit}" in table else "problem.unit.record"
-        where = tr(lang, key, n=p["record"])
-        if p.get("line") is not None and unit != "line":
-            where += " " + tr(lang, "problem.at_line", line=p["line"])
-        parts.append(where)
+        parts.append(problem_where(lang, p))
     if p.get("field"):
         parts.append(tr(lang, "problem.field", field=p["field"]))
-    key = f"problem.code.{p.get('code') or 'other'}"
-    message = tr(lang, key, **(p.get("params") or {})) if key in table else p["message"]
-    return ", ".join(parts) + ": " + message
+    return ", ".join(parts) + ": " + problem_message(lang, p)
