@@ -377,7 +377,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 elem_id="data-histogram",
             )
     problems = gr.Dataframe(
-        headers=PROBLEM_COLUMNS,
+        headers=[t(k) for k in PROBLEM_COLUMN_KEYS],
         value=[],
         label=t("data.problems"),
         interactive=False,
