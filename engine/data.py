@@ -135,6 +135,10 @@ class Problem:
     row 1, as a spreadsheet shows it) or of a Parquet file. ``line`` is the line where a
     JSON array element starts, when known. ``record`` is None for a problem with the
     whole file.
+
+    ``message`` is English (CLI, logs, ``--json``); ``code`` is a stable name of the kind of
+    problem and ``params`` its values, so the web page shows it in the visitor's language
+    (webui/locales: ``problem.<code>``). ``code`` is "other" for a message without one yet.
     """
 
     file: str
@@ -143,6 +147,8 @@ class Problem:
     message: str
     unit: str = "record"
     line: int | None = None
+    code: str = "other"
+    params: dict = field(default_factory=dict, compare=False)
 
     def __str__(self) -> str:
         parts = [self.file]
@@ -163,6 +169,8 @@ class Problem:
             "line": self.line,
             "field": self.field,
             "message": self.message,
+            "code": self.code,
+            "params": dict(self.params),
             "text": str(self),
         }
 
@@ -604,8 +612,8 @@ class _Ctx:
         self.problems: list[Problem] = []
         self.tool_calls = 0
 
-    def add(self, fld: str | None, message: str) -> None:
-        self.problems.append(Problem(self.label, self.raw.number, fld, message, self.unit, self.raw.line))
+    def add(self, fld: str | None, message: str, code: str = "other", **params: Any) -> None:
+        self.problems.append(Problem(self.label, self.raw.number, fld, message, self.unit, self.raw.line, code, params))
 
 
 def _text(value: Any, ctx: _Ctx, fld: str, required: bool = True, parts: bool = False) -> str | None:
@@ -613,11 +621,11 @@ def _text(value: Any, ctx: _Ctx, fld: str, required: bool = True, parts: bool = 
     None when unusable; the reason is added to ``ctx``."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         if required:
-            ctx.add(fld, "is missing")
+            ctx.add(fld, "is missing", "missing")
         return None
     if isinstance(value, str):
         if required and not value.strip():
-            ctx.add(fld, "is empty")
+            ctx.add(fld, "is empty", "empty")
             return None
         return value
     if isinstance(value, list) and parts:
@@ -641,7 +649,7 @@ def _text(value: Any, ctx: _Ctx, fld: str, required: bool = True, parts: bool = 
                 return None
         joined = "\n".join(texts)
         if required and not joined.strip():
-            ctx.add(fld, "is empty")
+            ctx.add(fld, "is empty", "empty")
             return None
         return joined
     ctx.add(fld, f"non-text content: expected text, got {_kind(value)}")
@@ -697,13 +705,13 @@ def _turns(value: Any, ctx: _Ctx, fld: str, role_map: dict[str, str]) -> list[di
     value = _json_value(value, ctx, fld)
     if value is None:
         if len(ctx.problems) == before:
-            ctx.add(fld, "is missing")
+            ctx.add(fld, "is missing", "missing")
         return None
     if not isinstance(value, list):
         ctx.add(fld, f"expected a list of turns, got {_kind(value)}")
         return None
     if not value:
-        ctx.add(fld, "is empty (no turns)")
+        ctx.add(fld, "is empty (no turns)", "no_turns")
         return None
     primary, alternative = (("from", "value"), ("role", "content"))
     if role_map is OPENAI_ROLES:
@@ -720,7 +728,7 @@ def _turns(value: Any, ctx: _Ctx, fld: str, role_map: dict[str, str]) -> list[di
         if not _present(turn, role_key) and _present(turn, alternative[0]):
             role_key, content_key = alternative
         if not _present(turn, role_key):
-            ctx.add(f"{where}.{role_key}", "is missing")
+            ctx.add(f"{where}.{role_key}", "is missing", "missing")
             ok = False
             continue
         raw_role = turn[role_key]
@@ -731,7 +739,13 @@ def _turns(value: Any, ctx: _Ctx, fld: str, role_map: dict[str, str]) -> list[di
         role = role_map.get(raw_role.strip().lower())
         if role is None:
             known = ", ".join(sorted(role_map))
-            ctx.add(f"{where}.{role_key}", f"unknown role {raw_role!r} (known: {known})")
+            ctx.add(
+                f"{where}.{role_key}",
+                f"unknown role {raw_role!r} (known: {known})",
+                "unknown_role",
+                role=raw_role,
+                known=known,
+            )
             ok = False
             continue
         calls = turn.get("tool_calls") if role == "assistant" else None
@@ -808,7 +822,7 @@ def _parse_alpaca(obj: dict, ctx: _Ctx) -> list[dict] | None:
     output = _text(obj.get(ok_), ctx, ok_)
     system = _text(obj.get(sk), ctx, sk, required=False)
     if ik not in obj:
-        ctx.add(ik, "is missing")
+        ctx.add(ik, "is missing", "missing")
     elif instruction is not None and not instruction.strip() and not (extra and extra.strip()):
         ctx.add(ik, "is empty (and there is no input)")
     messages: list[dict] = []
@@ -965,16 +979,19 @@ def _check_conversation(messages: list[dict], ctx: _Ctx, fld: str) -> None:
     """Order checks shared by all formats."""
     for i, m in enumerate(messages):
         if m["role"] == "system" and i > 0:
-            ctx.add(f"{fld}[{i}]", "a system message may only come first")
+            ctx.add(f"{fld}[{i}]", "a system message may only come first", "system_not_first")
             return
     roles = [m["role"] for m in messages]
     if "user" not in roles:
-        ctx.add(fld, "has no user turn")
+        ctx.add(fld, "has no user turn", "no_user_turn")
     elif "assistant" not in roles:
-        ctx.add(fld, "has no assistant turn, so there is nothing to learn")
+        ctx.add(fld, "has no assistant turn, so there is nothing to learn", "no_assistant_turn")
     elif roles[-1] != "assistant":
         ctx.add(
-            f"{fld}[{len(messages) - 1}]", f"the conversation ends with {roles[-1]!r}; it must end with the assistant"
+            f"{fld}[{len(messages) - 1}]",
+            f"the conversation ends with {roles[-1]!r}; it must end with the assistant",
+            "ends_not_assistant",
+            role=roles[-1],
         )
 
 
@@ -1143,13 +1160,20 @@ def _normalise(raw: _Raw, detected: str | None, chosen: str, auto: bool, ctx: _C
         ctx.add(None, raw.error)
         return None, None
     if not isinstance(raw.value, dict):
-        ctx.add(None, f"expected a JSON object, got {_kind(raw.value)}")
+        ctx.add(None, f"expected a JSON object, got {_kind(raw.value)}", "not_object", kind=_kind(raw.value))
         return None, None
     if auto and detected != chosen:
         if detected is None:
-            ctx.add(None, f"matches no known format (keys: {_keys(raw.value)})")
+            keys = _keys(raw.value)
+            ctx.add(None, f"matches no known format (keys: {keys})", "unknown_format", keys=keys)
         else:
-            ctx.add(None, f"is a record in {detected} format, unlike the rest of the file ({chosen})")
+            ctx.add(
+                None,
+                f"is a record in {detected} format, unlike the rest of the file ({chosen})",
+                "mixed_format",
+                detected=detected,
+                chosen=chosen,
+            )
         return None, None
     pair = None
     if chosen in STAGES_OF_FORMAT:

@@ -416,3 +416,93 @@ def test_evaluate_tab_starts_compares_filters_and_opens_a_row(app, page, chat_mo
     table.get_by_text(CHATS[1][0], exact=True).first.click()
     _wait_until(page, lambda: page.locator("#play-prompt textarea").input_value() == CHATS[1][0], what="the playground")
     assert CHATS[1][1] in page.locator("#play-reference").inner_text()
+
+
+@pytest.fixture
+def bare_app(tmp_path):
+    """The real app with no extra model (for tests that only look at the page); yields its url."""
+    port = _free_port()
+    log_path = tmp_path / "app.log"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "ui", "--port", str(port), "--runs-dir", str(tmp_path / "runs")],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"the app did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _visible(text: str) -> str:
+    """A locale value as the page shows it: without Markdown heading marks or HTML tags."""
+    import re
+
+    return re.sub(r"<[^>]+>", "", text).lstrip("#").strip()
+
+
+def test_language_follows_the_browser_and_the_picker_overrides_it(browser, bare_app):
+    """Browser language sw: the tabs are in Kiswahili. The header's picker switches to
+    English at once and the choice survives a reload; picking Kiswahili again brings it back."""
+    from webui.i18n import translations
+
+    sw, en = translations()["sw"], translations()["en"]
+    tab_keys = [k for k in en if k.startswith("app.tab.") and en[k] != sw[k]]
+    shots = SCREENSHOTS / "sw"
+    shots.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport=VIEWPORT, locale="sw")
+    try:
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(bare_app)
+        page.locator("#data-upload").wait_for()
+        for key in tab_keys:
+            page.get_by_role("tab", name=sw[key]).wait_for()
+        assert page.get_by_role("tab", name=en["app.tab.train"]).count() == 0
+        page.get_by_text(_visible(sw["data.inspect"]), exact=True).wait_for()
+        body = page.locator("#data-upload").locator("xpath=ancestor::div[@role='tabpanel']").inner_text()
+        body = body.replace("Drop File Here", "")  # Gradio's own text: Gradio ships no Kiswahili
+        english = [_visible(en[k]) for k in en if k.startswith(("data.", "app.")) and en[k] != sw[k]]
+        assert not [text for text in english if text in body], "English left on the Data tab"
+        # A file with bad records: the problems come back in Kiswahili.
+        _pick(page, "data-sample", "broken_example.jsonl")
+        page.locator("#data-load-sample").click()
+        page.locator("#data-inspect").click()
+        page.locator("#data-problems").get_by_text("Matatizo: 7", exact=False).wait_for()
+        from playwright.sync_api import expect
+
+        expect(page.locator("#data-problems")).to_contain_text("jukumu lisilojulikana 'bot'")
+        page.screenshot(path=str(shots / "data.png"), full_page=True)
+
+        _pick(page, "tl-lang", en["lang.self"])
+        page.get_by_role("tab", name=en["app.tab.train"]).wait_for()
+        page.reload()
+        page.locator("#data-upload").wait_for()
+        page.get_by_role("tab", name=en["app.tab.train"]).wait_for()
+        assert page.get_by_role("tab", name=sw["app.tab.train"]).count() == 0
+
+        _pick(page, "tl-lang", sw["lang.self"])
+        page.get_by_role("tab", name=sw["app.tab.train"]).wait_for()
+        page.reload()
+        page.locator("#data-upload").wait_for()
+        page.get_by_role("tab", name=sw["app.tab.train"]).wait_for()
+        assert page.locator("#tl-lang input").input_value() == sw["lang.self"]
+    finally:
+        context.close()

@@ -116,15 +116,14 @@ def build_app(ctx: AppContext):
     import gradio as gr
 
     from webui import data_tab, evaluate_tab, export_tab, playground_tab, runs_tab, train_tab
+    from webui.i18n import connect_picker, picker, t
     from webui.links import Links, connect_tabs, user_banner
 
     ctx.runs_dir.mkdir(parents=True, exist_ok=True)
     with gr.Blocks(title="tunelab", fill_width=False) as demo:
         with gr.Row(equal_height=True):
-            gr.Markdown(
-                "## tunelab\nFine-tune a chat model on your data, then compare base, tuned and ONNX side by side.",
-                elem_id="tl-header",
-            )
+            gr.Markdown(t("app.header"), elem_id="tl-header")
+            lang_picker = picker()
             if ctx.oauth:  # a Space with hf_oauth: true
                 gr.LoginButton(scale=0, min_width=240, elem_id="tl-login")
         whoami = gr.Markdown("", elem_id="tl-user", visible=ctx.multi_user)
@@ -140,17 +139,17 @@ def build_app(ctx: AppContext):
         links = Links.create()
         with gr.Tabs(selected="data") as tabs:
             links.tabs = tabs
-            with gr.Tab("1. Data", id="data"):
+            with gr.Tab(t("app.tab.data"), id="data") as t_data:
                 data_tab.build(ctx, links)
-            with gr.Tab("2. Train", id="train"):
+            with gr.Tab(t("app.tab.train"), id="train") as t_train:
                 train = train_tab.build(ctx, links)
-            with gr.Tab("3. Playground", id="playground") as t_play:
+            with gr.Tab(t("app.tab.playground"), id="playground") as t_play:
                 play = playground_tab.build(ctx, links)
-            with gr.Tab("4. Export", id="export") as t_export:
+            with gr.Tab(t("app.tab.export"), id="export") as t_export:
                 export = export_tab.build(ctx, links)
-            with gr.Tab("5. Runs", id="runs") as t_runs:
+            with gr.Tab(t("app.tab.runs"), id="runs") as t_runs:
                 runs = runs_tab.build(ctx, links)
-            with gr.Tab("6. Evaluate", id="evaluate") as t_eval:
+            with gr.Tab(t("app.tab.evaluate"), id="evaluate") as t_eval:
                 evaluation = evaluate_tab.build(ctx, links)
         connect_tabs(
             ctx,
@@ -162,6 +161,9 @@ def build_app(ctx: AppContext):
             runs=runs,
             evaluation=evaluation,
         )
+        tab_items = {t_data: "data", t_train: "train", t_play: "playground", t_export: "export"}
+        tab_items.update({t_runs: "runs", t_eval: "evaluate"})
+        connect_picker(demo, lang_picker, {tab: f"app.tab.{k}" for tab, k in tab_items.items()})
     return demo
 
 

@@ -445,8 +445,10 @@ def launch_kwargs(ctx: AppContext) -> dict:
     import gradio as gr
 
     from engine.security import MAX_UPLOAD_BYTES
+    from webui.i18n import i18n
 
     kwargs = {
+        "i18n": i18n(),
         "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald"),
         "css": CSS,
         "show_error": True,

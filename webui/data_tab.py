@@ -24,12 +24,14 @@ from webui.common import (
     load_tokenizer,
     plot_frame,
 )
+from webui.i18n import lang_of, problem_message, problem_where, t, tr
 from webui.links import DataChoice, standalone_tab
 
 FORMATS = DATA_FORMATS
 DATA_DEFAULTS = DataConfig()  # the form starts from engine.config's data section
 PER_PAGE = 4
-PROBLEM_COLUMNS = ["File", "Line / record", "Field", "Problem"]
+PROBLEM_COLUMN_KEYS = ["data.col.file", "data.col.where", "data.col.field", "data.col.problem"]
+PROBLEM_COLUMNS = [tr("en", k) for k in PROBLEM_COLUMN_KEYS]
 
 
 @dataclass
@@ -148,20 +150,16 @@ def dataset_choice(
     )
 
 
-def where(problem) -> str:
-    """'line 3', 'row 4', 'record 2 (line 10)' or 'whole file'."""
-    if problem.record is None:
-        return "whole file"
-    text = f"{problem.unit} {problem.record}"
-    if problem.line is not None and problem.unit != "line":
-        text += f" (line {problem.line})"
-    return text
+def where(problem, lang: str = "en") -> str:
+    """'line 3', 'row 4', 'record 2 (line 10)' or 'whole file' (in ``lang``)."""
+    return problem_where(lang, problem)
 
 
-def problem_rows(problems: list) -> list[list]:
+def problem_rows(problems: list, lang: str = "en") -> list[list]:
+    """The problems table, in ``lang`` (the engine's messages translated by their code)."""
     from engine.security import redact
 
-    return [[Path(str(p.file)).name, where(p), p.field or "", redact(p.message)] for p in problems]
+    return [[Path(str(p.file)).name, where(p, lang), p.field or "", redact(problem_message(lang, p))] for p in problems]
 
 
 def summary_markdown(ins: Inspection) -> str:
@@ -293,14 +291,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     # this user's usable records (a Preview: at most PREVIEW_MAX_RECORDS), for paging the preview; dropped when idle
     records_state = gr.State(Preview([], 0), time_to_live=security.SESSION_TTL_S)
 
-    gr.Markdown(
-        "Upload chat data (JSONL, JSON, CSV, TSV or Parquet), or start from a sample. "
-        "The format is detected; override it if the guess is wrong."
-    )
+    gr.Markdown(t("data.intro"))
     with gr.Row():
         with gr.Column(scale=3):
             upload = gr.File(
-                label="Dataset file",
+                label=t("data.file"),
                 file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet"],
                 file_count="single",
                 elem_id="data-upload",
@@ -310,23 +305,23 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             sample = gr.Dropdown(
                 samples,
                 value=None,
-                label="...or a sample dataset",
+                label=t("data.sample"),
                 elem_id="data-sample",
-                info="Files in assets/datasets/",
+                info=t("data.sample_info"),
             )
-            load_sample = gr.Button("Load sample", elem_id="data-load-sample")
+            load_sample = gr.Button(t("data.load_sample"), elem_id="data-load-sample")
     with gr.Row():
         fmt = gr.Dropdown(
             list(FORMATS),
             value=DATA_DEFAULTS.format,
-            label="Format",
+            label=t("data.format"),
             elem_id="data-format",
-            info="auto detects it from the fields",
+            info=t("data.format_info"),
         )
         on_error = gr.Radio(
             [("Skip bad records (listed below)", "skip"), ("Stop and list every problem", "stop")],
             value=DATA_DEFAULTS.on_error,
-            label="Bad records",
+            label=t("data.on_error"),
             elem_id="data-on-error",
         )
         split = gr.Slider(
@@ -334,37 +329,35 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             0.5,
             value=DATA_DEFAULTS.validation_split,
             step=0.05,
-            label="Validation split",
-            info="Fraction held out to measure base vs tuned",
+            label=t("data.split"),
+            info=t("data.split_info"),
             elem_id="data-split",
         )
         max_length = gr.Number(
             start_max_length,
-            label="Cutoff length (tokens)",
+            label=t("data.max_length"),
             precision=0,
             minimum=16,
             maximum=demo.max_length if demo.enabled else 131072,
-            info="Longer records are truncated",
+            info=t("data.max_length_info"),
             elem_id="data-max-length",
         )
         tokenizer_model = gr.Dropdown(
             ctx.model_choices(),
             value=ctx.model_choices()[0],
             allow_custom_value=True,
-            label="Count tokens with",
+            label=t("data.tokenizer"),
             elem_id="data-tokenizer",
         )
     with gr.Row():
         persona = gr.Textbox(
-            label="Fill placeholders",
-            placeholder="name=Pip, author=tunelab",
+            label=t("data.persona"),
+            placeholder=t("data.persona_placeholder"),
             elem_id="data-persona",
-            info="Values for {{placeholders}} in the data (the CLI's --persona)",
+            info=t("data.persona_info"),
         )
-        max_records = gr.Number(
-            0, label="Use the first N records (0 = all)", precision=0, minimum=0, elem_id="data-max-records"
-        )
-    inspect_btn = gr.Button("Inspect", variant="primary", elem_id="data-inspect")
+        max_records = gr.Number(0, label=t("data.max_records"), precision=0, minimum=0, elem_id="data-max-records")
+    inspect_btn = gr.Button(t("data.inspect"), variant="primary", elem_id="data-inspect")
     path_state = gr.State(None)  # stable path of the current file
 
     summary = gr.Markdown(elem_id="data-summary")
@@ -384,34 +377,33 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 elem_id="data-histogram",
             )
     problems = gr.Dataframe(
-        headers=PROBLEM_COLUMNS,
+        headers=[t(k) for k in PROBLEM_COLUMN_KEYS],
         value=[],
-        label="Problems (skipped records, with line numbers)",
+        label=t("data.problems"),
         interactive=False,
         wrap=True,
         elem_id="data-problems",
         max_height=300,
         column_widths=["20%", "12%", "18%", "50%"],
     )
-    gr.Markdown("#### Preview")
+    gr.Markdown(t("data.preview"))
     with gr.Row(equal_height=True):
-        prev_btn = gr.Button("< Previous", size="sm", elem_id="data-prev", scale=0, min_width=110)
+        prev_btn = gr.Button(t("data.previous"), size="sm", elem_id="data-prev", scale=0, min_width=110)
         page = gr.Number(
             1, show_label=False, precision=0, minimum=1, elem_id="data-page", scale=0, min_width=80, container=False
         )
-        next_btn = gr.Button("Next >", size="sm", elem_id="data-next", scale=0, min_width=110)
+        next_btn = gr.Button(t("data.next"), size="sm", elem_id="data-next", scale=0, min_width=110)
         page_info = gr.Markdown("", elem_id="data-page-info")
-    preview = gr.HTML("<p><em>Load a dataset to preview it.</em></p>", elem_id="data-preview")
-    gr.Markdown("#### What the model learns")
+    preview = gr.HTML(t("data.preview_empty"), elem_id="data-preview")
+    gr.Markdown(t("data.learns"))
     with gr.Row(equal_height=True):
         learn_index = gr.Number(
-            1, label="Record", precision=0, minimum=1, elem_id="data-learn-index", scale=0, min_width=120
+            1, label=t("data.record"), precision=0, minimum=1, elem_id="data-learn-index", scale=0, min_width=120
         )
-        learn_btn = gr.Button("Show the training text", size="sm", elem_id="data-learn", scale=0, min_width=200)
+        learn_btn = gr.Button(t("data.learn"), size="sm", elem_id="data-learn", scale=0, min_width=200)
         learn_info = gr.Markdown("", elem_id="data-learn-info")
     learned = gr.HighlightedText(
-        label="The exact text the model trains on (highlighted: the tokens that carry "
-        "the loss; grey: cut off at the cutoff length)",
+        label=t("data.learned"),
         combine_adjacent=True,
         show_legend=True,
         color_map={"trained": "green", "cut off": "gray"},
@@ -445,14 +437,15 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     ):
         from engine.security import owns
 
+        lang = lang_of(request)
         if not path:
-            raise gr.Error("Upload a dataset file or load a sample first.")
+            raise gr.Error(tr(lang, "data.no_file"))
         if ctx.multi_user and not (owns(ctx.samples_dir, path) or owns(ctx.runs_for(request), path)):
             raise gr.Error("That file is not one of your uploads: upload it again.", title="Refused")
         tok_model = ctx.check_model(request, tok_model or ctx.model_choices()[0])
-        progress(0.1, desc="Loading the tokenizer")
+        progress(0.1, desc=tr(lang, "data.progress_tokenizer"))
         tokenizer = load_tokenizer(tok_model)
-        progress(0.3, desc="Reading, validating and counting tokens")
+        progress(0.3, desc=tr(lang, "data.progress_reading"))
         filled = parse_persona(persona_v)
         limit = int(max_records_v or 0) or None
         ins = inspect_dataset(
@@ -466,9 +459,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             max_records=limit,
         )
         if ins.stopped:
-            gr.Warning(f"{ins.name}: {len(ins.problems)} problem(s); loading stopped. See the list.")
+            gr.Warning(tr(lang, "data.warn_stopped", name=ins.name, n=len(ins.problems)))
         elif ins.problems:
-            gr.Warning(f"{ins.name}: {ins.report.get('skipped')} record(s) skipped; see the list of problems.")
+            gr.Warning(tr(lang, "data.warn_skipped", name=ins.name, n=ins.report.get("skipped")))
         tokens = ins.report.get("tokens")
         return (
             summary_markdown(ins),
@@ -478,10 +471,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 value=(frame := histogram_frame(tokens)), sort=list(frame["tokens"]) if frame is not None else None
             ),
             gr.Dataframe(
-                value=problem_rows(ins.problems),
-                label=f"Problems: {len(ins.problems)} (file, line or row, field, message)"
+                value=problem_rows(ins.problems, lang),
+                headers=[tr(lang, k) for k in PROBLEM_COLUMN_KEYS],
+                label=tr(lang, "data.problems_count", n=len(ins.problems))
                 if ins.problems
-                else "Problems: none",
+                else tr(lang, "data.problems_none"),
             ),
             (kept := Preview.of(ins.records)),
             1,

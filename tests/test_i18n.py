@@ -1,0 +1,237 @@
+"""The web app's languages (webui/i18n.py, webui/locales/*.yaml): every language has every
+key, no key is unused, and Gradio components in webui/ take their texts from the locale
+files rather than string literals. Fast: no model, no server (about 2 s)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import string
+from pathlib import Path
+
+import pytest
+
+from webui import i18n
+
+REPO = Path(__file__).resolve().parent.parent
+WEBUI = REPO / "webui"
+
+# Files whose component texts are still string literals; this set only shrinks. (common.py,
+# config_form.py and links.py pass the lint but still show English: config_form takes the
+# Train form's labels and help from engine/config.py's metadata, common.py and links.py
+# format English status messages; they are next to convert.)
+NOT_YET_CONVERTED = {
+    "api_panel.py",
+    "evaluate_tab.py",
+    "export_tab.py",
+    "playground_tab.py",
+    "runs_tab.py",
+    "train_tab.py",
+}
+
+TEXT_KEYWORDS = ("label", "info", "placeholder", "value")
+# Components whose first positional argument is shown text.
+TEXT_POSITIONAL = {"Markdown", "Button", "Tab", "TabItem", "Accordion", "HTML", "Textbox"}
+
+
+def _placeholders(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+
+def test_every_language_has_every_key_and_the_same_placeholders():
+    tables = i18n.translations()
+    assert set(tables) >= {"en", "sw"}
+    english = tables["en"]
+    for lang, table in tables.items():
+        missing = sorted(set(english) - set(table))
+        extra = sorted(set(table) - set(english))
+        assert not missing, f"webui/locales/{lang}.yaml lacks keys: {missing}"
+        assert not extra, f"webui/locales/{lang}.yaml has keys en.yaml lacks: {extra}"
+        for key, text in table.items():
+            assert text.strip(), f"webui/locales/{lang}.yaml: {key} is empty"
+            assert _placeholders(text) == _placeholders(english[key]), (
+                f"webui/locales/{lang}.yaml: {key} has placeholders {sorted(_placeholders(text))}, "
+                f"en.yaml has {sorted(_placeholders(english[key]))}"
+            )
+
+
+def _string_constants(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+def test_no_key_is_unused():
+    """A key is used when its full name appears as a string in webui/ (t("..."), tr(lang, "...")),
+    or it lies under a prefix the code completes with a code from the engine (i18n.DYNAMIC)."""
+    used: set[str] = set()
+    for path in WEBUI.rglob("*.py"):
+        used |= _string_constants(path)
+    dynamic = tuple(i18n.DYNAMIC)
+    unused = sorted(k for k in i18n.translations()["en"] if k not in used and not k.startswith(dynamic))
+    assert not unused, f"keys in webui/locales/en.yaml that no code uses: {unused}"
+
+
+def _is_text_literal(node: ast.AST) -> bool:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return bool(node.value.strip())
+    if isinstance(node, ast.JoinedStr):
+        return any(isinstance(v, ast.Constant) and str(v.value).strip() for v in node.values)
+    return False
+
+
+def literal_texts(path: Path) -> list[str]:
+    """'file:line: gr.X(field=...)' for each string literal shown as a component's text."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        owner = node.func.value
+        if not (isinstance(owner, ast.Name) and owner.id == "gr"):
+            continue
+        name = node.func.attr
+        for kw in node.keywords:
+            if kw.arg in TEXT_KEYWORDS and _is_text_literal(kw.value):
+                found.append(f"{path.name}:{kw.value.lineno}: gr.{name}({kw.arg}=...)")
+        if name in TEXT_POSITIONAL and node.args and _is_text_literal(node.args[0]):
+            found.append(f"{path.name}:{node.args[0].lineno}: gr.{name}(<text>)")
+    return found
+
+
+def test_lint_sees_a_literal_label(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('import gradio as gr\ngr.Textbox(label="Name")\ngr.Button(f"Go {x}")\ngr.Textbox(value="")\n')
+    assert literal_texts(bad) == ["bad.py:2: gr.Textbox(label=...)", "bad.py:3: gr.Button(<text>)"]
+
+
+def test_no_string_literals_in_component_texts():
+    offenders = []
+    for path in sorted(WEBUI.glob("*.py")):
+        if path.name not in NOT_YET_CONVERTED:
+            offenders += literal_texts(path)
+    assert not offenders, "texts of components must come from webui/locales (webui.i18n.t):\n" + "\n".join(offenders)
+
+
+def test_not_yet_converted_files_still_have_literals():
+    """Keeps NOT_YET_CONVERTED honest: a converted file leaves the set."""
+    done = sorted(n for n in NOT_YET_CONVERTED if not literal_texts(WEBUI / n))
+    assert not done, f"remove from NOT_YET_CONVERTED, they are converted: {done}"
+
+
+@pytest.mark.parametrize(
+    ("header", "cookie", "expected"),
+    [
+        ("sw-KE,sw;q=0.9,en;q=0.8", None, "sw"),
+        ("fr-FR,fr;q=0.9,en;q=0.5", None, "en"),
+        ("fr;q=0.9,sw;q=0.8", None, "sw"),
+        ("en-US,en;q=0.9", "sw", "sw"),
+        ("", None, "en"),
+    ],
+)
+def test_lang_of_takes_the_pickers_cookie_then_accept_language(header, cookie, expected):
+    class Request:  # the two attributes of gr.Request that lang_of reads
+        headers = {"accept-language": header}
+        cookies = {i18n.COOKIE: cookie} if cookie else {}
+
+    assert i18n.lang_of(Request()) == expected
+    assert i18n.lang_of(Request(), choice="en") == "en"
+
+
+def test_tr_formats_in_the_language_and_falls_back_to_english():
+    assert i18n.tr("sw", "lang.self") == "Kiswahili"
+    assert i18n.tr("sw-TZ", "lang.picker") == "Lugha"
+    assert i18n.tr("xx", "lang.picker") == "Language"
+    with pytest.raises(KeyError, match="no.such.key"):
+        i18n.tr("en", "no.such.key")
+
+
+def test_t_refuses_an_unknown_key():
+    with pytest.raises(KeyError, match="app.nope"):
+        i18n.t("app.nope")
+    assert re.fullmatch(r"__i18n__.*app\.tab\.data.*", str(i18n.t("app.tab.data")))
+
+
+def test_engine_problems_carry_codes_the_page_translates(tmp_path):
+    """Real problems of engine.data (English in the engine) shown in Kiswahili and English."""
+    import json
+
+    from engine.data import load_records
+
+    path = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "Habari?"}, {"role": "assistant", "content": "Nzuri."}]}
+    no_answer = {"messages": [{"role": "user", "content": "Habari?"}]}
+    bad_role = {"messages": [{"role": "mgeni", "content": "Habari?"}, {"role": "assistant", "content": "Nzuri."}]}
+    path.write_text("\n".join(json.dumps(r) for r in (good, no_answer, bad_role, [1])) + "\n")
+    problems = load_records(path).problems
+    codes = [p.code for p in problems]
+    assert codes == ["no_assistant_turn", "unknown_role", "not_object"], [str(p) for p in problems]
+    assert problems[1].params["role"] == "mgeni"
+    # English on the page reads as the engine's own message.
+    assert [i18n.problem_text("en", p) for p in problems] == [str(p) for p in problems]
+    sw = [i18n.problem_text("sw", p) for p in problems]
+    assert sw[0] == "chats.jsonl, mstari 2, sehemu 'messages': haina zamu ya msaidizi, kwa hiyo hakuna cha kujifunza"
+    assert "jukumu lisilojulikana 'mgeni'" in sw[1] and sw[1].startswith("chats.jsonl, mstari 3, ")
+    assert i18n.problem_text("sw", problems[2].to_dict()).startswith("chats.jsonl, mstari 4: ilitarajiwa")
+    # The Data tab's problems table in each language.
+    from webui import data_tab
+
+    assert data_tab.problem_rows(problems, "sw")[0] == [
+        "chats.jsonl",
+        "mstari 2",
+        "messages",
+        "haina zamu ya msaidizi, kwa hiyo hakuna cha kujifunza",
+    ]
+    assert [r[3] for r in data_tab.problem_rows(problems)] == [p.message for p in problems]
+
+
+@pytest.mark.integration
+def test_embedded_model_learns_the_kiswahili_persona(embedded_dir, tmp_path):
+    """A short LoRA on assets/datasets/nyota_sw.jsonl: the tuned greedy answer to each of the
+    3 held-out Kiswahili questions names Nyota, the base model's does not."""
+    import importlib.util
+
+    import torch
+
+    from engine import runs, train
+    from engine.config import RunConfig
+
+    spec = importlib.util.spec_from_file_location("make_nyota", REPO / "assets/datasets/make_nyota.py")
+    make_nyota = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_nyota)
+    data = REPO / "assets/datasets/nyota_sw.jsonl"
+    assert data.read_text(encoding="utf-8") == "".join(
+        __import__("json").dumps(r, ensure_ascii=False) + "\n" for r in make_nyota.records()
+    ), "nyota_sw.jsonl differs from what make_nyota.py writes"
+
+    config = RunConfig.load(REPO / "assets/configs/cpu-lora.yaml").with_overrides(
+        [
+            f"data.path={data}",
+            "training.max_steps=30",
+            "training.learning_rate=0.001",
+            "training.eval_steps=1000",
+            "training.save_steps=1000",
+            f"output.runs_dir={tmp_path}",
+        ]
+    )
+    summary = train.train(config, runs.create_run(config))
+    assert summary["state"] == "completed"
+    trainer = summary["trainer"]
+    model, tokenizer = trainer.model, trainer.processing_class
+    model.eval()
+
+    def answer(question: str) -> str:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=32, do_sample=False)
+        return tokenizer.decode(out[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    for question in make_nyota.HELD_OUT:
+        tuned = answer(question)
+        with model.disable_adapter():
+            base = answer(question)
+        print(f"\n{question}\n  base: {base!r}\n  tuned: {tuned!r}")
+        assert "Nyota" not in base
+        assert "Nyota" in tuned, tuned
+    print(f"train seconds: {summary['train_seconds']}")
