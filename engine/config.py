@@ -451,11 +451,12 @@ ONNX_VARIANTS = (
 )
 # Auto mode (`tunelab export RUN --format onnx --precision auto`, the web app's default) builds
 # these in this order, fastest decode first, and keeps the first whose verdict is faithful.
-# Measured on the embedded model with a cpu-lora adapter (README "Export variants"): every int4
-# variant was broken there and int8 faithful. int4-hqq is left out (the slowest to build and to
-# decode, and the least faithful), int4-kquant* too (the builder's k-quant cannot export a hidden
-# size of 576); int4-gptq is not measured there yet.
-AUTO_ORDER = ("int4-rtn-last", "int4-gptq", "int8", "fp32")
+# Measured on the embedded model with a cpu-lora adapter (bench/results/exports.md): no int4
+# variant is faithful there; int4-kquant-mixed comes closest (87.1% agreement, +13.3% perplexity)
+# and builds in about half a minute, so it is the one int4 candidate. int4-gptq (81.7%, +25.5%)
+# takes 17 minutes to build on 2 cores, int4-rtn-last (75.3%, +62.2%) and int4-hqq (59.1%) are
+# broken: they stay variants to ask for, not auto candidates.
+AUTO_ORDER = ("int4-kquant-mixed", "int8", "fp32")
 # The fixed variant when one is asked for without auto (the playground's Export button, export()):
 # the fastest that passed the gate on the embedded model.
 DEFAULT_ONNX_VARIANT = "int8"

@@ -102,7 +102,7 @@ def test_a_degraded_export_names_what_would_do_better():
     assert report["onnx"]["int4"]["verdict"]["advice"].startswith("use onnx-int8: it is faithful (92 tokens/s)")
     assert report["onnx"]["int8"]["verdict"]["advice"] is None
     alone = _report({"int4-rtn-last": (0.7, 0.2)}, {"int4-rtn-last": 150})
-    assert "--precision int4-gptq" in alone["onnx"]["int4-rtn-last"]["verdict"]["advice"]
+    assert "--precision int4-kquant-mixed" in alone["onnx"]["int4-rtn-last"]["verdict"]["advice"]
     lines = export.headline(report)
     assert lines[0].startswith("- **onnx-int4: broken") and "Better: use onnx-int8" in lines[0]
 
@@ -339,7 +339,7 @@ def test_an_export_job_waits_for_a_training_then_builds_and_a_queued_one_stops(b
     _wait_state(queued, ("queued",))
     assert export.stop_export(queued)["state"] == "aborted"
     assert _wait_state(queued, runs.FINAL_STATES)["state"] == "aborted"
-    assert not (run / "export" / "onnx-int4-rtn-last").exists()
+    assert not (run / "export" / "onnx-int4-kquant-mixed").exists()
     runs.update_status(training, state="completed")
 
 
