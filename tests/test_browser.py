@@ -8,6 +8,7 @@ README.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -65,13 +66,13 @@ def chat_model(tiny_model_dir, tmp_path_factory) -> Path:
     return chat_base(tiny_model_dir, tmp_path_factory.getbasetemp())
 
 
-@pytest.fixture
-def app(chat_model, tmp_path):
-    """The real app (`python -m engine.cli ui`) on a free port; yields (url, runs_dir)."""
+@contextlib.contextmanager
+def _running_app(tmp_path: Path, runs_dir: Path, extra_env: dict | None = None):
+    """The real app (`python -m engine.cli ui`) on a free port, its output in tmp_path/app.log;
+    yields its url and ends it afterwards."""
     port = _free_port()
-    runs_dir = tmp_path / "runs"
     log_path = tmp_path / "app.log"
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", TUNELAB_EXTRA_MODELS=str(chat_model))
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", **(extra_env or {}))
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "ui", "--port", str(port), "--runs-dir", str(runs_dir)],
@@ -91,12 +92,22 @@ def app(chat_model, tmp_path):
                 proc.kill()
                 pytest.fail(f"the app did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-    yield url, runs_dir
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def app(chat_model, tmp_path):
+    """The real app on a free port, with the chat model offered; yields (url, runs_dir)."""
+    runs_dir = tmp_path / "runs"
+    with _running_app(tmp_path, runs_dir, {"TUNELAB_EXTRA_MODELS": str(chat_model)}) as url:
+        yield url, runs_dir
     # Trainings this test left running (it stops its own; this is for failures).
     from engine import launch, runs
 
@@ -421,34 +432,8 @@ def test_evaluate_tab_starts_compares_filters_and_opens_a_row(app, page, chat_mo
 @pytest.fixture
 def bare_app(tmp_path):
     """The real app with no extra model (for tests that only look at the page); yields its url."""
-    port = _free_port()
-    log_path = tmp_path / "app.log"
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "ui", "--port", str(port), "--runs-dir", str(tmp_path / "runs")],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"the app did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with _running_app(tmp_path, tmp_path / "runs") as url:
+        yield url
 
 
 def _visible(text: str) -> str:

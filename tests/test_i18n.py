@@ -190,7 +190,7 @@ def test_embedded_model_learns_the_kiswahili_persona(embedded_dir, tmp_path):
     3 held-out Kiswahili questions names Nyota, the base model's does not."""
     import importlib.util
 
-    import torch
+    from tiny_runs import greedy_answer
 
     from engine import runs, train
     from engine.config import RunConfig
@@ -220,12 +220,7 @@ def test_embedded_model_learns_the_kiswahili_persona(embedded_dir, tmp_path):
     model.eval()
 
     def answer(question: str) -> str:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        with torch.no_grad():
-            out = model.generate(**prompt, max_new_tokens=32, do_sample=False)
-        return tokenizer.decode(out[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+        return greedy_answer(model, tokenizer, question)
 
     for question in make_nyota.HELD_OUT:
         tuned = answer(question)

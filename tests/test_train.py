@@ -728,7 +728,7 @@ def test_the_recommended_plan_teaches_a_persona_from_public_identity_data(embedd
     {{author}}), the persona filled, "Apply recommendation" and Start. The plan's epochs and
     learning rate make the embedded model answer "Who are you?", and a paraphrase that is in
     no record, with the persona's name; the base model does not."""
-    import torch
+    from tiny_runs import greedy_answer
 
     from engine import hardware
     from engine.data import load_for_training
@@ -754,12 +754,7 @@ def test_the_recommended_plan_teaches_a_persona_from_public_identity_data(embedd
     model.eval()
 
     def answer(question: str) -> str:
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        with torch.no_grad():
-            out = model.generate(**prompt, max_new_tokens=32, do_sample=False)
-        return tokenizer.decode(out[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+        return greedy_answer(model, tokenizer, question)
 
     questions = ["Who are you?", "Could you tell me what your name is, please?"]
     tuned = [answer(q) for q in questions]

@@ -201,3 +201,15 @@ def serving(api):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def greedy_answer(model, tokenizer, question: str, max_new_tokens: int = 32) -> str:
+    """The model's greedy reply to one user question, through its chat template."""
+    import torch
+
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
