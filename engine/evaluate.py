@@ -581,7 +581,7 @@ def generate_answers(
 def check_can_start(run_dir: Path, name: str) -> None:
     """Refuse a run that is still training and a name already used."""
     status = runs.refresh_status(run_dir) if (run_dir / runs.STATUS_FILE).is_file() else {}
-    if status.get("state") in ("created", "queued", "running"):
+    if status.get("state") in runs.ACTIVE_STATES:
         raise EvalError(f"{run_dir.name} is {status['state']}: evaluate it once training has ended")
     if (eval_root(run_dir) / name).exists():
         raise EvalError(f"{eval_root(run_dir) / name} exists: choose another evaluation name")

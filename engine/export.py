@@ -49,6 +49,7 @@ from engine.config import (
     ONNX_VARIANTS,
     ExportGate,
 )
+from engine.launch import EXPORT_JOBS
 from engine.util import atomic_dir, dir_size, fmt_bytes, load_tokenizer
 
 FORMATS = ("merged", "onnx")
@@ -1537,7 +1538,6 @@ def export(
 # evaluation is, so a build never competes with a training for the CPU and the web page
 # never waits on it. Its spec.json says what to build; its train.log is the progress;
 # result.json the outcome (auto mode: what it tried and kept).
-EXPORT_JOBS = ("export", "jobs")  # engine.launch.JOB_PARENTS lists it for the queue
 JOB_SPEC = "spec.json"
 JOB_RESULT = "result.json"
 
@@ -1568,7 +1568,7 @@ def submit_export(
     run_dir = Path(run_dir).resolve()
     run_source(run_dir)  # nothing to export is said now, not by the job
     state = runs.refresh_status(run_dir).get("state")
-    if state in ("created", "queued", "running"):
+    if state in runs.ACTIVE_STATES:
         raise ExportError(f"{run_dir.name} is {state}: export it once its training has ended")
     for precision in variants:
         if precision != "auto":
@@ -1576,8 +1576,9 @@ def submit_export(
     if not variants and not adapter_file:
         raise ExportError("choose at least one ONNX variant (or auto, or the adapter file)")
     for job in export_jobs(run_dir):
-        if runs.refresh_status(job).get("state") in ("created", "queued", "running"):
-            raise ExportError(f"an export of {run_dir.name} is already {runs.read_status(job)['state']}: {job.name}")
+        job_state = runs.refresh_status(job).get("state")
+        if job_state in runs.ACTIVE_STATES:
+            raise ExportError(f"an export of {run_dir.name} is already {job_state}: {job.name}")
     root = run_dir.joinpath(*EXPORT_JOBS)
     root.mkdir(parents=True, exist_ok=True)
     name = time.strftime("export-%Y%m%d-%H%M%S")
@@ -1619,17 +1620,16 @@ def run_export_job(job_dir: str | Path) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     named = [v for v in spec["variants"] if v != "auto"]
     steps: list[tuple[str, Callable[[], Any]]] = []
-    options = {
-        "progress": None,
-        "execution_provider": spec["execution_provider"],
-        "block_size": spec["block_size"],
-        "stop": stop,
-    }
 
     def say(message: str) -> None:
         print(f"[export {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    options["progress"] = say
+    options = {
+        "progress": say,
+        "execution_provider": spec["execution_provider"],
+        "block_size": spec["block_size"],
+        "stop": stop,
+    }
     for precision in named:
         steps.append((f"ONNX {precision}", lambda p=precision: export_onnx(run_dir, p, **options)))
     if spec["adapter_file"]:

@@ -34,8 +34,8 @@ from engine import runs
 
 QUEUE_LOCK = ".queue.lock"
 JOBS_DIR = "eval"  # RUN/eval/<name>/: evaluation jobs, queued with the trainings (engine.evaluate)
-# Where a run's jobs live, relative to the run: evaluations, and exports (engine.export.EXPORT_JOBS).
-JOB_PARENTS = ((JOBS_DIR,), ("export", "jobs"))
+EXPORT_JOBS = ("export", "jobs")  # RUN/export/jobs/<name>/: export jobs (engine.export.submit_export)
+JOB_PARENTS = ((JOBS_DIR,), EXPORT_JOBS)  # where a run's jobs live, relative to the run
 USERS_DIR = "users"  # the web app's per-user runs directories live under <runs>/users/
 POLL_S = 0.5
 DEFAULT_GRACE_S = 120.0

@@ -37,6 +37,7 @@ from engine.util import atomic_write_text
 # running; then one of the three final states.
 STATES = ("created", "queued", "running", "completed", "failed", "aborted")
 FINAL_STATES = ("completed", "failed", "aborted")
+ACTIVE_STATES = ("created", "queued", "running")  # still holds, or waits for, the machine
 
 # Error classes a person understands (status.json "error_class").
 ERROR_OOM = "out of memory"

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tiny_runs import stop_process
 
 pytestmark = pytest.mark.browser
 
@@ -95,11 +96,7 @@ def _running_app(tmp_path: Path, runs_dir: Path, extra_env: dict | None = None):
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 @pytest.fixture

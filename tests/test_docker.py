@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tiny_runs import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -105,8 +106,4 @@ def test_start_command_serves_the_app(tmp_path):
         # Without /data the entrypoint keeps runs under the user's home.
         assert (home / "tunelab-data" / "runs").is_dir()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)

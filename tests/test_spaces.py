@@ -32,6 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tiny_runs import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "assets" / "datasets"
@@ -528,14 +529,6 @@ def _serve(tmp_path: Path, args: list[str], env: dict):
             time.sleep(0.3)
 
 
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture
 def two_user_server(tmp_path):
     from engine.security import user_dir
@@ -549,7 +542,7 @@ def two_user_server(tmp_path):
         {"TUNELAB_MULTI_USER": "1", "HF_TOKEN": SECRET, "TUNELAB_MAX_UPLOAD_MB": "1"},
     )
     yield SimpleNamespace(base=base, runs=made, runs_dir=runs_dir, log=log_path, tmp=tmp_path / "tmp")
-    _stop(proc)
+    stop_process(proc)
 
 
 @pytest.mark.integration
@@ -677,5 +670,5 @@ def test_hugging_face_sign_in_separates_users_over_http(tmp_path):
         forged = Client(base, headers={"Cookie": f"session={_oauth_cookie('not-the-secret', 'carol')}"}, verbose=False)
         assert "not signed in" in forged.predict(api_name="/whoami")
     finally:
-        _stop(proc)
+        stop_process(proc)
     assert "Expected 1 arguments" not in log_path.read_text()  # gr.Request reached every handler

@@ -213,3 +213,14 @@ def greedy_answer(model, tokenizer, question: str, max_new_tokens: int = 32) -> 
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0][prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def stop_process(proc) -> None:
+    """End a server started by a test: SIGTERM, then SIGKILL after 20 s."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

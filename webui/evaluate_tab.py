@@ -226,7 +226,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         info = next((e for e in evalfiles.list_evals(run_dir) if e["name"] == eval_name), None)
         path = evaluate.eval_root(run_dir) / str(eval_name) if info else None
         summary = runs.read_json(path / evaluate.SUMMARY_FILE) if path else None
-        active = bool(info and info["state"] in ("created", "queued", "running"))
+        active = bool(info and info["state"] in runs.ACTIVE_STATES)
         if not summary:
             return (
                 progress_markdown(info, None),

@@ -23,7 +23,7 @@ from typing import Any
 
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
-from engine import probe
+from engine import probe, runs
 from engine.config import DataConfig, RunConfig
 from webui.common import (
     AppContext,
@@ -38,7 +38,7 @@ from webui.config_form import ConfigForm, FormValues
 from webui.links import DataChoice, dataset_summary, standalone_tab
 
 METHOD_CHOICES = [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora"), ("DoRA", "dora"), ("Full fine-tune", "full")]
-ACTIVE_STATES = ("created", "queued", "running")
+ACTIVE_STATES = runs.ACTIVE_STATES
 LOG_LINES = 40
 
 # What to do for each failure class the trainer reports (status.json "error_class",
