@@ -8,8 +8,9 @@ The prompts are the Pip sample's (assets/datasets/pip_chat.jsonl): each record's
 up to its last user turn, as ``tunelab eval`` builds them. PyTorch: the run's base model (the
 embedded SmolLM2-135M by default) in float32, one prompt at a time through engine.inference's
 plain decode loop (EagerDecoder: prefill, then one token per step on a KV cache) against
-padded batches (left padding, one forward pass per step for the batch). ONNX: the run's
-onnx-int4 export through onnxruntime-genai, one generator per prompt against one generator
+continuous batches (engine.evaluate.torch_greedy_batch: ``batch`` rows answer together, a
+finished row's place goes to the next prompt at once). ONNX: the run's
+exports (the default variant and int4) through onnxruntime-genai, one generator per prompt against one generator
 with ``batch_size`` > 1. Without --run a run with a small random LoRA is made and exported
 (bench.bench_inference.make_demo_run). Writes bench/results/eval.json and eval.md.
 """
@@ -66,10 +67,12 @@ def batched(model, prompt_ids: list[list[int]], new_tokens: int, batch: int) -> 
 
     # ONNX: the batched loop an evaluation does not use yet (its answers differ), measured
     # so that its speed and its agreement are on record.
-    generate = batch_generator(model) or onnx_greedy_batch
+    generate = batch_generator(model)
+    if generate is not None:  # continuous batching: `batch` rows at a time over all prompts
+        return generate(model, prompt_ids, new_tokens, batch_size=batch)
     replies = []
     for start in range(0, len(prompt_ids), batch):
-        replies += generate(model, prompt_ids[start : start + batch], new_tokens)
+        replies += onnx_greedy_batch(model, prompt_ids[start : start + batch], new_tokens)
     return replies
 
 
@@ -124,13 +127,19 @@ def to_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from bench import machine
+    from engine.config import DEFAULT_ONNX_VARIANT
 
     parser = argparse.ArgumentParser(prog="python -m bench.bench_eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="A run with an onnx-int4 export (default: a demo run made here).")
+    parser.add_argument("--run", help="A run with ONNX exports (default: a demo run made here).")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--skip-onnx", action="store_true")
+    parser.add_argument(
+        "--onnx",
+        default=f"{DEFAULT_ONNX_VARIANT},int4",
+        help="ONNX variants to measure, comma-separated (default: the default export, then int4).",
+    )
     args = parser.parse_args(argv)
 
     from engine import export
@@ -145,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run_dir = make_demo_run(Path(tmp))
         rows = [measure("PyTorch base fp32", load_chat_model(run_dir, "base"), prompts, args.new_tokens, args.batch)]
-        if not args.skip_onnx:
-            if not (run_dir / "export" / "onnx-int4" / "genai_config.json").is_file():
-                export.export_onnx(run_dir, "int4")
-            onnx = load_chat_model(run_dir, "onnx", precision="int4")
-            rows.append(measure("ONNX int4", onnx, prompts, args.new_tokens, args.batch))
+        for variant in [] if args.skip_onnx else args.onnx.split(","):
+            if not (run_dir / "export" / f"onnx-{variant}" / "genai_config.json").is_file():
+                export.export_onnx(run_dir, variant)
+            onnx = load_chat_model(run_dir, "onnx", precision=variant)
+            rows.append(measure(f"ONNX {variant}", onnx, prompts, args.new_tokens, args.batch))
+            del onnx
     described = machine.describe()
     result = {
         "examples": args.examples,

@@ -443,44 +443,130 @@ def reference_nll(chat_model, prompt: list[dict], reference: str) -> tuple[float
 # --------------------------------------------------------------------------- batched generation
 
 
-def torch_greedy_batch(chat_model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy replies (token ids, the end-of-turn token excluded) of several prompts in one
-    padded batch: left padding, an attention mask, positions counted from each prompt's
-    first real token, one forward pass per step for the whole batch on a KV cache."""
+def torch_greedy_batch(
+    chat_model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int | None = None,
+    on_reply: Callable[[int, list[int], float], None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[list[int]]:
+    """Greedy replies (token ids, the end-of-turn token excluded) of several prompts, at most
+    ``batch_size`` (default: all) generating together: continuous batching on one KV cache.
+
+    A prompt joins the batch with its own prefill (as the one-at-a-time loop does it), its
+    keys and values left-padded to the batch's width; then one forward pass per step answers
+    every row, with an attention mask and each row's own positions. A row that ends leaves
+    the batch at once and the next prompt takes its place, so the batch stays full instead
+    of waiting for its longest answer (static padded batches ran at 2.6-2.8x the
+    one-at-a-time loop at batch 8 on the embedded model, this at the figure in
+    bench/results/eval.md). Columns that are padding for every row are dropped. ``on_reply``
+    gets (prompt index, reply, seconds since it joined) as each reply ends; ``stop`` ends the loop between steps,
+    returning the replies finished so far (the others empty).
+
+    Written here because transformers' ``generate`` pads a static batch, and its
+    continuous-batching ``generate_batch`` uses paged attention kernels (not the eager
+    forward the one-at-a-time loop runs, whose answers these must equal)."""
     import torch
     from transformers import DynamicCache
 
     model = chat_model.model
     device = chat_model.device
-    tokenizer = chat_model.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(chat_model.stop_ids), 0)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    stop_ids = torch.tensor(sorted(chat_model.stop_ids), device=device)
+    stop_ids = set(chat_model.stop_ids)
+    batch_size = max(1, batch_size or len(prompts))
     replies: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    waiting = list(range(len(prompts)))
+    waiting.reverse()  # pop() takes them in order
+    rows: list[int] = []  # prompt index of each batch row
+    cache = mask = positions = tokens = None
+
+    joined_at: dict[int, float] = {}
+
+    def prefill(indices: list[int]):
+        """Prefill prompts one by one: (cache, length, first token) each."""
+        parts = []
+        for index in indices:
+            joined_at[index] = time.perf_counter()
+            ids = torch.tensor([list(prompts[index])], device=device)
+            part = DynamicCache(config=model.config)
+            out = model(input_ids=ids, cache=part, use_cache=True, logits_to_keep=1)
+            parts.append((part, ids.shape[1], out.logits[:, -1].argmax(-1)))
+        return parts
+
+    def join(parts):
+        """Add prefilled prompts to the batch: one new cache, every row left-padded."""
+        nonlocal cache, mask, positions, tokens
+        width = max([n for _, n, _ in parts] + ([mask.shape[1]] if mask is not None else []))
+
+        def left_pad(tensor, length):  # [rows, heads, length, dim] -> [rows, heads, width, dim]
+            if length == width:
+                return tensor
+            return torch.cat([tensor.new_zeros(*tensor.shape[:2], width - length, tensor.shape[3]), tensor], dim=2)
+
+        masks = [] if mask is None else [torch.cat([mask.new_zeros(mask.shape[0], width - mask.shape[1]), mask], 1)]
+        masks += [torch.tensor([[0] * (width - n) + [1] * n], device=device) for _, n, _ in parts]
+        joined = DynamicCache(config=model.config)
+        for layer_index in range(len(parts[0][0].layers)):
+            sources = [(p.layers[layer_index], n) for p, n, _ in parts]
+            if cache is not None:
+                sources.insert(0, (cache.layers[layer_index], mask.shape[1]))
+            keys = torch.cat([left_pad(layer.keys, n) for layer, n in sources])
+            values = torch.cat([left_pad(layer.values, n) for layer, n in sources])
+            joined.update(keys, values, layer_index)
+        cache = joined
+        mask = torch.cat(masks)
+        new_positions = torch.tensor([[n - 1] for _, n, _ in parts], device=device)
+        positions = new_positions if positions is None else torch.cat([positions, new_positions])
+        new_tokens = torch.cat([t for _, _, t in parts])
+        tokens = new_tokens if tokens is None else torch.cat([tokens, new_tokens])
+
+    def absorb(first_row: int) -> None:
+        """Append the newest token of rows first_row.. to their replies; rows that end leave."""
+        nonlocal cache, mask, positions, tokens, rows
+        keep = list(range(first_row))
+        for i, token in enumerate(tokens[first_row:].tolist(), start=first_row):
+            index = rows[i]
+            if token not in stop_ids:
+                replies[index].append(token)
+            if token in stop_ids or len(replies[index]) >= max_new_tokens:
+                if on_reply is not None:
+                    on_reply(index, replies[index], time.perf_counter() - joined_at[index])
+            else:
+                keep.append(i)
+        if len(keep) == len(rows):
+            return
+        if not keep:
+            rows, cache, mask, positions, tokens = [], None, None, None, None
+            return
+        select = torch.tensor(keep, device=device)
+        cache.batch_select_indices(select)
+        mask, positions, tokens = mask[select], positions[select], tokens[select]
+        rows = [rows[i] for i in keep]
+        first = int(mask.any(0).nonzero()[0])  # columns that are padding for every row
+        if first:
+            mask = mask[:, first:]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-        logits = out.logits[:, -1].float()
-        for _ in range(max_new_tokens):
-            tokens = logits.argmax(-1)
-            finished = torch.isin(tokens, stop_ids)
-            for row, token in enumerate(tokens.tolist()):
-                if not done[row] and not finished[row]:
-                    replies[row].append(token)
-            done |= finished
-            if bool(done.all()):
+        while waiting or rows:
+            if stop is not None and stop.is_set():
                 break
-            tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
+            while waiting and len(rows) < batch_size:
+                admitted = [waiting.pop() for _ in range(min(batch_size - len(rows), len(waiting)))]
+                join(prefill(admitted))
+                before = len(rows)
+                rows += admitted
+                absorb(before)
+            if not rows:
+                continue
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
+            positions = positions + 1
             out = model(
                 input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
             )
-            logits = out.logits[:, -1].float()
+            tokens = out.logits[:, -1].argmax(-1)
+            absorb(0)
     return replies
 
 
@@ -526,12 +612,12 @@ def onnx_greedy_batch(chat_model, prompts: list[list[int]], max_new_tokens: int)
 def batch_generator(chat_model) -> Callable | None:
     """The batched greedy loop for this model's backend, or None (one at a time).
 
-    Only PyTorch batches here: its padded batches give the one-at-a-time answers (tested).
-    onnxruntime-genai batches are exact in fp32 (4 of 4 prompts of 32 to 46 tokens on the
-    embedded model's fp32 export), but int4's MatMulNBits computes a batch differently from
-    one row: onnx_greedy_batch agreed with the one-at-a-time answers on 24 of 64 Pip prompts
-    of an int4 export (`make bench ONLY=eval` measures it). An evaluation compares backends
-    answer by answer, so it answers ONNX prompts one at a time."""
+    Only PyTorch batches here: its continuous batches give the one-at-a-time answers
+    (tested). onnxruntime-genai batches are exact in fp32 (4 of 4 prompts of 32 to 46 tokens
+    on the embedded model's fp32 export), but int4's MatMulNBits computes a batch differently
+    from one row: onnx_greedy_batch agreed with the one-at-a-time answers on 24 of 64 Pip
+    prompts of an int4 export (`make bench ONLY=eval` measures it). An evaluation compares
+    backends answer by answer, so it answers ONNX prompts one at a time."""
     from engine import inference
 
     if isinstance(chat_model, inference.TorchChatModel):
@@ -540,39 +626,46 @@ def batch_generator(chat_model) -> Callable | None:
 
 
 def generate_answers(
-    chat_model, prompts: list[list[dict]], settings, batch_size: int, system: str | None = None
-) -> list[tuple[str, dict]]:
-    """(answer, stats) per prompt: batched when the settings are plain greedy and the backend
-    batches, else one reply at a time through the model's own streaming loop."""
+    chat_model,
+    prompts: list[list[dict]],
+    settings,
+    batch_size: int,
+    system: str | None = None,
+    on_answer: Callable[[int, str, dict], None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[tuple[str, dict] | None]:
+    """(answer, stats) per prompt, None for those a stop left unanswered. Batched when the
+    settings are plain greedy and the backend batches (``batch_size`` rows at a time,
+    continuous), else one reply at a time through the model's own streaming loop.
+    ``on_answer(index, answer, stats)`` runs as each answer ends."""
     from engine import inference
 
     messages = [inference.normalize_messages(p, system) for p in prompts]
+    results: list[tuple[str, dict] | None] = [None] * len(prompts)
+
+    def done(index: int, text: str, stats: dict) -> None:
+        results[index] = (text, stats)
+        if on_answer is not None:
+            on_answer(index, text, stats)
+
     batched = batch_generator(chat_model)
     plain_greedy = settings.is_greedy and settings.repetition_penalty == 1.0 and settings.min_new_tokens == 0
     if batched is None or batch_size == 1 or len(prompts) == 1 or not plain_greedy:
-        results = []
-        for m in messages:
+        for index, m in enumerate(messages):
+            if stop is not None and stop.is_set():
+                break
             text, stats = chat_model.complete(m, settings)
-            results.append(
-                (text, {"new_tokens": stats.new_tokens, "seconds": stats.total_s, "finish": stats.finish_reason})
-            )
+            done(index, text, {"new_tokens": stats.new_tokens, "seconds": stats.total_s, "finish": stats.finish_reason})
         return results
+
+    def replied(index: int, reply: list[int], seconds: float) -> None:
+        finish = "length" if len(reply) >= settings.max_new_tokens else "eos"
+        stats = {"new_tokens": len(reply), "seconds": seconds, "batch": batch_size, "finish": finish}
+        done(index, chat_model.decode(reply), stats)
+
     ids = [chat_model.encode_prompt(m) for m in messages]
-    started = time.perf_counter()
-    replies = batched(chat_model, ids, settings.max_new_tokens)
-    seconds = time.perf_counter() - started
-    return [
-        (
-            chat_model.decode(reply),
-            {
-                "new_tokens": len(reply),
-                "seconds": seconds,
-                "batch": len(prompts),
-                "finish": "length" if len(reply) >= settings.max_new_tokens else "eos",
-            },
-        )
-        for reply in replies
-    ]
+    batched(chat_model, ids, settings.max_new_tokens, batch_size=batch_size, on_reply=replied, stop=stop)
+    return results
 
 
 # --------------------------------------------------------------------------- the evaluation
@@ -637,28 +730,29 @@ def run_evaluation(
         say(f"{name}: loading")
         model = load_backend(run_dir, name, progress=say)
         with_loss = "loss" in spec.metrics and name in PYTORCH_BACKENDS
-        for offset in range(0, len(examples), spec.batch_size):
-            if stop.is_set():
-                break
-            batch = examples[offset : offset + spec.batch_size]
-            answers = generate_answers(model, [e.prompt for e in batch], settings, spec.batch_size, spec.system)
-            for example, (answer, stats) in zip(batch, answers):
-                row = {
-                    "example": example.index,
-                    "backend": name,
-                    "prompt": example.prompt,
-                    "reference": example.reference,
-                    "answer": answer,
-                    "scores": score_answer(answer, example.reference, spec.metrics, checks, labels),
-                    "new_tokens": stats["new_tokens"],
-                    "tokens_per_s": stats["new_tokens"] / stats["seconds"] if stats["seconds"] > 0 else 0.0,
-                    "batch": stats.get("batch", 1),
-                    "finish": stats["finish"],
-                }
-                if with_loss:
-                    row["nll"], row["loss_tokens"] = reference_nll(model, example.prompt, example.reference)
-                _write_line(results_path, row)
-            done += len(batch)
+        backend_done = done
+
+        def write(index: int, answer: str, stats: dict, name=name, model=model, with_loss=with_loss) -> None:
+            nonlocal done
+            example = examples[index]
+            row = {
+                "example": example.index,
+                "backend": name,
+                "prompt": example.prompt,
+                "reference": example.reference,
+                "answer": answer,
+                "scores": score_answer(answer, example.reference, spec.metrics, checks, labels),
+                "new_tokens": stats["new_tokens"],
+                "tokens_per_s": stats["new_tokens"] / stats["seconds"] if stats["seconds"] > 0 else 0.0,
+                "batch": stats.get("batch", 1),
+                "finish": stats["finish"],
+            }
+            if with_loss:
+                row["nll"], row["loss_tokens"] = reference_nll(model, example.prompt, example.reference)
+            _write_line(results_path, row)
+            done += 1
+            if (done - backend_done) % max(1, spec.batch_size) and done - backend_done != len(examples):
+                return  # progress once per batch's worth of answers
             elapsed = time.time() - started
             progress = {
                 "done": done,
@@ -670,6 +764,10 @@ def run_evaluation(
             say(f"{done}/{total} answers ({name}), ETA {progress['eta_s']:.0f} s")
             if on_progress:
                 on_progress(progress)
+
+        generate_answers(
+            model, [e.prompt for e in examples], settings, spec.batch_size, spec.system, on_answer=write, stop=stop
+        )
     partial = stop.is_set() or done < total
     summary = finalize(eval_dir, spec, source, skipped, labels, partial=partial)
     if spec.judge and not partial:
@@ -751,6 +849,9 @@ def finalize(eval_dir: Path, spec: EvalSpec, source: dict, skipped: dict, labels
     """Add the per-example deltas to results.jsonl; write summary.json and report.md."""
     rows = read_results(eval_dir)
     backends = [b for b in spec.backends if any(r["backend"] == b for r in rows)]
+    # Batched answers are written as they end, not in order: results.jsonl is rewritten
+    # below in backend then example order, so the bootstrap draws do not depend on timing.
+    rows.sort(key=lambda r: (backends.index(r["backend"]) if r["backend"] in backends else len(backends), r["example"]))
     by_key = {(r["example"], r["backend"]): r for r in rows}
     metric_names = [m for m in METRICS if m not in ("loss",)] + [parse_check(c).name for c in spec.checks]
     pairs = delta_pairs(backends)

@@ -228,12 +228,17 @@ def test_batched_greedy_equals_one_at_a_time_on_pip_prompts(embedded_dir):
     from engine.inference import load_chat_model
 
     records = load_records(Path(__file__).resolve().parent.parent / "assets" / "datasets" / "pip_chat.jsonl").records
-    examples, _ = evaluate.examples_from_records(records[:4])
+    examples, _ = evaluate.examples_from_records(records[:6])
     model = load_chat_model(embedded_dir, "base")
     prompts = [model.encode_prompt(e.prompt) for e in examples]
-    batched = evaluate.torch_greedy_batch(model, prompts, 16)
+    ended = []
+    # 6 prompts, 3 rows at a time: rows leave when they end and the next prompts join
+    batched = evaluate.torch_greedy_batch(
+        model, prompts, 20, batch_size=3, on_reply=lambda index, reply, seconds: ended.append(index)
+    )
+    assert sorted(ended) == list(range(6))
     for ids, reply in zip(prompts, batched):
-        one = _plain_greedy(model, ids, 16)
+        one = _plain_greedy(model, ids, 20)
         assert one == reply, _first_divergence(model, ids, one, reply)
 
 
