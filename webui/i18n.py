@@ -301,6 +301,7 @@ DYNAMIC: tuple[str, ...] = (
     "train.state.",
     "train.plan.",
     "train.col.",
+    "chat.role.",
 )
 
 
