@@ -107,16 +107,22 @@ class HardwareProfile:
             return min(g.memory_bytes for g in self.gpus)
         return self.ram_available_bytes or self.ram_bytes
 
-    def summary(self) -> str:
+    def summary(self) -> "Reason":
+        """One line: GPUs, CPU, RAM, free disk (English text; a Reason, so the web app words it)."""
         if self.gpus:
             names = {g.name for g in self.gpus}
             gpu = f"{len(self.gpus)} x {', '.join(sorted(names))} ({self.gpus[0].memory_gb:.0f} GB)"
         else:
-            gpu = "Apple MPS" if self.mps else "no GPU"
-        isa = ", ".join(k.upper() for k, v in self.cpu.isa.items() if v) or "no AVX2"
-        return (
-            f"{gpu}; CPU {self.cpu.model} ({self.cpu.logical_cores} threads; {isa}); "
-            f"RAM {self.ram_bytes / GB:.1f} GB; disk free {self.disk_free_bytes / GB:.0f} GB"
+            gpu = Reason.of("hardware_mps" if self.mps else "hardware_no_gpu")
+        isa = ", ".join(k.upper() for k, v in self.cpu.isa.items() if v) or Reason.of("hardware_no_avx2")
+        return Reason.of(
+            "hardware",
+            gpu=gpu,
+            cpu=self.cpu.model,
+            threads=self.cpu.logical_cores,
+            isa=isa,
+            ram=f"{self.ram_bytes / GB:.1f}",
+            disk=f"{self.disk_free_bytes / GB:.0f}",
         )
 
     def to_dict(self) -> dict:
@@ -203,6 +209,10 @@ def detect(disk_path: str | os.PathLike = ".", cpuinfo_text: str | None = None, 
 # The CLI prints the English; the web app words each code in its visitor's language
 # (webui/locales: reason.<code>, the same parameters).
 REASON_TEXTS = {
+    "hardware": "{gpu}; CPU {cpu} ({threads} threads; {isa}); RAM {ram} GB; disk free {disk} GB",
+    "hardware_no_gpu": "no GPU",
+    "hardware_mps": "Apple MPS",
+    "hardware_no_avx2": "no AVX2",
     "precision_bf16_gpu": "{gpu} (compute capability {cc}) has bf16 tensor cores: half the memory of fp32, "
     "no loss scaling needed.",
     "precision_fp16_gpu": "{gpu} has no bf16 (compute capability < 8.0): fp16 mixed precision with loss scaling.",
@@ -254,8 +264,8 @@ REASON_TEXTS = {
 
 class Reason(str):
     """A reason of the plan: its English text (a str, as the CLI prints it) made of parts,
-    each a code of :data:`REASON_TEXTS` with its parameters (text), for the web app to word
-    in its own language. ``a + b`` joins two reasons."""
+    each a code of :data:`REASON_TEXTS` with its parameters (text, or a Reason of their own),
+    for the web app to word in its own language. ``a + b`` joins two reasons."""
 
     parts: tuple[tuple[str, dict], ...]
 
@@ -267,7 +277,7 @@ class Reason(str):
 
     @classmethod
     def of(cls, code: str, **params) -> "Reason":
-        return cls([(code, {k: str(v) for k, v in params.items()})])
+        return cls([(code, {k: v if isinstance(v, Reason) else str(v) for k, v in params.items()})])
 
     def __add__(self, other):
         if isinstance(other, Reason):
@@ -282,7 +292,10 @@ class Reason(str):
 
     def codes(self) -> list[dict]:
         """The parts as ``{"code": ..., "params": {...}}`` (for --json)."""
-        return [{"code": code, "params": params} for code, params in self.parts]
+        return [
+            {"code": code, "params": {k: v.codes() if isinstance(v, Reason) else v for k, v in params.items()}}
+            for code, params in self.parts
+        ]
 
 
 # --------------------------------------------------------------------------- decisions

@@ -277,5 +277,7 @@ def test_the_plans_reasons_carry_codes_the_page_words_in_kiswahili():
     assert "82 training examples" in rec.reasons["schedule"]
     assert i18n.reason("sw", rec.reasons["schedule"]).startswith("Mifano 82 ya mafunzo")
     assert "umeichagua wewe" in train_tab.reasons_markdown(rec, "sw")
+    summary = hardware.detect().summary()  # the hardware line: a Reason too, its GPU part one of its own
+    assert "disk free" in summary and "nafasi wazi ya diski" in i18n.reason("sw", summary)
     table = train_tab.comparison_markdown(rec, "tiny", None, "sw")
     assert "| njia | vigezo vinavyofunzwa |" in table and "qlora (inapendekezwa)" in table

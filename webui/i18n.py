@@ -103,7 +103,9 @@ def reason(lang: str | None, why) -> str:
     parts = getattr(why, "parts", None)
     if not parts:
         return str(why or "")
-    return " ".join(tr(lang, REASON_PREFIX + code, **params) for code, params in parts)
+    return " ".join(
+        tr(lang, REASON_PREFIX + code, **{k: reason(lang, v) for k, v in params.items()}) for code, params in parts
+    )
 
 
 def config_texts() -> dict[str, str]:

@@ -189,7 +189,12 @@ def comparison_markdown(rec, model_ref: str, dataset: DataChoice | None, lang: s
 
 def reasons_markdown(rec, lang: str | None = None) -> str:
     profile = hardware_profile()
-    lines = [tr(lang, "train.hardware", summary=escape_md(profile.summary())), "", tr(lang, "train.recommendation"), ""]
+    lines = [
+        tr(lang, "train.hardware", summary=escape_md(reason(lang, profile.summary()))),
+        "",
+        tr(lang, "train.recommendation"),
+        "",
+    ]
     plan = {
         "precision": rec.precision,
         "method": rec.method,
