@@ -448,7 +448,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return str(uploads.stable_copy(file, uploads.uploads_dir(ctx.runs_for(request))))
 
     @engine_errors
-    def on_sample(name, request: gr.Request):
+    def on_sample(name, request: gr.Request = None):
         if not name:
             raise gr.Error(tr(lang_of(request), "data.choose_sample"))
         return str(ctx.sample_path(name, request))
