@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import gradio as gr
 import yaml
 
-from engine.config import FieldInfo, RunConfig, fields_of
+from engine.config import FieldInfo, RunConfig
+from engine.config import form_fields as config_form_fields
 from webui.i18n import config_key, t, tr
 
 DATA_SECTION = "data"  # chosen on the Data tab, not in this form
@@ -32,7 +33,7 @@ _DEFAULT = object()  # a widget left empty: the config's default applies
 
 def form_fields() -> list[FieldInfo]:
     """The fields the form shows, in config order (read from engine.config on each call)."""
-    return [f for f in fields_of() if f.section != DATA_SECTION and f.meta.get("form", True)]
+    return config_form_fields()
 
 
 def _flat_names(fields: list[FieldInfo]) -> dict[str, FieldInfo]:

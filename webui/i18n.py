@@ -111,7 +111,7 @@ def reason(lang: str | None, why) -> str:
 def config_texts() -> dict[str, str]:
     """{config key: English text} for every field of the Train form: its label and its help
     (webui.config_form.form_fields, read from engine.config)."""
-    from webui.config_form import form_fields
+    from engine.config import form_fields
 
     out = {}
     for info in form_fields():
