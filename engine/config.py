@@ -741,6 +741,12 @@ def fields_of(config_cls: type | None = None) -> list[FieldInfo]:
     return out
 
 
+def form_fields() -> list[FieldInfo]:
+    """The fields a form of a run shows, in config order: all but the data section (chosen on
+    its own, e.g. the web app's Data tab) and those whose metadata says ``form: False``."""
+    return [f for f in fields_of() if f.section != "data" and f.meta.get("form", True)]
+
+
 def commented_yaml(cfg: RunConfig) -> str:
     """The config as YAML, each field with its help as a comment (``tunelab config``)."""
     lines = []

@@ -107,16 +107,22 @@ class HardwareProfile:
             return min(g.memory_bytes for g in self.gpus)
         return self.ram_available_bytes or self.ram_bytes
 
-    def summary(self) -> str:
+    def summary(self) -> "Reason":
+        """One line: GPUs, CPU, RAM, free disk (English text; a Reason, so the web app words it)."""
         if self.gpus:
             names = {g.name for g in self.gpus}
             gpu = f"{len(self.gpus)} x {', '.join(sorted(names))} ({self.gpus[0].memory_gb:.0f} GB)"
         else:
-            gpu = "Apple MPS" if self.mps else "no GPU"
-        isa = ", ".join(k.upper() for k, v in self.cpu.isa.items() if v) or "no AVX2"
-        return (
-            f"{gpu}; CPU {self.cpu.model} ({self.cpu.logical_cores} threads; {isa}); "
-            f"RAM {self.ram_bytes / GB:.1f} GB; disk free {self.disk_free_bytes / GB:.0f} GB"
+            gpu = Reason.of("hardware_mps" if self.mps else "hardware_no_gpu")
+        isa = ", ".join(k.upper() for k, v in self.cpu.isa.items() if v) or Reason.of("hardware_no_avx2")
+        return Reason.of(
+            "hardware",
+            gpu=gpu,
+            cpu=self.cpu.model,
+            threads=self.cpu.logical_cores,
+            isa=isa,
+            ram=f"{self.ram_bytes / GB:.1f}",
+            disk=f"{self.disk_free_bytes / GB:.0f}",
         )
 
     def to_dict(self) -> dict:
@@ -197,28 +203,117 @@ def detect(disk_path: str | os.PathLike = ".", cpuinfo_text: str | None = None, 
     )
 
 
+# --------------------------------------------------------------------------- reasons
+
+# Why the plan chose what it chose: one English sentence per stable code, with parameters.
+# The CLI prints the English; the web app words each code in its visitor's language
+# (webui/locales: reason.<code>, the same parameters).
+REASON_TEXTS = {
+    "hardware": "{gpu}; CPU {cpu} ({threads} threads; {isa}); RAM {ram} GB; disk free {disk} GB",
+    "hardware_no_gpu": "no GPU",
+    "hardware_mps": "Apple MPS",
+    "hardware_no_avx2": "no AVX2",
+    "precision_bf16_gpu": "{gpu} (compute capability {cc}) has bf16 tensor cores: half the memory of fp32, "
+    "no loss scaling needed.",
+    "precision_fp16_gpu": "{gpu} has no bf16 (compute capability < 8.0): fp16 mixed precision with loss scaling.",
+    "precision_mps": "Apple MPS: fp32 is the reliable choice for training (half precision on MPS is patchy).",
+    "precision_cpu_bf16": "This CPU has native bf16 instructions (AVX512-BF16/AMX): bf16 halves memory at full speed.",
+    "precision_cpu_fp32": "This CPU has no bf16 instructions (no AVX512-BF16 or AMX): bf16 would be emulated and "
+    "many times slower, so fp32 it is (TRL's default bf16=True is overridden).",
+    "method_lora_fits": "LoRA trains {share} of the weights and fits easily ({lora} of {budget} usable); full "
+    "fine-tuning needs {full} and rarely helps on small chat datasets.",
+    "method_qlora": "LoRA needs {lora} but only {budget} is usable: QLoRA keeps the frozen weights in 4-bit NF4 "
+    "({qlora}).",
+    "method_lora_sharded": "LoRA (with ZeRO-3 sharding across devices below, if there are several).",
+    "method_chosen_fits": "{method} chosen by you: about {size} at batch 1, which fits in {budget}.",
+    "method_chosen_no_fit": "{method} chosen by you: about {size} at batch 1, which does NOT fit in {budget}.",
+    "method_qlora_cpu": "QLoRA runs on this CPU through bitsandbytes but several times slower than LoRA.",
+    "method_switched_lora": "Switched to LoRA: 4-bit weights cannot be sharded by ZeRO-3.",
+    "deepspeed_zero2": "{n} GPUs: ZeRO-2 shards gradients and optimizer states; the weights ({weights}) fit on "
+    "each GPU, so ZeRO-3's extra communication is not needed.",
+    "deepspeed_zero3": "{n} GPUs and the model does not fit on one ({total} > {budget}): ZeRO-3 shards weights "
+    "too ({per_gpu} per GPU).",
+    "deepspeed_none_cpu": "One device: no DeepSpeed. ZeRO pays off when several devices share the states; CPU "
+    "ranks would only split the same cores.",
+    "deepspeed_none": "One device: no DeepSpeed needed.",
+    "launcher_accelerate": "accelerate launch --num_processes {n}: one process per GPU.",
+    "launcher_python": "python -m engine.train: a single process uses the whole device.",
+    "checkpointing_on": "Activations do not fit even at batch 1: gradient checkpointing on.",
+    "checkpointing_off": "Off: activations fit, and recomputing them costs ~30% speed.",
+    "batch_cpu": "Batch {batch} per device (on a CPU larger batches do not raise throughput, only latency per "
+    "step) x {accum} accumulation x {nproc} process(es) = {total} examples per optimizer step, {steps} steps "
+    "per epoch.",
+    "batch_gpu": "Batch {batch} per device (the largest that fits) x {accum} accumulation x {nproc} process(es) "
+    "= {total} examples per optimizer step, {steps} steps per epoch.",
+    "schedule_several": "{n} training examples on a {size}-parameter model: {epochs} epochs, as a small dataset "
+    "needs several passes to be learnt.",
+    "schedule_one": "{n} training examples on a {size}-parameter model: {epochs} epoch, enough data for one pass.",
+    "lr_preference": "Peak learning rate {lr}: {stage} refines a model that already answers, so small steps.",
+    "lr_full": "Peak learning rate {lr}: full fine-tuning takes small steps.",
+    "lr_small_model": "Peak learning rate {lr}: a small model takes large adapter steps.",
+    "lr_lora": "Peak learning rate {lr}: LoRA's usual rate for a model this size.",
+    "schedule_steps": "About {steps} optimizer steps, {time} on this machine.",
+    "reference_precomputed": "{stage} compares with a reference model: with an adapter it is the model with the "
+    "adapter switched off (no copy); a full fine-tune uses reference log-probabilities computed once before "
+    "training (no copy).",
+    "reference_copy": "{stage} compares with a reference model: with an adapter it is the model with the adapter "
+    "switched off (no copy); a full fine-tune keeps a frozen copy ({size}, in the full estimate); "
+    "training.precompute_reference avoids it.",
+}
+
+
+class Reason(str):
+    """A reason of the plan: its English text (a str, as the CLI prints it) made of parts,
+    each a code of :data:`REASON_TEXTS` with its parameters (text, or a Reason of their own),
+    for the web app to word in its own language. ``a + b`` joins two reasons."""
+
+    parts: tuple[tuple[str, dict], ...]
+
+    def __new__(cls, parts):
+        parts = tuple((code, dict(params)) for code, params in parts)
+        obj = super().__new__(cls, " ".join(REASON_TEXTS[code].format(**params) for code, params in parts))
+        obj.parts = parts
+        return obj
+
+    @classmethod
+    def of(cls, code: str, **params) -> "Reason":
+        return cls([(code, {k: v if isinstance(v, Reason) else str(v) for k, v in params.items()})])
+
+    def __add__(self, other):
+        if isinstance(other, Reason):
+            return Reason(self.parts + other.parts)
+        return str(self) + other
+
+    def __getnewargs__(self):
+        return (self.parts,)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def codes(self) -> list[dict]:
+        """The parts as ``{"code": ..., "params": {...}}`` (for --json)."""
+        return [
+            {"code": code, "params": {k: v.codes() if isinstance(v, Reason) else v for k, v in params.items()}}
+            for code, params in self.parts
+        ]
+
+
 # --------------------------------------------------------------------------- decisions
 
 
-def choose_precision(profile: HardwareProfile) -> tuple[str, str]:
+def choose_precision(profile: HardwareProfile) -> tuple[str, Reason]:
     """The training precision for this hardware, and why."""
     if profile.gpus:
+        gpu = profile.gpus[0]
         if all(g.bf16 for g in profile.gpus):
-            return "bf16", (
-                f"{profile.gpus[0].name} (compute capability {'.'.join(map(str, profile.gpus[0].compute_capability))}) "
-                "has bf16 tensor cores: half the memory of fp32, no loss scaling needed."
-            )
-        return "fp16", (
-            f"{profile.gpus[0].name} has no bf16 (compute capability < 8.0): fp16 mixed precision with loss scaling."
-        )
+            cc = ".".join(map(str, gpu.compute_capability))
+            return "bf16", Reason.of("precision_bf16_gpu", gpu=gpu.name, cc=cc)
+        return "fp16", Reason.of("precision_fp16_gpu", gpu=gpu.name)
     if profile.mps:
-        return "fp32", "Apple MPS: fp32 is the reliable choice for training (half precision on MPS is patchy)."
+        return "fp32", Reason.of("precision_mps")
     if profile.cpu.native_bf16:
-        return "bf16", "This CPU has native bf16 instructions (AVX512-BF16/AMX): bf16 halves memory at full speed."
-    return "fp32", (
-        "This CPU has no bf16 instructions (no AVX512-BF16 or AMX): bf16 would be emulated and many times "
-        "slower, so fp32 it is (TRL's default bf16=True is overridden)."
-    )
+        return "bf16", Reason.of("precision_cpu_bf16")
+    return "fp32", Reason.of("precision_cpu_fp32")
 
 
 def _linear_shapes(cfg: dict) -> list[tuple[int, int]]:
@@ -395,7 +490,7 @@ class Recommendation:
     gradient_checkpointing: bool
     num_epochs: float
     learning_rate: float
-    reasons: dict[str, str]
+    reasons: dict[str, Reason]  # English text; each also carries its codes (Reason.parts)
     memory: dict[str, MemoryEstimate]
     seconds: dict[str, float]
     device_memory_bytes: int
@@ -403,6 +498,8 @@ class Recommendation:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["memory"] = {k: v.to_dict() for k, v in self.memory.items()}
+        d["reasons"] = {k: str(v) for k, v in self.reasons.items()}
+        d["reason_codes"] = {k: v.codes() for k, v in self.reasons.items() if isinstance(v, Reason)}
         return d
 
     def config_overrides(self) -> list[str]:
@@ -424,23 +521,43 @@ class Recommendation:
         """Whether ``method``'s estimated peak stays within 90% of the device's memory."""
         return self.memory[method].total <= self.device_memory_bytes * 0.9
 
+    def table_rows(self) -> list[dict]:
+        """The comparison of the methods as data: per method whether the plan chose it and
+        whether it fits, and the estimates as text (the web app labels them in its language)."""
+        return [
+            {
+                "method": method,
+                "recommended": method == self.method,
+                "fits": self.fits(method),
+                "trainable": f"{est.trainable_params:,}",
+                "weights": fmt_bytes(est.weights),
+                "grads": fmt_bytes(est.gradients),
+                "optimizer": fmt_bytes(est.optimizer),
+                "activations": fmt_bytes(est.activations),
+                "peak": fmt_bytes(est.total),
+                "time": _duration(self.seconds[method]),
+            }
+            for method, est in self.memory.items()
+        ]
+
+    def reference_bytes(self) -> int:
+        """The frozen reference copy a full fine-tune of a preference stage keeps (0: none)."""
+        return (self.memory.get("full") and self.memory["full"].reference) or 0
+
     def table(self) -> str:
         """Markdown comparison of the methods on this hardware."""
         rows = [
             "| method | trainable params | weights | grads | optimizer | activations | est. peak | est. time |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        reference = self.memory.get("full") and self.memory["full"].reference
-        for method, est in self.memory.items():
-            fits = "" if self.fits(method) else " (does not fit)"
+        for r in self.table_rows():
             rows.append(
-                f"| {method}{' (recommended)' if method == self.method else ''} | {est.trainable_params:,} | "
-                f"{fmt_bytes(est.weights)} | {fmt_bytes(est.gradients)} | {fmt_bytes(est.optimizer)} | "
-                f"{fmt_bytes(est.activations)} | "
-                f"{fmt_bytes(est.total)}{fits} | {_duration(self.seconds[method])} |"
+                f"| {r['method']}{' (recommended)' if r['recommended'] else ''} | {r['trainable']} | "
+                f"{r['weights']} | {r['grads']} | {r['optimizer']} | {r['activations']} | "
+                f"{r['peak']}{'' if r['fits'] else ' (does not fit)'} | {r['time']} |"
             )
-        if reference:
-            rows.append(f"\nfull includes a frozen reference copy of the model: {fmt_bytes(reference)}.")
+        if self.reference_bytes():
+            rows.append(f"\nfull includes a frozen reference copy of the model: {fmt_bytes(self.reference_bytes())}.")
         return "\n".join(rows)
 
 
@@ -452,7 +569,7 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def schedule(params: int, num_examples: int, method: str, stage: str = "sft") -> tuple[float, float, str]:
+def schedule(params: int, num_examples: int, method: str, stage: str = "sft") -> tuple[float, float, Reason]:
     """Epochs and peak learning rate for ``num_examples`` on a model of ``params`` weights,
     and why: what makes a newcomer's first run show that training worked.
 
@@ -482,22 +599,13 @@ def schedule(params: int, num_examples: int, method: str, stage: str = "sft") ->
 
         lr = DEFAULT_LEARNING_RATE[method] * PREFERENCE_LR_FACTOR
     size = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M"
-    why = (
-        f"{num_examples} training examples on a {size}-parameter model: {epochs:g} "
-        f"epoch{'s' if epochs != 1 else ''} "
-        + ("(a small dataset needs several passes to be learnt)" if epochs > 1 else "(enough data for one pass)")
-        + f" at a peak learning rate of {lr:g} ("
-        + (
-            f"{stage.upper()} refines a model that already answers: small steps"
-            if stage != "sft"
-            else "full fine-tuning takes small steps"
-            if method == "full"
-            else "a small model takes large adapter steps"
-            if params < 1e9
-            else "LoRA's usual rate for a model this size"
-        )
-        + ")."
-    )
+    passes = "schedule_several" if epochs > 1 else "schedule_one"
+    why = Reason.of(passes, n=num_examples, size=size, epochs=f"{epochs:g}")
+    if stage != "sft":
+        why += Reason.of("lr_preference", lr=f"{lr:g}", stage=stage.upper())
+    else:
+        code = "lr_full" if method == "full" else "lr_small_model" if params < 1e9 else "lr_lora"
+        why += Reason.of(code, lr=f"{lr:g}")
     return epochs, lr, why
 
 
@@ -523,7 +631,7 @@ def recommend(
     stage: two answers per example and, for a full fine-tune, its reference copy.
     """
     shape = model if isinstance(model, ModelShape) else ModelShape.from_dir(model)
-    reasons: dict[str, str] = {}
+    reasons: dict[str, Reason] = {}
     precision, reasons["precision"] = choose_precision(profile)
     n_dev = len(profile.gpus) if profile.gpus else 1
     budget = profile.device_memory_bytes * 0.9
@@ -538,60 +646,55 @@ def recommend(
     if method is None:
         if mem("lora").total <= budget:
             method = "lora"
-            reasons["method"] = (
-                f"LoRA trains {mem('lora').trainable_params / shape.params:.1%} of the weights and fits easily "
-                f"({fmt_bytes(mem('lora').total)} of {fmt_bytes(budget)} usable); full fine-tuning needs "
-                f"{fmt_bytes(mem('full').total)} and rarely helps on small chat datasets."
+            reasons["method"] = Reason.of(
+                "method_lora_fits",
+                share=f"{mem('lora').trainable_params / shape.params:.1%}",
+                lora=fmt_bytes(mem("lora").total),
+                budget=fmt_bytes(budget),
+                full=fmt_bytes(mem("full").total),
             )
         elif mem("qlora").total <= budget and profile.device == "cuda":
             method = "qlora"
-            reasons["method"] = (
-                f"LoRA needs {fmt_bytes(mem('lora').total)} but only {fmt_bytes(budget)} is usable: "
-                f"QLoRA keeps the frozen weights in 4-bit NF4 ({fmt_bytes(mem('qlora').total)})."
+            reasons["method"] = Reason.of(
+                "method_qlora",
+                lora=fmt_bytes(mem("lora").total),
+                budget=fmt_bytes(budget),
+                qlora=fmt_bytes(mem("qlora").total),
             )
         else:
             method = "lora"
-            reasons["method"] = "LoRA (with ZeRO-3 sharding across devices below, if there are several)."
+            reasons["method"] = Reason.of("method_lora_sharded")
     else:
         est = mem(method)
-        fits = "fits" if est.total <= budget else "does NOT fit"
-        reasons["method"] = (
-            f"{method} chosen by you: about {fmt_bytes(est.total)} at batch 1, which {fits} in {fmt_bytes(budget)}."
-        )
+        code = "method_chosen_fits" if est.total <= budget else "method_chosen_no_fit"
+        reasons["method"] = Reason.of(code, method=method, size=fmt_bytes(est.total), budget=fmt_bytes(budget))
         if method == "qlora" and profile.device == "cpu":
-            reasons["method"] += " QLoRA runs on this CPU through bitsandbytes but several times slower than LoRA."
+            reasons["method"] += Reason.of("method_qlora_cpu")
 
     # DeepSpeed and launcher.
     stage = 0
     if n_dev > 1:
         if mem(method).total <= budget:
             stage = 2
-            reasons["deepspeed"] = (
-                f"{n_dev} GPUs: ZeRO-2 shards gradients and optimizer states; "
-                f"the weights ({fmt_bytes(mem(method).weights)}) "
-                "fit on each GPU, so ZeRO-3's extra communication is not needed."
-            )
+            reasons["deepspeed"] = Reason.of("deepspeed_zero2", n=n_dev, weights=fmt_bytes(mem(method).weights))
         else:
             stage = 3
-            reasons["deepspeed"] = (
-                f"{n_dev} GPUs and the model does not fit on one "
-                f"({fmt_bytes(mem(method).total)} > {fmt_bytes(budget)}): "
-                f"ZeRO-3 shards weights too ({fmt_bytes(mem(method, stage=3).total)} per GPU)."
+            reasons["deepspeed"] = Reason.of(
+                "deepspeed_zero3",
+                n=n_dev,
+                total=fmt_bytes(mem(method).total),
+                budget=fmt_bytes(budget),
+                per_gpu=fmt_bytes(mem(method, stage=3).total),
             )
             if method == "qlora":
                 method = "lora"
-                reasons["method"] += " Switched to LoRA: 4-bit weights cannot be sharded by ZeRO-3."
+                reasons["method"] += Reason.of("method_switched_lora")
         launcher, nproc = "accelerate", n_dev
-        reasons["launcher"] = f"accelerate launch --num_processes {n_dev}: one process per GPU."
+        reasons["launcher"] = Reason.of("launcher_accelerate", n=n_dev)
     else:
         launcher, nproc = "python", 1
-        reasons["deepspeed"] = (
-            "One device: no DeepSpeed. ZeRO pays off when several devices share the states; "
-            "CPU ranks would only split the same cores."
-            if profile.device == "cpu"
-            else "One device: no DeepSpeed needed."
-        )
-        reasons["launcher"] = "python -m engine.train: a single process uses the whole device."
+        reasons["deepspeed"] = Reason.of("deepspeed_none_cpu" if profile.device == "cpu" else "deepspeed_none")
+        reasons["launcher"] = Reason.of("launcher_python")
 
     # Batch size: the largest power of two whose activations fit, capped for small data.
     ckpt = False
@@ -601,14 +704,14 @@ def recommend(
             batch = candidate
     if mem(method, 1, stage).total > budget:
         ckpt = True
-        reasons["gradient_checkpointing"] = "Activations do not fit even at batch 1: gradient checkpointing on."
+        reasons["gradient_checkpointing"] = Reason.of("checkpointing_on")
     else:
-        reasons["gradient_checkpointing"] = "Off: activations fit, and recomputing them costs ~30% speed."
+        reasons["gradient_checkpointing"] = Reason.of("checkpointing_off")
     if profile.device == "cpu":
         batch = min(batch, 8)
-        why_cap = "on a CPU larger batches do not raise throughput, only latency per step"
+        batch_code = "batch_cpu"  # larger batches do not raise a CPU's throughput
     else:
-        why_cap = "the largest that fits"
+        batch_code = "batch_gpu"  # the largest that fits
     target = 16
     batch = min(batch, target)
     accum = max(1, target // (batch * nproc))
@@ -616,9 +719,8 @@ def recommend(
     if steps_per_epoch < 20 and accum > 1:
         accum = max(1, num_examples // (batch * nproc * 20))
         steps_per_epoch = max(1, math.ceil(num_examples / (batch * accum * nproc)))
-    reasons["batch_size"] = (
-        f"Batch {batch} per device ({why_cap}) x {accum} accumulation x {nproc} process(es) = "
-        f"{batch * accum * nproc} examples per optimizer step, {steps_per_epoch} steps per epoch."
+    reasons["batch_size"] = Reason.of(
+        batch_code, batch=batch, accum=accum, nproc=nproc, total=batch * accum * nproc, steps=steps_per_epoch
     )
 
     epochs, lr, reasons["schedule"] = schedule(shape.params, num_examples, method, training_stage)
@@ -627,19 +729,14 @@ def recommend(
     tokens = num_examples * (mean_tokens or max_length / 2) * epochs
     memory = {m: mem(m, batch, stage, ckpt) for m in ("lora", "qlora", "dora", "full")}
     if training_stage in ("dpo", "kto"):
-        reasons["reference"] = (
-            f"{training_stage.upper()} compares with a reference model: with an adapter it is the model with the "
-            "adapter switched off (no copy); a full fine-tune "
-            + (
-                "uses reference log-probabilities computed once before training (no copy)."
-                if precompute_reference
-                else f"keeps a frozen copy ({fmt_bytes(memory['full'].reference)}, in the full estimate); "
-                "training.precompute_reference avoids it."
-            )
-        )
+        if precompute_reference:
+            reasons["reference"] = Reason.of("reference_precomputed", stage=training_stage.upper())
+        else:
+            size = fmt_bytes(memory["full"].reference)
+            reasons["reference"] = Reason.of("reference_copy", stage=training_stage.upper(), size=size)
     seconds = {m: estimate_seconds(shape, m, tokens, profile, nproc) for m in memory}
-    reasons["schedule"] += (
-        f" About {math.ceil(steps_per_epoch * epochs)} optimizer steps, {_duration(seconds[method])} on this machine."
+    reasons["schedule"] += Reason.of(
+        "schedule_steps", steps=math.ceil(steps_per_epoch * epochs), time=_duration(seconds[method])
     )
     return Recommendation(
         precision=precision,

@@ -168,6 +168,7 @@ class ChatEvent:
     kind: str
     text: str = ""
     stats: GenerationStats | None = None
+    ahead: int = 0  # ``queued``: the replies ahead of this one (the web app words it in its language)
 
 
 # --------------------------------------------------------------------------- messages

@@ -551,8 +551,9 @@ class Scheduler:
 
         def queued(ahead: int) -> inference.ChatEvent:
             if self.share_cpu:
-                return inference.ChatEvent("queued", WAITING_FOR_CPU)
-            return inference.ChatEvent("queued", f"waiting for {ahead} other repl{'y' if ahead == 1 else 'ies'}")
+                return inference.ChatEvent("queued", WAITING_FOR_CPU, ahead=ahead)
+            text = f"waiting for {ahead} other repl{'y' if ahead == 1 else 'ies'}"
+            return inference.ChatEvent("queued", text, ahead=ahead)
 
         job = _Job(lambda: _ChatWork(request, stop), buffer=None, stop=stop)
         job.request, job.batch_key = request, request.batch_key()

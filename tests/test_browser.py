@@ -440,9 +440,37 @@ def _visible(text: str) -> str:
     return re.sub(r"<[^>]+>", "", text).lstrip("#").strip()
 
 
+def _english_left(text: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The English locale values under ``prefixes`` that differ from Kiswahili and appear in
+    ``text`` as whole words. A value with {placeholders} counts by its literal pieces of 12
+    characters or more (the rest is filled on the server)."""
+    import re
+
+    from webui.i18n import translations
+
+    sw, en = translations()["sw"], translations()["en"]
+    found = []
+    for key, value in en.items():
+        if not key.startswith(prefixes) or value == sw[key]:
+            continue
+        shown = _visible(value).replace("**", "").lstrip("> ").strip()
+        pieces = [p.strip(" ,.:;()") for p in re.split(r"\{[^}]*\}", shown)] if "{" in shown else [shown]
+        for piece in pieces:
+            if (len(piece) >= 12 or "{" not in shown) and piece:
+                if re.search(r"(?<!\w)" + re.escape(piece) + r"(?!\w)", text):
+                    found.append(f"{key}: {piece!r}")
+    return found
+
+
+def _tab_text(page, inside: str) -> str:
+    """The visible text of the tab panel that holds ``inside`` (a CSS selector)."""
+    return page.locator(inside).locator("xpath=ancestor::div[@role='tabpanel'][1]").inner_text()
+
+
 def test_language_follows_the_browser_and_the_picker_overrides_it(browser, bare_app):
-    """Browser language sw: the tabs are in Kiswahili. The header's picker switches to
-    English at once and the choice survives a reload; picking Kiswahili again brings it back."""
+    """Browser language sw: the tabs are in Kiswahili, and Data, Train (a sample loaded) and
+    Playground show no English locale text (docs/screenshots/sw/). The header's picker switches
+    to English at once and the choice survives a reload; picking Kiswahili again brings it back."""
     from webui.i18n import translations
 
     sw, en = translations()["sw"], translations()["en"]
@@ -472,6 +500,32 @@ def test_language_follows_the_browser_and_the_picker_overrides_it(browser, bare_
 
         expect(page.locator("#data-problems")).to_contain_text("jukumu lisilojulikana 'bot'")
         page.screenshot(path=str(shots / "data.png"), full_page=True)
+
+        # Data -> Train -> Playground with a trainable sample: no English locale text on any
+        # tab (the Train form's labels and help included), and a screenshot of each.
+        _pick(page, "data-sample", "pip_chat.jsonl")
+        page.locator("#data-load-sample").click()
+        page.locator("#data-summary").get_by_text("pip_chat.jsonl").wait_for()
+        body = _tab_text(page, "#data-upload").replace("Drop File Here", "").replace("Click to Upload", "")
+        assert not _english_left(body, ("data.", "app.", "problem.", "links.")), "English left on the Data tab"
+        page.get_by_role("tab", name=sw["app.tab.train"]).click()
+        page.locator("#train-dataset").get_by_text("pip_chat.jsonl").wait_for()
+        expect(page.locator("#train-reasons")).to_contain_text(sw["train.recommendation"].strip("*"))
+        expect(page.locator("#train-command")).to_contain_text("engine.train")
+        for title in ("train.section.method", "train.section.distributed", "train.section.model"):
+            page.get_by_text(sw[title], exact=True).click()  # open every section of the form
+        page.get_by_label(sw["config.training.batch_size.label"]).wait_for()
+        left = _english_left(_tab_text(page, "#train-start"), ("train.", "config.", "links.", "common."))
+        assert not left, f"English left on the Train tab: {left}"
+        page.evaluate("document.querySelectorAll('.toast-close').forEach(b => b.click())")  # the Data tab's notices
+        page.wait_for_timeout(800)  # their fade-out
+        page.screenshot(path=str(shots / "train.png"), full_page=True)
+        page.get_by_role("tab", name=sw["app.tab.playground"]).click()
+        expect(page.locator("#play-notice-tuned")).to_contain_text(_visible(sw["play.pick_trained"]).split("**")[0])
+        left = _english_left(_tab_text(page, "#play-prompt"), ("play.", "common.", "links."))
+        assert not left, f"English left on the Playground tab: {left}"
+        page.screenshot(path=str(shots / "playground.png"), full_page=True)
+        page.get_by_role("tab", name=sw["app.tab.data"]).click()
 
         _pick(page, "tl-lang", en["lang.self"])
         page.get_by_role("tab", name=en["app.tab.train"]).wait_for()

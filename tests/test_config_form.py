@@ -1,7 +1,8 @@
 """The Train tab's form is generated from engine.config: its widgets start at the config's
 defaults, its values become the same RunConfig the CLI reads, the recommendation goes
 through the config's override path, and a field added to engine/config.py appears in the
-form, in `tunelab config` and in the YAML with no other edit."""
+form, in `tunelab config` and in the YAML with no other edit (its label and help in English
+until a locale file translates them)."""
 
 from __future__ import annotations
 
@@ -89,14 +90,14 @@ def test_apply_recommendation_updates_only_what_the_plan_changes(app):
     apply = _handlers(app)["apply_recommendation"]
     values = [getattr(FormValues(), n) for n in FormValues.names()]
     overrides = ["training.batch_size=2", "training.gradient_accumulation_steps=8", "method.name=qlora"]
-    updates = apply.fn(overrides, *values)
+    updates = apply.fn(None, overrides, *values)
     changed = {block.elem_id: value for block, value in updates.items()}
     assert changed == {"train-method": "qlora", "train-batch-size": 2, "train-gradient-accumulation-steps": 8}
     assert RunConfig().training.batch_size != 2  # the plan really changed it
     import gradio as gr
 
     with pytest.raises(gr.Error, match="No recommendation yet"):
-        apply.fn(None, *values)
+        apply.fn(None, None, *values)
 
 
 NEW_FIELD = (
@@ -123,6 +124,7 @@ CHECK = textwrap.dedent(
     from engine.config import DataConfig
     from webui.app import build_app
     from webui.common import AppContext
+    from webui.i18n import tr, translations
     from webui.links import DataChoice
     from webui.train_tab import FormValues, build_config
 
@@ -133,7 +135,9 @@ CHECK = textwrap.dedent(
     cfg = build_config(FormValues(label_smoothing=0.3), choice, Path("runs"))
     print(json.dumps({
         "cli_code": code, "cli_line": cli_line, "from_yaml": from_yaml,
-        "label": widget.label, "value": widget.value, "maximum": widget.maximum,
+        "label": widget.label.key, "value": widget.value, "maximum": widget.maximum,
+        "label_en": tr("en", widget.label.key), "label_sw": tr("sw", widget.label.key),
+        "missing_sw": sorted(set(translations()["en"]) - set(translations()["sw"])),
         "in_start_inputs": widget in start.inputs, "from_form": cfg.training.label_smoothing,
         "in_saved_yaml": "label_smoothing: 0.3" in cfg.to_yaml(),
     }))
@@ -167,5 +171,10 @@ def test_a_field_added_to_the_config_appears_in_the_form_the_cli_and_the_yaml(tm
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["cli_code"] == 0 and got["cli_line"].strip().startswith("label_smoothing: 0.1  # Label smoothing")
     assert got["from_yaml"] == 0.2
-    assert got["label"] == "Label smoothing" and got["value"] == 0.0 and got["maximum"] == 0.5
+    assert got["value"] == 0.0 and got["maximum"] == 0.5
+    # Its label is a locale key whose English is the field's metadata; a language that has not
+    # translated it yet shows the English, and the missing-key test (test_i18n) names the keys.
+    assert got["label"] == "config.training.label_smoothing.label" and got["label_en"] == "Label smoothing"
+    assert got["label_sw"] == "Label smoothing"
+    assert got["missing_sw"] == ["config.training.label_smoothing.info", "config.training.label_smoothing.label"]
     assert got["in_start_inputs"] and got["from_form"] == 0.3 and got["in_saved_yaml"]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import html
 
-ROLE_LABEL = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+from webui.i18n import tr
+
+ROLES = ("system", "user", "assistant", "tool")  # each labelled by the key chat.role.<role>
 
 
-def render_conversation(messages: list[dict], title: str = "", max_chars: int = 2000) -> str:
+def render_conversation(messages: list[dict], title: str = "", max_chars: int = 2000, lang: str | None = None) -> str:
+    """One conversation as bubbles, the roles and notes in ``lang``."""
     parts = ['<div class="tl-conv">']
     if title:
         parts.append(f'<div class="tl-conv-head">{html.escape(title)}</div>')
@@ -15,23 +18,24 @@ def render_conversation(messages: list[dict], title: str = "", max_chars: int = 
         role = str(msg.get("role", "user"))
         content = str(msg.get("content", ""))
         if len(content) > max_chars:
-            content = content[:max_chars] + f" ... [{len(content) - max_chars} more characters]"
-        css_role = role if role in ROLE_LABEL else "user"
+            content = content[:max_chars] + " " + tr(lang, "chat.more", n=len(content) - max_chars)
+        css_role = role if role in ROLES else "user"
+        label = tr(lang, f"chat.role.{role}") if role in ROLES else role
         parts.append(
             f'<div class="tl-msg {css_role}"><div class="tl-bubble">'
-            f'<span class="tl-role">{html.escape(ROLE_LABEL.get(role, role))}</span>{html.escape(content)}</div></div>'
+            f'<span class="tl-role">{html.escape(label)}</span>{html.escape(content)}</div></div>'
         )
     parts.append("</div>")
     return "".join(parts)
 
 
-def render_page(records: list[list[dict]], page: int, per_page: int) -> str:
-    """Records of 1-based ``page`` as bubbles."""
+def render_page(records: list[list[dict]], page: int, per_page: int, lang: str | None = None) -> str:
+    """Records of 1-based ``page`` as bubbles (in ``lang``)."""
     if not records:
-        return "<p><em>No records to show.</em></p>"
+        return tr(lang, "chat.none")
     start = (page - 1) * per_page
     chunk = records[start : start + per_page]
-    body = "".join(
-        render_conversation(conv, f"Record {start + i + 1} of {len(records)}") for i, conv in enumerate(chunk)
+    return "".join(
+        render_conversation(conv, tr(lang, "chat.record", n=start + i + 1, total=len(records)), lang=lang)
+        for i, conv in enumerate(chunk)
     )
-    return body

@@ -9,7 +9,8 @@ Several people on one app (a Space, a team server): :meth:`AppContext.runs_for` 
 signed-in user a directory of their own (engine.security.user_dir), and every handler that
 receives a run id, a path or a model reference from the page checks it against that
 directory with :meth:`AppContext.run_dir` / :meth:`AppContext.check_model`, which raise
-``gr.Error`` with a sentence, never a stack trace.
+``gr.Error`` with a sentence, never a stack trace, in the visitor's language
+(webui.i18n: the request says which).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.util import is_hub_id
+from webui.i18n import lang_of, tr
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = REPO_ROOT / "assets" / "datasets"
@@ -132,10 +134,9 @@ class AppContext:
         if user is None:
             import gradio as gr
 
-            how = "Sign in with Hugging Face (the button at the top of the page)" if self.oauth else "Log in"
-            raise gr.Error(
-                f"{how} first: on this shared app each person's data and runs are private.", title="Not signed in"
-            )
+            lang = lang_of(request)
+            how = tr(lang, "common.sign_in_hf" if self.oauth else "common.log_in")
+            raise gr.Error(tr(lang, "common.sign_in_first", how=how), title=tr(lang, "common.not_signed_in_title"))
         return user_dir(self.runs_dir, user, True)
 
     def listing_dir(self, request=None) -> Path | None:
@@ -156,19 +157,20 @@ class AppContext:
 
         from engine.security import UnsafeInputError, owns, safe_run_id, within
 
+        lang = lang_of(request)
         if not value:
-            raise gr.Error("Pick a run first.")
+            raise gr.Error(tr(lang, "common.pick_run"))
         root = self.runs_for(request)
         text = str(value)
         name = Path(text).name if ("/" in text or "\\" in text) else text
         try:
             path = within(root, safe_run_id(name))
         except UnsafeInputError as err:
-            raise gr.Error(str(err), title="Refused") from None
+            raise gr.Error(str(err), title=tr(lang, "common.refused")) from None
         if name != text and not (owns(root, text) and Path(text).resolve() == path):
-            raise gr.Error(f"Run {name!r} is not one of your runs.", title="Refused")
+            raise gr.Error(tr(lang, "common.not_your_run", name=name), title=tr(lang, "common.refused"))
         if must_exist and not (path / "status.json").is_file() and not (path / "config.yaml").is_file():
-            raise gr.Error(f"There is no run {name!r} among your runs.", title="Not found")
+            raise gr.Error(tr(lang, "common.no_such_run", name=name), title=tr(lang, "common.not_found"))
         return path
 
     def check_model(self, request, ref: str) -> str:
@@ -179,9 +181,10 @@ class AppContext:
 
         from engine.security import owns
 
+        lang = lang_of(request)
         ref = (ref or "").strip()
         if not ref:
-            raise gr.Error("Choose a model.")
+            raise gr.Error(tr(lang, "common.choose_model"))
         if not self.multi_user or ref in self.model_choices():
             return ref
         path = Path(ref).expanduser()
@@ -189,11 +192,7 @@ class AppContext:
             return ref
         if path.is_absolute() and owns(self.runs_for(request), path):
             return ref
-        raise gr.Error(
-            f"Model {ref!r} is not available here: choose one from the list, a Hugging Face Hub id "
-            "(org/name), or a model inside one of your runs.",
-            title="Refused",
-        )
+        raise gr.Error(tr(lang, "common.model_refused", ref=ref), title=tr(lang, "common.refused"))
 
     def model_choices(self) -> list[str]:
         """The embedded default first, then extra local model directories."""
@@ -206,12 +205,13 @@ class AppContext:
         suffixes = {".jsonl", ".json", ".csv", ".tsv", ".parquet"}
         return sorted(p.name for p in self.samples_dir.iterdir() if p.suffix.lower() in suffixes)
 
-    def sample_path(self, name: str) -> Path:
+    def sample_path(self, name: str, request=None) -> Path:
         """The path of a sample dataset named on the page (only the listed ones)."""
         import gradio as gr
 
         if name not in self.sample_datasets():
-            raise gr.Error(f"{name!r} is not one of the sample datasets.", title="Refused")
+            lang = lang_of(request)
+            raise gr.Error(tr(lang, "common.not_a_sample", name=name), title=tr(lang, "common.refused"))
         return self.samples_dir / name
 
 
@@ -241,10 +241,14 @@ def engine_errors(fn):
 
     from engine.security import UnsafeInputError
 
-    def convert(err: BaseException) -> gr.Error:
+    def convert(err: BaseException, args, kwargs) -> gr.Error:
         log.exception("handler %s failed", fn.__name__)
         # A refusal of the shared app (path, limit, demo) is not a failure of the engine.
-        title = "Not allowed here" if isinstance(err, UnsafeInputError) else type(err).__name__
+        if isinstance(err, UnsafeInputError):
+            request = next((a for a in [*args, *kwargs.values()] if isinstance(a, gr.Request)), None)
+            title = tr(lang_of(request), "common.not_allowed")
+        else:
+            title = type(err).__name__
         return gr.Error(error_message(err), title=title, print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
@@ -256,7 +260,7 @@ def engine_errors(fn):
             except gr.Error:
                 raise
             except Exception as err:  # noqa: BLE001 - re-raised as a message in the page
-                raise convert(err) from err
+                raise convert(err, args, kwargs) from err
 
         return gen_wrapper
 
@@ -267,7 +271,7 @@ def engine_errors(fn):
         except gr.Error:
             raise
         except Exception as err:  # noqa: BLE001 - re-raised as a message in the page
-            raise convert(err) from err
+            raise convert(err, args, kwargs) from err
 
     return wrapper
 
@@ -275,17 +279,26 @@ def engine_errors(fn):
 # --------------------------------------------------------------------------- formatting
 
 
-def fmt_duration(seconds: float | None) -> str:
+def fmt_duration(seconds: float | None, lang: str | None = None) -> str:
+    """'45 s', '1 min 15 s', '2 h 05 min' (in ``lang``; English by default)."""
     if seconds is None:
         return "-"
     seconds = max(0, float(seconds))
     if seconds < 60:
-        return f"{seconds:.0f} s"
+        return tr(lang, "common.duration.s", s=f"{seconds:.0f}")
     minutes, sec = divmod(int(round(seconds)), 60)
     if minutes < 60:
-        return f"{minutes} min {sec:02d} s"
+        return tr(lang, "common.duration.min", m=minutes, s=sec)
     hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+    return tr(lang, "common.duration.h", h=hours, m=minutes)
+
+
+def state_name(state: str, lang: str | None = None) -> str:
+    """A run's state (engine.runs) in ``lang``; the engine's word when the locale has none."""
+    from webui.i18n import translations
+
+    key = f"train.state.{state}"
+    return tr(lang, key) if key in translations()["en"] else state
 
 
 def fmt_number(value, digits: int = 4) -> str:

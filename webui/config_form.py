@@ -5,7 +5,9 @@ The Train tab does not list its settings. Every field of every section of
 tab chooses it: :class:`webui.links.DataChoice`) and fields whose metadata says
 ``form: False``. The widget's kind comes from the field's annotation (bool: checkbox,
 int/float: number, ``choices``: dropdown (several for a list), text and lists: textbox), its label, limits and
-help from the metadata, its starting value from the default. So a field added to
+help from the metadata, its starting value from the default. The label and help reach the page
+through the locale files: ``config.<section>.<field>.label`` / ``.info``, whose English is the
+metadata itself (webui.i18n.config_texts). So a field added to
 engine/config.py appears in this form, in ``tunelab config`` and in the YAML with no edit
 here or in the tab (tests/test_config_form.py adds one and checks all three).
 
@@ -21,7 +23,9 @@ from typing import Any, Sequence
 import gradio as gr
 import yaml
 
-from engine.config import FieldInfo, RunConfig, fields_of
+from engine.config import FieldInfo, RunConfig
+from engine.config import form_fields as config_form_fields
+from webui.i18n import config_key, t, tr
 
 DATA_SECTION = "data"  # chosen on the Data tab, not in this form
 _DEFAULT = object()  # a widget left empty: the config's default applies
@@ -29,7 +33,7 @@ _DEFAULT = object()  # a widget left empty: the config's default applies
 
 def form_fields() -> list[FieldInfo]:
     """The fields the form shows, in config order (read from engine.config on each call)."""
-    return [f for f in fields_of() if f.section != DATA_SECTION and f.meta.get("form", True)]
+    return config_form_fields()
 
 
 def _flat_names(fields: list[FieldInfo]) -> dict[str, FieldInfo]:
@@ -43,6 +47,16 @@ def _flat_names(fields: list[FieldInfo]) -> dict[str, FieldInfo]:
         name = f.meta.get("form_name", f.name)
         out[name if counts[name] == 1 else f"{f.section}_{f.name}"] = f
     return out
+
+
+def label_of(info: FieldInfo):
+    """The field's label as a component's text (a gr.I18n key)."""
+    return t(config_key(info.key, "label"))
+
+
+def info_of(info: FieldInfo):
+    """The field's help as a component's info text (None when it has none)."""
+    return t(config_key(info.key, "info")) if info.help else None
 
 
 def to_widget(info: FieldInfo, value: Any) -> Any:
@@ -148,7 +162,7 @@ class ConfigForm:
         """The widget of one field (``overrides``: value, interactive, ... for gradio)."""
         info = self.fields[name]
         meta = info.meta
-        kwargs = {"label": info.label, "info": info.help or None, "elem_id": self.elem_id(name)}
+        kwargs = {"label": label_of(info), "info": info_of(info), "elem_id": self.elem_id(name)}
         kwargs["value"] = self.default(name)
         limits = {k: meta[k] for k in ("minimum", "maximum", "step") if k in meta}
         kwargs.update(overrides)
@@ -191,5 +205,10 @@ class ConfigForm:
             if than is None or cfg.value(info.key) != than.value(info.key)
         }
 
-    def labels(self, cfg: RunConfig, than: RunConfig) -> list[str]:
-        return [info.label for info in self.fields.values() if cfg.value(info.key) != than.value(info.key)]
+    def labels(self, cfg: RunConfig, than: RunConfig, lang: str | None = None) -> list[str]:
+        """The labels (in ``lang``) of the fields whose value differs between ``cfg`` and ``than``."""
+        return [
+            tr(lang, config_key(info.key, "label"))
+            for info in self.fields.values()
+            if cfg.value(info.key) != than.value(info.key)
+        ]

@@ -66,21 +66,21 @@ class Preview:
     def of(cls, records: list) -> "Preview":
         return cls(list(records[: security.PREVIEW_MAX_RECORDS]), len(records))
 
-    def page(self, page: int) -> tuple[str, str]:
-        """The page's label and its records as HTML."""
-        return page_label(page, len(self.records), self.total), render_page(self.records, page, PER_PAGE)
+    def page(self, page: int, lang: str | None = None) -> tuple[str, str]:
+        """The page's label (in ``lang``) and its records as HTML."""
+        return page_label(page, len(self.records), self.total, lang), render_page(self.records, page, PER_PAGE, lang)
 
 
-def parse_persona(text: str | None) -> dict[str, str]:
+def parse_persona(text: str | None, lang: str | None = None) -> dict[str, str]:
     """``name=Pip, author=tunelab`` (commas or new lines between pairs) as a dict; a pair
-    without ``=`` is a gr.Error that names it."""
+    without ``=`` is a gr.Error that names it (in ``lang``)."""
     persona = {}
     for item in (text or "").replace("\n", ",").split(","):
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise gr.Error(f"Fill placeholders: {item.strip()!r} is not of the form name=value (e.g. name=Pip).")
+            raise gr.Error(tr(lang, "data.bad_persona", item=item.strip()))
         persona[key.strip()] = value.strip()
     return persona
 
@@ -162,75 +162,96 @@ def problem_rows(problems: list, lang: str = "en") -> list[list]:
     return [[Path(str(p.file)).name, where(p, lang), p.field or "", redact(problem_message(lang, p))] for p in problems]
 
 
-def summary_markdown(ins: Inspection) -> str:
+def summary_markdown(ins: Inspection, lang: str | None = None) -> str:
     from engine.security import redact
 
-    return redact(_summary_markdown(ins))
+    return redact(_summary_markdown(ins, lang))
 
 
-def _summary_markdown(ins: Inspection) -> str:
+def _summary_markdown(ins: Inspection, lang: str | None = None) -> str:
+    """What was read, in ``lang`` (the engine's notes and warnings as it wrote them)."""
     if ins.stopped:
         first = ins.stopped.splitlines()[0]
         return (
-            f"### Stopped: {escape_md(ins.name)}\n"
-            f"{escape_md(first)}\n\n"
-            "Fix the lines listed below, or choose **Skip bad records** to keep the good ones."
+            tr(lang, "data.stopped", name=escape_md(ins.name))
+            + f"\n{escape_md(first)}\n\n"
+            + tr(lang, "data.stopped_fix")
         )
     rep = ins.report
-    how = "detected" if rep.get("format_detected", True) else "as given"
+    how = tr(lang, "data.detected" if rep.get("format_detected", True) else "data.as_given")
     split = ins.split
     lines = [
         f"### {escape_md(ins.name)}",
-        f"Format: **{rep.get('format')}** ({how}) - **{rep.get('valid')}** usable record(s) of {rep.get('total')}, "
-        f"{rep.get('skipped')} skipped",
-        f"Split: **{split.get('train', 0)} train / {split.get('validation', 0)} validation** "
-        f"(seed {split.get('seed', DATA_DEFAULTS.seed)})",
-        f"Trains stage: **{', '.join(rep.get('stages') or ['sft'])}** (the Train tab's Stage)",
+        tr(
+            lang,
+            "data.format_line",
+            format=rep.get("format"),
+            how=how,
+            valid=rep.get("valid"),
+            total=rep.get("total"),
+            skipped=rep.get("skipped"),
+        ),
+        tr(
+            lang,
+            "data.split_line",
+            train=split.get("train", 0),
+            validation=split.get("validation", 0),
+            seed=split.get("seed", DATA_DEFAULTS.seed),
+        ),
+        tr(lang, "data.stages_line", stages=", ".join(rep.get("stages") or ["sft"])),
     ]
     counts = rep.get("counts") or {}
     if counts.get("messages"):
-        lines.append(
-            "Messages: "
-            + ", ".join(f"{k} {v}" for k, v in counts["messages"].items())
-            + f"; tool calls {counts.get('tool_calls', 0)}"
-        )
+        by_role = ", ".join(f"{k} {v}" for k, v in counts["messages"].items())
+        lines.append(tr(lang, "data.messages_line", counts=by_role, tool_calls=counts.get("tool_calls", 0)))
     if rep.get("note"):
         lines.append(f"> {escape_md(rep['note'])}")
     for warning in rep.get("warnings", []):
-        lines.append(f"> Warning: {escape_md(warning)}")
+        lines.append(tr(lang, "data.warning", warning=escape_md(warning)))
     return "\n\n".join(lines)
 
 
-def stats_markdown(tokens: dict | None) -> str:
-    """The token statistics of inspect_file's report as a table."""
+def stats_markdown(tokens: dict | None, lang: str | None = None) -> str:
+    """The token statistics of inspect_file's report as a table (in ``lang``)."""
     if not tokens:
         return ""
     t = tokens.get("tokens", {})
     turns = tokens.get("turns", {})
+    over = tr(
+        lang,
+        "data.stat.over_value",
+        records=tokens.get("over_max_length", 0),
+        tokens=f"{tokens.get('truncated_tokens', 0):,}",
+    )
+    trained = tr(
+        lang,
+        "data.stat.trained_value",
+        tokens=f"{tokens.get('assistant_tokens', 0):,}",
+        share=f"{tokens.get('assistant_fraction', 0):.0%}",
+    )
     rows = [
-        ("Records measured", f"{tokens.get('records', 0):,}"),
-        ("Turns per record (median / max)", f"{turns.get('median', 0):g} / {turns.get('max', 0)}"),
-        (
-            "Tokens per record (min / median / mean)",
-            f"{t.get('min', 0)} / {t.get('median', 0):g} / {t.get('mean', 0):g}",
-        ),
-        ("Tokens per record (p95 / max)", f"{t.get('p95', 0):g} / {t.get('max', 0)}"),
-        ("Tokens in all", f"{t.get('total', 0):,}"),
-        (
-            f"Over the cutoff ({tokens.get('max_length')})",
-            f"{tokens.get('over_max_length', 0)} records, {tokens.get('truncated_tokens', 0):,} tokens cut",
-        ),
-        (
-            "Trained (assistant) tokens",
-            f"{tokens.get('assistant_tokens', 0):,} ({tokens.get('assistant_fraction', 0):.0%} of kept tokens)",
-        ),
-        ("Chat template", str(tokens.get("template", ""))),
+        ("data.stat.records", f"{tokens.get('records', 0):,}"),
+        ("data.stat.turns", f"{turns.get('median', 0):g} / {turns.get('max', 0)}"),
+        ("data.stat.tokens", f"{t.get('min', 0)} / {t.get('median', 0):g} / {t.get('mean', 0):g}"),
+        ("data.stat.tokens_tail", f"{t.get('p95', 0):g} / {t.get('max', 0)}"),
+        ("data.stat.total", f"{t.get('total', 0):,}"),
+        ("data.stat.over", over),
+        ("data.stat.trained", trained),
+        ("data.stat.template", str(tokens.get("template", ""))),
     ]
     if tokens.get("no_assistant_after_truncation"):
-        rows.append(("Left with no answer after truncation", str(tokens["no_assistant_after_truncation"])))
+        rows.append(("data.stat.no_answer", str(tokens["no_assistant_after_truncation"])))
     if tokens.get("render_errors"):
-        rows.append(("Render errors", f"{len(tokens['render_errors'])} (first: {tokens['render_errors'][0]})"))
-    return "| statistic | value |\n|---|---:|\n" + "\n".join(f"| {escape_md(a)} | {escape_md(b)} |" for a, b in rows)
+        errors = tokens["render_errors"]
+        rows.append(
+            ("data.stat.render_errors", tr(lang, "data.stat.render_errors_value", n=len(errors), first=errors[0]))
+        )
+    names = {key: tr(lang, key, max_length=tokens.get("max_length")) for key, _ in rows}
+    return (
+        tr(lang, "data.stat.head")
+        + "\n|---|---:|\n"
+        + "\n".join(f"| {escape_md(names[a])} | {escape_md(b)} |" for a, b in rows)
+    )
 
 
 def histogram_frame(tokens: dict | None):
@@ -242,33 +263,44 @@ def histogram_frame(tokens: dict | None):
     return plot_frame(rows, {"tokens": "str", "records": "int64"})
 
 
-def learned_view(messages: list[dict], tokenizer, max_length: int) -> tuple[list[tuple[str, str | None]], str]:
+def learned_view(
+    messages: list[dict], tokenizer, max_length: int, lang: str | None = None
+) -> tuple[list[tuple[str, str | None]], str]:
     """One record as the model trains on it (engine.templates.preview), as the highlighted
-    pieces of gr.HighlightedText ("trained", "cut off" or none) and a one-line summary."""
+    pieces of gr.HighlightedText ("trained", "cut off" or none) and a one-line summary (in ``lang``)."""
     from engine import templates
 
     template, source = templates.model_template(tokenizer)
     view = templates.preview(messages, tokenizer, template, max_length)
+    trained, cut_off = tr(lang, "data.label_trained"), tr(lang, "data.label_cut")
     pieces = [
-        (piece, "cut off" if not kept else ("trained" if on else None))
+        (piece, cut_off if not kept else (trained if on else None))
         for piece, on, kept in zip(view["tokens"], view["trained"], view["kept"])
     ]
     cut = (
-        f"; cut at {view['cut_at']} tokens: {view['trained_tokens_cut']} trained tokens lost"
+        tr(lang, "data.learned_cut", cut_at=view["cut_at"], lost=view["trained_tokens_cut"])
         if view["cut_at"] is not None
         else ""
     )
-    info = f"{view['length']} tokens, {view['trained_tokens']} trained, rendered by {view['template']} ({source}){cut}."
+    info = tr(
+        lang,
+        "data.learned_info",
+        length=view["length"],
+        trained=view["trained_tokens"],
+        template=view["template"],
+        source=source,
+        cut=cut,
+    )
     return pieces, info
 
 
-def page_label(page: int, n_records: int, total: int | None = None) -> str:
+def page_label(page: int, n_records: int, total: int | None = None, lang: str | None = None) -> str:
     """'Page 2 of 3 (10 records)'; with ``total`` over the previewed ``n_records``, says the
-    preview holds only the first ones (engine.security.PREVIEW_MAX_RECORDS)."""
+    preview holds only the first ones (engine.security.PREVIEW_MAX_RECORDS). In ``lang``."""
     pages = max(1, -(-n_records // PER_PAGE))
     if total is not None and total > n_records:
-        return f"Page {page} of {pages} (the first {n_records} of {total} records; training uses all)"
-    return f"Page {page} of {pages} ({n_records} records)"
+        return tr(lang, "data.page_capped", page=page, pages=pages, n=n_records, total=total)
+    return tr(lang, "data.page", page=page, pages=pages, n=n_records)
 
 
 def clamp_page(page, n_records: int) -> int:
@@ -319,7 +351,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             info=t("data.format_info"),
         )
         on_error = gr.Radio(
-            [("Skip bad records (listed below)", "skip"), ("Stop and list every problem", "stop")],
+            [(str(t("data.skip_bad")), "skip"), (str(t("data.stop_bad")), "stop")],
             value=DATA_DEFAULTS.on_error,
             label=t("data.on_error"),
             elem_id="data-on-error",
@@ -370,7 +402,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 x="tokens",
                 y="records",
                 sort=None,
-                title="Tokens per record",
+                title=t("data.histogram"),
                 height=260,
                 x_title="tokens",
                 y_title="records",
@@ -406,7 +438,6 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         label=t("data.learned"),
         combine_adjacent=True,
         show_legend=True,
-        color_map={"trained": "green", "cut off": "gray"},
         elem_id="data-learned",
     )
 
@@ -417,10 +448,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return str(uploads.stable_copy(file, uploads.uploads_dir(ctx.runs_for(request))))
 
     @engine_errors
-    def on_sample(name):
+    def on_sample(name, request: gr.Request = None):
         if not name:
-            raise gr.Error("Choose a sample dataset first.")
-        return str(ctx.sample_path(name))
+            raise gr.Error(tr(lang_of(request), "data.choose_sample"))
+        return str(ctx.sample_path(name, request))
 
     @engine_errors
     def run_inspect(
@@ -441,12 +472,12 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         if not path:
             raise gr.Error(tr(lang, "data.no_file"))
         if ctx.multi_user and not (owns(ctx.samples_dir, path) or owns(ctx.runs_for(request), path)):
-            raise gr.Error("That file is not one of your uploads: upload it again.", title="Refused")
+            raise gr.Error(tr(lang, "data.not_your_upload"), title=tr(lang, "common.refused"))
         tok_model = ctx.check_model(request, tok_model or ctx.model_choices()[0])
         progress(0.1, desc=tr(lang, "data.progress_tokenizer"))
         tokenizer = load_tokenizer(tok_model)
         progress(0.3, desc=tr(lang, "data.progress_reading"))
-        filled = parse_persona(persona_v)
+        filled = parse_persona(persona_v, lang)
         limit = int(max_records_v or 0) or None
         ins = inspect_dataset(
             Path(path),
@@ -464,9 +495,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             gr.Warning(tr(lang, "data.warn_skipped", name=ins.name, n=ins.report.get("skipped")))
         tokens = ins.report.get("tokens")
         return (
-            summary_markdown(ins),
+            summary_markdown(ins, lang),
             gr.Row(visible=bool(tokens)),
-            stats_markdown(tokens),
+            stats_markdown(tokens, lang),
             gr.BarPlot(
                 value=(frame := histogram_frame(tokens)), sort=list(frame["tokens"]) if frame is not None else None
             ),
@@ -479,29 +510,42 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             ),
             (kept := Preview.of(ins.records)),
             1,
-            *kept.page(1),
+            *kept.page(1, lang),
             dataset_choice(ins, on_error_v, split_v, max_len_v, filled, limit),
         )
 
     @engine_errors
     def show_learned(kept: Preview, index, tok_model, max_len_v, request: gr.Request):
+        lang = lang_of(request)
         records = kept.records if kept else []
         if not records:
-            raise gr.Error("Load a dataset first.")
+            raise gr.Error(tr(lang, "data.load_first"))
         index = int(index or 1)
         if not 1 <= index <= len(records):
-            held = f"the preview holds the first {len(records)} of {kept.total}" if kept.total > len(records) else ""
-            raise gr.Error(
-                f"Record {index}: {held or f'the dataset has {len(records)}'} usable records (1 to {len(records)})."
-            )
+            if kept.total > len(records):
+                raise gr.Error(tr(lang, "data.record_range_capped", index=index, n=len(records), total=kept.total))
+            raise gr.Error(tr(lang, "data.record_range", index=index, n=len(records)))
         tokenizer = load_tokenizer(ctx.check_model(request, tok_model or ctx.model_choices()[0]))
-        pieces, info = learned_view(records[index - 1], tokenizer, int(max_len_v or DATA_DEFAULTS.max_length))
-        return pieces, f"Record {index} of {kept.total}: {info}"
+        max_len = int(max_len_v or DATA_DEFAULTS.max_length)
+        pieces, info = learned_view(records[index - 1], tokenizer, max_len, lang)
+        # the highlights' labels (and legend) in the visitor's language
+        colors = {tr(lang, "data.label_trained"): "green", tr(lang, "data.label_cut"): "gray"}
+        learned_v = gr.HighlightedText(value=pieces, color_map=colors)
+        return learned_v, tr(lang, "data.record_of", index=index, total=kept.total, info=info)
 
-    def show_page(kept: Preview, page_v, delta=0):
+    def turn_page(kept: Preview, page_v, delta: int, lang: str | None):
         kept = kept or Preview([], 0)
         p = clamp_page((page_v or 1) + delta, len(kept.records))
-        return p, *kept.page(p)
+        return p, *kept.page(p, lang)
+
+    def show_page(kept: Preview, page_v, request: gr.Request = None):
+        return turn_page(kept, page_v, 0, lang_of(request))
+
+    def page_before(kept: Preview, page_v, request: gr.Request = None):
+        return turn_page(kept, page_v, -1, lang_of(request))
+
+    def page_after(kept: Preview, page_v, request: gr.Request = None):
+        return turn_page(kept, page_v, +1, lang_of(request))
 
     inspect_inputs = [path_state, fmt, on_error, split, max_length, tokenizer_model, persona, max_records]
     inspect_outputs = [
@@ -528,19 +572,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     split.release(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
     for widget in (max_length, persona, max_records):
         widget.submit(run_inspect, inputs=inspect_inputs, outputs=inspect_outputs)
-    prev_btn.click(
-        lambda r, p: show_page(r, p, -1),
-        inputs=[records_state, page],
-        outputs=[page, page_info, preview],
-        show_progress="hidden",
-    )
-    next_btn.click(
-        lambda r, p: show_page(r, p, +1),
-        inputs=[records_state, page],
-        outputs=[page, page_info, preview],
-        show_progress="hidden",
-    )
-    page.submit(show_page, inputs=[records_state, page], outputs=[page, page_info, preview], show_progress="hidden")
+    page_io = {"inputs": [records_state, page], "outputs": [page, page_info, preview], "show_progress": "hidden"}
+    prev_btn.click(page_before, **page_io)
+    next_btn.click(page_after, **page_io)
+    page.submit(show_page, **page_io)
     learn_inputs = [records_state, learn_index, tokenizer_model, max_length]
     learn_btn.click(show_learned, inputs=learn_inputs, outputs=[learned, learn_info])
     learn_index.submit(show_learned, inputs=learn_inputs, outputs=[learned, learn_info])

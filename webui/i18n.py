@@ -20,6 +20,13 @@ reads); see :func:`load_js` for why the page sets the language itself. No restar
 
 The CLI, the logs and ``--json`` stay English; the engine gives its messages stable codes
 with parameters (e.g. ``engine.data.Problem.code``) that the page translates here.
+
+Two parts of the English table are the engine's own text, not repeated in en.yaml (one
+English source): the Train form's labels and help are engine/config.py's field metadata
+(the text ``tunelab config`` prints), as ``config.<section>.<field>.label`` / ``.info``
+(:func:`config_texts`); the recommendation's reasons are engine.hardware.REASON_TEXTS (what
+``tunelab hardware`` prints), as ``reason.<code>`` (:func:`reason_texts`). The other
+languages translate those keys like any other.
 """
 
 from __future__ import annotations
@@ -59,6 +66,58 @@ def translations() -> dict[str, dict[str, str]]:
         out[path.stem] = _flatten(data)
     if DEFAULT_LANG not in out:
         raise FileNotFoundError(f"{LOCALES_DIR / (DEFAULT_LANG + '.yaml')} is missing")
+    english = out[DEFAULT_LANG]
+    repeated = sorted(k for k in english if k.startswith((CONFIG_PREFIX, REASON_PREFIX)))
+    if repeated:
+        raise ValueError(
+            f"{LOCALES_DIR / (DEFAULT_LANG + '.yaml')}: {repeated[0]} (and {len(repeated) - 1} more): the English "
+            "of config.* and reason.* keys is the engine's text (engine/config.py, engine/hardware.py); "
+            "do not repeat it"
+        )
+    english.update(config_texts())
+    english.update(reason_texts())
+    return out
+
+
+# The Train form's texts: English from engine/config.py's metadata (config_texts).
+CONFIG_PREFIX = "config."
+
+
+def config_key(key: str, part: str) -> str:
+    """The i18n key of a config field's ``label`` or ``info``: 'config.training.batch_size.label'."""
+    return f"{CONFIG_PREFIX}{key}.{part}"
+
+
+REASON_PREFIX = "reason."
+
+
+def reason_texts() -> dict[str, str]:
+    """{reason key: English text} of every reason the hardware plan gives (engine.hardware)."""
+    from engine.hardware import REASON_TEXTS
+
+    return {REASON_PREFIX + code: text for code, text in REASON_TEXTS.items()}
+
+
+def reason(lang: str | None, why) -> str:
+    """A reason of the plan (engine.hardware.Reason) in ``lang``; plain text stays as it is."""
+    parts = getattr(why, "parts", None)
+    if not parts:
+        return str(why or "")
+    return " ".join(
+        tr(lang, REASON_PREFIX + code, **{k: reason(lang, v) for k, v in params.items()}) for code, params in parts
+    )
+
+
+def config_texts() -> dict[str, str]:
+    """{config key: English text} for every field of the Train form: its label and its help
+    (webui.config_form.form_fields, read from engine.config)."""
+    from engine.config import form_fields
+
+    out = {}
+    for info in form_fields():
+        out[config_key(info.key, "label")] = info.label
+        if info.help:
+            out[config_key(info.key, "info")] = info.help
     return out
 
 
@@ -235,7 +294,17 @@ def connect_picker(demo, dd, relabel: dict) -> None:
 
 # Key prefixes completed at run time with a code (e.g. an engine problem's code): their
 # keys count as used (tests/test_i18n.py).
-DYNAMIC: tuple[str, ...] = ("problem.code.", "problem.unit.")
+# The Train tab completes a run's state, a plan's key and the comparison's columns.
+DYNAMIC: tuple[str, ...] = (
+    "problem.code.",
+    "problem.unit.",
+    CONFIG_PREFIX,
+    REASON_PREFIX,
+    "train.state.",
+    "train.plan.",
+    "train.col.",
+    "chat.role.",
+)
 
 
 def problem_where(lang: str | None, problem) -> str:

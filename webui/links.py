@@ -17,6 +17,7 @@ from typing import Any
 import gradio as gr
 
 from engine.config import DataConfig
+from webui.i18n import lang_of, tr
 
 
 @dataclass
@@ -72,15 +73,26 @@ class Links:
         return cls(dataset=gr.State(None))
 
 
-def dataset_summary(choice: DataChoice | None) -> str:
-    """One line describing the dataset chosen on the Data tab."""
+def dataset_summary(choice: DataChoice | None, lang: str | None = None) -> str:
+    """One line describing the dataset chosen on the Data tab (in ``lang``)."""
     if not choice:
-        return "No dataset chosen yet: load one on the **Data** tab."
-    return (
-        f"**{choice.name}** - {choice.config.format} format, {choice.records} usable records "
-        f"({choice.train} train / {choice.val} validation, split {choice.config.validation_split:g}); "
-        f"bad records: {choice.config.on_error}."
+        return tr(lang, "links.no_dataset")
+    return tr(
+        lang,
+        "links.dataset",
+        name=choice.name,
+        format=choice.config.format,
+        records=choice.records,
+        train=choice.train,
+        val=choice.val,
+        split=f"{choice.config.validation_split:g}",
+        on_error=choice.config.on_error,
     )
+
+
+def dataset_summary_for(choice: DataChoice | None, request: gr.Request) -> str:
+    """:func:`dataset_summary` in the language of ``request`` (a handler)."""
+    return dataset_summary(choice, lang_of(request))
 
 
 def standalone_tab(build, name: str, ctx=None):
@@ -99,16 +111,14 @@ def user_banner(ctx):
     from webui.common import escape_md
 
     def whoami(request: gr.Request):
+        lang = lang_of(request)
         name = ctx.display_name(request)
         if name is None:
-            how = "Sign in with Hugging Face (button above)" if ctx.oauth else "Log in"
-            return f"You are not signed in. {how} to upload data and train; each person's runs are private here."
+            how = tr(lang, "links.banner_hf" if ctx.oauth else "common.log_in")
+            return tr(lang, "links.banner_out", how=how)
         if (ctx.user_of(request) or "").startswith("session:"):
-            return (
-                "Your runs are private to this page: reloading it starts a new workspace "
-                "(the operator can add a login to keep them)."
-            )
-        return f"Signed in as **{escape_md(name)}**: only you see your data, runs and downloads."
+            return tr(lang, "links.banner_session")
+        return tr(lang, "links.banner_in", name=escape_md(name))
 
     return whoami
 
@@ -167,12 +177,13 @@ def connect_tabs(ctx, tabs, tab_of: dict, train, play, export, runs, evaluation=
     def open_example(run_id, entries, evt: gr.SelectData, request: gr.Request):
         from webui.common import escape_md
 
+        lang = lang_of(request)
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         if not entries or row is None or not 0 <= int(row) < len(entries):
-            raise gr.Error("That row is no longer shown: pick it again.")
+            raise gr.Error(tr(lang, "links.row_gone"))
         entry = entries[int(row)]
         run_dir = ctx.run_dir(request, run_id)
-        reference = f"**Reference answer** (example {entry['example']}):\n\n> {escape_md(entry['reference'])}"
+        reference = tr(lang, "links.reference", n=entry["example"]) + f"\n\n> {escape_md(entry['reference'])}"
         return (
             play.refresh(run_dir.name, request),
             *play.load_conversation(entry["prompt"], reference),

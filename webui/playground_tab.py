@@ -28,28 +28,31 @@ from typing import Any
 import gradio as gr  # at module level: handlers' gr.Request annotations must resolve
 
 from engine import security
-from engine.config import DEFAULT_ONNX_VARIANT, ONNX_LORA_BASE, ONNX_VARIANTS
+from engine.config import DEFAULT_ONNX_PRECISION, DEFAULT_ONNX_VARIANT, ONNX_LORA_BASE, ONNX_VARIANTS
 from webui import api_panel
 from webui.common import (
     AppContext,
     engine_errors,
     escape_md,
     launch_standalone,
+    state_name,
     stream_progress,
 )
+from webui.i18n import lang_of, t, tr
 from webui.links import standalone_tab
 
 BACKENDS = ("base", "tuned", "onnx")
-TITLES = {"base": "Base", "tuned": "Tuned", "onnx": "Tuned (ONNX)"}
+TITLES = {"base": "play.title.base", "tuned": "play.title.tuned", "onnx": "play.title.onnx"}  # locale keys
 STREAM_INTERVAL_S = 0.15  # the chat is redrawn at most this often while a reply streams
 
 
 # --------------------------------------------------------------------------- engine adapters
 
 
-def list_chat_runs(runs_dir: Path) -> list[tuple[str, str]]:
+def list_chat_runs(runs_dir: Path, lang: str | None = None) -> list[tuple[str, str]]:
     """(label, run id) of the runs in ``runs_dir``, newest first; the label says whether the
-    run has trained weights yet. The page holds run ids, never paths of this machine."""
+    run has trained weights yet (in ``lang``). The page holds run ids, never paths of this machine."""
+
     from engine import runs
 
     if not runs_dir.is_dir():
@@ -59,41 +62,35 @@ def list_chat_runs(runs_dir: Path) -> list[tuple[str, str]]:
         run_dir = Path(info["path"])
         state = info.get("state") or "?"
         has_weights = (run_dir / "adapter").is_dir() or (run_dir / "model").is_dir()
-        label = f"{run_dir.name} ({state}{'' if has_weights else ', no weights yet'})"
+        key = "play.run_state" if has_weights else "play.no_weights"
+        label = tr(lang, key, name=run_dir.name, state=state_name(state, lang))
         choices.append((label, run_dir.name))
     return choices
 
 
-def backend_availability(run_dir: str | None, backend: str, onnx_precision: str = "int4") -> tuple[bool, str]:
-    """Whether ``backend`` can answer for this run, and if not, what to do (a sentence)."""
+def backend_availability(
+    run_dir: str | None, backend: str, onnx_precision: str = "int4", lang: str | None = None
+) -> tuple[bool, str]:
+    """Whether ``backend`` can answer for this run, and if not, what to do (a sentence in ``lang``)."""
     if backend == "base":
         return True, ""
     if not run_dir:
-        return False, "Pick a trained run above (train one on the **Train** tab)."
+        return False, tr(lang, "play.pick_trained")
     run = Path(run_dir)
     if not ((run / "adapter").is_dir() or (run / "model").is_dir()):
-        return False, (
-            f"Run **{escape_md(run.name)}** has no trained weights yet: wait for it to finish "
-            "on the **Train** tab, or pick another run."
-        )
+        return False, tr(lang, "play.not_trained", name=escape_md(run.name))
     if onnx_precision == "auto":  # the export auto mode kept, else the first there is
         present = sorted((run / "export").glob("onnx-*")) if (run / "export").is_dir() else []
         if backend == "onnx" and not any(p.is_dir() for p in present):
-            return False, (
-                f"No ONNX export of **{escape_md(run.name)}** yet. Export it here "
-                "(about a minute for the default model), or on the **Export** tab."
-            )
+            return False, tr(lang, "play.no_onnx", name=escape_md(run.name))
         return True, ""
     if backend == "onnx" and not (run / "export" / f"onnx-{onnx_precision}").is_dir():
-        return False, (
-            f"No ONNX {onnx_precision} export of **{escape_md(run.name)}** yet. Export it here "
-            "(about a minute for the default model), or on the **Export** tab."
-        )
+        return False, tr(lang, "play.no_onnx_variant", precision=onnx_precision, name=escape_md(run.name))
     return True, ""
 
 
-def onnx_header(run_dir: str | None, onnx_precision: str) -> str:
-    """The ONNX column's title: the export variant and its verdict from the parity report."""
+def onnx_header(run_dir: str | None, onnx_precision: str, lang: str | None = None) -> str:
+    """The ONNX column's title: the export variant and its verdict from the parity report (in ``lang``)."""
     from engine.export import export_verdicts
 
     if onnx_precision == "auto" and run_dir:
@@ -102,15 +99,15 @@ def onnx_header(run_dir: str | None, onnx_precision: str) -> str:
         try:
             onnx_precision = find_onnx_export(Path(run_dir)).name.removeprefix("onnx-")
         except InferenceError:
-            return TITLES["onnx"]
-    title = f"{TITLES['onnx']}: onnx-{onnx_precision}"
+            return tr(lang, TITLES["onnx"])
+    title = tr(lang, "play.onnx_title", precision=onnx_precision)
     if not run_dir:
         return title
     judged = export_verdicts(Path(run_dir)).get(f"onnx-{onnx_precision}")
     if judged:
         return f"{title}, {judged}"
     if (Path(run_dir) / "export" / f"onnx-{onnx_precision}").is_dir():
-        return f"{title}, verdict not measured yet"
+        return f"{title}, {tr(lang, 'play.verdict_unmeasured')}"
     return title
 
 
@@ -132,25 +129,27 @@ class Column:
             self.stream.stop()
 
 
-def stats_line(stats, backend: str) -> str:
-    """Time to first token and tokens per second of one reply (engine GenerationStats)."""
+def stats_line(stats, backend: str, lang: str | None = None) -> str:
+    """Time to first token and tokens per second of one reply (engine GenerationStats), in ``lang``."""
     if stats is None:
         return ""
     parts = [
-        f"first token {stats.ttft_s:.2f} s",
-        f"{stats.decode_tokens_per_s:.1f} tokens/s",
-        f"{stats.new_tokens} tokens",
+        tr(lang, "play.first_token", s=f"{stats.ttft_s:.2f}"),
+        tr(lang, "play.tokens_per_s", value=f"{stats.decode_tokens_per_s:.1f}"),
+        tr(lang, "play.tokens", n=stats.new_tokens),
     ]
     if stats.decoder.startswith("speculative"):
-        parts.append("speculative decoding")
-    if stats.finish_reason != "eos":
-        parts.append(
-            {"length": "hit max new tokens", "stopped": "stopped"}.get(stats.finish_reason, stats.finish_reason)
-        )
+        parts.append(tr(lang, "play.speculative"))
+    if stats.finish_reason == "length":
+        parts.append(tr(lang, "play.hit_max"))
+    elif stats.finish_reason == "stopped":
+        parts.append(tr(lang, "play.stopped"))
+    elif stats.finish_reason != "eos":
+        parts.append(stats.finish_reason)
     return f'<span class="tl-stats" data-backend="{backend}">' + " &middot; ".join(parts) + "</span>"
 
 
-def validation_example(run_dir: str, rng: random.Random) -> tuple[str, str, str]:
+def validation_example(run_dir: str, rng: random.Random, lang: str | None = None) -> tuple[str, str, str]:
     """(system prompt, prompt, reference answer) from the run's held-out split."""
     from engine import data
     from engine.config import RunConfig
@@ -158,7 +157,7 @@ def validation_example(run_dir: str, rng: random.Random) -> tuple[str, str, str]
     cfg = RunConfig.load(Path(run_dir) / "config.yaml")
     _, _, val = data.load_for_training(cfg.data)
     if not val:
-        raise ValueError(f"Run {Path(run_dir).name} has no validation split (data.validation_split is 0).")
+        raise ValueError(tr(lang, "play.no_validation", name=Path(run_dir).name))
     conv = rng.choice(val)
     last_assistant = (
         max(i for i, m in enumerate(conv) if m["role"] == "assistant")
@@ -182,40 +181,40 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         run = gr.Dropdown(
             [],
             value=None,
-            label="Run",
+            label=t("play.run"),
             scale=3,
             elem_id="play-run",
-            info="The tuned columns use this run's adapter and its ONNX export",
+            info=t("play.run_info"),
         )
         onnx_precision = gr.Dropdown(
             ["auto", *ONNX_VARIANTS, ONNX_LORA_BASE],
-            value="auto",
-            label="ONNX export",
+            value=DEFAULT_ONNX_PRECISION,  # auto: the variant the export's auto mode kept
+            label=t("play.onnx_export"),
             scale=1,
             min_width=110,
             elem_id="play-onnx-precision",
         )
-        refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=90)
+        refresh_btn = gr.Button(t("play.refresh"), size="sm", scale=0, min_width=90)
     system = gr.Textbox(
-        "", label="System prompt", placeholder="Optional; the same for the three models", lines=1, elem_id="play-system"
+        "", label=t("play.system"), placeholder=t("play.system_placeholder"), lines=1, elem_id="play-system"
     )
-    with gr.Accordion("Generation settings (shared by the three)", open=False, elem_id="play-settings"):
+    with gr.Accordion(t("play.settings"), open=False, elem_id="play-settings"):
         with gr.Row():
             max_new_tokens = gr.Number(
-                128, label="Max new tokens", precision=0, minimum=1, maximum=4096, elem_id="play-max-new"
+                128, label=t("play.max_new_tokens"), precision=0, minimum=1, maximum=4096, elem_id="play-max-new"
             )
             temperature = gr.Slider(
-                0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy (deterministic)"
+                0.0, 2.0, value=0.0, step=0.05, label=t("play.temperature"), info=t("play.temperature_info")
             )
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-            repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label=t("play.top_p"))
+            repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label=t("play.repetition_penalty"))
 
     chatbots, stats_boxes, notices, fix_buttons, col_states = {}, {}, {}, {}, {}
     with gr.Row(equal_height=True):
         for backend in BACKENDS:
             with gr.Column(min_width=260):
                 chatbots[backend] = gr.Chatbot(
-                    label=TITLES[backend],
+                    label=t(TITLES[backend]),
                     height=380,
                     elem_id=f"play-chat-{backend}",
                     buttons=["copy"],
@@ -226,16 +225,18 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                     "", visible=False, elem_id=f"play-notice-{backend}", elem_classes=["tl-note"]
                 )
                 if backend == "onnx":
-                    fix_buttons[backend] = gr.Button("Export to ONNX now", visible=False, elem_id="play-export-onnx")
+                    fix_buttons[backend] = gr.Button(t("play.export_now"), visible=False, elem_id="play-export-onnx")
                 elif backend == "tuned":
-                    fix_buttons[backend] = gr.Button("Go to the Train tab", visible=False, elem_id="play-go-train")
+                    fix_buttons[backend] = gr.Button(t("play.go_train"), visible=False, elem_id="play-go-train")
                 col_states[backend] = gr.State(Column(backend), time_to_live=security.SESSION_TTL_S)
-    prompt = gr.Textbox(label="Prompt", placeholder="Ask the three models...", lines=2, elem_id="play-prompt")
+    prompt = gr.Textbox(
+        label=t("play.prompt"), placeholder=t("play.prompt_placeholder"), lines=2, elem_id="play-prompt"
+    )
     with gr.Row():
-        send_btn = gr.Button("Send", variant="primary", elem_id="play-send")
-        stop_btn = gr.Button("Stop", variant="stop", elem_id="play-stop")
-        clear_btn = gr.Button("Clear", elem_id="play-clear")
-        example_btn = gr.Button("Try a validation example", elem_id="play-example")
+        send_btn = gr.Button(t("play.send"), variant="primary", elem_id="play-send")
+        stop_btn = gr.Button(t("play.stop"), variant="stop", elem_id="play-stop")
+        clear_btn = gr.Button(t("play.clear"), elem_id="play-clear")
+        example_btn = gr.Button(t("play.example"), elem_id="play-example")
     reference = gr.Markdown("", elem_id="play-reference")
     api_panel.build(ctx, run, onnx_precision)
     pending = gr.State("")  # the prompt being answered (so the textbox can be cleared at once)
@@ -252,14 +253,15 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     @engine_errors
     def show_availability(run_id, onnx_prec="int4", request: gr.Request = None):
+        lang = lang_of(request)
         run_dir = run_path(run_id, request)
         out = []
         for backend in BACKENDS:
-            ok, why = backend_availability(run_dir, backend, onnx_prec)
+            ok, why = backend_availability(run_dir, backend, onnx_prec, lang)
             out.append(gr.Markdown(why, visible=not ok))
             if backend in fix_buttons:
                 out.append(gr.Button(visible=not ok and (backend != "tuned" or links.tabs is not None)))
-        out.append(gr.Chatbot(label=onnx_header(run_dir, onnx_prec)))
+        out.append(gr.Chatbot(label=onnx_header(run_dir, onnx_prec, lang)))
         return out
 
     availability_outputs = []
@@ -269,10 +271,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             availability_outputs.append(fix_buttons[backend])
     availability_outputs.append(chatbots["onnx"])  # its header names the export and its verdict
 
-    def take_prompt(text):
+    def take_prompt(text, request: gr.Request = None):
         text = (text or "").strip()
         if not text:
-            raise gr.Error("Type a prompt first.")
+            raise gr.Error(tr(lang_of(request), "play.type_prompt"))
         return "", text
 
     def chat_request(backend, history, run_dir, system_v, max_new, temp, top_p_v, rep, onnx_prec):
@@ -297,6 +299,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         def answer(text, column: Column, run_id, system_v, max_new, temp, top_p_v, rep, onnx_prec, request: gr.Request):
             if not text:
                 return
+            lang = lang_of(request)
             run_dir = run_path(run_id, request)
             if not backend_availability(run_dir, backend, onnx_prec)[0]:  # the column's notice says what to do
                 yield column.history, "", column
@@ -317,14 +320,19 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                     elif event.kind == "done":
                         stats = event.stats
                         continue
-                    yield history + [{"role": "assistant", "content": reply or notice(event)}], "", column
-            column.history = history + [{"role": "assistant", "content": reply or ("" if stats else "(stopped)")}]
-            yield column.history, stats_line(stats, backend), column
+                    yield history + [{"role": "assistant", "content": reply or notice(event, lang)}], "", column
+            stopped = "" if stats else tr(lang, "play.stopped_reply")
+            column.history = history + [{"role": "assistant", "content": reply or stopped}]
+            yield column.history, stats_line(stats, backend, lang), column
 
-        def notice(event) -> str:
-            """What a column shows before its reply: why it waits, or that its model loads."""
+        def notice(event, lang: str | None) -> str:
+            """What a column shows before its reply: why it waits, or that its model loads (in ``lang``)."""
             if event.kind == "loading":
-                return f"(loading the {TITLES[backend]} model...)"
+                return tr(lang, "play.loading", title=tr(lang, TITLES[backend]))
+            if event.kind == "queued":
+                if event.text == scheduler.WAITING_FOR_CPU:
+                    return tr(lang, "play.waiting_cpu")
+                return tr(lang, "play.waiting_for", n=event.ahead)
             return f"({event.text})"
 
         return answer
@@ -341,26 +349,28 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     @engine_errors
     def try_example(run_id, rng, request: gr.Request):
+        lang = lang_of(request)
         if not run_id:
-            raise gr.Error("Pick a run first: its held-out validation split supplies the examples.")
+            raise gr.Error(tr(lang, "play.pick_run_example"))
         run_dir = run_path(run_id, request)
         rng = rng or random.Random()
-        system_v, prompt_v, ref = validation_example(run_dir, rng)
-        return system_v, prompt_v, f"**Reference answer** (from the validation split):\n\n> {escape_md(ref)}", rng
+        system_v, prompt_v, ref = validation_example(run_dir, rng, lang)
+        return system_v, prompt_v, tr(lang, "play.reference") + f"\n\n> {escape_md(ref)}", rng
 
     @engine_errors
     def export_onnx(run_id, precision, request: gr.Request, progress=gr.Progress()):
         from engine import export
 
+        lang = lang_of(request)
         if not run_id:
-            raise gr.Error("Pick a trained run first.")
+            raise gr.Error(tr(lang, "play.pick_trained_first"))
         run_dir = run_path(run_id, request)
         precision = DEFAULT_ONNX_VARIANT if precision == "auto" else precision
-        progress(None, desc=f"Exporting {Path(run_dir).name} to ONNX {precision}")
+        progress(None, desc=tr(lang, "play.exporting", name=Path(run_dir).name, precision=precision))
         for kind, item in stream_progress(export.export_onnx, run_dir=Path(run_dir), precision=precision):
             if kind == "line":
                 progress(None, desc=str(item)[:120])
-        gr.Info(f"ONNX {precision} export ready.")
+        gr.Info(tr(lang, "play.export_ready", precision=precision))
         return show_availability(run_id, precision, request)
 
     # ---- events
@@ -459,7 +469,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 def run_picker(ctx: AppContext, current, request=None):
     """The run dropdown, refreshed from this user's runs, keeping ``current`` when it is still there."""
     root = ctx.listing_dir(request)
-    choices = list_chat_runs(root) if root is not None else []
+    choices = list_chat_runs(root, lang_of(request)) if root is not None else []
     values = [v for _, v in choices]
     current = Path(str(current)).name if current else None
     return gr.Dropdown(choices=choices, value=current if current in values else (values[0] if values else None))

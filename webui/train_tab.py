@@ -1,7 +1,8 @@
 """Train tab: model, method with a per-method comparison on this hardware, the hardware
 recommendation with its reasons, typed hyperparameters, LoRA and DeepSpeed options, the
 command that will run, Start/Stop, and live progress (bar, loss chart, log tail, failure
-panel).
+panel). Its texts come from the locale files (webui/locales): static ones as gr.I18n keys,
+messages with numbers formatted on the server in the visitor's language (webui.i18n.tr).
 
 Training runs in its own detached process (engine.launch); this tab only reads the run
 directory. A per-user ``gr.State`` remembers which run the page watches and the metrics
@@ -33,26 +34,28 @@ from webui.common import (
     fmt_number,
     launch_standalone,
     plot_frame,
+    state_name,
 )
-from webui.config_form import ConfigForm, FormValues
-from webui.links import DataChoice, dataset_summary, standalone_tab
+from webui.config_form import ConfigForm, FormValues, label_of
+from webui.i18n import lang_of, reason, t, tr
+from webui.links import DataChoice, dataset_summary, dataset_summary_for, standalone_tab
 
-METHOD_CHOICES = [("LoRA", "lora"), ("QLoRA (4-bit base)", "qlora"), ("DoRA", "dora"), ("Full fine-tune", "full")]
+# The Method radio's choices: (label key, method); the frontend translates the labels.
+METHOD_KEYS = [("train.method.lora", "lora"), ("train.method.qlora", "qlora"), ("train.method.dora", "dora")]
+METHOD_KEYS.append(("train.method.full", "full"))
+METHOD_CHOICES = [(str(t(key)), value) for key, value in METHOD_KEYS]
 ACTIVE_STATES = runs.ACTIVE_STATES
 LOG_LINES = 40
 
 # What to do for each failure class the trainer reports (status.json "error_class",
-# engine.runs.ERROR_CLASSES).
+# engine.runs.ERROR_CLASSES): the key of its advice.
 FAILURE_ADVICE = {
-    "out of memory": "The model did not fit. Lower the batch size (raise gradient accumulation to keep the "
-    "effective batch), lower the cutoff length, turn on gradient checkpointing, or use QLoRA.",
-    "bad data": "The dataset has a problem: open the Data tab, fix the listed lines, or choose to skip bad records.",
-    "config error": "A setting is invalid: the message names the field; correct it and start again.",
-    "model not found": "The model could not be loaded: use the embedded model or an existing local directory "
-    "(the Hub is not reachable without a network).",
-    "killed": "The process was killed (often the system ran out of memory, or the machine restarted): lower the "
-    "batch size or cutoff length, then resume the run from the Runs tab.",
-    "aborted": "The run was stopped. Resume it from its last checkpoint on the Runs tab, or start a new one.",
+    "out of memory": "train.advice.out_of_memory",
+    "bad data": "train.advice.bad_data",
+    "config error": "train.advice.config_error",
+    "model not found": "train.advice.model_not_found",
+    "killed": "train.advice.killed",
+    "aborted": "train.advice.aborted",
 }
 
 
@@ -66,25 +69,26 @@ def hardware_profile():
 
 # --------------------------------------------------------------------------- config
 
-# Where the form's sections go (config section -> accordion title, open at first), in page order.
+# Where the form's sections go (config section -> accordion title key, open at first), in page order.
 SECTION_TITLES = {
-    "training": ("Hyperparameters", True),
-    "method": ("LoRA options", False),
-    "distributed": ("Distributed (DeepSpeed)", False),
-    "model": ("Model code", False),
-    "output": ("Run", True),
+    "training": ("train.section.training", True),
+    "method": ("train.section.method", False),
+    "distributed": ("train.section.distributed", False),
+    "model": ("train.section.model", False),
+    "output": ("train.section.output", True),
 }
 # The number of examples estimates assume before a dataset is chosen.
 ESTIMATE_EXAMPLES = 1000
 
 
-def build_config(form: FormValues, dataset: DataChoice | None, runs_dir: Path):
+def build_config(form: FormValues, dataset: DataChoice | None, runs_dir: Path, lang: str | None = None):
     """A RunConfig from the form, the dataset chosen on the Data tab (its data section, as
-    chosen there) and where this user's runs live; raises ConfigError naming the field."""
+    chosen there) and where this user's runs live; raises ConfigError naming the field (the
+    tab's own checks say why in ``lang``, the config's in English)."""
     from engine.config import ConfigError
 
     if not dataset:
-        raise ConfigError("data.path", "no dataset chosen: load one on the Data tab first")
+        raise ConfigError("data.path", tr(lang, "train.no_dataset"))
     values = form.config_values()
     values.update({f"data.{name}": value for name, value in dataclasses.asdict(dataset.config).items()})
     values["output.runs_dir"] = str(runs_dir)
@@ -92,18 +96,24 @@ def build_config(form: FormValues, dataset: DataChoice | None, runs_dir: Path):
     if stage not in dataset.stages:
         raise ConfigError(
             "training.stage",
-            f"{dataset.name} trains stage {' or '.join(dataset.stages)}, not {stage}: pick "
-            f"{dataset.stages[0]} as the Stage, or another dataset on the Data tab",
+            tr(
+                lang,
+                "train.wrong_stage",
+                name=dataset.name,
+                stages=f" {tr(lang, 'train.or')} ".join(dataset.stages),
+                stage=stage,
+                first=dataset.stages[0],
+            ),
         )
     return RunConfig().with_values(values)
 
 
-def command_preview(form: FormValues, dataset: DataChoice | None, runs_dir: Path) -> str:
+def command_preview(form: FormValues, dataset: DataChoice | None, runs_dir: Path, lang: str | None = None) -> str:
     """The command line that Start would run (the run id is a placeholder until it starts)."""
     from engine import launch
     from engine.security import redact
 
-    cfg = build_config(form, dataset, runs_dir)
+    cfg = build_config(form, dataset, runs_dir, lang)
     run_dir = runs_dir / (cfg.output.run_id or "<run-id>")
     return redact(shlex.join(str(part) for part in launch.build_command(cfg, run_dir)))
 
@@ -126,9 +136,10 @@ def recommendation_for(model_ref: str, method: str | None, dataset: DataChoice |
     return hardware.recommend(hardware_profile(), shape, method, n, max_length, mean, training_stage=stage)
 
 
-def catalog_choices() -> list[tuple[str, str]]:
+@functools.lru_cache(maxsize=8)
+def catalog_choices(lang: str | None = None) -> list[tuple[str, str]]:
     """The Hub models the Train tab offers (engine.models.CATALOG), each labelled with its
-    size and what stands in its way here: a network, a token, this machine's memory."""
+    size and what stands in its way here: a network, a token, this machine's memory (in ``lang``)."""
     from engine import hardware
     from engine.models import CATALOG, availability
 
@@ -138,35 +149,63 @@ def catalog_choices() -> list[tuple[str, str]]:
         shape = hardware.ModelShape.from_config(entry.config())
         notes = [f"{shape.params / 1e9:.2f}B" if shape.params >= 0.995e9 else f"{shape.params / 1e6:.0f}M"]
         if entry.gated:
-            notes.append("gated: token + licence")
+            notes.append(tr(lang, "train.catalog.gated"))
         problem = availability(entry.hub_id)
         if problem and "network" in problem:
-            notes.append("needs a network")
+            notes.append(tr(lang, "train.catalog.network"))
         if not hardware.recommend(profile, shape, "lora", ESTIMATE_EXAMPLES, DataConfig().max_length).fits("lora"):
-            notes.append("does not fit this machine")
+            notes.append(tr(lang, "train.catalog.no_fit"))
         choices.append((f"{entry.label} ({', '.join(notes)})", entry.hub_id))
     return choices
 
 
-def comparison_markdown(rec, model_ref: str, dataset: DataChoice | None) -> str:
-    basis = f"{dataset.train} training examples" if dataset else f"{ESTIMATE_EXAMPLES} examples (no dataset chosen yet)"
-    epochs = f"the plan's {rec.num_epochs:g} epoch{'' if rec.num_epochs == 1 else 's'}"
-    return f"Estimated for **{escape_md(model_ref)}** on this machine, {basis}, {epochs}:\n\n" + rec.table()
+TABLE_COLUMNS = ("method", "trainable", "weights", "grads", "optimizer", "activations", "peak", "time")
 
 
-def reasons_markdown(rec) -> str:
+def comparison_markdown(rec, model_ref: str, dataset: DataChoice | None, lang: str | None = None) -> str:
+    """The methods compared on this machine (engine.hardware.Recommendation.table_rows), in ``lang``."""
+    from engine.hardware import fmt_bytes
+
+    if dataset:
+        basis = tr(lang, "train.basis_data", n=dataset.train)
+    else:
+        basis = tr(lang, "train.basis_none", n=ESTIMATE_EXAMPLES)
+    head = tr(lang, "train.estimated", model=escape_md(model_ref), basis=basis, epochs=rec.num_epochs)
+    rows = [
+        "| " + " | ".join(tr(lang, f"train.col.{c}") for c in TABLE_COLUMNS) + " |",
+        "|---|" + "---:|" * (len(TABLE_COLUMNS) - 1),
+    ]
+    for r in rec.table_rows():
+        cells = dict(r)
+        if r["recommended"]:
+            cells["method"] = f"{r['method']} {tr(lang, 'train.recommended')}"
+        if not r["fits"]:
+            cells["peak"] = f"{r['peak']} {tr(lang, 'train.no_fit')}"
+        rows.append("| " + " | ".join(str(cells[c]) for c in TABLE_COLUMNS) + " |")
+    if rec.reference_bytes():
+        rows.append("\n" + tr(lang, "train.reference_copy", size=fmt_bytes(rec.reference_bytes())))
+    return head + "\n\n" + "\n".join(rows)
+
+
+def reasons_markdown(rec, lang: str | None = None) -> str:
     profile = hardware_profile()
-    lines = [f"**Hardware:** {escape_md(profile.summary())}", "", "**Recommendation**", ""]
+    lines = [
+        tr(lang, "train.hardware", summary=escape_md(reason(lang, profile.summary()))),
+        "",
+        tr(lang, "train.recommendation"),
+        "",
+    ]
     plan = {
         "precision": rec.precision,
         "method": rec.method,
-        "batch_size": f"{rec.batch_size} x {rec.gradient_accumulation_steps} accumulation",
+        "batch_size": tr(lang, "train.batch_value", batch=rec.batch_size, accum=rec.gradient_accumulation_steps),
         "deepspeed": rec.deepspeed,
-        "launcher": f"{rec.launcher} ({rec.num_processes} process(es))",
-        "gradient_checkpointing": "on" if rec.gradient_checkpointing else "off",
+        "launcher": tr(lang, "train.launcher_value", launcher=rec.launcher, n=rec.num_processes),
+        "gradient_checkpointing": tr(lang, "train.on" if rec.gradient_checkpointing else "train.off"),
     }
     for key, value in plan.items():
-        lines.append(f"- **{key.replace('_', ' ')}: {value}** - {escape_md(rec.reasons.get(key, ''))}")
+        why = escape_md(reason(lang, rec.reasons.get(key)))
+        lines.append(f"- **{tr(lang, 'train.plan.' + key)}: {value}** - {why}")
     return "\n".join(lines)
 
 
@@ -259,8 +298,8 @@ def _total_steps(status: dict, last: dict) -> int | None:
     return None
 
 
-def progress_html(status: dict, last: dict, run_dir: str) -> str:
-    """A progress bar with step counts, ETA and the state of the run."""
+def progress_html(status: dict, last: dict, run_dir: str, lang: str | None = None) -> str:
+    """A progress bar with step counts, ETA and the state of the run (in ``lang``)."""
     state = status.get("state", "unknown")
     run_id = Path(run_dir).name
     step = int(last.get("step") or status.get("step") or 0)
@@ -272,32 +311,32 @@ def progress_html(status: dict, last: dict, run_dir: str) -> str:
     else:
         frac = min(1.0, step / total) if total else 0.0
     pct = int(round(frac * 100))
-    parts = [f"<b>{escape_md(run_id)}</b> - {escape_md(state)}"]
+    parts = [f"<b>{escape_md(run_id)}</b> - {escape_md(state_name(state, lang))}"]
     if total:
-        parts.append(f"step {step} / {total} ({pct}%)")
+        parts.append(tr(lang, "train.step_of", step=step, total=total, pct=pct))
     elif step:
-        parts.append(f"step {step}")
+        parts.append(tr(lang, "train.step", step=step))
     if state == "running" and status.get("stop_requested_at"):
-        parts.append("stopping: saving a checkpoint")
+        parts.append(tr(lang, "train.stopping"))
     elif state == "running":
         if last.get("eta_s") is not None:
-            parts.append(f"ETA {fmt_duration(last.get('eta_s'))}")
+            parts.append(tr(lang, "train.eta", eta=fmt_duration(last.get("eta_s"), lang)))
         if last.get("elapsed_s") is not None:
-            parts.append(f"elapsed {fmt_duration(last.get('elapsed_s'))}")
-    if last.get("loss") is not None:
-        parts.append(f"loss {fmt_number(last.get('loss'))}")
-    if last.get("eval_loss") is not None:
-        parts.append(f"eval loss {fmt_number(last.get('eval_loss'))}")
-    if last.get("rewards_margins") is not None:
-        parts.append(f"reward margin {fmt_number(last.get('rewards_margins'))}")
-    if last.get("rewards_accuracies") is not None:
-        parts.append(f"reward accuracy {fmt_number(last.get('rewards_accuracies'))}")
+            parts.append(tr(lang, "train.elapsed", elapsed=fmt_duration(last.get("elapsed_s"), lang)))
+    for key, text in (
+        ("loss", "train.loss"),
+        ("eval_loss", "train.eval_loss"),
+        ("rewards_margins", "train.reward_margin"),
+        ("rewards_accuracies", "train.reward_accuracy"),
+    ):
+        if last.get(key) is not None:
+            parts.append(tr(lang, text, value=fmt_number(last.get(key))))
     if last.get("tokens_per_second"):
-        parts.append(f"{fmt_number(last.get('tokens_per_second'), 3)} tokens/s")
+        parts.append(tr(lang, "train.tokens_per_s", value=fmt_number(last.get("tokens_per_second"), 3)))
     if state == "queued":
-        parts.append("waiting for the running job to finish")
+        parts.append(tr(lang, "train.waiting"))
     elif state == "created":
-        parts.append("starting")
+        parts.append(tr(lang, "train.starting"))
     return (
         f'<div class="tl-status" id="train-progress" data-state="{state}" data-percent="{pct}">'
         f"<div>{' &middot; '.join(parts)}</div>"
@@ -306,9 +345,10 @@ def progress_html(status: dict, last: dict, run_dir: str) -> str:
     )
 
 
-def failure_markdown(status: dict) -> str:
-    """The failure panel: error class, message and what to do ('' when nothing failed);
-    secrets from the environment never reach the page (engine.security.redact)."""
+def failure_markdown(status: dict, lang: str | None = None) -> str:
+    """The failure panel: error class, message and what to do ('' when nothing failed), in
+    ``lang`` (the error itself as the trainer wrote it); secrets from the environment never
+    reach the page (engine.security.redact)."""
     from engine.security import redact
 
     state = status.get("state")
@@ -316,21 +356,17 @@ def failure_markdown(status: dict) -> str:
         return ""
     cls = status.get("error_class") or ("aborted" if state == "aborted" else "error")
     message = status.get("error") or status.get("message") or status.get("error_message") or ""
-    advice = (
-        status.get("hint")
-        or FAILURE_ADVICE.get(cls)
-        or ("Read the log tail below for the cause; fix it and start again (the run directory keeps everything).")
-    )
-    head = "Training stopped" if state == "aborted" else "Training failed"
+    advice = status.get("hint") or tr(lang, FAILURE_ADVICE.get(cls, "train.advice.other"))
+    head = "train.stopped_head" if state == "aborted" else "train.failed_head"
     exit_code = status.get("exit_code")
-    lines = [f"### {head}: {escape_md(cls)}"]
+    lines = [tr(lang, head, cls=escape_md(cls))]
     if status.get("log_tail") and state == "failed":
         message = message or status["log_tail"].strip().splitlines()[-1]
     if message:
         lines.append(f"**{escape_md(message)}**")
     if exit_code not in (None, 0):
-        lines.append(f"Exit code {exit_code}.")
-    lines.append(f"What to do: {advice}")
+        lines.append(tr(lang, "train.exit_code", code=exit_code))
+    lines.append(tr(lang, "train.what_to_do", advice=advice))
     return redact("\n\n".join(lines))
 
 
@@ -375,7 +411,7 @@ def demo_model_choices(ctx: AppContext, limits) -> list[str]:
     return [m for m in choices if m in allowed] + [m for m in limits.extra_models if m not in choices] or choices
 
 
-def check_run_allowed(cfg, dataset: DataChoice | None, limits) -> None:
+def check_run_allowed(cfg, dataset: DataChoice | None, limits, lang: str | None = None) -> None:
     """Refuse, with the message shown in the page, what this app may not run:
     trust_remote_code unless the operator allowed it (engine.security.check_remote_code),
     and in a public demo anything over DemoLimits (steps, cutoff, model, method, processes,
@@ -386,10 +422,7 @@ def check_run_allowed(cfg, dataset: DataChoice | None, limits) -> None:
     limits.check(cfg)
     records = dataset.records if dataset else 0
     if limits.enabled and records > limits.max_records:
-        raise security.UnsafeInputError(
-            f"This is a demo with limits: the dataset has {records} usable records (at most {limits.max_records}); "
-            "upload a smaller file."
-        )
+        raise security.UnsafeInputError(tr(lang, "train.demo_records", records=records, limit=limits.max_records))
 
 
 def check_dataset_path(ctx: AppContext, request, dataset: DataChoice | None) -> None:
@@ -400,25 +433,21 @@ def check_dataset_path(ctx: AppContext, request, dataset: DataChoice | None) -> 
         return
     path = Path(dataset.config.path)
     if not (owns(ctx.samples_dir, path) or owns(ctx.runs_for(request), path)):
-        raise gr.Error(
-            f"The dataset {path.name!r} is not one of your uploads: load it again on the Data tab.", title="Refused"
-        )
+        lang = lang_of(request)
+        raise gr.Error(tr(lang, "train.not_your_upload", name=path.name), title=tr(lang, "common.refused"))
 
 
 # --------------------------------------------------------------------------- layout
 
 
-def unfilled_question(dataset: DataChoice | None) -> str | None:
+def unfilled_question(dataset: DataChoice | None, lang: str | None = None) -> str | None:
     """What Start asks before training on data with placeholders nothing fills (None: no question)."""
     unfilled = dataset.placeholders if dataset else []
     if not unfilled:
         return None
     names = ", ".join("{{" + name + "}}" for name in unfilled)
-    return (
-        f"{dataset.name} holds placeholders that nothing fills: {names}. The model would "
-        f"learn them as they are. Fill them on the Data tab (Fill placeholders, e.g. "
-        f"{' '.join(n + '=...' for n in unfilled)}) and inspect again, or press Start again to train with them."
-    )
+    example = " ".join(n + "=..." for n in unfilled)
+    return tr(lang, "train.unfilled", name=dataset.name, names=names, example=example)
 
 
 def build(ctx: AppContext, links) -> SimpleNamespace:
@@ -431,13 +460,14 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     watch_state = gr.State(None)  # Watch of the run this page shows
     rec_state = gr.State(None)  # the last recommendation's config overrides
 
-    dataset_md = gr.Markdown(dataset_summary(None), elem_id="train-dataset")
-    if demo.enabled:
-        gr.Markdown(
-            f"This is a public demo: at most {demo.max_steps} steps, cutoff {demo.max_length} tokens, "
-            f"methods {', '.join(demo.methods)}, one process.",
-            elem_classes=["tl-note"],
-        )
+    dataset_md = gr.Markdown(t("links.no_dataset"), elem_id="train-dataset")
+
+    def demo_note(lang: str | None = None) -> str:
+        methods = ", ".join(demo.methods)
+        return tr(lang, "train.demo", steps=demo.max_steps, max_length=demo.max_length, methods=methods)
+
+    # a public demo's limits, in the visitor's language once the page loads
+    demo_md = gr.Markdown(demo_note() if demo.enabled else "", visible=demo.enabled, elem_classes=["tl-note"])
     with gr.Row():
         with gr.Column(scale=3):
             model = form.add(
@@ -446,10 +476,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                     [(m, m) for m in models] + ([] if demo.enabled else catalog_choices()),
                     value=models[0],
                     allow_custom_value=not demo.enabled,
-                    label=form.fields["model"].label,
+                    label=label_of(form.fields["model"]),
                     elem_id=form.elem_id("model"),
-                    info="The embedded SmolLM2-135M-Instruct, a listed Hub model (size and what it "
-                    "needs shown; estimates below), a local directory, or a Hub id (org/name)",
+                    info=t("train.model_info"),
                 ),
             )
             method = form.add(
@@ -457,17 +486,14 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 gr.Radio(
                     [c for c in METHOD_CHOICES if not demo.enabled or c[1] in demo.methods],
                     value=form.default("method"),
-                    label=form.fields["method"].label,
+                    label=label_of(form.fields["method"]),
                     elem_id=form.elem_id("method"),
                 ),
             )
         with gr.Column(scale=2):
-            apply_btn = gr.Button("Apply recommendation", elem_id="train-apply", variant="secondary")
-            gr.Markdown(
-                "Sets precision, method, batch size, accumulation, checkpointing, DeepSpeed, epochs and "
-                "learning rate to the plan below."
-            )
-    with gr.Accordion("This model on this hardware: methods compared, and the recommendation", open=True):
+            apply_btn = gr.Button(t("train.apply"), elem_id="train-apply", variant="secondary")
+            gr.Markdown(t("train.apply_info"))
+    with gr.Accordion(t("train.plan_box"), open=True):
         comparison = gr.Markdown(elem_id="train-comparison")
         reasons = gr.Markdown(elem_id="train-reasons")
 
@@ -475,7 +501,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     # later gets an accordion of its own, titled with its name.
     known = [section for section in SECTION_TITLES if section in form.sections()]
     for section in known + [section for section in form.sections() if section not in SECTION_TITLES]:
-        title, is_open = SECTION_TITLES.get(section, (section.replace("_", " ").capitalize(), False))
+        key, is_open = SECTION_TITLES.get(section, (None, False))
+        title = t(key) if key else section.replace("_", " ").capitalize()
         locked = demo.enabled and section == "distributed"  # a public demo runs one process
         with gr.Accordion(title, open=is_open) as box:
             form.render_section(section, overrides={"max_steps": {"value": start_steps}}, interactive=not locked)
@@ -484,26 +511,20 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     command = gr.Code(
         "",
         language="shell",
-        label="Command that will run (copy it to run on a cluster)",
+        label=t("train.command"),
         interactive=False,
         elem_id="train-command",
         lines=2,
     )
     with gr.Row():
-        start_btn = gr.Button("Start training", variant="primary", elem_id="train-start")
-        probe_btn = gr.Button("Measure first", elem_id="train-probe")
-        stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop", interactive=False)
-    gr.Markdown(
-        "**Measure first** runs a few steps of this config on the longest examples (in the training queue) and "
-        "shows the measured peak memory and the whole run's time beside the estimates above."
-    )
+        start_btn = gr.Button(t("train.start"), variant="primary", elem_id="train-start")
+        probe_btn = gr.Button(t("train.probe"), elem_id="train-probe")
+        stop_btn = gr.Button(t("train.stop"), variant="stop", elem_id="train-stop", interactive=False)
+    gr.Markdown(t("train.probe_info"))
     probe_md = gr.Markdown("", elem_id="train-probe-result", visible=False)
 
-    gr.Markdown("#### Progress")
-    progress = gr.HTML(
-        '<div class="tl-status" id="train-progress" data-state="idle">No training yet.</div>',
-        elem_id="train-progress-box",
-    )
+    gr.Markdown(t("train.progress"))
+    progress = gr.HTML(t("train.idle"), elem_id="train-progress-box")
     failure = gr.Markdown("", visible=False, elem_id="train-failure", elem_classes=["tl-fail"])
     with gr.Row():
         loss_plot = gr.LinePlot(
@@ -511,7 +532,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             x="step",
             y="loss",
             color="series",
-            title="Loss",
+            title=t("train.loss_title"),
             height=300,
             elem_id="train-loss",
             x_title="step",
@@ -524,7 +545,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             x="step",
             y="value",
             color="series",
-            title="Rewards (preference stages)",
+            title=t("train.rewards_title"),
             height=300,
             elem_id="train-rewards",
             x_title="step",
@@ -535,15 +556,15 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     log_tail = gr.Code(
         "",
         language=None,
-        label=f"Log (last {LOG_LINES} lines)",
+        label=t("train.log"),
         interactive=False,
         lines=10,
         max_lines=20,
         elem_id="train-log",
     )
     with gr.Row(visible=False) as after_row:
-        open_playground = gr.Button("Chat with it in the Playground", elem_id="train-open-playground")
-        open_export = gr.Button("Export it", elem_id="train-open-export")
+        open_playground = gr.Button(t("train.open_playground"), elem_id="train-open-playground")
+        open_export = gr.Button(t("train.open_export"), elem_id="train-open-export")
     current_run = gr.State(None)  # run directory (str) this page watches, for the buttons above
     asked_state = gr.State(None)  # the question Start asked about this dataset, once answered by a second Start
     timer = gr.Timer(ctx.poll_seconds, active=False)
@@ -555,39 +576,43 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     def update_command(request: gr.Request, dataset, *values):
         from engine.config import ConfigError
 
+        lang = lang_of(request)
         try:
-            return command_preview(FormValues.from_values(values), dataset, ctx.listing_dir(request) or ctx.runs_dir)
+            runs_dir = ctx.listing_dir(request) or ctx.runs_dir
+            return command_preview(FormValues.from_values(values), dataset, runs_dir, lang)
         except ConfigError as err:
-            return f"# not ready: {err}"
+            return tr(lang, "train.not_ready", error=err)
 
     def update_plan(model_ref, method_v, dataset, request: gr.Request = None):
         from engine.models import ModelNotFoundError
         from engine.security import redact
 
+        lang = lang_of(request)
         try:
             ctx.check_model(request, model_ref)
             rec = recommendation_for(model_ref, method_v, dataset)
         except (ModelNotFoundError, OSError, KeyError, ValueError, gr.Error) as err:
             why = err.message if isinstance(err, gr.Error) else str(err)
-            msg = f"Cannot estimate for {escape_md(model_ref)}: {escape_md(redact(why))}"
+            msg = tr(lang, "train.cannot_estimate", model=escape_md(model_ref), why=escape_md(redact(why)))
             return msg, msg, None
         from engine.models import availability
 
         needs = availability(model_ref)
-        table = comparison_markdown(rec, model_ref, dataset)
+        table = comparison_markdown(rec, model_ref, dataset, lang)
         if needs:
-            table = f"> **Before training:** {escape_md(needs)}\n\n{table}"
-        return table, reasons_markdown(rec), rec.config_overrides()
+            table = tr(lang, "train.before_training", needs=escape_md(needs)) + f"\n\n{table}"
+        return table, reasons_markdown(rec, lang), rec.config_overrides()
 
-    def apply_recommendation(overrides, *values):
+    def apply_recommendation(request: gr.Request, overrides, *values):
         """The plan applied through the config's own override path (RunConfig.with_overrides);
         only the widgets whose value changes are updated."""
+        lang = lang_of(request)
         if not overrides:
-            raise gr.Error("No recommendation yet: choose a model that can be estimated.")
+            raise gr.Error(tr(lang, "train.no_recommendation"))
         before = FormValues.from_values(values).config()
         after = before.with_overrides(overrides)
-        changed = form.labels(after, before)
-        gr.Info(f"Recommendation applied: {', '.join(changed)}." if changed else "The form already follows the plan.")
+        changed = form.labels(after, before, lang)
+        gr.Info(tr(lang, "train.applied", fields=", ".join(changed)) if changed else tr(lang, "train.already"))
         return form.updates(after, than=before)
 
     progress_outputs = [
@@ -605,8 +630,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         probe_md,
     ]
 
-    def render(watch: Watch, new_points: bool, first: bool = False) -> dict:
-        """``{widget: update}`` for progress_outputs (a widget left out keeps its value)."""
+    def render(watch: Watch, new_points: bool, first: bool = False, lang: str | None = None) -> dict:
+        """``{widget: update}`` for progress_outputs (a widget left out keeps its value), in ``lang``."""
         from engine import runs
 
         status = runs.refresh_status(Path(watch.run_dir))
@@ -616,11 +641,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         size = log_path.stat().st_size if log_path.exists() else 0
         log_value = read_log_tail(watch.run_dir) if (size != watch.log_size or first) else gr.skip()
         watch.log_size = size
-        fail = failure_markdown(status)
+        fail = failure_markdown(status, lang)
         probing = bool(status.get("probe"))
         measured = probe.read(watch.run_dir) if probing and state == "completed" else None
         updates = {
-            progress: progress_html(status, watch.last, watch.run_dir),
+            progress: progress_html(status, watch.last, watch.run_dir, lang),
             log_tail: log_value,
             failure: gr.Markdown(fail, visible=bool(fail)),
             watch_state: watch,
@@ -651,49 +676,51 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         from engine import launch, runs
         from engine.models import availability
 
+        lang = lang_of(request)
         fields = len(FormValues.names())
         asked = values[fields] if len(values) > fields else None
         form_values = FormValues.from_values(values[:fields])
         ctx.check_model(request, form_values.model)
         problem = availability(form_values.model)
         if problem:  # before a run exists: a run never fails in the trainer for a model it cannot get
-            raise gr.Error(problem, title="Model not available")
-        question = unfilled_question(dataset)
+            raise gr.Error(problem, title=tr(lang, "train.model_unavailable"))
+        question = unfilled_question(dataset, lang)
         if question and asked != question:  # ask once; the same Start again trains as it is
             gr.Warning(question, duration=None)
             return {asked_state: question}
         runs_dir = ctx.runs_for(request)
         check_dataset_path(ctx, request, dataset)
-        cfg = build_config(form_values, dataset, runs_dir)
-        check_run_allowed(cfg, dataset, DemoLimits.from_env())
+        cfg = build_config(form_values, dataset, runs_dir, lang)
+        check_run_allowed(cfg, dataset, DemoLimits.from_env(), lang)
         running = find_active_run(runs_dir)
         run_dir = launch.submit(cfg, runs_dir, probe=probe)
         status = runs.read_status(Path(run_dir))
-        what = "the probe" if probe else Path(run_dir).name
+        what = tr(lang, "train.the_probe") if probe else Path(run_dir).name
         if status.get("state") == "queued":
-            other = Path(running).name if running else "another run"
-            gr.Info(f"Queued: {other} is training; {what} starts when it ends (one job at a time).")
+            other = Path(running).name if running else tr(lang, "train.another_run")
+            gr.Info(tr(lang, "train.queued", other=other, what=what))
         else:
             steps = probe.steps()
-            gr.Info(f"Measuring {steps} steps of this config..." if probe else f"Started {what}.")
+            gr.Info(tr(lang, "train.measuring", steps=steps) if probe else tr(lang, "train.started", what=what))
         watch = Watch.attach(run_dir)
-        return {**render(watch, watch.read(), first=True), asked_state: None}
+        return {**render(watch, watch.read(), first=True, lang=lang), asked_state: None}
 
     @engine_errors
-    def stop(watch: Watch | None):
+    def stop(watch: Watch | None, request: gr.Request = None):
         from engine import launch
 
+        lang = lang_of(request)
         if watch is None:
-            raise gr.Error("No training to stop.")
+            raise gr.Error(tr(lang, "train.nothing_to_stop"))
         launch.stop(Path(watch.run_dir))
-        gr.Info(f"Stopping {Path(watch.run_dir).name}...")
-        return render(watch, watch.read())
+        gr.Info(tr(lang, "train.stopping_run", name=Path(watch.run_dir).name))
+        return render(watch, watch.read(), lang=lang)
 
     @engine_errors
-    def tick(watch: Watch | None):
+    def tick(watch: Watch | None, request: gr.Request = None):
         if watch is None:
             return {timer: gr.Timer(active=False)}
-        return render(watch, watch.read())
+        return render(watch, watch.read(), lang=lang_of(request))
 
     # ---- events
     plan_outputs = [comparison, reasons, rec_state]
@@ -711,7 +738,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         outputs=command,
         show_progress="hidden",
     )
-    links.dataset.change(dataset_summary, inputs=links.dataset, outputs=dataset_md, show_progress="hidden")
+    links.dataset.change(dataset_summary_for, inputs=links.dataset, outputs=dataset_md, show_progress="hidden")
     apply_btn.click(apply_recommendation, inputs=[rec_state, *form_inputs], outputs=form_inputs)
     start_btn.click(
         start,
@@ -734,11 +761,22 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     defaults = FormValues(model=models[0], max_steps=start_steps)
 
     def showing(request, values: FormValues, dataset: DataChoice | None) -> dict:
-        """The plan and the command for a form and dataset."""
+        """The plan and the command for a form and dataset, and the texts written on the
+        server (the dataset line, the model list, a demo's limits) in the visitor's language."""
+        lang = lang_of(request)
         names = FormValues.names()
         comparison_v, reasons_v, overrides = update_plan(values.model, values.method, dataset, request)
         cmd = update_command(request, dataset, *[getattr(values, n) for n in names])
-        return {comparison: comparison_v, reasons: reasons_v, rec_state: overrides, command: cmd}
+        choices = [(m, m) for m in models] + ([] if demo.enabled else catalog_choices(lang))
+        return {
+            comparison: comparison_v,
+            reasons: reasons_v,
+            rec_state: overrides,
+            command: cmd,
+            dataset_md: dataset_summary(dataset, lang),
+            model: gr.Dropdown(choices=choices, value=values.model),
+            demo_md: demo_note(lang) if demo.enabled else gr.skip(),
+        }
 
     @engine_errors
     def on_load(request: gr.Request):
@@ -755,10 +793,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         choice = DataChoice.from_run(run_dir)
         watch = Watch.attach(run_dir)
         return {
-            **render(watch, watch.read(), first=True),
+            **render(watch, watch.read(), first=True, lang=lang_of(request)),
             **form.updates(cfg),
             links.dataset: choice,
-            dataset_md: dataset_summary(choice),
             **showing(request, FormValues.from_config(cfg), choice),
         }
 
@@ -767,15 +804,15 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         triggers=None,
         fn=on_load,
         inputs=None,
-        outputs=[*progress_outputs, *form_inputs, links.dataset, dataset_md, *plan_outputs, command],
+        outputs=[*progress_outputs, *form_inputs, links.dataset, dataset_md, demo_md, *plan_outputs, command],
         show_progress="hidden",
     )
 
     @engine_errors
-    def attach(run_dir):
+    def attach(run_dir, request: gr.Request = None):
         """Watch a given run (the Runs tab's resume uses this)."""
         watch = Watch.attach(run_dir)
-        return render(watch, watch.read(), first=True)
+        return render(watch, watch.read(), first=True, lang=lang_of(request))
 
     return SimpleNamespace(
         model=model,
