@@ -25,7 +25,6 @@ NOT_YET_CONVERTED = {
     "evaluate_tab.py",
     "export_tab.py",
     "playground_tab.py",
-    "runs_tab.py",
     "train_tab.py",
 }
 

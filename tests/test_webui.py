@@ -703,6 +703,15 @@ def test_runs_table_and_loss_curves(tmp_path):
     assert list(loss_curves(tmp_path, ids, "eval").loss) == [1.7]
     details = run_details(tmp_path, run_dir.name)
     assert "base loss 2.9" in details and "tuned loss 1.7" in details
+    # In Kiswahili: the state word and the details' headings, the figures unchanged.
+    from webui.i18n import tr
+
+    sw_rows, _ = run_table(tmp_path, "sw")
+    assert sw_rows[0][1] == tr("sw", "runs.state.completed") != "completed"
+    assert sw_rows[0][7] == "1.7 " + tr("sw", "runs.base_loss", loss="2.9")
+    sw_details = run_details(tmp_path, run_dir.name, "sw")
+    assert sw_details.startswith(f"### {run_dir.name} - {tr('sw', 'runs.state.completed')}")
+    assert tr("sw", "runs.validation", figures="") in sw_details and "base loss 2.9" in sw_details
 
 
 def test_the_preview_keeps_a_bounded_number_of_records_and_says_so():
