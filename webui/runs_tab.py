@@ -310,7 +310,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         show_progress="hidden",
         api_name="loss_curves",
     )
-    table.select(pick_row, inputs=table, outputs=selected, show_progress="hidden")
+    # UI only: its input's headers are i18n keys, which the API's description cannot hold
+    table.select(pick_row, inputs=table, outputs=selected, show_progress="hidden", api_visibility="private")
 
     @engine_errors
     def details_of(run_id, request: gr.Request):
