@@ -22,7 +22,6 @@ WEBUI = REPO / "webui"
 # format English status messages; they are next to convert.)
 NOT_YET_CONVERTED = {
     "evaluate_tab.py",
-    "export_tab.py",
     "playground_tab.py",
     "train_tab.py",
 }
