@@ -21,7 +21,6 @@ WEBUI = REPO / "webui"
 # Train form's labels and help from engine/config.py's metadata, common.py and links.py
 # format English status messages; they are next to convert.)
 NOT_YET_CONVERTED = {
-    "evaluate_tab.py",
     "playground_tab.py",
     "train_tab.py",
 }
