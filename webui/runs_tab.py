@@ -225,8 +225,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         rows, ids = run_table(root, lang) if root is not None else ([], [])
         keep = [r for r in (current_compare or []) if r in ids] or ids[:3]
         sel = current_selected if current_selected in ids else (ids[0] if ids else None)
-        # rows only: the table keeps its headers, the t() keys the page translates
-        return rows, gr.CheckboxGroup(choices=ids, value=keep), gr.Dropdown(choices=ids, value=sel)
+        # the headers go with the rows, in the visitor's language (a handler's value carries its
+        # headers, and the page translates no i18n key inside a value)
+        table_value = {"data": rows, "headers": [tr(lang, k) for k in COLUMN_KEYS]}
+        return table_value, gr.CheckboxGroup(choices=ids, value=keep), gr.Dropdown(choices=ids, value=sel)
 
     @engine_errors
     def plot(chosen, which, request: gr.Request):
