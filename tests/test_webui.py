@@ -677,6 +677,28 @@ def test_downloads_zip_the_run_artefacts(tmp_path):
     assert zip_dir(targets, run / "export" / "downloads", run.name).stat().st_mtime_ns == mtime  # reused
 
 
+def test_export_table_gives_verdicts_in_the_visitors_language(tmp_path):
+    """The engine's verdict (parity.json) as the page shows it: English words in English,
+    the locale's words in Kiswahili; variant names stay."""
+    from webui.export_tab import artefact_markdown, download_targets
+    from webui.i18n import tr
+
+    run = tmp_path / "run-1"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    for variant in ("int8", "fp32"):
+        (run / "export" / f"onnx-{variant}").mkdir(parents=True)
+        (run / "export" / f"onnx-{variant}" / "genai_config.json").write_text("{}")
+    (run / "export" / "parity.json").write_text(json.dumps({"onnx": {"int8": {"verdict": {"verdict": "degraded"}}}}))
+    english, swahili = artefact_markdown(run), artefact_markdown(run, "sw")
+    assert "| onnx-int8 |" in english and "| degraded |" in english and "| not measured yet |" in english
+    assert f"| {tr('sw', 'export.verdict.degraded')} |" in swahili and "| onnx-int8 |" in swahili
+    assert f"| {tr('sw', 'export.not_measured')} |" in swahili and "degraded" not in swahili
+    with pytest.raises(FileNotFoundError, match="onnx|ONNX") as err:
+        download_targets(tmp_path / "empty", "onnx", "sw")
+    assert str(err.value) == tr("sw", "export.none_onnx", run="empty")
+
+
 def test_runs_table_and_loss_curves(tmp_path):
     import time
 
