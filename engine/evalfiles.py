@@ -32,13 +32,17 @@ def fmt_entry(entry: dict | None) -> str:
     return f"{entry['value']:.1f} [{low:.1f}, {high:.1f}]"
 
 
-def summary_table(summary: dict) -> str:
-    """The backends x metrics table (markdown): aggregate [95% interval]."""
+SUMMARY_TABLE_HEAD = ("metric", "examples")
+
+
+def summary_table(summary: dict, head: tuple[str, str] = SUMMARY_TABLE_HEAD) -> str:
+    """The backends x metrics table (markdown): aggregate [95% interval]. ``head``: the words
+    for its "metric" header and "examples" row (the web page gives them in the visitor's language)."""
     backends = summary["backends"]
     names = []
     for entry in backends.values():
         names += [m for m in entry["metrics"] if m not in names]
-    lines = ["| metric | " + " | ".join(backends) + " |", "|---" * (len(backends) + 1) + "|"]
+    lines = [f"| {head[0]} | " + " | ".join(backends) + " |", "|---" * (len(backends) + 1) + "|"]
     for metric in names:
         cells = []
         for entry in backends.values():
@@ -50,7 +54,7 @@ def summary_table(summary: dict) -> str:
             )
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     lines.append("| tokens/s | " + " | ".join(f"{e['tokens_per_s']:.1f}" for e in backends.values()) + " |")
-    lines.append("| examples | " + " | ".join(str(e["examples"]) for e in backends.values()) + " |")
+    lines.append(f"| {head[1]} | " + " | ".join(str(e["examples"]) for e in backends.values()) + " |")
     return "\n".join(lines)
 
 

@@ -157,19 +157,35 @@ def backend_parts(name: str) -> tuple[str, str | None]:
     raise EvalError(f"backend: {name!r} is not base, tuned, merged or onnx-<variant> (e.g. onnx-int4)")
 
 
-def backend_problem(run_dir: Path, name: str) -> str | None:
-    """Why ``name`` cannot answer for this run (None when it can)."""
+# Why a backend cannot answer: a stable code (the summary's ``skipped_codes``, which the web
+# page translates) and its English message.
+BACKEND_PROBLEMS = {
+    "no_adapter": "the run has no adapter/ or model/ (it failed, or is not trained yet)",
+    "no_merged": "no merged export yet: `{command}`",
+    "no_onnx": "no {name} export yet: `{command}`",
+}
+
+
+def backend_issue(run_dir: Path, name: str) -> dict | None:
+    """Why ``name`` cannot answer for this run, as ``{"code", "params"}`` (None when it can)."""
     kind, precision = backend_parts(name)
     if kind == "tuned" and not (
         (run_dir / runs.ADAPTER_DIR / "adapter_config.json").is_file()
         or (run_dir / runs.MODEL_DIR / "config.json").is_file()
     ):
-        return "the run has no adapter/ or model/ (it failed, or is not trained yet)"
+        return {"code": "no_adapter", "params": {}}
     if kind == "merged" and not (run_dir / "export" / "merged" / "config.json").is_file():
-        return f"no merged export yet: `tunelab export {run_dir} --format merged`"
+        return {"code": "no_merged", "params": {"command": f"tunelab export {run_dir} --format merged"}}
     if kind == "onnx" and not (run_dir / "export" / name / "genai_config.json").is_file():
-        return f"no {name} export yet: `tunelab export {run_dir} --format onnx --precision {precision}`"
+        command = f"tunelab export {run_dir} --format onnx --precision {precision}"
+        return {"code": "no_onnx", "params": {"name": name, "command": command}}
     return None
+
+
+def backend_problem(run_dir: Path, name: str) -> str | None:
+    """Why ``name`` cannot answer for this run, in English (None when it can)."""
+    issue = backend_issue(run_dir, name)
+    return None if issue is None else BACKEND_PROBLEMS[issue["code"]].format(**issue["params"])
 
 
 def load_backend(run_dir: Path, name: str, progress: Callable[[str], None] | None = None):
@@ -709,11 +725,12 @@ def run_evaluation(
             else "the references are not a closed label set (at most 20 distinct, each twice): no accuracy"
         )
     settings = GenerationSettings(max_new_tokens=spec.max_new_tokens, greedy=True)
-    available, skipped = [], {}
+    available, skipped, skipped_codes = [], {}, {}
     for name in spec.backends:
-        problem = backend_problem(run_dir, name)
-        if problem:
-            skipped[name] = problem
+        issue = backend_issue(run_dir, name)
+        if issue:
+            skipped[name] = problem = BACKEND_PROBLEMS[issue["code"]].format(**issue["params"])
+            skipped_codes[name] = issue
             say(f"skipping {name}: {problem}")
         else:
             available.append(name)
@@ -769,7 +786,7 @@ def run_evaluation(
             model, [e.prompt for e in examples], settings, spec.batch_size, spec.system, on_answer=write, stop=stop
         )
     partial = stop.is_set() or done < total
-    summary = finalize(eval_dir, spec, source, skipped, labels, partial=partial)
+    summary = finalize(eval_dir, spec, source, skipped, labels, partial=partial, skipped_codes=skipped_codes)
     if spec.judge and not partial:
         from engine import judge as judging
 
@@ -845,7 +862,16 @@ def _aggregate(rows: list[dict], spec: EvalSpec, metric_names: list[str]) -> dic
     return out
 
 
-def finalize(eval_dir: Path, spec: EvalSpec, source: dict, skipped: dict, labels, *, partial: bool = False) -> dict:
+def finalize(
+    eval_dir: Path,
+    spec: EvalSpec,
+    source: dict,
+    skipped: dict,
+    labels,
+    *,
+    partial: bool = False,
+    skipped_codes: dict | None = None,
+) -> dict:
     """Add the per-example deltas to results.jsonl; write summary.json and report.md."""
     rows = read_results(eval_dir)
     backends = [b for b in spec.backends if any(r["backend"] == b for r in rows)]
@@ -895,6 +921,7 @@ def finalize(eval_dir: Path, spec: EvalSpec, source: dict, skipped: dict, labels
         "checks": spec.checks,
         "labels": labels,
         "skipped_backends": skipped,
+        "skipped_codes": skipped_codes or {},
         "backends": per_backend,
         "deltas": deltas_summary,
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "interval": "95% percentile"},
@@ -991,12 +1018,16 @@ def judge_reasons(line: dict) -> str:
     return " || ".join(" ".join((r or "").split()) for r in line.get("reasons") or [])
 
 
-def judge_table(summary: dict) -> str:
-    """The judge's win / tie / loss per pair, as a markdown table ('' without a judge)."""
+JUDGE_TABLE_HEAD = ("pair", "win", "tie", "loss", "without a verdict")
+
+
+def judge_table(summary: dict, head: tuple[str, ...] = JUDGE_TABLE_HEAD) -> str:
+    """The judge's win / tie / loss per pair, as a markdown table ('' without a judge);
+    ``head``: its column headers (the web page gives them in the visitor's language)."""
     verdicts = summary.get("judge")
     if not verdicts:
         return ""
-    out = ["| pair | win | tie | loss | without a verdict |", "|---|---|---|---|---|"]
+    out = ["| " + " | ".join(head) + " |", "|---|---|---|---|---|"]
     for pair, counts in verdicts["pairs"].items():
         rates = counts.get("rates")
         cells = [f"{rates[k]:.0%} ({counts[k]})" if rates else f"- ({counts[k]})" for k in ("win", "tie", "loss")]

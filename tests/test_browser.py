@@ -542,3 +542,60 @@ def test_language_follows_the_browser_and_the_picker_overrides_it(browser, bare_
         assert page.locator("#tl-lang input").input_value() == sw["lang.self"]
     finally:
         context.close()
+
+
+def test_export_runs_and_evaluate_tabs_show_no_english_in_kiswahili(browser, bare_app):
+    """Browser language sw: the Export, Runs and Evaluate tabs (accordions open, the endpoint
+    judge chosen) show none of their English locale values; screenshots in docs/screenshots/sw/."""
+    import re
+
+    from webui.i18n import translations
+
+    sw, en = translations()["sw"], translations()["en"]
+    mine = ("export.", "runs.", "evaluate.")
+    sw_words = " ".join(v for k, v in sw.items() if k.startswith(mine))
+    # English values a Kiswahili text may hold as a word of its own (e.g. "loss") are left out.
+    english = {
+        prefix: [
+            _visible(en[k])
+            for k in en
+            if k.startswith(prefix) and en[k] != sw[k] and not re.search(rf"\b{re.escape(_visible(en[k]))}\b", sw_words)
+        ]
+        for prefix in mine
+    }
+    shots = SCREENSHOTS / "sw"
+    shots.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport=VIEWPORT, locale="sw")
+    try:
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(bare_app)
+        page.locator("#data-upload").wait_for()
+
+        def panel(elem_id: str) -> str:
+            return page.locator(f"#{elem_id}").locator("xpath=ancestor::div[@role='tabpanel']").inner_text()
+
+        def no_english(elem_id: str, prefix: str, name: str):
+            body = panel(elem_id)
+            left = [text for text in english[prefix] if re.search(rf"(?<!\w){re.escape(text)}(?!\w)", body)]
+            assert not left, f"English left on the {name} tab: {left}"
+            page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+
+        _tab(page, sw["app.tab.export"])
+        page.locator("#export-precisions").get_by_text(sw["export.adapter_file"]).wait_for()  # set on load
+        page.locator("#export-onnx-intro").get_by_text(_visible(sw["export.onnx_intro"]).split(".")[0]).wait_for()
+        no_english("export-run", "export.", "export")
+
+        _tab(page, sw["app.tab.runs"])
+        page.locator("#runs-table").get_by_text(sw["runs.col.train_loss"]).wait_for()
+        no_english("runs-table", "runs.", "runs")
+
+        _tab(page, sw["app.tab.evaluate"])
+        page.get_by_text(sw["evaluate.settings"]).click()
+        page.get_by_text(_visible(sw["evaluate.judge"])).click()
+        page.locator("#eval-judge-kind").get_by_text(sw["evaluate.judge_kind.endpoint"]).click()
+        page.locator("#eval-judge-url").wait_for()
+        page.locator("#eval-filter").get_by_text(sw["evaluate.filter.tuned_worse"]).wait_for()
+        no_english("eval-run", "evaluate.", "evaluate")
+    finally:
+        context.close()

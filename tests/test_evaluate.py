@@ -153,6 +153,16 @@ def test_end_to_end_over_base_tuned_and_onnx(tiny_run, chats_file, capsys):
     out = capsys.readouterr()
     summary = json.loads(out.out)
     assert "skipping onnx-int8" in out.err and "onnx-int8" in summary["skipped_backends"]
+    # Why, as a code the web page translates (the engine's own words stay English).
+    from webui.evaluate_tab import progress_markdown
+    from webui.i18n import tr
+
+    issue = summary["skipped_codes"]["onnx-int8"]
+    assert issue["code"] == "no_onnx" and issue["params"]["name"] == "onnx-int8"
+    shown = {lang: progress_markdown({"name": name, "state": "completed"}, summary, lang) for lang in ("en", "sw")}
+    assert f"Skipped onnx-int8: {summary['skipped_backends']['onnx-int8']}" in shown["en"]
+    assert tr("sw", "evaluate.skip.no_onnx", **issue["params"]) in shown["sw"]
+    assert tr("sw", "runs.state.completed") in shown["sw"] and "Skipped" not in shown["sw"]
     assert list(summary["backends"]) == ["base", "tuned", "onnx-fp32"]
     eval_dir = tiny_run / "eval" / name
     rows = evaluate.read_results(eval_dir)

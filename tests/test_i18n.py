@@ -16,14 +16,6 @@ from webui import i18n
 REPO = Path(__file__).resolve().parent.parent
 WEBUI = REPO / "webui"
 
-# Files whose component texts are still string literals; this set only shrinks.
-NOT_YET_CONVERTED = {
-    "api_panel.py",
-    "evaluate_tab.py",
-    "export_tab.py",
-    "runs_tab.py",
-}
-
 TEXT_KEYWORDS = ("label", "info", "placeholder", "value")
 # Components whose first positional argument is shown text.
 TEXT_POSITIONAL = {"Markdown", "Button", "Tab", "TabItem", "Accordion", "HTML", "Textbox"}
@@ -102,15 +94,8 @@ def test_lint_sees_a_literal_label(tmp_path):
 def test_no_string_literals_in_component_texts():
     offenders = []
     for path in sorted(WEBUI.glob("*.py")):
-        if path.name not in NOT_YET_CONVERTED:
-            offenders += literal_texts(path)
+        offenders += literal_texts(path)
     assert not offenders, "texts of components must come from webui/locales (webui.i18n.t):\n" + "\n".join(offenders)
-
-
-def test_not_yet_converted_files_still_have_literals():
-    """Keeps NOT_YET_CONVERTED honest: a converted file leaves the set."""
-    done = sorted(n for n in NOT_YET_CONVERTED if not literal_texts(WEBUI / n))
-    assert not done, f"remove from NOT_YET_CONVERTED, they are converted: {done}"
 
 
 @pytest.mark.parametrize(

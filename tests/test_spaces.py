@@ -221,7 +221,7 @@ def test_each_user_works_on_their_own_runs(shared):
     fn = shared.fn
     alice, bob = user("alice"), user("bob")
     table, compare, picker = fn["list_runs"](None, [], alice)
-    assert [row[0] for row in table] == ["alice-run"] and picker.choices == [("alice-run", "alice-run")]
+    assert [row[0] for row in table["data"]] == ["alice-run"] and picker.choices == [("alice-run", "alice-run")]
     assert [v for _, v in fn["export_runs"](None, bob).choices] == ["bob-run"]
     (archive,) = fn["download_adapter"]("alice-run", alice)
     with zipfile.ZipFile(archive) as zf:
@@ -232,7 +232,7 @@ def test_each_user_works_on_their_own_runs(shared):
     assert "adapter" in fn["export_contents"](str(shared.runs["alice"]), alice)[0]
     fn["delete_run"]("bob-run", [], bob)
     assert not shared.runs["bob"].exists() and shared.runs["alice"].exists()
-    assert fn["list_runs"](None, [], bob)[0] == []
+    assert fn["list_runs"](None, [], bob)[0]["data"] == []
 
 
 def test_uploaded_file_names_are_sanitised_and_samples_are_only_the_listed_ones(shared, tmp_path):

@@ -677,6 +677,28 @@ def test_downloads_zip_the_run_artefacts(tmp_path):
     assert zip_dir(targets, run / "export" / "downloads", run.name).stat().st_mtime_ns == mtime  # reused
 
 
+def test_export_table_gives_verdicts_in_the_visitors_language(tmp_path):
+    """The engine's verdict (parity.json) as the page shows it: English words in English,
+    the locale's words in Kiswahili; variant names stay."""
+    from webui.export_tab import artefact_markdown, download_targets
+    from webui.i18n import tr
+
+    run = tmp_path / "run-1"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    for variant in ("int8", "fp32"):
+        (run / "export" / f"onnx-{variant}").mkdir(parents=True)
+        (run / "export" / f"onnx-{variant}" / "genai_config.json").write_text("{}")
+    (run / "export" / "parity.json").write_text(json.dumps({"onnx": {"int8": {"verdict": {"verdict": "degraded"}}}}))
+    english, swahili = artefact_markdown(run), artefact_markdown(run, "sw")
+    assert "| onnx-int8 |" in english and "| degraded |" in english and "| not measured yet |" in english
+    assert f"| {tr('sw', 'export.verdict.degraded')} |" in swahili and "| onnx-int8 |" in swahili
+    assert f"| {tr('sw', 'export.not_measured')} |" in swahili and "degraded" not in swahili
+    with pytest.raises(FileNotFoundError, match="onnx|ONNX") as err:
+        download_targets(tmp_path / "empty", "onnx", "sw")
+    assert str(err.value) == tr("sw", "export.none_onnx", run="empty")
+
+
 def test_runs_table_and_loss_curves(tmp_path):
     import time
 
@@ -703,6 +725,15 @@ def test_runs_table_and_loss_curves(tmp_path):
     assert list(loss_curves(tmp_path, ids, "eval").loss) == [1.7]
     details = run_details(tmp_path, run_dir.name)
     assert "base loss 2.9" in details and "tuned loss 1.7" in details
+    # In Kiswahili: the state word and the details' headings, the figures unchanged.
+    from webui.i18n import tr
+
+    sw_rows, _ = run_table(tmp_path, "sw")
+    assert sw_rows[0][1] == tr("sw", "runs.state.completed") != "completed"
+    assert sw_rows[0][7] == "1.7 " + tr("sw", "runs.base_loss", loss="2.9")
+    sw_details = run_details(tmp_path, run_dir.name, "sw")
+    assert sw_details.startswith(f"### {run_dir.name} - {tr('sw', 'runs.state.completed')}")
+    assert tr("sw", "runs.validation", figures="") in sw_details and "base loss 2.9" in sw_details
 
 
 def test_the_preview_keeps_a_bounded_number_of_records_and_says_so():

@@ -13,8 +13,10 @@ import gradio as gr  # at module level: handlers' gr.Request annotations must re
 from engine import serve
 from engine.config import SERVE_API_KEY_ENV, SERVE_PORT
 from webui.common import AppContext
+from webui.i18n import lang_of, t, tr
 
-CHOICES = ("base", "tuned", "merged", "onnx")
+CHOICES = ("base", "tuned", "merged", "onnx")  # backend names, as the API's model ids spell them
+DEFAULT_BACKEND = "tuned"
 
 
 def base_url(request) -> str:
@@ -34,38 +36,37 @@ def model_id(run_id: str, backend: str, onnx_precision: str) -> str:
 def build(ctx: AppContext, run, onnx_precision) -> None:
     """The panel, under the Playground's run picker (``run``) and ONNX precision."""
     per_user = ctx.api is not None and isinstance(ctx.api.keys, serve.UserKeys)
-    with gr.Accordion("Use via API", open=False, elem_id="play-api"):
-        backend = gr.Radio(list(CHOICES), value="tuned", label="Backend", elem_id="play-api-backend")
+    with gr.Accordion(t("api.title"), open=False, elem_id="play-api"):
+        backend = gr.Radio(list(CHOICES), value=DEFAULT_BACKEND, label=t("api.backend"), elem_id="play-api-backend")
         snippet = gr.Markdown("", elem_id="play-api-snippet")
-        key_btn = gr.Button("Create my API key", visible=per_user, size="sm", elem_id="play-api-key-btn")
+        key_btn = gr.Button(t("api.create_key"), visible=per_user, size="sm", elem_id="play-api-key-btn")
         key_box = gr.Textbox(
-            label="Your API key (shown once; creating another replaces it)",
+            label=t("api.key"),
             visible=False,
             interactive=False,
             elem_id="play-api-key",
         )
 
     def show(run_id, backend_v, precision, request: gr.Request = None) -> str:
+        lang = lang_of(request)
         if not run_id:
-            return "Pick a run above to get a ready call of its model."
+            return tr(lang, "api.pick_run")
         mid = model_id(run_id, backend_v, precision)
         if ctx.api is None:
-            head = (
-                "The app serves no API now: start it with `tunelab ui --api`, or serve this run alone with "
-                f"`{SERVE_API_KEY_ENV}=... tunelab serve runs/{run_id} --backend {mid.split(':', 1)[1]}` "
-                f"(then the address is `http://127.0.0.1:{SERVE_PORT}/v1`).\n\n"
-            )
             url = f"http://127.0.0.1:{SERVE_PORT}/v1"
+            command = f"{SERVE_API_KEY_ENV}=... tunelab serve runs/{run_id} --backend {mid.split(':', 1)[1]}"
+            head = tr(lang, "api.no_api", command=command, url=url)
         else:
             url = base_url(request)
-            how = "your key (the button below)" if per_user else f"the key in ${SERVE_API_KEY_ENV}, if the app has one"
-            head = f"Model `{mid}` at `{url}`, with {how}. `GET {url}/models` lists the models you can call.\n\n"
-        return head + serve.client_snippet(url, mid)
+            how = tr(lang, "api.your_key") if per_user else tr(lang, "api.env_key", env=SERVE_API_KEY_ENV)
+            head = tr(lang, "api.model_at", model=mid, url=url, how=how)
+        return head + "\n\n" + serve.client_snippet(url, mid)
 
     def new_key(request: gr.Request):
         user = ctx.user_of(request)
         if user is None:
-            raise gr.Error("Sign in first: each person's key reaches only their own runs.", title="Not signed in")
+            lang = lang_of(request)
+            raise gr.Error(tr(lang, "api.sign_in"), title=tr(lang, "api.not_signed_in"))
         return gr.Textbox(value=ctx.api.keys.issue(user), visible=True)
 
     inputs = [run, backend, onnx_precision]

@@ -492,3 +492,22 @@ def launch_standalone(create) -> None:
     """``python -m webui.<tab>``: serve one tab with the app's launch settings."""
     ctx = AppContext()
     launch_and_serve(create(ctx), **launch_kwargs(ctx))
+
+
+# A job state (engine.runs.STATES, and "starting") -> its locale key; the Runs, Export and
+# Evaluate tabs word states alike.
+STATE_KEYS = {
+    "created": "runs.state.created",
+    "queued": "runs.state.queued",
+    "starting": "runs.state.starting",
+    "running": "runs.state.running",
+    "completed": "runs.state.completed",
+    "failed": "runs.state.failed",
+    "aborted": "runs.state.aborted",
+}
+
+
+def state_text(lang: str | None, state: str | None) -> str:
+    """A job state (engine.runs.STATES) as the page shows it in ``lang``; an unknown one as is."""
+    key = STATE_KEYS.get(state or "")
+    return tr(lang, key) if key else str(state or "?")

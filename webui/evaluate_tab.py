@@ -29,7 +29,8 @@ import gradio as gr  # at module level: handlers' gr.Request annotations must re
 
 from engine import config, evalfiles, evaluate, runs
 from engine import judge as judging
-from webui.common import AppContext, engine_errors, escape_md, fmt_duration, launch_standalone, plot_frame
+from webui.common import AppContext, engine_errors, escape_md, fmt_duration, launch_standalone, plot_frame, state_text
+from webui.i18n import lang_of, t, tr
 from webui.links import standalone_tab
 from webui.playground_tab import run_picker
 
@@ -42,6 +43,46 @@ JUDGE_NONE, JUDGE_BASE, JUDGE_LOCAL, JUDGE_ENDPOINT = (
     "an OpenAI-compatible endpoint",
 )
 JUDGE_KINDS = (JUDGE_NONE, JUDGE_BASE, JUDGE_LOCAL, JUDGE_ENDPOINT)
+# The page's words for the judge kinds, the engine's filters (engine.evaluate.FILTERS), a judged
+# pair's outcome and why a backend was skipped (the summary's skipped_codes); the values stay.
+JUDGE_KEYS = {
+    JUDGE_NONE: "evaluate.judge_kind.none",
+    JUDGE_BASE: "evaluate.judge_kind.base",
+    JUDGE_LOCAL: "evaluate.judge_kind.local",
+    JUDGE_ENDPOINT: "evaluate.judge_kind.endpoint",
+}
+FILTER_KEYS = {
+    "all examples": "evaluate.filter.all",
+    "tuned worse than base": "evaluate.filter.tuned_worse",
+    "ONNX differs from tuned": "evaluate.filter.onnx_differs",
+    "all wrong": "evaluate.filter.all_wrong",
+}
+OUTCOME_KEYS = {
+    "win": "evaluate.outcome.win",
+    "tie": "evaluate.outcome.tie",
+    "loss": "evaluate.outcome.loss",
+    "unparsed": "evaluate.outcome.unparsed",
+}
+SKIP_KEYS = {
+    "no_adapter": "evaluate.skip.no_adapter",
+    "no_merged": "evaluate.skip.no_merged",
+    "no_onnx": "evaluate.skip.no_onnx",
+}
+
+
+def judge_choices(lang: str | None) -> list[tuple[str, str]]:
+    return [(tr(lang, JUDGE_KEYS[k]), k) for k in JUDGE_KINDS]
+
+
+def filter_choices(lang: str | None) -> list[tuple[str, str]]:
+    return [(tr(lang, FILTER_KEYS[f]) if f in FILTER_KEYS else f, f) for f in evaluate.FILTERS]
+
+
+def skipped_text(lang: str | None, summary: dict, name: str) -> str:
+    """Why a backend was skipped, in ``lang`` (the engine's English when it gave no known code)."""
+    issue = (summary.get("skipped_codes") or {}).get(name) or {}
+    key = SKIP_KEYS.get(issue.get("code"))
+    return tr(lang, key, **issue.get("params", {})) if key else summary["skipped_backends"][name]
 
 
 def run_backends(run_dir: Path) -> tuple[list[str], list[str]]:
@@ -57,22 +98,25 @@ def run_backends(run_dir: Path) -> tuple[list[str], list[str]]:
     return names, ready
 
 
-def progress_markdown(info: dict | None, summary: dict | None) -> str:
+def progress_markdown(info: dict | None, summary: dict | None, lang: str = "en") -> str:
     if info is None:
-        return "No evaluation yet for this run: choose the backends and press **Evaluate**."
+        return tr(lang, "evaluate.none_yet")
     state = info.get("state") or "?"
     progress = info.get("progress") or {}
-    line = f"**{escape_md(info['name'])}**: {state}"
+    line = f"**{escape_md(info['name'])}**: {state_text(lang, state)}"
     if progress:
-        line += f", {progress.get('done', 0)} of {progress.get('total', '?')} answers"
+        line += tr(lang, "evaluate.answers", done=progress.get("done", 0), total=progress.get("total", "?"))
         if state == "running":
-            line += f" ({escape_md(progress.get('backend', ''))}), about {fmt_duration(progress.get('eta_s'))} left"
+            backend = escape_md(progress.get("backend", ""))
+            line += tr(lang, "evaluate.eta", backend=backend, eta=fmt_duration(progress.get("eta_s")))
     elif state == "queued":
-        line += ": waiting for the machine (a training or another evaluation runs first)"
+        line += tr(lang, "evaluate.waiting")
     if summary and summary.get("partial"):
-        line += ". **Partial**: stopped before the end; the figures cover the finished answers."
-    for name, why in (summary or {}).get("skipped_backends", {}).items():
-        line += f"\n\nSkipped {escape_md(name)}: {escape_md(why)}"
+        line += tr(lang, "evaluate.partial")
+    for name in (summary or {}).get("skipped_backends", {}):
+        line += "\n\n" + tr(
+            lang, "evaluate.skipped", backend=escape_md(name), why=escape_md(skipped_text(lang, summary, name))
+        )
     return line
 
 
@@ -94,13 +138,17 @@ def chart_update(summary: dict | None):
     return gr.BarPlot(value=frame, sort=list(frame["bar"]) if frame is not None else None)
 
 
-def table_value(entries: list[dict], backends: list[str], score: str, pairs: list[str] | None = None):
-    """The comparison table; ``pairs``: the judged pairs, each with a verdict and a reasons column."""
+def table_value(entries: list[dict], backends: list[str], score: str, pairs: list[str] | None = None, lang: str = "en"):
+    """The comparison table, its headers in ``lang`` (backend, metric and pair names stay);
+    ``pairs``: the judged pairs, each with a verdict and a reasons column."""
     import pandas as pd
 
     pairs = pairs or []
-    columns = ["#", "prompt", "reference"] + [c for b in backends for c in (b, f"{b} {score}")]
-    columns += [c for p in pairs for c in (f"judge {p}", f"judge {p} reasons")]
+    columns = ["#", tr(lang, "evaluate.col.prompt"), tr(lang, "evaluate.col.reference")]
+    columns += [c for b in backends for c in (b, f"{b} {score}")]
+    columns += [
+        c for p in pairs for c in (tr(lang, "evaluate.col.judge", pair=p), tr(lang, "evaluate.col.reasons", pair=p))
+    ]
     data = []
     for e in entries:
         row = [e["example"], e["prompt"][-1]["content"][:CELL_CHARS], e["reference"][:CELL_CHARS]]
@@ -109,102 +157,109 @@ def table_value(entries: list[dict], backends: list[str], score: str, pairs: lis
             row += [e["answers"].get(b, "")[:CELL_CHARS], None if value is None else round(value, 1)]
         for p in pairs:
             verdict = e.get("judge", {}).get(p) or {}
-            row += [verdict.get("outcome", ""), verdict.get("reasons", "")[:CELL_CHARS]]
+            outcome = verdict.get("outcome", "")
+            row += [tr(lang, OUTCOME_KEYS[outcome]) if outcome in OUTCOME_KEYS else outcome]
+            row += [verdict.get("reasons", "")[:CELL_CHARS]]
         data.append(row)
     return pd.DataFrame(data, columns=columns)
 
 
 def build(ctx: AppContext, links) -> SimpleNamespace:
     defaults = evaluate.EvalSpec(run="")
+
+    def key_info(lang: str) -> str:
+        if ctx.multi_user:  # a shared app lends no key of its own
+            return tr(lang, "evaluate.judge_key_info")
+        return tr(lang, "evaluate.judge_key_info_env", env=config.JUDGE_KEY_ENV)
+
     with gr.Row():
-        run = gr.Dropdown([], value=None, label="Run", scale=3, elem_id="eval-run")
-        refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=90)
+        run = gr.Dropdown([], value=None, label=t("evaluate.run"), scale=3, elem_id="eval-run")
+        refresh_btn = gr.Button(t("evaluate.refresh"), size="sm", scale=0, min_width=90)
     with gr.Row():
-        backends = gr.CheckboxGroup([], value=[], label="Backends", elem_id="eval-backends", scale=3)
+        backends = gr.CheckboxGroup([], value=[], label=t("evaluate.backends"), elem_id="eval-backends", scale=3)
         data_path = gr.Textbox(
             "",
-            label="Dataset file (optional)",
-            placeholder="empty: the run's validation split, as the trainer split it",
+            label=t("evaluate.data"),
+            placeholder=t("evaluate.data_placeholder"),
             elem_id="eval-data",
             visible=not ctx.multi_user,
             scale=2,
         )
-    with gr.Accordion("Checks and settings", open=False, elem_id="eval-settings"):
+    with gr.Accordion(t("evaluate.settings"), open=False, elem_id="eval-settings"):
         checks = gr.Textbox(
             "",
-            label="Checks (one per line)",
+            label=t("evaluate.checks"),
             lines=2,
-            placeholder="starts_with:Pip here!\ncontains:Happy tuning\nregex:^\\d+$",
+            placeholder=t("evaluate.checks_placeholder"),
             elem_id="eval-checks",
         )
         with gr.Row():
-            limit = gr.Number(
-                0, label="Only the first N examples (0: all)", precision=0, minimum=0, elem_id="eval-limit"
-            )
+            limit = gr.Number(0, label=t("evaluate.limit"), precision=0, minimum=0, elem_id="eval-limit")
             max_new = gr.Number(
-                defaults.max_new_tokens, label="Max new tokens", precision=0, minimum=1, elem_id="eval-max-new"
+                defaults.max_new_tokens, label=t("evaluate.max_new"), precision=0, minimum=1, elem_id="eval-max-new"
             )
-            batch = gr.Number(defaults.batch_size, label="Batch size", precision=0, minimum=1, elem_id="eval-batch")
-            name = gr.Textbox("", label="Name", placeholder="eval-<date>-<time>", elem_id="eval-name")
-    with gr.Accordion("Judge (optional)", open=False, elem_id="eval-judge"):
+            batch = gr.Number(
+                defaults.batch_size, label=t("evaluate.batch"), precision=0, minimum=1, elem_id="eval-batch"
+            )
+            name = gr.Textbox(
+                "", label=t("evaluate.name"), placeholder=t("evaluate.name_placeholder"), elem_id="eval-name"
+            )
+    with gr.Accordion(t("evaluate.judge"), open=False, elem_id="eval-judge"):
         judge_kind = gr.Radio(
-            list(JUDGE_KINDS),
+            judge_choices("en"),  # in the visitor's language on load
             value=JUDGE_NONE,
-            label="Judge: tuned vs base and ONNX vs tuned, each asked in both orders",
+            label=t("evaluate.judge_kind_label"),
             elem_id="eval-judge-kind",
         )
         judge_local = gr.Textbox(
             "",
-            label="Judge model (a local directory or a Hub id tunelab can load)",
+            label=t("evaluate.judge_local"),
             visible=False,
             elem_id="eval-judge-local",
         )
         with gr.Row(visible=False) as endpoint_row:
             judge_url = gr.Textbox(
                 "",
-                label="Endpoint URL",
-                placeholder="https://host/v1",
+                label=t("evaluate.judge_url"),
+                placeholder=t("evaluate.judge_url_placeholder"),
                 elem_id="eval-judge-url",
-                info="A public address on a shared app." if ctx.multi_user else None,
+                info=t("evaluate.judge_url_info") if ctx.multi_user else None,
             )
-            judge_endpoint_model = gr.Textbox("", label="Model name", elem_id="eval-judge-endpoint-model")
+            judge_endpoint_model = gr.Textbox("", label=t("evaluate.judge_model"), elem_id="eval-judge-endpoint-model")
             judge_key = gr.Textbox(
                 "",
-                label="Key",
+                label=t("evaluate.judge_key"),
                 type="password",
                 elem_id="eval-judge-key",
-                info="Used by this evaluation's job only; never stored, logged or shown."
-                + ("" if ctx.multi_user else f" Empty: {config.JUDGE_KEY_ENV} from the environment."),
+                info=key_info("en"),  # in the visitor's language on load
             )
         judge_prompt = gr.Textbox(
-            config.JUDGE_PROMPT,
-            label="Judge prompt ({question}, {reference}, {answer_a}, {answer_b} are filled in)",
+            config.JUDGE_PROMPT,  # what the judge model reads: English, as engine.config has it
+            label=t("evaluate.judge_prompt"),
             lines=8,
             elem_id="eval-judge-prompt",
         )
     with gr.Row():
-        start_btn = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
-        stop_btn = gr.Button("Stop", variant="stop", elem_id="eval-stop", scale=0, min_width=80)
+        start_btn = gr.Button(t("evaluate.start"), variant="primary", elem_id="eval-start")
+        stop_btn = gr.Button(t("evaluate.stop"), variant="stop", elem_id="eval-stop", scale=0, min_width=80)
     with gr.Row():
-        pick = gr.Dropdown([], value=None, label="Evaluation", elem_id="eval-pick", scale=3)
-        score = gr.Dropdown([], value=None, label="Score shown", elem_id="eval-score", scale=1)
+        pick = gr.Dropdown([], value=None, label=t("evaluate.pick"), elem_id="eval-pick", scale=3)
+        score = gr.Dropdown([], value=None, label=t("evaluate.score"), elem_id="eval-score", scale=1)
     progress = gr.Markdown("", elem_id="eval-progress")
     summary_md = gr.Markdown("", elem_id="eval-summary")
-    chart = gr.BarPlot(
-        None, x="bar", y="score", color="backend", label="Metrics per backend (0-100)", elem_id="eval-chart"
-    )
-    view = gr.Radio(list(evaluate.FILTERS), value=evaluate.FILTERS[0], label="Show", elem_id="eval-filter")
+    chart = gr.BarPlot(None, x="bar", y="score", color="backend", label=t("evaluate.chart"), elem_id="eval-chart")
+    view = gr.Radio(filter_choices("en"), value=evaluate.FILTERS[0], label=t("evaluate.show"), elem_id="eval-filter")
     table = gr.Dataframe(
         None,
-        label="Every answer (click a row to open it in the playground)",
+        label=t("evaluate.table"),
         interactive=False,
         wrap=True,
         elem_id="eval-table",
     )
     with gr.Row():
-        dl_csv = gr.Button("Download CSV", elem_id="eval-dl-csv")
-        dl_jsonl = gr.Button("Download JSONL", elem_id="eval-dl-jsonl")
-    files = gr.File(label="Files", interactive=False, elem_id="eval-files")
+        dl_csv = gr.Button(t("evaluate.dl_csv"), elem_id="eval-dl-csv")
+        dl_jsonl = gr.Button(t("evaluate.dl_jsonl"), elem_id="eval-dl-jsonl")
+    files = gr.File(label=t("evaluate.files"), interactive=False, elem_id="eval-files")
     entries_state = gr.State([])  # the rows shown, with their whole conversations
     timer = gr.Timer(max(1.0, 2 * ctx.poll_seconds), active=False)
 
@@ -212,16 +267,19 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return run_picker(ctx, current, request)
 
     def eval_dir(run_id, eval_name, request) -> Path:
+        lang = lang_of(request)
         run_dir = ctx.run_dir(request, run_id)
         if not eval_name or not evaluate.NAME_PATTERN.match(str(eval_name)):
-            raise gr.Error("Pick an evaluation first.")
+            raise gr.Error(tr(lang, "evaluate.pick_first"))
         path = evaluate.eval_root(run_dir) / str(eval_name)
         if not (path / evaluate.SPEC_FILE).is_file():
-            raise gr.Error(f"There is no evaluation {eval_name!r} for this run.")
+            raise gr.Error(tr(lang, "evaluate.no_such", name=repr(eval_name)))
         return path
 
     def results_view(run_id, eval_name, score_v, view_v, request):
-        """Everything shown about one evaluation; the timer runs while it is queued or running."""
+        """Everything shown about one evaluation (in the visitor's language); the timer runs
+        while it is queued or running."""
+        lang = lang_of(request)
         run_dir = ctx.run_dir(request, run_id)
         info = next((e for e in evalfiles.list_evals(run_dir) if e["name"] == eval_name), None)
         path = evaluate.eval_root(run_dir) / str(eval_name) if info else None
@@ -229,7 +287,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         active = bool(info and info["state"] in runs.ACTIVE_STATES)
         if not summary:
             return (
-                progress_markdown(info, None),
+                progress_markdown(info, None, lang),
                 "",
                 None,
                 gr.Dropdown(choices=[], value=None),
@@ -242,18 +300,31 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         names = list(summary["backends"])
         judged = evaluate.read_judged(path)
         entries = evaluate.comparison(evaluate.read_results(path), names, score_v, view_v, judged) if score_v else []
-        text = "Aggregates with bootstrap 95% intervals:\n\n" + evaluate.summary_table(summary)
+        head = (tr(lang, "evaluate.col.metric"), tr(lang, "evaluate.col.examples"))
+        text = tr(lang, "evaluate.aggregates") + "\n\n" + evaluate.summary_table(summary, head)
         if summary.get("judge"):
+            judge_head = tuple(
+                tr(lang, k)
+                for k in (
+                    "evaluate.col.pair",
+                    "evaluate.outcome.win",
+                    "evaluate.outcome.tie",
+                    "evaluate.outcome.loss",
+                    "evaluate.col.no_verdict",
+                )
+            )
             text += (
-                f"\n\nJudge ({escape_md(summary['judge']['judge'])}, both orders asked): "
-                "win / tie / loss of the first named\n\n" + evaluate.judge_table(summary)
+                "\n\n"
+                + tr(lang, "evaluate.judge_head", judge=escape_md(summary["judge"]["judge"]))
+                + "\n\n"
+                + evaluate.judge_table(summary, judge_head)
             )
         return (
-            progress_markdown(info, summary),
+            progress_markdown(info, summary, lang),
             text,
             chart_update(summary),
             gr.Dropdown(choices=choices, value=score_v),
-            table_value(entries, names, score_v, evaluate.judge_pair_names(judged)),
+            table_value(entries, names, score_v, evaluate.judge_pair_names(judged), lang),
             entries,
             gr.Timer(active=active),
         )
@@ -275,11 +346,20 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
     @engine_errors
     def show_eval(run_id, eval_name, score_v, view_v, request: gr.Request):
         if not run_id or not eval_name:
-            return progress_markdown(None, None), "", None, gr.Dropdown(choices=[]), None, [], gr.Timer(active=False)
+            return (
+                progress_markdown(None, None, lang_of(request)),
+                "",
+                None,
+                gr.Dropdown(choices=[]),
+                None,
+                [],
+                gr.Timer(active=False),
+            )
         return results_view(run_id, eval_name, score_v, view_v, request)
 
     def judge_settings(run_id, kind, local_v, url_v, model_v, prompt_v, request) -> dict:
         """The spec's judge fields from the page (checked now, not by the job)."""
+        lang = lang_of(request)
         if kind in (None, JUDGE_NONE):
             return {}
         prompt = judging.check_prompt(prompt_v or config.JUDGE_PROMPT)
@@ -293,12 +373,12 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             fields["judge"] = ctx.check_model(request, local_v)
         elif kind == JUDGE_ENDPOINT:
             if not (model_v or "").strip():
-                raise gr.Error("Judge endpoint: name its model (the Model name box).")
+                raise gr.Error(tr(lang, "evaluate.judge_no_model"))
             fields["judge"] = judging.check_url(url_v or "", shared=bool(ctx.multi_user))
             fields["judge_model"] = model_v.strip()
             fields["judge_public_only"] = bool(ctx.multi_user)
         else:
-            raise gr.Error(f"Judge: {kind!r} is not one of {', '.join(JUDGE_KINDS)}.")
+            raise gr.Error(tr(lang, "evaluate.judge_unknown", kind=repr(kind), kinds=", ".join(JUDGE_KINDS)))
         return fields
 
     @engine_errors
@@ -322,8 +402,9 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         judge_fields = judge_settings(run_id, kind, local_v, url_v, model_v, prompt_v, request)
         run_dir = ctx.run_dir(request, run_id)
         data_file = (data_v or "").strip() or None
+        lang = lang_of(request)
         if data_file and ctx.multi_user:
-            raise gr.Error("On a shared app an evaluation uses the run's own validation split.", title="Refused")
+            raise gr.Error(tr(lang, "evaluate.shared_split"), title=tr(lang, "evaluate.refused"))
         spec = evaluate.EvalSpec(
             run=str(run_dir),
             name=(name_v or "").strip(),
@@ -339,13 +420,14 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         pasted = (key_v or "").strip() if kind == JUDGE_ENDPOINT else ""
         evaluate.submit(spec, judge_key=pasted or None)
         evals = [e["name"] for e in evalfiles.list_evals(run_dir)]
-        gr.Info(f"Evaluation {spec.name} queued.")
+        gr.Info(tr(lang, "evaluate.queued", name=spec.name))
         return gr.Dropdown(choices=evals, value=spec.name), gr.Timer(active=True)
 
     @engine_errors
     def stop(run_id, eval_name, request: gr.Request):
         status = evaluate.stop_job(eval_dir(run_id, eval_name, request))
-        gr.Info(f"Stopping {eval_name} ({status.get('state')}): the finished answers are kept.")
+        lang = lang_of(request)
+        gr.Info(tr(lang, "evaluate.stopping", name=eval_name, state=state_text(lang, status.get("state"))))
 
     def download(kind):
         @engine_errors
@@ -353,7 +435,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             path = eval_dir(run_id, eval_name, request)
             summary = runs.read_json(path / evaluate.SUMMARY_FILE)
             if not summary:
-                raise gr.Error("This evaluation has no results yet.")
+                raise gr.Error(tr(lang_of(request), "evaluate.no_results"))
             out = Path(tempfile.mkdtemp(prefix="tunelab-eval-"))
             if kind == "jsonl":
                 target = out / f"{path.name}-results.jsonl"
@@ -371,11 +453,17 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         return handler
 
     def on_load(request: gr.Request):
-        return refresh(None, request)
+        lang = lang_of(request)
+        return (
+            refresh(None, request),
+            gr.Radio(choices=judge_choices(lang)),
+            gr.Radio(choices=filter_choices(lang)),
+            gr.Textbox(info=key_info(lang)),
+        )
 
     # ---- events
     refresh_btn.click(refresh, inputs=run, outputs=run, show_progress="hidden", api_name="eval_runs")
-    gr.on(triggers=None, fn=on_load, inputs=None, outputs=run, show_progress="hidden")
+    gr.on(triggers=None, fn=on_load, inputs=None, outputs=[run, judge_kind, view, judge_key], show_progress="hidden")
     run.change(show_run, inputs=run, outputs=[backends, pick], show_progress="hidden")
     judge_kind.change(
         lambda kind: (gr.Textbox(visible=kind == JUDGE_LOCAL), gr.Row(visible=kind == JUDGE_ENDPOINT)),

@@ -27,14 +27,46 @@ from webui.common import (
     engine_errors,
     escape_md,
     launch_standalone,
+    state_text,
     stream_progress,
 )
+from webui.i18n import lang_of, t, tr
 from webui.links import standalone_tab
 from webui.playground_tab import run_picker
 
 ADAPTER_FILE = "LoRA adapter file"  # the base with LoRA inputs + the run's .onnx_adapter (og.Adapters)
 ONNX_CHOICES = ("auto", *ONNX_VARIANTS, ADAPTER_FILE)
 PROGRESS_LINES = 12
+# The page's words for the engine's verdicts on an ONNX export (engine.export.verdict); the
+# parity report's own file, the CLI and --json keep the English words.
+VERDICT_KEYS = {
+    "faithful": "export.verdict.faithful",
+    "degraded": "export.verdict.degraded",
+    "broken": "export.verdict.broken",
+    "unmeasured": "export.verdict.unmeasured",
+    "no verdict": "export.verdict.none",
+}
+# The export job's step labels (engine.export.run_export_job) that are words, not variant names.
+STEP_KEYS = {"LoRA adapter file": "export.adapter_file", "Parity report": "export.step_parity"}
+
+
+def verdict_text(lang: str | None, verdict: str) -> str:
+    key = VERDICT_KEYS.get(verdict)
+    return tr(lang, key) if key else verdict
+
+
+def step_text(lang: str | None, label: str) -> str:
+    key = STEP_KEYS.get(label)
+    return tr(lang, key) if key else label
+
+
+def precision_choices(lang: str | None) -> list[tuple[str, str]]:
+    """The ONNX variants to build, (label in ``lang``, value): variant names stay as they are."""
+    return [(tr(lang, "export.adapter_file") if c == ADAPTER_FILE else c, c) for c in ONNX_CHOICES]
+
+
+def onnx_intro(lang: str | None) -> str:
+    return tr(lang, "export.onnx_intro", order=", ".join(AUTO_ORDER))
 
 
 def zip_dir(directory: Path, dest_dir: Path, prefix: str) -> Path:
@@ -65,36 +97,37 @@ def artefacts(run_dir: Path) -> dict[str, Path]:
     return found
 
 
-def artefact_markdown(run_dir: Path) -> str:
+def artefact_markdown(run_dir: Path, lang: str = "en") -> str:
     found = artefacts(run_dir)
     if not found:
-        return f"Run **{escape_md(run_dir.name)}** has nothing to export yet (no adapter or model)."
+        return tr(lang, "export.nothing", run=escape_md(run_dir.name))
     from engine.export import export_verdicts
 
-    verdicts = export_verdicts(run_dir)
-    rows = ["| artefact | folder | size | verdict |", "|---|---|---:|---|"]
+    verdicts = {name: verdict_text(lang, v) for name, v in export_verdicts(run_dir).items()}
+    head = [tr(lang, k) for k in ("export.col.artefact", "export.col.folder", "export.col.size", "export.col.verdict")]
+    rows = ["| " + " | ".join(head) + " |", "|---|---|---:|---|"]
     for name, path in found.items():
-        judged = verdicts.get(name, "not measured yet" if name.startswith("onnx-") else "")
+        judged = verdicts.get(name, tr(lang, "export.not_measured") if name.startswith("onnx-") else "")
         rows.append(
             f"| {name} | `{escape_md(path.relative_to(run_dir))}` | {fmt_bytes(dir_size(path))} | {escape_md(judged)} |"
         )
     return "\n".join(rows)
 
 
-def parity_text(run_dir: Path) -> str:
-    """The parity report the engine wrote (export/parity.md), or what to do to get one."""
+def parity_text(run_dir: Path, lang: str = "en") -> str:
+    """The parity report the engine wrote (export/parity.md, in English), or what to do to get one."""
     path = run_dir / "export" / "parity.md"
     if not path.is_file():
-        return "No parity report yet: export to ONNX to compare its outputs with the PyTorch model."
+        return tr(lang, "export.no_parity")
     from engine.security import redact
 
     text = redact(path.read_text(encoding="utf-8"))
     # The report's first line is a page title: make it a smaller heading inside the tab.
-    return text.replace("# Export parity:", "##### Export parity:", 1)
+    return text.replace("# Export parity:", "##### " + tr(lang, "export.parity_title") + ":", 1)
 
 
-def download_targets(run_dir: Path, kind: str) -> list[Path]:
-    """Folders to zip for a download button; raises FileNotFoundError saying what to do."""
+def download_targets(run_dir: Path, kind: str, lang: str = "en") -> list[Path]:
+    """Folders to zip for a download button; raises FileNotFoundError saying what to do (in ``lang``)."""
     found = artefacts(run_dir)
     if kind == "adapter":
         wanted = [found.get("adapter") or found.get("model")]
@@ -104,12 +137,8 @@ def download_targets(run_dir: Path, kind: str) -> list[Path]:
         wanted = [p for name, p in found.items() if name.startswith("onnx-")]
     wanted = [w for w in wanted if w]
     if not wanted:
-        what = {
-            "adapter": "an adapter or model (is it trained?)",
-            "merged": "a merged model (press Merge)",
-            "onnx": "an ONNX export (press Export to ONNX)",
-        }[kind]
-        raise FileNotFoundError(f"Run {run_dir.name} has no {what} yet.")
+        key = {"adapter": "export.none_adapter", "merged": "export.none_merged", "onnx": "export.none_onnx"}[kind]
+        raise FileNotFoundError(tr(lang, key, run=run_dir.name))
     return wanted
 
 
@@ -126,7 +155,7 @@ def downloads_dir(ctx: AppContext, run_dir: Path) -> Path:
     return base / f"{run_dir.name}-{key}"
 
 
-def push_token(ctx: AppContext, pasted: str | None, oauth_token) -> str | None:
+def push_token(ctx: AppContext, pasted: str | None, oauth_token, lang: str = "en") -> str | None:
     """The token a push from the page uses: the one pasted, else the user's Hugging Face
     sign-in; on a single-user app None (engine.hub then reads HF_TOKEN). On a shared app the
     server's own token is never used for a user's push: gr.Error says what to do instead."""
@@ -136,11 +165,8 @@ def push_token(ctx: AppContext, pasted: str | None, oauth_token) -> str | None:
         return oauth_token.token
     if not ctx.multi_user:
         return None
-    how = "sign in with Hugging Face (top of the page) or paste" if ctx.oauth else "paste"
     raise gr.Error(
-        f"To push, {how} a Hugging Face token with write access: on a shared app the server's own "
-        "token is never used for your pushes.",
-        title="No token",
+        tr(lang, "export.no_token_oauth" if ctx.oauth else "export.no_token"), title=tr(lang, "export.no_token_title")
     )
 
 
@@ -150,78 +176,78 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     timer = gr.Timer(max(1.0, 2 * ctx.poll_seconds), active=False)  # polls the export job in the queue
     with gr.Row():
-        run = gr.Dropdown([], value=None, label="Run", scale=3, elem_id="export-run")
-        refresh_btn = gr.Button("Refresh", size="sm", scale=0, min_width=90)
+        run = gr.Dropdown([], value=None, label=t("export.run"), scale=3, elem_id="export-run")
+        refresh_btn = gr.Button(t("export.refresh"), size="sm", scale=0, min_width=90)
     contents = gr.Markdown("", elem_id="export-contents")
     with gr.Row():
         with gr.Column():
-            gr.Markdown("#### Merge\nFold the adapter into the base weights: one standalone transformers model.")
-            merge_btn = gr.Button("Merge adapter", elem_id="export-merge")
+            gr.Markdown(t("export.merge_intro"))
+            merge_btn = gr.Button(t("export.merge"), elem_id="export-merge")
         with gr.Column():
-            gr.Markdown(
-                "#### ONNX\nFor ONNX Runtime GenAI. Each export gets a verdict against the tuned model "
-                "(faithful, degraded, broken, or unmeasured without a validation split). int4 is the smallest "
-                "and fastest, at a cost in accuracy that the verdict measures; **auto** builds "
-                f"{', '.join(AUTO_ORDER)} in that order (fastest first) and keeps the first that is faithful."
-            )
+            intro = gr.Markdown(onnx_intro("en"), elem_id="export-onnx-intro")  # in the visitor's language on load
             precisions = gr.CheckboxGroup(
-                list(ONNX_CHOICES), value=[DEFAULT_ONNX_PRECISION], label="Variants", elem_id="export-precisions"
+                precision_choices("en"),
+                value=[DEFAULT_ONNX_PRECISION],
+                label=t("export.variants"),
+                elem_id="export-precisions",
             )
             with gr.Row():
-                onnx_btn = gr.Button("Export to ONNX", variant="primary", elem_id="export-onnx")
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="export-stop", scale=0, min_width=80)
+                onnx_btn = gr.Button(t("export.onnx"), variant="primary", elem_id="export-onnx")
+                stop_btn = gr.Button(t("export.stop"), variant="stop", elem_id="export-stop", scale=0, min_width=80)
     status = gr.Textbox(
         "",
-        label="Progress",
+        label=t("export.progress"),
         lines=4,
         max_lines=PROGRESS_LINES,
         interactive=False,
         elem_id="export-status",
         autoscroll=True,
     )
-    gr.Markdown("#### Parity report")
+    gr.Markdown(t("export.parity"))
     parity = gr.Markdown("", elem_id="export-parity")
-    gr.Markdown("#### Downloads (zip)")
+    gr.Markdown(t("export.downloads"))
     with gr.Row():
-        dl_adapter = gr.Button("Adapter", elem_id="export-dl-adapter")
-        dl_merged = gr.Button("Merged model", elem_id="export-dl-merged")
-        dl_onnx = gr.Button("ONNX model", elem_id="export-dl-onnx")
-    files = gr.File(label="Files", file_count="multiple", interactive=False, elem_id="export-files")
+        dl_adapter = gr.Button(t("export.dl_adapter"), elem_id="export-dl-adapter")
+        dl_merged = gr.Button(t("export.dl_merged"), elem_id="export-dl-merged")
+        dl_onnx = gr.Button(t("export.dl_onnx"), elem_id="export-dl-onnx")
+    files = gr.File(label=t("export.files"), file_count="multiple", interactive=False, elem_id="export-files")
 
-    gr.Markdown(
-        "#### Push to the Hugging Face Hub\nUploads the chosen artefact with a model card "
-        "(base model, data, method, hyperparameters, losses, parity) in one commit."
-    )
+    gr.Markdown(t("export.hub_intro"))
     with gr.Row():
         hub_artifact = gr.Dropdown(
-            list(hub.ARTIFACTS), value="adapter", label="Artefact", scale=1, elem_id="export-hub-artifact"
+            list(hub.ARTIFACTS),
+            value=hub.ARTIFACTS[0],
+            label=t("export.artefact"),
+            scale=1,
+            elem_id="export-hub-artifact",
         )
         hub_repo = gr.Textbox(
             "",
-            label="Repository id",
-            placeholder="your-name/my-tuned-model",
+            label=t("export.repo"),
+            placeholder=t("export.repo_placeholder"),
             scale=2,
             elem_id="export-hub-repo",
-            info="OWNER/NAME; created if it does not exist",
+            info=t("export.repo_info"),
         )
-        hub_private = gr.Checkbox(True, label="Private", scale=0, min_width=100, elem_id="export-hub-private")
-    token_info = (
-        "A token with write access (https://huggingface.co/settings/tokens); used for this push only, "
-        "never stored."
-        + (" Empty: your Hugging Face sign-in." if ctx.oauth else "")
-        + ("" if ctx.multi_user else " Empty: HF_TOKEN from the environment.")
-    )
+        hub_private = gr.Checkbox(True, label=t("export.private"), scale=0, min_width=100, elem_id="export-hub-private")
+    # the token box's help: a single-user app falls back on HF_TOKEN, a Space with sign-in on that
+    token_info = {
+        (False, False): "export.token_info_env",
+        (False, True): "export.token_info",
+        (True, False): "export.token_info_oauth_env",
+        (True, True): "export.token_info_oauth",
+    }[(bool(ctx.oauth), bool(ctx.multi_user))]
     hub_token_box = gr.Textbox(
-        "", label="Hugging Face token", type="password", elem_id="export-hub-token", info=token_info
+        "", label=t("export.token"), type="password", elem_id="export-hub-token", info=t(token_info)
     )
     with gr.Row():
-        card_btn = gr.Button("Preview model card", elem_id="export-hub-card")
-        push_btn = gr.Button("Push to the Hub", variant="primary", elem_id="export-hub-push")
+        card_btn = gr.Button(t("export.card_preview"), elem_id="export-hub-card")
+        push_btn = gr.Button(t("export.push"), variant="primary", elem_id="export-hub-push")
     hub_result = gr.Markdown("", elem_id="export-hub-result")
     card = gr.Code(
         "",
         language="markdown",
-        label="Model card (README.md of the repository)",
+        label=t("export.card"),
         interactive=False,
         visible=False,
         elem_id="export-hub-card-text",
@@ -237,21 +263,23 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
 
     @engine_errors
     def show(run_id, request: gr.Request):
+        lang = lang_of(request)
         if not run_id:
-            return "Pick a run.", "", gr.Dropdown(), "", gr.Timer(active=False)
+            return tr(lang, "export.pick_run"), "", gr.Dropdown(), "", gr.Timer(active=False)
         path = need_run(run_id, request)
         found = [a for a in artefacts(path) if a in hub.ARTIFACTS]
-        text, active = job_view(path)  # a reloaded page finds its export job again
+        text, active = job_view(path, lang)  # a reloaded page finds its export job again
         return (
-            artefact_markdown(path),
-            parity_text(path),
+            artefact_markdown(path, lang),
+            parity_text(path, lang),
             gr.Dropdown(choices=found or list(hub.ARTIFACTS), value=found[0] if found else "adapter"),
             text,
             gr.Timer(active=active),
         )
 
-    def follow(jobs, path: Path, progress):
-        """Run (label, fn, kwargs) jobs one after another, streaming their progress lines."""
+    def follow(jobs, path: Path, progress, lang: str):
+        """Run (label, fn, kwargs) jobs one after another, streaming their progress lines (the
+        engine's, in English; the labels and the end in ``lang``)."""
         log: list[str] = []
         for i, (label, fn, kwargs) in enumerate(jobs):
             log.append(f"== {label}")
@@ -261,18 +289,19 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                     log.append(redact(item))
                     progress(i / len(jobs), desc=f"{label}: {log[-1][:80]}")
                     yield "\n".join(log[-PROGRESS_LINES:]), gr.skip(), gr.skip()
-        progress(1.0, desc="Done")
-        log.append("Done.")
-        yield "\n".join(log[-PROGRESS_LINES:]), artefact_markdown(path), parity_text(path)
+        progress(1.0, desc=tr(lang, "export.done"))
+        log.append(tr(lang, "export.done_line"))
+        yield "\n".join(log[-PROGRESS_LINES:]), artefact_markdown(path, lang), parity_text(path, lang)
 
     @engine_errors
     def merge(run_id, request: gr.Request, progress=gr.Progress()):
+        lang = lang_of(request)
         path = need_run(run_id, request)
-        jobs = [("Merging the adapter into the base model", export.merge, {"run_dir": path})]
-        yield from follow(jobs, path, progress)
+        jobs = [(tr(lang, "export.merging"), export.merge, {"run_dir": path})]
+        yield from follow(jobs, path, progress, lang)
 
-    def job_view(run_dir: Path):
-        """The run's newest export job: (progress text, timer active?)."""
+    def job_view(run_dir: Path, lang: str = "en"):
+        """The run's newest export job: (progress text in ``lang``, timer active?)."""
         jobs = export.export_jobs(run_dir)
         if not jobs:
             return "", False
@@ -280,36 +309,45 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         info = runs.refresh_status(job)
         state = info.get("state") or "?"
         step = info.get("progress") or {}
-        head = f"Export {job.name}: {state}"
+        head = tr(lang, "export.job", job=job.name, state=state_text(lang, state))
         if state in ("created", "queued"):
-            head += " (waiting for the machine: a training or an evaluation runs first)"
+            head += " " + tr(lang, "export.waiting")
         elif state == "running" and step.get("step"):
-            head += f", step {step.get('done', 0) + 1} of {step.get('total', '?')}: {step['step']}"
+            head += tr(
+                lang,
+                "export.step",
+                n=step.get("done", 0) + 1,
+                total=step.get("total", "?"),
+                step=step_text(lang, step["step"]),
+            )
         elif state == "failed" and info.get("error"):
             head += f": {info['error']}"
         lines = [line for line in runs.tail_log(job, PROGRESS_LINES).splitlines() if line.strip()]
         done = state in runs.FINAL_STATES
-        return "\n".join([head, *(redact(line) for line in lines), *(["Done."] if done else [])]), not done
+        end = [tr(lang, "export.done_line")] if done else []
+        return "\n".join([head, *(redact(line) for line in lines), *end]), not done
 
     @engine_errors
     def poll(run_id, request: gr.Request):
         if not run_id:
             return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+        lang = lang_of(request)
         path = need_run(run_id, request)
-        text, active = job_view(path)
-        return text, artefact_markdown(path), parity_text(path), gr.Timer(active=active)
+        text, active = job_view(path, lang)
+        return text, artefact_markdown(path, lang), parity_text(path, lang), gr.Timer(active=active)
 
     @engine_errors
     def onnx(run_id, chosen, request: gr.Request):
         """Queue the export as a background job (engine.export.submit_export): it waits for
         a training or evaluation in progress, and the page polls its log."""
+        lang = lang_of(request)
         path = need_run(run_id, request)
         if not chosen:
-            raise gr.Error("Choose at least one ONNX precision.")
+            raise gr.Error(tr(lang, "export.choose"))
         variants = [p for p in chosen if p in ONNX_VARIANTS or p == "auto"]
         job = export.submit_export(path, variants, adapter_file=ADAPTER_FILE in chosen)
-        gr.Info(f"Export {job.name} queued.")
-        text, _ = job_view(path)
+        gr.Info(tr(lang, "export.queued", job=job.name))
+        text, _ = job_view(path, lang)
         return text, gr.Timer(active=True)
 
     @engine_errors
@@ -319,17 +357,19 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         jobs = export.export_jobs(need_run(run_id, request))
         if jobs:
             status = export.stop_export(jobs[-1])
-            gr.Info(f"Stopping {jobs[-1].name} ({status.get('state')}): finished variants are kept.")
+            lang = lang_of(request)
+            gr.Info(tr(lang, "export.stopping", job=jobs[-1].name, state=state_text(lang, status.get("state"))))
 
     def download(kind):
         @engine_errors
         def handler(run_id, request: gr.Request, progress=gr.Progress()):
+            lang = lang_of(request)
             path = need_run(run_id, request)
             try:
-                wanted = download_targets(path, kind)
+                wanted = download_targets(path, kind, lang)
             except FileNotFoundError as err:
                 raise gr.Error(str(err)) from err
-            progress(0.2, desc="Zipping")
+            progress(0.2, desc=tr(lang, "export.zipping"))
             return [str(zip_dir(w, downloads_dir(ctx, path), path.name)) for w in wanted]
 
         handler.__name__ = f"download_{kind}"
@@ -352,10 +392,11 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
         oauth_token: gr.OAuthToken | None,
         progress=gr.Progress(),
     ):
+        lang = lang_of(request)
         path = need_run(run_id, request)
-        token = push_token(ctx, pasted, oauth_token)
-        log: list[str] = [f"== Push {artifact} of {path.name} to {repo_id or '?'}"]
-        progress(0.0, desc="Pushing to the Hub")
+        token = push_token(ctx, pasted, oauth_token, lang)
+        log: list[str] = ["== " + tr(lang, "export.push_head", artefact=artifact, run=path.name, repo=repo_id or "?")]
+        progress(0.0, desc=tr(lang, "export.pushing"))
         kwargs = {
             "run_dir": path,
             "artifact": artifact or "adapter",
@@ -371,21 +412,27 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                     yield "\n".join(log[-PROGRESS_LINES:]), gr.skip()
                 else:
                     url = hub.scrub(str(item), token)
-                    log.append(f"Done: {url}")
+                    log.append(tr(lang, "export.pushed_line", url=url))
                     yield (
                         "\n".join(log[-PROGRESS_LINES:]),
-                        f"Pushed **{escape_md(artifact)}** to [{escape_md(url)}]({url}) "
-                        f"({'private' if private else 'public'}).",
+                        tr(
+                            lang,
+                            "export.pushed_private" if private else "export.pushed_public",
+                            artefact=escape_md(artifact),
+                            link=f"[{escape_md(url)}]({url})",
+                        ),
                     )
         except hub.HubError as err:
-            raise gr.Error(hub.scrub(str(err), token), title="Push failed", print_exception=False) from None
+            title = tr(lang, "export.push_failed")
+            raise gr.Error(hub.scrub(str(err), token), title=title, print_exception=False) from None
 
     refresh_btn.click(refresh, inputs=run, outputs=run, show_progress="hidden", api_name="export_runs")
 
     def on_load(request: gr.Request):
-        return refresh(None, request)
+        lang = lang_of(request)
+        return refresh(None, request), onnx_intro(lang), gr.CheckboxGroup(choices=precision_choices(lang))
 
-    gr.on(triggers=None, fn=on_load, inputs=None, outputs=run, show_progress="hidden")
+    gr.on(triggers=None, fn=on_load, inputs=None, outputs=[run, intro, precisions], show_progress="hidden")
     run.change(
         show,
         inputs=run,
