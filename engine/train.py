@@ -943,8 +943,8 @@ def use_label_positions_head(model, outputs: tuple[str, ...] = FUSED_OUTPUTS) ->
         # its trainer reads the log-probabilities alone, so the metric fields are left out.
         if torch.is_grad_enabled() or not self.training:
             with torch.no_grad():
-                if "entropy" in outputs:
-                    fields["entropy"] = -(logp.exp() * logp).sum(-1)
+                if "entropy" in outputs:  # in blocks of rows: the temporaries stay in cache
+                    fields["entropy"] = torch.cat([-(b.exp() * b).sum(-1) for b in logp.detach().split(64)])
                 if "log_sum_sq_probs" in outputs:
                     fields["log_sum_sq_probs"] = torch.logsumexp(2 * logp, -1)
                 if "mean_logits" in outputs:
