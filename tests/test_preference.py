@@ -335,3 +335,36 @@ def test_padding_free_rows_give_the_padded_batchs_log_probabilities(tiny_model_d
         b = packed(input_ids=ids, attention_mask=left, labels=labels.flip(1), fused_lm_head=True).log_probs
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert len(rows) == 4 and rows[-1] == (4, 30)
+
+
+def test_a_finished_dpo_run_exports_answers_and_stages_its_card(tiny_model_dir, tmp_path):
+    """A DPO run goes through the rest of the app as an SFT run does: merge and ONNX export,
+    the playground's inference path (PyTorch adapter and ONNX, the same greedy answer), and the
+    push's staged folder, whose model card names the stage and its data."""
+    from engine import export
+    from engine.inference import GenerationSettings, OnnxChatModel, load_chat_model, unload_all
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = pref_config(tiny_model_dir, data, tmp_path / "runs", data={"validation_split": 0})
+    run_dir = runs.create_run(config)
+    assert train.train(config, run_dir)["state"] == "completed"
+
+    merged = export.merge(run_dir)
+    assert (merged / "config.json").is_file()
+    onnx_dir = export.export_onnx(run_dir, "fp32")
+    settings = GenerationSettings(greedy=True, max_new_tokens=8)
+    messages = [{"role": "user", "content": PAIRS[0]["prompt"]}]
+    try:
+        tuned = load_chat_model(run_dir, "tuned")
+        text_pt, stats_pt = tuned.complete(messages, settings)
+        text_ox, stats_ox = OnnxChatModel(onnx_dir).complete(messages, settings)
+    finally:
+        unload_all()
+    assert stats_pt.token_ids and stats_ox.token_ids == stats_pt.token_ids and text_ox == text_pt
+
+    files = hub.stage_upload(run_dir, "adapter", "my-org/tiny-dpo", tmp_path / "staged")
+    assert "README.md" in files and "adapter_model.safetensors" in files
+    card = (tmp_path / "staged" / "README.md").read_text()
+    assert "- stage: DPO (TRL), loss sigmoid, beta 0.1" in card
+    assert "| stage | DPO on preference data (prompt, chosen and rejected answers) |" in card
+    assert "pairs.jsonl" in card and "- dpo\n" in card
