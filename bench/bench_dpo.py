@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
     precision = choose_precision(detect())[0] if args.precision == "auto" else args.precision
     machine = describe()
     print(f"machine: {machine}\nprecision: {precision}", flush=True)
+    load_before = os.getloadavg()
     results = []
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-dpo-") as tmp:
         out = Path(tmp)
@@ -151,9 +153,13 @@ def main(argv=None) -> int:
         )
     table += [
         "",
-        f"- tunelab is {ratio:.2f}x the TRL script's tokens/s. Its one change from TRL's DPOTrainer on the CPU: "
-        "log-probabilities of the answer positions only (TRL's fused head projects every position there).",
-        "- TRL 1.16's DPO turns padding_free off: both pad their batches.",
+        f"- tunelab is {ratio:.2f}x the TRL script's tokens/s. Its changes from TRL's DPOTrainer on the CPU: "
+        "log-probabilities of the answer positions only (TRL's fused head projects every position there), "
+        "on padding-free rows (its padded batch end to end, one causal attention per sequence).",
+        f"- load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in load_before)}, after: "
+        f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())}.",
+        "- TRL 1.16's DPO turns padding_free off: the TRL script pads its batches; tunelab packs them itself "
+        "(engine.train.pack_rows).",
     ]
     text = "\n".join(table)
     print("\n" + text)

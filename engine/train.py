@@ -770,11 +770,102 @@ def trainer_class():
     return TunelabSFTTrainer
 
 
+# The per-token fields TRL's fused LM head can return (trl.trainer.utils.FusedCausalLMOutput).
+FUSED_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
-def use_label_positions_head(model) -> bool:
-    """Make DPO's and KTO's log-probabilities on the CPU cost only the answer tokens.
+# The attention implementation of padding-free preference batches (registered with transformers'
+# AttentionInterface by use_packed_attention): a causal SDPA per sequence of a packed row.
+PACKED_ATTENTION = "tunelab_packed_sdpa"
+_PACKED_CALL = None  # a ContextVar: True while a packed row goes through the model
+
+
+def use_packed_attention(model) -> bool:
+    """Let ``model`` take padding-free rows: several sequences end to end in one row, with
+    ``cu_seq_lens_q`` (their boundaries, as transformers' flash-attention kwargs) and
+    ``position_ids`` restarting at each.
+
+    transformers' own sdpa path would build a dense block-diagonal mask over the whole row and
+    compute attention over it (the SDPA kernels skip no masked block): with 8 sequences of a
+    DPO batch in one row, that is more attention work than the padded batch. Registered here
+    instead (transformers' AttentionInterface and AttentionMaskInterface), under
+    PACKED_ATTENTION: with ``cu_seq_lens_q`` one causal SDPA per sequence (no mask is built);
+    without them, exactly transformers' sdpa (its mask, its kernel), so padded batches,
+    generation and gradient-checkpointing recomputation behave as before. Installed only on
+    models that use sdpa, have no sliding-window layers, and whose attention modules take it.
+    Returns whether it was installed."""
+    global _PACKED_CALL
+    import contextvars
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    config = model.config.get_text_config()
+    if model.config._attn_implementation not in ("sdpa", PACKED_ATTENTION):
+        return False
+    if getattr(config, "sliding_window", None) or any(
+        kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()
+    ):
+        return False
+    if not getattr(model, "_supports_sdpa", False) or not model._can_set_attn_implementation():
+        return False
+    if PACKED_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        _PACKED_CALL = contextvars.ContextVar("tunelab_packed_call", default=False)
+
+        def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+            bounds = kwargs.get("cu_seq_lens_q")
+            if bounds is None:
+                return sdpa_attention_forward(
+                    module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+                )
+            bounds = bounds.tolist()
+            gqa = query.shape[1] != key.shape[1]
+            parts = [
+                F.scaled_dot_product_attention(
+                    query[:, :, start:end],
+                    key[:, :, start:end],
+                    value[:, :, start:end],
+                    dropout_p=dropout,
+                    is_causal=True,
+                    scale=scaling,
+                    enable_gqa=gqa,
+                )
+                for start, end in zip(bounds, bounds[1:])
+            ]
+            return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
+
+        def mask(*args, **kwargs):
+            return None if _PACKED_CALL.get() else sdpa_mask(*args, **kwargs)
+
+        AttentionInterface.register(PACKED_ATTENTION, attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, mask)
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return model.config._attn_implementation == PACKED_ATTENTION
+
+
+def pack_rows(input_ids, attention_mask):
+    """A right-padded batch as one padding-free row: (ids [1, T], position_ids [1, T],
+    cu_seq_lens [rows + 1], the row's index of every padded position [rows, L]), or None when
+    a row is not right-padded (a gap or left padding)."""
+    import torch
+
+    lengths = attention_mask.sum(1)
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    keep = columns[None] < lengths[:, None]
+    if not torch.equal(keep, attention_mask.bool()):
+        return None
+    bounds = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    positions = columns.expand_as(input_ids)
+    return input_ids[keep][None], positions[keep][None], bounds.to(torch.int32), bounds[:-1, None] + columns[None]
+
+
+def use_label_positions_head(model, outputs: tuple[str, ...] = FUSED_OUTPUTS) -> bool:
+    """Make DPO's and KTO's log-probabilities on the CPU cost only the answer tokens, on
+    padding-free rows.
 
     TRL 1.16 patches the model with a fused LM head (``fused_lm_head=True`` returns per-token
     log-probabilities). Off Triton devices it projects *every* position, prompt and padding
@@ -782,9 +873,17 @@ def use_label_positions_head(model) -> bool:
     head was most of a DPO step on this CPU. Here, on the CPU, the labelled positions alone
     are projected (one ``log_softmax`` over them) and the fields TRL reads (log_probs,
     entropy, mean_logits, is_top1, log_sum_sq_probs) are scattered back: the same values, the
-    same gradients (tests/test_preference.py compares them with TRL's). Models that scale or
-    soft-cap their logits, and batches whose labelled logits would pass LABEL_LOGITS_LIMIT,
-    take TRL's path. Returns whether the head was installed."""
+    same gradients (tests/test_preference.py compares them with TRL's).
+
+    TRL 1.16's DPO pads its batches (its padding_free falls back to padding). Where the
+    model takes packed rows (:func:`use_packed_attention`), the padded batch TRL hands over is
+    laid end to end in one row (:func:`pack_rows`) before the model runs, so no compute goes
+    to padding and attention is per sequence; the results come back in TRL's padded shape.
+    Models that scale or soft-cap their logits, and batches whose labelled logits would pass
+    LABEL_LOGITS_LIMIT, take TRL's path.
+
+    ``outputs`` are the fields the trainer asked TRL's head for (``add_fused_lm_head``), the
+    others are None, as there; log_probs always. Returns whether the head was installed."""
     import types
 
     import torch
@@ -796,6 +895,7 @@ def use_label_positions_head(model) -> bool:
     if next(model.parameters()).device.type != "cpu":
         return False
     trl_forward = model.forward  # TRL's fused forward (or the model's own)
+    packs = use_packed_attention(model)
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         lm_head = self.get_output_embeddings()
@@ -813,27 +913,49 @@ def use_label_positions_head(model) -> bool:
                 **kwargs,
             )
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        packed = None
+        if packs and not args and kwargs.get("attention_mask") is not None and kwargs.get("input_ids") is not None:
+            if not any(kwargs.get(k) is not None for k in ("position_ids", "inputs_embeds", "past_key_values")):
+                packed = pack_rows(kwargs["input_ids"], kwargs["attention_mask"])
+        if packed is None:
+            hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1][mask]
+        else:
+            ids, positions, bounds, index = packed
+            longest = int((bounds[1:] - bounds[:-1]).max())
+            kwargs.update(input_ids=ids, position_ids=positions, attention_mask=None)
+            kwargs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
+            token = _PACKED_CALL.set(True)
+            try:
+                hidden = self.base_model(**kwargs).last_hidden_state[0]
+            finally:
+                _PACKED_CALL.reset(token)
+            hidden = hidden[index[:, :-1][mask]]
         targets = labels[:, 1:][mask]
-        logits = lm_head(hidden[mask]).float()  # [labelled positions, vocab]
+        logits = lm_head(hidden).float()  # [labelled positions, vocab]
         logp = torch.log_softmax(logits, -1)
         picked = logp.gather(-1, targets[:, None])[:, 0]
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-            fields = (entropy, torch.logsumexp(2 * logp, -1), logits.mean(-1), logits.argmax(-1) == targets)
 
         def scatter(values):
             return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
-        entropy, log_sum_sq, mean_logits, is_top1 = (scatter(v) for v in fields)
+        fields = {}
+        # A training-mode call without gradients is the reference's (or KTO's KL completions'):
+        # its trainer reads the log-probabilities alone, so the metric fields are left out.
+        if torch.is_grad_enabled() or not self.training:
+            with torch.no_grad():
+                if "entropy" in outputs:  # in blocks of rows: the temporaries stay in cache
+                    fields["entropy"] = torch.cat([-(b.exp() * b).sum(-1) for b in logp.detach().split(64)])
+                if "log_sum_sq_probs" in outputs:
+                    fields["log_sum_sq_probs"] = torch.logsumexp(2 * logp, -1)
+                if "mean_logits" in outputs:
+                    fields["mean_logits"] = logits.mean(-1)
+                if "is_top1" in outputs:
+                    fields["is_top1"] = logits.argmax(-1) == targets
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(
             loss=-picked.sum() / denominator,
             log_probs=scatter(picked),
-            entropy=entropy,
-            log_sum_sq_probs=log_sum_sq,
-            mean_logits=mean_logits,
-            is_top1=is_top1,
+            **{name: scatter(values) for name, values in fields.items()},
             label_mask=mask,
             aux_loss=None,
         )
@@ -1026,9 +1148,17 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
     if stage in ("dpo", "kto"):
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        for model_ in (base, getattr(trainer, "ref_model", None)):
-            if hasattr(model_, "get_output_embeddings") and use_label_positions_head(model_):
-                say(f"log-probabilities of the answer tokens only ({type(model_).__name__})")
+        # The fields each trainer asks TRL's fused head for (DPOTrainer/KTOTrainer.__init__).
+        policy = ("log_probs", "entropy", "mean_logits")
+        if stage == "dpo":
+            policy += ("is_top1",) + (("log_sum_sq_probs",) if trainer.use_weighting else ())
+        for model_, outputs in ((base, policy), (getattr(trainer, "ref_model", None), ("log_probs",))):
+            if hasattr(model_, "get_output_embeddings") and use_label_positions_head(model_, outputs):
+                packed = model_.config._attn_implementation == PACKED_ATTENTION
+                say(
+                    f"log-probabilities of the answer tokens only ({type(model_).__name__})"
+                    + (", padding-free batches" if packed else "")
+                )
     if len(trainer.train_dataset) == 0:
         raise TrainingDataError(
             f"no training example keeps any {'assistant ' if assistant_only else ''}token within "

@@ -284,3 +284,87 @@ def test_a_dpo_run_resumes_and_its_adapter_loads_alone(tiny_model_dir, tmp_path)
     assert list(model.peft_config) == ["default"]  # the reference copy is not in the result
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_padding_free_rows_give_the_padded_batchs_log_probabilities(tiny_model_dir):
+    """DPO's padded batches run as one padding-free row (engine.train.pack_rows, attention per
+    sequence): each sequence's answer log-probability and every gradient equal the padded
+    batch's under TRL's head, and calls without packed rows are transformers' sdpa unchanged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    padded = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    packed = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    for model in (padded, packed):
+        add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    assert train.use_label_positions_head(packed)
+    assert packed.config._attn_implementation == train.PACKED_ATTENTION
+    rows = []
+    packed.model.register_forward_pre_hook(lambda m, a, kw: rows.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([21, 9, 16, 30])  # chosen and rejected answers of 2 pairs, right-padded as TRL does
+    ids = torch.randint(0, 1000, (4, 30))
+    attention = (torch.arange(30)[None] < lengths[:, None]).long()
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :6] = -100  # the prompts
+    sums = []
+    for model in (padded, packed):
+        out = model(input_ids=ids, attention_mask=attention, labels=labels, fused_lm_head=True)
+        per_sequence = out.log_probs.sum(1)
+        per_sequence.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        sums.append((per_sequence.detach(), out.entropy.detach(), grads))
+    assert rows == [(1, int(lengths.sum()))]  # one row, no padding
+    (logps_a, entropy_a, grads_a), (logps_b, entropy_b, grads_b) = sums
+    torch.testing.assert_close(logps_b, logps_a, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(entropy_b, entropy_a, atol=1e-4, rtol=1e-4)
+    assert set(grads_a) == set(grads_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    # Without labels (evaluation, generation) the model is transformers' sdpa, padding mask and all.
+    with torch.no_grad():
+        for kwargs in ({"attention_mask": attention}, {}):
+            torch.testing.assert_close(packed(input_ids=ids, **kwargs).logits, padded(input_ids=ids, **kwargs).logits)
+    # A left-padded batch is not packed, and still right.
+    left = attention.flip(1)
+    with torch.no_grad():
+        a = padded(input_ids=ids, attention_mask=left, labels=labels.flip(1), fused_lm_head=True).log_probs
+        b = packed(input_ids=ids, attention_mask=left, labels=labels.flip(1), fused_lm_head=True).log_probs
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert len(rows) == 4 and rows[-1] == (4, 30)
+
+
+def test_a_finished_dpo_run_exports_answers_and_stages_its_card(tiny_model_dir, tmp_path):
+    """A DPO run goes through the rest of the app as an SFT run does: merge and ONNX export,
+    the playground's inference path (PyTorch adapter and ONNX, the same greedy answer), and the
+    push's staged folder, whose model card names the stage and its data."""
+    from engine import export
+    from engine.inference import GenerationSettings, OnnxChatModel, load_chat_model, unload_all
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = pref_config(tiny_model_dir, data, tmp_path / "runs", data={"validation_split": 0})
+    run_dir = runs.create_run(config)
+    assert train.train(config, run_dir)["state"] == "completed"
+
+    merged = export.merge(run_dir)
+    assert (merged / "config.json").is_file()
+    onnx_dir = export.export_onnx(run_dir, "fp32")
+    settings = GenerationSettings(greedy=True, max_new_tokens=8)
+    messages = [{"role": "user", "content": PAIRS[0]["prompt"]}]
+    try:
+        tuned = load_chat_model(run_dir, "tuned")
+        text_pt, stats_pt = tuned.complete(messages, settings)
+        text_ox, stats_ox = OnnxChatModel(onnx_dir).complete(messages, settings)
+    finally:
+        unload_all()
+    assert stats_pt.token_ids and stats_ox.token_ids == stats_pt.token_ids and text_ox == text_pt
+
+    files = hub.stage_upload(run_dir, "adapter", "my-org/tiny-dpo", tmp_path / "staged")
+    assert "README.md" in files and "adapter_model.safetensors" in files
+    card = (tmp_path / "staged" / "README.md").read_text()
+    assert "- stage: DPO (TRL), loss sigmoid, beta 0.1" in card
+    assert "| stage | DPO on preference data (prompt, chosen and rejected answers) |" in card
+    assert "pairs.jsonl" in card and "- dpo\n" in card
