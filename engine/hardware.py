@@ -43,7 +43,15 @@ GPU_PEAK_FLOPS = {
     "T4": 65e12,
 }
 # Fraction of peak that fine-tuning usually reaches (model FLOPs utilisation).
-TYPICAL_MFU = {"cuda": 0.35, "mps": 0.25, "cpu": 0.33}
+TYPICAL_MFU = {"cuda": 0.35, "mps": 0.25, "cpu": 0.45}
+# tunelab's CPU trainer reaches 45.7% of the measured fp32 matmul peak in fp32 and 63% of it in
+# bf16 where the CPU multiplies bf16 natively (bench/results/train.md: 162 and 223 tokens/s,
+# AVX-512 BF16); the time estimate counts bf16 there as this much faster than fp32.
+CPU_BF16_SPEEDUP = 1.4
+# Training on the CPU: activation bytes per token per layer in units of the hidden size (34 on
+# a GPU), and the runtime's own memory; see estimate_memory.
+CPU_ACTIVATION_BYTES = 80
+CPU_RUNTIME_BYTES = 200e6
 
 
 @dataclass
@@ -392,6 +400,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     stage: str = "sft",
     precompute_reference: bool = False,
+    cpu: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes on one device for a training step (a planning estimate, not a promise).
 
@@ -407,6 +416,13 @@ def estimate_memory(
     (about 34·h + 5·heads·s bytes per token per layer in 16-bit, doubled in fp32) plus the
     vocabulary logits. ZeRO-2 divides gradients and optimizer states by the device count,
     ZeRO-3 the weights too.
+
+    ``cpu``: training on the CPU keeps more per token than that GPU estimate: measured with the
+    probe on the embedded model (LoRA, bf16, max length 128), the peak above the process start
+    was 1648 / 2613 / 4228 MB at batch 4 / 8 / 16 against 34·h's 1.73 GB at batch 8. The CPU
+    estimate counts about 80·h bytes per token per layer (autocast keeps fp32 copies of the
+    adapters' inputs, the attention runs in its math kernel) plus the runtime's own ~200 MB
+    (libraries, thread pools, allocator), which lands within 15% at batch 4-16 there.
     """
     b = 2 if precision in ("bf16", "fp16") else 4
     non_linear = shape.params - shape.linear_params
@@ -431,7 +447,7 @@ def estimate_memory(
     reference = 0.0
     if stage in ("dpo", "kto") and method == "full" and not precompute_reference:
         reference = shape.params * b
-    per_token_layer = shape.hidden * 34 + 5 * shape.heads * seq_len
+    per_token_layer = shape.hidden * (CPU_ACTIVATION_BYTES if cpu else 34) + 5 * shape.heads * seq_len
     if gradient_checkpointing:
         per_token_layer = shape.hidden * 2 * 2
     activations = tokens * shape.layers * per_token_layer * (b / 2)
@@ -440,6 +456,8 @@ def estimate_memory(
     if method == "dora":
         # DoRA materialises W + scale·BA to take its column norms: one extra weight matrix.
         activations += max(i * o for i, o in [(shape.hidden, shape.hidden * 4)]) * 4
+    if cpu:
+        activations += CPU_RUNTIME_BYTES
     if zero_stage >= 2 and num_devices > 1:
         grads /= num_devices
         optimizer /= num_devices
@@ -466,13 +484,21 @@ def peak_flops(profile: HardwareProfile) -> float:
 
 
 def estimate_seconds(
-    shape: ModelShape, method: str, tokens: float, profile: HardwareProfile, num_devices: int = 1
+    shape: ModelShape,
+    method: str,
+    tokens: float,
+    profile: HardwareProfile,
+    num_devices: int = 1,
+    precision: str = "fp32",
 ) -> float:
     """Training time for ``tokens`` tokens: 6·N FLOPs per token for full fine-tuning, about
     4·N for adapters (no weight gradients for the frozen base), QLoRA ~30% slower for
-    de-quantisation, DoRA ~20% slower for its norm."""
+    de-quantisation, DoRA ~20% slower for its norm. On a CPU with native bf16, bf16 training
+    counts CPU_BF16_SPEEDUP faster than fp32."""
     factor = {"full": 6.0, "lora": 4.0, "qlora": 4.0 * 1.3, "dora": 4.0 * 1.2}[method]
     mfu = TYPICAL_MFU[profile.device]
+    if profile.device == "cpu" and precision == "bf16" and profile.cpu.native_bf16:
+        mfu *= CPU_BF16_SPEEDUP
     if profile.device == "cpu" and method == "qlora":
         mfu /= 4  # 4-bit kernels on the CPU are far from the matmul peak
     return factor * shape.params * tokens / (peak_flops(profile) * mfu * num_devices)
@@ -639,7 +665,18 @@ def recommend(
 
     def mem(m: str, batch: int = 1, stage: int = 0, ckpt: bool = False) -> MemoryEstimate:
         return estimate_memory(
-            shape, m, precision, batch, seq, lora_r, stage, n_dev, ckpt, training_stage, precompute_reference
+            shape,
+            m,
+            precision,
+            batch,
+            seq,
+            lora_r,
+            stage,
+            n_dev,
+            ckpt,
+            training_stage,
+            precompute_reference,
+            cpu=profile.device == "cpu",
         )
 
     # Method: LoRA unless it does not fit; QLoRA when only 4-bit weights fit.
@@ -734,7 +771,7 @@ def recommend(
         else:
             size = fmt_bytes(memory["full"].reference)
             reasons["reference"] = Reason.of("reference_copy", stage=training_stage.upper(), size=size)
-    seconds = {m: estimate_seconds(shape, m, tokens, profile, nproc) for m in memory}
+    seconds = {m: estimate_seconds(shape, m, tokens, profile, nproc, precision) for m in memory}
     reasons["schedule"] += Reason.of(
         "schedule_steps", steps=math.ceil(steps_per_epoch * epochs), time=_duration(seconds[method])
     )

@@ -86,6 +86,7 @@ def formula(config, model_dir: Path, precision: str, seq_len: int, n_examples: i
     shape = hardware.ModelShape.from_dir(model_dir)
     stage = {"none": 0, "zero2": 2, "zero3": 3}[config.distributed.deepspeed]
     world = config.distributed.num_processes * config.distributed.num_machines
+    profile = hardware.detect(config.output.runs_dir or ".")
     est = hardware.estimate_memory(
         shape,
         config.method.name,
@@ -96,11 +97,13 @@ def formula(config, model_dir: Path, precision: str, seq_len: int, n_examples: i
         stage,
         world,
         config.training.gradient_checkpointing,
+        config.training.stage,
+        config.training.precompute_reference,
+        cpu=profile.device == "cpu",
     )
-    profile = hardware.detect(config.output.runs_dir or ".")
     steps = planned_steps(config, n_examples, world)
     tokens = steps * config.training.batch_size * config.training.gradient_accumulation_steps * world * mean_tokens
-    seconds = hardware.estimate_seconds(shape, config.method.name, tokens, profile, world)
+    seconds = hardware.estimate_seconds(shape, config.method.name, tokens, profile, world, precision)
     return {"peak_bytes": int(est.total), "parts": est.to_dict(), "seconds": round(seconds, 1), "seq_len": seq_len}
 
 

@@ -46,7 +46,8 @@ def test_a_probe_measures_and_stays_out_of_the_run_list(tiny_model_dir, tmp_path
 @pytest.mark.integration
 def test_the_probe_projects_the_peak_memory_of_a_real_run(embedded_dir, tmp_path):
     """On the embedded model with the example CPU config, the probe's peak (3 steps on the
-    longest examples) lands within 25% of a whole short run's measured peak."""
+    longest examples) lands within 25% of a whole short run's measured peak, and the formula's
+    estimate within 1.5x of the probe's."""
     config = RunConfig.load(REPO / "assets/configs/cpu-lora.yaml").with_overrides(
         [
             f"data.path={REPO / 'assets/datasets/pip_chat.jsonl'}",
@@ -70,3 +71,5 @@ def test_the_probe_projects_the_peak_memory_of_a_real_run(embedded_dir, tmp_path
         f"run peak {peak_mb:.0f} MB"
     )
     assert abs(projected_mb - peak_mb) <= 0.25 * peak_mb
+    # The formula (engine.hardware.estimate_memory, CPU terms) is within 1.5x of the measure.
+    assert 1 / 1.5 <= report["ratio"]["memory"] <= 1.5, report["formula"]["parts"]
