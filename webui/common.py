@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.util import is_hub_id
-from webui.i18n import lang_of, tr
+from webui.i18n import engine_message, lang_of, tr
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = REPO_ROOT / "assets" / "datasets"
@@ -166,7 +166,7 @@ class AppContext:
         try:
             path = within(root, safe_run_id(name))
         except UnsafeInputError as err:
-            raise gr.Error(str(err), title=tr(lang, "common.refused")) from None
+            raise gr.Error(error_message(err, lang), title=tr(lang, "common.refused")) from None
         if name != text and not (owns(root, text) and Path(text).resolve() == path):
             raise gr.Error(tr(lang, "common.not_your_run", name=name), title=tr(lang, "common.refused"))
         if must_exist and not (path / "status.json").is_file() and not (path / "config.yaml").is_file():
@@ -218,12 +218,12 @@ class AppContext:
 # --------------------------------------------------------------------------- errors
 
 
-def error_message(err: BaseException) -> str:
-    """The sentence shown in the page for an engine error: its message (secrets removed),
-    never blank."""
+def error_message(err: BaseException, lang: str | None = None) -> str:
+    """The sentence shown in the page for an engine error: its coded message in ``lang``
+    (engine.messages), else its English text; secrets removed, never blank."""
     from engine.security import redact
 
-    text = str(err).strip()
+    text = (engine_message(lang, err) or str(err)).strip()
     if not text:
         text = f"{type(err).__name__} (no message)"
     return redact(text)
@@ -243,13 +243,11 @@ def engine_errors(fn):
 
     def convert(err: BaseException, args, kwargs) -> gr.Error:
         log.exception("handler %s failed", fn.__name__)
+        request = next((a for a in [*args, *kwargs.values()] if isinstance(a, gr.Request)), None)
+        lang = lang_of(request)
         # A refusal of the shared app (path, limit, demo) is not a failure of the engine.
-        if isinstance(err, UnsafeInputError):
-            request = next((a for a in [*args, *kwargs.values()] if isinstance(a, gr.Request)), None)
-            title = tr(lang_of(request), "common.not_allowed")
-        else:
-            title = type(err).__name__
-        return gr.Error(error_message(err), title=title, print_exception=False)
+        title = tr(lang, "common.not_allowed") if isinstance(err, UnsafeInputError) else type(err).__name__
+        return gr.Error(error_message(err, lang), title=title, print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
 

@@ -25,8 +25,10 @@ Two parts of the English table are the engine's own text, not repeated in en.yam
 English source): the Train form's labels and help are engine/config.py's field metadata
 (the text ``tunelab config`` prints), as ``config.<section>.<field>.label`` / ``.info``
 (:func:`config_texts`); the recommendation's reasons are engine.hardware.REASON_TEXTS (what
-``tunelab hardware`` prints), as ``reason.<code>`` (:func:`reason_texts`). The other
-languages translate those keys like any other.
+``tunelab hardware`` prints), as ``reason.<code>`` (:func:`reason_texts`); the engine's
+coded error messages are engine.messages.ERROR_TEXTS, as ``error.<code>``
+(:func:`error_texts`, worded by :func:`engine_message`). The other languages translate those
+keys like any other.
 """
 
 from __future__ import annotations
@@ -67,15 +69,16 @@ def translations() -> dict[str, dict[str, str]]:
     if DEFAULT_LANG not in out:
         raise FileNotFoundError(f"{LOCALES_DIR / (DEFAULT_LANG + '.yaml')} is missing")
     english = out[DEFAULT_LANG]
-    repeated = sorted(k for k in english if k.startswith((CONFIG_PREFIX, REASON_PREFIX)))
+    repeated = sorted(k for k in english if k.startswith((CONFIG_PREFIX, REASON_PREFIX, ERROR_PREFIX)))
     if repeated:
         raise ValueError(
             f"{LOCALES_DIR / (DEFAULT_LANG + '.yaml')}: {repeated[0]} (and {len(repeated) - 1} more): the English "
-            "of config.* and reason.* keys is the engine's text (engine/config.py, engine/hardware.py); "
-            "do not repeat it"
+            "of config.*, reason.* and error.* keys is the engine's text (engine/config.py, engine/hardware.py, "
+            "engine/messages.py); do not repeat it"
         )
     english.update(config_texts())
     english.update(reason_texts())
+    english.update(error_texts())
     return out
 
 
@@ -106,6 +109,35 @@ def reason(lang: str | None, why) -> str:
     return " ".join(
         tr(lang, REASON_PREFIX + code, **{k: reason(lang, v) for k, v in params.items()}) for code, params in parts
     )
+
+
+ERROR_PREFIX = "error."
+
+
+def error_texts() -> dict[str, str]:
+    """{error key: English text} of every coded engine message (engine.messages)."""
+    from engine.messages import ERROR_TEXTS
+
+    return {ERROR_PREFIX + code: text for code, text in ERROR_TEXTS.items()}
+
+
+def engine_message(lang: str | None, err: BaseException) -> str | None:
+    """An engine exception's coded message (engine.messages) in ``lang``, with a ConfigError's
+    field first; None when the exception carries no code (its English text is shown)."""
+    from engine.messages import message_of
+
+    message = message_of(err)
+    if message is None:
+        return None
+    table = translations()
+    texts = {
+        key[len(ERROR_PREFIX) :]: text
+        for key, text in {**table[DEFAULT_LANG], **table.get(normalize(lang), {})}.items()
+        if key.startswith(ERROR_PREFIX)
+    }
+    text = message.format(texts)
+    field_name = getattr(err, "field", None)
+    return f"{field_name}: {text}" if field_name else text
 
 
 def config_texts() -> dict[str, str]:
@@ -300,6 +332,7 @@ DYNAMIC: tuple[str, ...] = (
     "problem.unit.",
     CONFIG_PREFIX,
     REASON_PREFIX,
+    ERROR_PREFIX,
     "train.state.",
     "train.plan.",
     "train.col.",

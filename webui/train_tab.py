@@ -29,6 +29,7 @@ from engine.config import DataConfig, RunConfig
 from webui.common import (
     AppContext,
     engine_errors,
+    error_message,
     escape_md,
     fmt_duration,
     fmt_number,
@@ -581,7 +582,7 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             runs_dir = ctx.listing_dir(request) or ctx.runs_dir
             return command_preview(FormValues.from_values(values), dataset, runs_dir, lang)
         except ConfigError as err:
-            return tr(lang, "train.not_ready", error=err)
+            return tr(lang, "train.not_ready", error=error_message(err, lang))
 
     def update_plan(model_ref, method_v, dataset, request: gr.Request = None):
         from engine.models import ModelNotFoundError
@@ -592,8 +593,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             ctx.check_model(request, model_ref)
             rec = recommendation_for(model_ref, method_v, dataset)
         except (ModelNotFoundError, OSError, KeyError, ValueError, gr.Error) as err:
-            why = err.message if isinstance(err, gr.Error) else str(err)
-            msg = tr(lang, "train.cannot_estimate", model=escape_md(model_ref), why=escape_md(redact(why)))
+            why = redact(err.message) if isinstance(err, gr.Error) else error_message(err, lang)
+            msg = tr(lang, "train.cannot_estimate", model=escape_md(model_ref), why=escape_md(why))
             return msg, msg, None
         from engine.models import availability
 
