@@ -467,6 +467,11 @@ ONNX_VARIANTS = (
 # takes 17 minutes to build on 2 cores, int4-rtn-last (75.3%, +62.2%) and int4-hqq (59.1%) are
 # broken: they stay variants to ask for, not auto candidates.
 AUTO_ORDER = ("int4-kquant-mixed", "int8", "fp32")
+# Exports whose onnxruntime-genai batches answer as one prompt at a time does, so an evaluation
+# batches them (engine.evaluate.batch_generator): int8 gave the same greedy answers on 64 of 64
+# Pip prompts at batch 8 (1.4x the one-at-a-time loop, bench/results/eval.md), fp32 is exact
+# (tested). int4's MatMulNBits computes a batch differently from one row (24 of 64 the same).
+ONNX_BATCH_VARIANTS = ("int8", "fp32")
 # The fixed variant when one is asked for without auto (the playground's Export button, export()):
 # the fastest that passed the gate on the embedded model.
 DEFAULT_ONNX_VARIANT = "int8"

@@ -66,6 +66,7 @@ from engine.config import (
     EVAL_MAX_NEW_TOKENS,
     JUDGE_KEY_ENV,
     JUDGE_PASTED_KEY_ENV,
+    ONNX_BATCH_VARIANTS,
 )
 from engine.evalfiles import (
     REPORT_FILE,
@@ -625,19 +626,48 @@ def onnx_greedy_batch(chat_model, prompts: list[list[int]], max_new_tokens: int)
     return replies
 
 
+def onnx_batches(
+    chat_model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int | None = None,
+    on_reply: Callable[[int, list[int], float], None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[list[int]]:
+    """onnx_greedy_batch over ``prompts`` in static batches of ``batch_size`` (onnxruntime-genai
+    cannot add a prompt to a running generator); ``on_reply(index, reply, seconds)`` as each
+    batch ends, its seconds the batch's. A stop ends it after the batch being answered."""
+    batch_size = max(1, batch_size or len(prompts))
+    replies: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        if stop is not None and stop.is_set():
+            break
+        began = time.perf_counter()
+        chunk = onnx_greedy_batch(chat_model, prompts[start : start + batch_size], max_new_tokens)
+        seconds = time.perf_counter() - began
+        for index, reply in enumerate(chunk, start=start):
+            if on_reply is not None:
+                on_reply(index, reply, seconds)
+        replies += chunk
+    return replies
+
+
 def batch_generator(chat_model) -> Callable | None:
     """The batched greedy loop for this model's backend, or None (one at a time).
 
-    Only PyTorch batches here: its continuous batches give the one-at-a-time answers
-    (tested). onnxruntime-genai batches are exact in fp32 (4 of 4 prompts of 32 to 46 tokens
-    on the embedded model's fp32 export), but int4's MatMulNBits computes a batch differently
-    from one row: onnx_greedy_batch agreed with the one-at-a-time answers on 24 of 64 Pip
-    prompts of an int4 export (`make bench ONLY=eval` measures it). An evaluation compares
-    backends answer by answer, so it answers ONNX prompts one at a time."""
+    PyTorch: continuous batches, the one-at-a-time answers (tested). ONNX: static batches for
+    the variants of engine.config.ONNX_BATCH_VARIANTS, whose batches answer as single prompts
+    do (fp32 tested here; int8 64 of 64 Pip prompts in `make bench ONLY=eval`); int4's
+    MatMulNBits computes a batch differently from one row (24 of 64 the same), and an
+    evaluation compares backends answer by answer, so int4 exports answer one at a time."""
     from engine import inference
 
     if isinstance(chat_model, inference.TorchChatModel):
         return torch_greedy_batch
+    export_dir = getattr(chat_model, "export_dir", None)
+    if isinstance(chat_model, inference.OnnxChatModel) and export_dir is not None:
+        if Path(export_dir).name.removeprefix("onnx-") in ONNX_BATCH_VARIANTS:
+            return onnx_batches
     return None
 
 

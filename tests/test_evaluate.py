@@ -252,6 +252,25 @@ def test_batched_greedy_equals_one_at_a_time_on_pip_prompts(embedded_dir):
         assert one == reply, _first_divergence(model, ids, one, reply)
 
 
+def test_onnx_fp32_batches_answer_as_one_prompt_at_a_time(tiny_run, chats_file):
+    """The fp32 export answers an evaluation in onnxruntime-genai batches (prompts of different
+    lengths, padded), with the answers of its one-at-a-time loop; an int4 export would not be
+    batched (engine.config.ONNX_BATCH_VARIANTS)."""
+    from engine.inference import GenerationSettings, load_chat_model
+
+    model = load_chat_model(tiny_run, "onnx", precision="fp32")
+    assert evaluate.batch_generator(model) is evaluate.onnx_batches
+    records = [json.loads(line)["messages"][:1] for line in chats_file.read_text().splitlines()]
+    assert len({len(model.encode_prompt(r)) for r in records}) > 1  # rows of different lengths
+    settings = GenerationSettings(max_new_tokens=12, greedy=True)
+    batched = evaluate.generate_answers(model, records, settings, batch_size=4)
+    single = evaluate.generate_answers(model, records, settings, batch_size=1)
+    assert [b[0] for b in batched] == [s[0] for s in single]
+    assert {b[1]["batch"] for b in batched} == {4} and "batch" not in single[0][1]
+    model.export_dir = model.export_dir.with_name("onnx-int4")  # what decides is the variant's name
+    assert evaluate.batch_generator(model) is None
+
+
 def test_a_queued_job_reports_progress_and_stops_keeping_its_answers(tiny_run, chats_file, tmp_path):
     data = tmp_path / "many.jsonl"
     data.write_text(chats_file.read_text() * 10)  # 60 examples, one at a time: still running when stopped
