@@ -467,6 +467,16 @@ def _tab_text(page, inside: str) -> str:
     return page.locator(inside).locator("xpath=ancestor::div[@role='tabpanel'][1]").inner_text()
 
 
+def _kiswahili_page(browser, url: str):
+    """A new browser context whose language is Kiswahili, with the app open on its Data tab."""
+    context = browser.new_context(viewport=VIEWPORT, locale="sw")
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.locator("#data-upload").wait_for()
+    return context, page
+
+
 def test_language_follows_the_browser_and_the_picker_overrides_it(browser, bare_app):
     """Browser language sw: the tabs are in Kiswahili, and Data, Train (a sample loaded) and
     Playground show no English locale text (docs/screenshots/sw/). The header's picker switches
@@ -477,12 +487,8 @@ def test_language_follows_the_browser_and_the_picker_overrides_it(browser, bare_
     tab_keys = [k for k in en if k.startswith("app.tab.") and en[k] != sw[k]]
     shots = SCREENSHOTS / "sw"
     shots.mkdir(parents=True, exist_ok=True)
-    context = browser.new_context(viewport=VIEWPORT, locale="sw")
+    context, page = _kiswahili_page(browser, bare_app)
     try:
-        page = context.new_page()
-        page.set_default_timeout(60_000)
-        page.goto(bare_app)
-        page.locator("#data-upload").wait_for()
         for key in tab_keys:
             page.get_by_role("tab", name=sw[key]).wait_for()
         assert page.get_by_role("tab", name=en["app.tab.train"]).count() == 0
@@ -565,12 +571,8 @@ def test_export_runs_and_evaluate_tabs_show_no_english_in_kiswahili(browser, bar
     }
     shots = SCREENSHOTS / "sw"
     shots.mkdir(parents=True, exist_ok=True)
-    context = browser.new_context(viewport=VIEWPORT, locale="sw")
+    context, page = _kiswahili_page(browser, bare_app)
     try:
-        page = context.new_page()
-        page.set_default_timeout(60_000)
-        page.goto(bare_app)
-        page.locator("#data-upload").wait_for()
 
         def panel(elem_id: str) -> str:
             return page.locator(f"#{elem_id}").locator("xpath=ancestor::div[@role='tabpanel']").inner_text()
