@@ -16,7 +16,7 @@ from webui import i18n
 REPO = Path(__file__).resolve().parent.parent
 WEBUI = REPO / "webui"
 
-TEXT_KEYWORDS = ("label", "info", "placeholder", "value")
+TEXT_KEYWORDS = ("label", "info", "placeholder", "value", "x_title", "y_title")
 # Components whose first positional argument is shown text.
 TEXT_POSITIONAL = {"Markdown", "Button", "Tab", "TabItem", "Accordion", "HTML", "Textbox"}
 

@@ -404,8 +404,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 sort=None,
                 title=t("data.histogram"),
                 height=260,
-                x_title="tokens",
-                y_title="records",
+                x_title=t("chart.tokens"),
+                y_title=t("chart.records"),
                 elem_id="data-histogram",
             )
     problems = gr.Dataframe(

@@ -536,8 +536,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             title=t("train.loss_title"),
             height=300,
             elem_id="train-loss",
-            x_title="step",
-            y_title="loss",
+            x_title=t("chart.step"),
+            y_title=t("chart.loss"),
             color_map={"train": "#6366f1", "eval": "#f97316"},
         )
         # Preference stages: shown once the run logs rewards.
@@ -549,8 +549,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             title=t("train.rewards_title"),
             height=300,
             elem_id="train-rewards",
-            x_title="step",
-            y_title="reward / accuracy",
+            x_title=t("chart.step"),
+            y_title=t("chart.reward_accuracy"),
             color_map=REWARD_COLORS,
             visible=False,
         )
