@@ -646,6 +646,7 @@ def recommend(
     lora_r: int = 16,
     training_stage: str = "sft",
     precompute_reference: bool = False,
+    longest_tokens: int | None = None,
 ) -> Recommendation:
     """A training plan for ``model`` on ``profile`` with a reason for each choice.
 
@@ -655,13 +656,17 @@ def recommend(
     ``num_epochs`` None lets the plan choose the epochs and learning rate (:func:`schedule`).
     ``training_stage`` (engine.config.STAGES) and ``precompute_reference`` size a preference
     stage: two answers per example and, for a full fine-tune, its reference copy.
+    ``longest_tokens`` is the longest example, when the data has been inspected: batches are
+    padding-free, so memory is sized for the longest example up to ``max_length`` (without
+    it, for ``max_length``: Pip's 112-token chats at max length 1024 were sized for 13 GB
+    against 2.4 GB measured).
     """
     shape = model if isinstance(model, ModelShape) else ModelShape.from_dir(model)
     reasons: dict[str, Reason] = {}
     precision, reasons["precision"] = choose_precision(profile)
     n_dev = len(profile.gpus) if profile.gpus else 1
     budget = profile.device_memory_bytes * 0.9
-    seq = max_length
+    seq = min(max_length, longest_tokens) if longest_tokens else max_length
 
     def mem(m: str, batch: int = 1, stage: int = 0, ckpt: bool = False) -> MemoryEstimate:
         return estimate_memory(
@@ -803,6 +808,7 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--examples", type=int, default=1000, help="Number of training examples.")
     parser.add_argument("--max-length", type=int, default=1024, help="Cutoff length in tokens.")
     parser.add_argument("--mean-tokens", type=int, help="Average example length, if known.")
+    parser.add_argument("--longest-tokens", type=int, help="Longest example, if known (sizes the memory).")
 
 
 def run_cli(args) -> int:
@@ -816,7 +822,15 @@ def run_cli(args) -> int:
     except ModelNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    rec = recommend(profile, model_dir, args.method, args.examples, args.max_length, args.mean_tokens)
+    rec = recommend(
+        profile,
+        model_dir,
+        args.method,
+        args.examples,
+        args.max_length,
+        args.mean_tokens,
+        longest_tokens=args.longest_tokens,
+    )
     if args.json:
         print(json.dumps({"profile": profile.to_dict(), "recommendation": rec.to_dict()}, indent=2))
         return 0

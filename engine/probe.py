@@ -159,7 +159,9 @@ def run(config, run_dir: Path, trainer_kit) -> dict:
     run_steps = planned_steps(config, len(lengths), world)
     run_tokens = run_steps * per_step * mean_tokens
     projected_seconds = run_tokens / tokens_per_second if tokens_per_second > 0 else None
-    est = formula(config, Path(info["model_dir"]), info["precision"], config.data.max_length, len(lengths), mean_tokens)
+    # Batches are padding-free: the formula is sized for the longest example, as the plan is.
+    seq_len = min(config.data.max_length, max(lengths))
+    est = formula(config, Path(info["model_dir"]), info["precision"], seq_len, len(lengths), mean_tokens)
     measured_peak = gpu_peak if gpu_peak else peak - before
     report = {
         "precision": info["precision"],

@@ -1115,6 +1115,12 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
         val_ds = (
             tokenize_preferences(val_records, tokenizer, template, stage, "validation", cutoff) if val_records else None
         )
+    if stage == "sft" and is_main_process() and len(train_ds):
+        # The token lengths the plan sizes memory and time by, for a page that reattaches.
+        lengths = [len(ids) for ids in train_ds["input_ids"]]
+        summary = runs.read_json(run_dir / runs.DATA_FILE) or {}
+        summary.update(mean_tokens=round(sum(lengths) / len(lengths), 1), longest_tokens=max(lengths))
+        runs.write_json(run_dir / runs.DATA_FILE, summary)
 
     peft_config, quantization = method_configs(config.method, precision)
     model = load_model(model_dir, config, precision, quantization)

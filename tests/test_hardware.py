@@ -131,6 +131,22 @@ def test_small_model_on_cpu_plan():
     assert "| lora (recommended)" in rec.table()
 
 
+def test_the_plan_sizes_memory_for_the_longest_example_and_the_cpu():
+    """Batches are padding-free: with the data inspected, memory is sized for its longest
+    example (up to max_length), not for max_length; the CPU keeps more per token than a GPU."""
+    cpu = profile(cpuinfo=AVX2_ONLY)
+    blind = hw.recommend(cpu, SMOL, "lora", num_examples=111, max_length=1024, mean_tokens=56)
+    seen = hw.recommend(cpu, SMOL, "lora", num_examples=111, max_length=1024, mean_tokens=56, longest_tokens=112)
+    short = hw.recommend(cpu, SMOL, "lora", num_examples=111, max_length=112, mean_tokens=56)
+    assert seen.memory["lora"].activations == short.memory["lora"].activations
+    assert blind.memory["lora"].activations > 3 * seen.memory["lora"].activations
+    capped = hw.recommend(cpu, SMOL, "lora", num_examples=111, max_length=64, longest_tokens=112)
+    assert capped.memory["lora"].activations < seen.memory["lora"].activations  # cut at max_length
+    on_cpu = hw.estimate_memory(SMOL, "lora", "bf16", 8, 128, cpu=True)
+    on_gpu = hw.estimate_memory(SMOL, "lora", "bf16", 8, 128)
+    assert on_cpu.weights == on_gpu.weights and on_cpu.activations > 1.5 * on_gpu.activations
+
+
 def test_preference_stages_size_two_answers_and_the_full_reference_copy():
     sft = hw.recommend(profile(cpuinfo=AVX2_ONLY), SMOL, num_examples=200, max_length=512)
     dpo = hw.recommend(profile(cpuinfo=AVX2_ONLY), SMOL, num_examples=200, max_length=512, training_stage="dpo")

@@ -319,6 +319,12 @@ def test_the_model_card_reads_what_the_trainer_wrote_to_data_json(two_step_run, 
         "train": 6,
         "validation": 2,
     }
+    # The token lengths of the training examples, which a reattached Train tab sizes its plan by.
+    assert 0 < written["mean_tokens"] <= written["longest_tokens"]
+    from webui.links import DataChoice
+
+    choice = DataChoice.from_run(run_dir)
+    assert (choice.train, choice.longest_tokens) == (6, written["longest_tokens"])
     (run_dir / runs.LOG_FILE).write_text("", encoding="utf-8")
     card = hub.model_card(run_dir, "adapter", "my-org/zebra")
     section = card.split("## Training data", 1)[1].split("\n## ", 1)[0]

@@ -475,6 +475,12 @@ def launch_kwargs(ctx: AppContext) -> dict:
 def launch_and_serve(demo, **kwargs) -> None:
     """``demo.launch(**kwargs)`` without blocking, then the main thread runs the engine's
     PyTorch work (MainThreadRunner) until Ctrl-C, and the server is closed."""
+    # transformers resolves its names lazily on first use; two handlers doing it at once in
+    # different threads (the Data tab's sample and Inspect, back to back) could see a half-
+    # imported package: "cannot import name 'AutoTokenizer' from 'transformers'". Resolve
+    # the names the handlers use here, in one thread, before any request arrives.
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     MAIN_THREAD.open()  # requests arriving before serve() starts wait for it
     try:
         demo.launch(prevent_thread_lock=True, **kwargs)

@@ -145,6 +145,7 @@ def dataset_choice(
         train=ins.split.get("train", len(ins.records)),
         val=ins.split.get("validation", 0),
         mean_tokens=int(tokens["mean"]) if tokens.get("mean") else None,
+        longest_tokens=int(tokens["max"]) if tokens.get("max") else None,
         placeholders=list(ins.report.get("placeholders_unfilled", [])),
         stages=tuple(ins.report.get("stages") or ("sft",)),
     )
@@ -404,8 +405,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
                 sort=None,
                 title=t("data.histogram"),
                 height=260,
-                x_title=t("chart.tokens"),
-                y_title=t("chart.records"),
+                # gr.I18n does not reach a plot's axis titles: English here, the visitor's
+                # language from the handler that fills the chart.
+                x_title=tr(None, "chart.tokens"),
+                y_title=tr(None, "chart.records"),
                 elem_id="data-histogram",
             )
     problems = gr.Dataframe(
@@ -499,7 +502,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             gr.Row(visible=bool(tokens)),
             stats_markdown(tokens, lang),
             gr.BarPlot(
-                value=(frame := histogram_frame(tokens)), sort=list(frame["tokens"]) if frame is not None else None
+                value=(frame := histogram_frame(tokens)),
+                sort=list(frame["tokens"]) if frame is not None else None,
+                x_title=tr(lang, "chart.tokens"),
+                y_title=tr(lang, "chart.records"),
             ),
             gr.Dataframe(
                 value=problem_rows(ins.problems, lang),

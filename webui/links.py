@@ -31,6 +31,7 @@ class DataChoice:
     train: int
     val: int
     mean_tokens: int | None = None  # per record, with the model's template
+    longest_tokens: int | None = None  # the longest record, with the model's template
     placeholders: list[str] = field(default_factory=list)  # {{names}} nothing fills
     stages: tuple[str, ...] = ("sft",)  # the training stages it can train (engine.data.trainable_stages)
 
@@ -59,6 +60,8 @@ class DataChoice:
             records=counts.get("usable", 0),
             train=counts.get("train", 0),
             val=counts.get("validation", 0),
+            mean_tokens=int(counts["mean_tokens"]) if counts.get("mean_tokens") else None,
+            longest_tokens=counts.get("longest_tokens"),
             stages=trainable_stages(counts.get("format") or data.format),
         )
 

@@ -134,7 +134,10 @@ def recommendation_for(model_ref: str, method: str | None, dataset: DataChoice |
     mean = dataset.mean_tokens if dataset else None
     # preference data trains a preference stage (its first: dpo, or kto for unpaired data)
     stage = dataset.stages[0] if dataset else "sft"
-    return hardware.recommend(hardware_profile(), shape, method, n, max_length, mean, training_stage=stage)
+    longest = dataset.longest_tokens if dataset else None
+    return hardware.recommend(
+        hardware_profile(), shape, method, n, max_length, mean, training_stage=stage, longest_tokens=longest
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -536,8 +539,10 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             title=t("train.loss_title"),
             height=300,
             elem_id="train-loss",
-            x_title=t("chart.step"),
-            y_title=t("chart.loss"),
+            # gr.I18n does not reach a plot's axis titles: English here, the visitor's
+            # language from the timer's first update.
+            x_title=tr(None, "chart.step"),
+            y_title=tr(None, "chart.loss"),
             color_map={"train": "#6366f1", "eval": "#f97316"},
         )
         # Preference stages: shown once the run logs rewards.
@@ -549,8 +554,8 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             title=t("train.rewards_title"),
             height=300,
             elem_id="train-rewards",
-            x_title=t("chart.step"),
-            y_title=t("chart.reward_accuracy"),
+            x_title=tr(None, "chart.step"),
+            y_title=tr(None, "chart.reward_accuracy"),
             color_map=REWARD_COLORS,
             visible=False,
         )
@@ -658,8 +663,14 @@ def build(ctx: AppContext, links) -> SimpleNamespace:
             probe_md: gr.Markdown(probe.table(measured) if measured else "", visible=bool(measured)),
         }
         if new_points or first:
-            updates[loss_plot] = loss_frame(watch.points)
-            updates[reward_plot] = gr.LinePlot(reward_frame(watch.reward_points), visible=bool(watch.reward_points))
+            step = tr(lang, "chart.step")
+            updates[loss_plot] = gr.LinePlot(loss_frame(watch.points), x_title=step, y_title=tr(lang, "chart.loss"))
+            updates[reward_plot] = gr.LinePlot(
+                reward_frame(watch.reward_points),
+                visible=bool(watch.reward_points),
+                x_title=step,
+                y_title=tr(lang, "chart.reward_accuracy"),
+            )
         return updates
 
     @engine_errors
