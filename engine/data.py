@@ -238,6 +238,8 @@ class _Raw:
     value: Any = None
     line: int | None = None
     error: str | None = None
+    error_code: str = "other"  # Problem.code of ``error``, and its parameters
+    error_params: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -287,12 +289,17 @@ def _decode(raw: bytes, label: str) -> str:
     return text
 
 
-def _json_error(err: Exception) -> str:
+def _json_problem(err: Exception) -> tuple[str, str, dict]:
+    """(message, Problem code, parameters) of a JSON parse error."""
     if isinstance(err, json.JSONDecodeError):
-        return f"invalid JSON: {err.msg} (column {err.colno})"
+        return f"invalid JSON: {err.msg} (column {err.colno})", "invalid_json", {"detail": err.msg, "column": err.colno}
     if isinstance(err, RecursionError):
-        return "invalid JSON: nested too deeply"
-    return f"invalid JSON: {err}"
+        return "invalid JSON: nested too deeply", "json_too_deep", {}
+    return f"invalid JSON: {err}", "invalid_json_value", {"detail": str(err)}
+
+
+def _json_error(err: Exception) -> str:
+    return _json_problem(err)[0]
 
 
 def _read_jsonl(text: str, label: str) -> list[_Raw]:
@@ -304,7 +311,8 @@ def _read_jsonl(text: str, label: str) -> list[_Raw]:
         try:
             value = json.loads(line)
         except (ValueError, RecursionError) as err:
-            rows.append(_Raw(number, error=_json_error(err)))
+            message, code, params = _json_problem(err)
+            rows.append(_Raw(number, error=message, error_code=code, error_params=params))
             continue
         rows.append(_Raw(number, value))
     return rows
@@ -413,8 +421,14 @@ def _read_delimited(text: str, label: str, delimiter: str) -> list[_Raw]:
             if not cells or all(not c.strip() for c in cells):
                 continue
             if len(cells) != len(names):
+                columns = ", ".join(names)
                 rows.append(
-                    _Raw(number, error=f"has {len(cells)} fields but the header has {len(names)} ({', '.join(names)})")
+                    _Raw(
+                        number,
+                        error=f"has {len(cells)} fields but the header has {len(names)} ({columns})",
+                        error_code="field_count",
+                        error_params={"n": len(cells), "header": len(names), "columns": columns},
+                    )
                 )
                 continue
             rows.append(_Raw(number, dict(zip(names, cells))))
@@ -637,22 +651,28 @@ def _text(value: Any, ctx: _Ctx, fld: str, required: bool = True, parts: bool = 
             elif isinstance(part, dict):
                 ptype = part.get("type", "text")
                 if ptype != "text":
-                    ctx.add(where, f"non-text content ({ptype!r}) is not supported; only text can be trained")
+                    ctx.add(
+                        where,
+                        f"non-text content ({ptype!r}) is not supported; only text can be trained",
+                        "non_text_part",
+                        type=repr(ptype),
+                    )
                     return None
                 text = part.get("text")
                 if not isinstance(text, str):
-                    ctx.add(f"{where}.text", f"non-text content: expected text, got {_kind(text)}")
+                    kind = _kind(text)
+                    ctx.add(f"{where}.text", f"non-text content: expected text, got {kind}", "non_text", kind=kind)
                     return None
                 texts.append(text)
             else:
-                ctx.add(where, f"non-text content: expected text, got {_kind(part)}")
+                ctx.add(where, f"non-text content: expected text, got {_kind(part)}", "non_text", kind=_kind(part))
                 return None
         joined = "\n".join(texts)
         if required and not joined.strip():
             ctx.add(fld, "is empty", "empty")
             return None
         return joined
-    ctx.add(fld, f"non-text content: expected text, got {_kind(value)}")
+    ctx.add(fld, f"non-text content: expected text, got {_kind(value)}", "non_text", kind=_kind(value))
     return None
 
 
@@ -708,7 +728,7 @@ def _turns(value: Any, ctx: _Ctx, fld: str, role_map: dict[str, str]) -> list[di
             ctx.add(fld, "is missing", "missing")
         return None
     if not isinstance(value, list):
-        ctx.add(fld, f"expected a list of turns, got {_kind(value)}")
+        ctx.add(fld, f"expected a list of turns, got {_kind(value)}", "not_turn_list", kind=_kind(value))
         return None
     if not value:
         ctx.add(fld, "is empty (no turns)", "no_turns")
@@ -721,7 +741,9 @@ def _turns(value: Any, ctx: _Ctx, fld: str, role_map: dict[str, str]) -> list[di
     for i, turn in enumerate(value):
         where = f"{fld}[{i}]"
         if not isinstance(turn, dict):
-            ctx.add(where, f"expected an object with a role and content, got {_kind(turn)}")
+            ctx.add(
+                where, f"expected an object with a role and content, got {_kind(turn)}", "not_turn", kind=_kind(turn)
+            )
             ok = False
             continue
         role_key, content_key = primary
@@ -733,7 +755,7 @@ def _turns(value: Any, ctx: _Ctx, fld: str, role_map: dict[str, str]) -> list[di
             continue
         raw_role = turn[role_key]
         if not isinstance(raw_role, str):
-            ctx.add(f"{where}.{role_key}", f"expected text, got {_kind(raw_role)}")
+            ctx.add(f"{where}.{role_key}", f"expected text, got {_kind(raw_role)}", "not_text", kind=_kind(raw_role))
             ok = False
             continue
         role = role_map.get(raw_role.strip().lower())
@@ -824,7 +846,7 @@ def _parse_alpaca(obj: dict, ctx: _Ctx) -> list[dict] | None:
     if ik not in obj:
         ctx.add(ik, "is missing", "missing")
     elif instruction is not None and not instruction.strip() and not (extra and extra.strip()):
-        ctx.add(ik, "is empty (and there is no input)")
+        ctx.add(ik, "is empty (and there is no input)", "empty_no_input")
     messages: list[dict] = []
     if system and system.strip():
         messages.append({"role": "system", "content": system})
@@ -852,7 +874,13 @@ def _parse_qa(obj: dict, ctx: _Ctx) -> list[dict] | None:
     pair = _qa_keys(obj)
     if pair is None:
         names = ", ".join("/".join(p) for p in QA_PAIRS[:5])
-        ctx.add(None, f"no question/answer columns (expected a pair such as {names}); columns: {_keys(obj)}")
+        ctx.add(
+            None,
+            f"no question/answer columns (expected a pair such as {names}); columns: {_keys(obj)}",
+            "no_qa_columns",
+            names=names,
+            columns=_keys(obj),
+        )
         return None
     qk, ak = pair
     keys = _lower_keys(obj)
@@ -890,7 +918,7 @@ def _answer_value(value: Any, ctx: _Ctx, fld: str) -> list[dict] | None:
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         turns = _turns(value, ctx, fld, SHAREGPT_ROLES)
         if turns is not None and any(t["role"] != "assistant" for t in turns):
-            ctx.add(fld, "an answer may only hold assistant turns")
+            ctx.add(fld, "an answer may only hold assistant turns", "answer_not_assistant")
             return None
         return turns
     text = _text(value, ctx, fld)
@@ -902,7 +930,7 @@ def _parse_preference(obj: dict, ctx: _Ctx) -> tuple[list[dict], dict] | None:
     if "chosen" not in keys or "rejected" not in keys:
         for k in ("chosen", "rejected"):
             if k not in keys:
-                ctx.add(k, "is missing (preference data needs chosen and rejected)")
+                ctx.add(k, "is missing (preference data needs chosen and rejected)", "pair_missing")
         return None
     prompt: list[dict] | None = None
     if "conversations" in keys:
@@ -947,7 +975,7 @@ def _parse_unpaired(obj: dict, ctx: _Ctx) -> tuple[list[dict], dict] | None:
     keys = _lower_keys(obj)
     for k in ("prompt", "completion", "label"):
         if k not in keys:
-            ctx.add(k, "is missing (unpaired preference data needs prompt, completion and label)")
+            ctx.add(k, "is missing (unpaired preference data needs prompt, completion and label)", "unpaired_missing")
     if ctx.problems:
         return None
     prompt = _prompt_value(obj.get(keys["prompt"]), ctx, keys["prompt"])
@@ -957,7 +985,8 @@ def _parse_unpaired(obj: dict, ctx: _Ctx) -> tuple[list[dict], dict] | None:
     if isinstance(value, float) and value in (0.0, 1.0):
         label = bool(value)
     if label is None:
-        ctx.add(keys["label"], f"must be true or false (desirable or not), got {value!r}")
+        message = f"must be true or false (desirable or not), got {value!r}"
+        ctx.add(keys["label"], message, "label_not_bool", value=repr(value))
     if ctx.problems or prompt is None or completion is None:
         return None
     return prompt + completion, {"prompt": prompt, "completion": completion, "label": label}
@@ -1157,7 +1186,7 @@ def load_records(
 def _normalise(raw: _Raw, detected: str | None, chosen: str, auto: bool, ctx: _Ctx):
     """One raw record -> (messages, preference pair or None); problems go to ``ctx``."""
     if raw.error is not None:
-        ctx.add(None, raw.error)
+        ctx.add(None, raw.error, raw.error_code, **raw.error_params)
         return None, None
     if not isinstance(raw.value, dict):
         ctx.add(None, f"expected a JSON object, got {_kind(raw.value)}", "not_object", kind=_kind(raw.value))

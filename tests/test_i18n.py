@@ -300,3 +300,58 @@ def test_engine_errors_carry_codes_the_page_words_in_kiswahili():
 
     plain = ValueError("something the engine has not coded yet")
     assert error_message(plain, "sw") == "something the engine has not coded yet"
+
+
+def test_every_kind_of_bad_record_has_a_code_and_the_page_words_it_like_the_engine(tmp_path):
+    """Bad records of many kinds (broken JSON, non-text content, turns of the wrong shape, a
+    CSV row of the wrong width, preference and KTO records missing fields): each problem has
+    a code, its English on the page is the engine's own message, its Kiswahili is not."""
+    import json
+
+    from engine.data import load_records
+
+    def problems_of(name: str, lines: list[str], **kwargs):
+        path = tmp_path / name
+        path.write_text("\n".join(lines) + "\n")
+        return load_records(path, on_error="skip", **kwargs).problems
+
+    good = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]})
+    chats = problems_of(
+        "chats.jsonl",
+        [
+            good,
+            '{"messages": [',
+            json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+            json.dumps({"messages": [{"role": "user", "content": [7]}, {"role": "assistant", "content": "x"}]}),
+            json.dumps({"messages": "Hi"}),
+            json.dumps({"messages": [3, {"role": "assistant", "content": "x"}]}),
+            json.dumps({"messages": [{"role": 5, "content": "Hi"}, {"role": "assistant", "content": "x"}]}),
+        ],
+    )
+    pairs = problems_of(
+        "pairs.jsonl",
+        [
+            json.dumps({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}),
+            json.dumps({"prompt": "Hi", "chosen": "Hello"}),
+            json.dumps({"prompt": "Hi", "chosen": [{"role": "user", "content": "x"}], "rejected": "No"}),
+        ],
+        format="preference",
+    )
+    unpaired = problems_of(
+        "kto.jsonl",
+        [
+            json.dumps({"prompt": "Hi", "completion": "Hello", "label": True}),
+            json.dumps({"prompt": "Hi", "completion": "Hello", "label": "maybe"}),
+            json.dumps({"prompt": "Hi", "completion": "Hello"}),
+        ],
+        format="unpaired",
+    )
+    table = problems_of("qa.csv", ["question,answer", "Hi,Hello", "Hi,Hello,extra"])
+    problems = chats + pairs + unpaired + table
+    codes = {p.code for p in problems}
+    assert {"invalid_json", "non_text_part", "non_text", "not_turn_list", "not_turn", "not_text"} <= codes
+    assert {"pair_missing", "answer_not_assistant", "label_not_bool", "unpaired_missing", "field_count"} <= codes
+    assert "other" not in codes, [str(p) for p in problems if p.code == "other"]
+    for p in problems:
+        assert i18n.problem_message("en", p) == p.message, p.code
+        assert i18n.problem_message("sw", p) != p.message, p.code
