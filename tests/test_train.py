@@ -769,3 +769,35 @@ def test_the_recommended_plan_teaches_a_persona_from_public_identity_data(embedd
     print(f"base: {base}\ntuned: {tuned}")
     assert not any("Zawadi" in b for b in base)
     assert all("Zawadi" in t for t in tuned), tuned
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_packed_attention_answers_like_each_example_alone(tiny_model_dir, dtype_name):
+    """A padding-free row through the packed attention (one causal SDPA per example; in bf16
+    upcast to fp32 on the CPU, outside the trainer's autocast) gives each example the logits
+    and gradients it gets alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine import train
+
+    dtype = getattr(torch, dtype_name)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation="sdpa")
+    lengths = [12, 20, 7]
+    torch.manual_seed(0)
+    examples = [torch.randint(3, model.config.vocab_size, (1, n)) for n in lengths]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        alone = torch.cat([model(input_ids=ids).logits[0].float() for ids in examples])
+        alone.logsumexp(-1).sum().backward()
+        grads_alone = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        assert train.use_packed_attention(model)
+        row = torch.cat(examples, 1)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        packed = train.packed_call(model, {"input_ids": row, "position_ids": positions}).logits[0].float()
+        packed.logsumexp(-1).sum().backward()
+    tolerance = 1e-4 if dtype == torch.float32 else 0.1
+    assert (packed - alone).abs().max() < tolerance
+    for g_alone, p in zip(grads_alone, model.parameters()):
+        cosine = torch.nn.functional.cosine_similarity(g_alone.float().flatten(), p.grad.float().flatten(), dim=0)
+        assert cosine > (0.9999 if dtype == torch.float32 else 0.99), float(cosine)
