@@ -720,6 +720,9 @@ def trainer_class():
     from trl import SFTTrainer
 
     class TunelabSFTTrainer(SFTTrainer):
+        # Set by build_trainer for plain LoRA: see compute_loss.
+        bf16_adapter_inputs = False
+
         def _label_positions(self, inputs):
             labels = inputs.get("labels")
             ids = inputs.get("input_ids")
@@ -748,7 +751,19 @@ def trainer_class():
             targets = inputs["labels"][0, 1:][positions]
             forward = {k: v for k, v in inputs.items() if k != "labels"}
             forward.update(use_cache=False, logits_to_keep=positions)
-            logits = packed_call(model, forward).logits[0].float()  # [label positions, vocab]
+            # Under the CPU's bf16 autocast, PEFT casts each adapter's bf16 input to the fp32
+            # adapter weights and autocast casts it back to bf16 for the adapter's matmul: the
+            # same values, two copies of every adapted activation (forward and backward).
+            # Plain LoRA skips PEFT's cast (dropout then runs on bf16, as autocast would see it).
+            # (Under an autocast of its own, so that a call outside the trainer's is safe.)
+            from peft.helpers import disable_input_dtype_casting
+
+            bf16_inputs = self.bf16_adapter_inputs and self.args.bf16
+            with (
+                disable_input_dtype_casting(model, active=bf16_inputs),
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_inputs),
+            ):
+                logits = packed_call(model, forward).logits[0].float()  # [label positions, vocab]
             num_tokens = positions.numel() if num_items_in_batch is None else num_items_in_batch
             loss = F.cross_entropy(logits, targets, reduction="sum") / torch.as_tensor(num_tokens).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -1195,6 +1210,7 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
                 param.data = param.data.float()
     use_cheap_dropout(trainer.model)
     if stage == "sft" and next(trainer.model.parameters()).device.type == "cpu":
+        trainer.bf16_adapter_inputs = config.method.name == "lora" and quantization is None
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         if use_packed_attention(base):
