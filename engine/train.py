@@ -888,7 +888,7 @@ def packed_call(model, kwargs: dict):
         or positions is None
         or positions.shape[0] != 1
         or kwargs.get("attention_mask") is not None
-        or model.config._attn_implementation != PACKED_ATTENTION
+        or getattr(getattr(model, "config", None), "_attn_implementation", None) != PACKED_ATTENTION
     ):
         return model(**kwargs)
     starts = (positions[0] == 0).nonzero().squeeze(-1)
@@ -1209,7 +1209,8 @@ def build_trainer(config: RunConfig, run_dir: Path, train_records, val_records, 
             if param.requires_grad and param.dtype == torch.bfloat16:
                 param.data = param.data.float()
     use_cheap_dropout(trainer.model)
-    if stage == "sft" and next(trainer.model.parameters()).device.type == "cpu":
+    # One CPU process (DeepSpeed's engines wrap the model; a ZeRO-3 run failed with it).
+    if stage == "sft" and next(trainer.model.parameters()).device.type == "cpu" and world_size() == 1:
         trainer.bf16_adapter_inputs = config.method.name == "lora" and quantization is None
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
