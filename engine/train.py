@@ -895,6 +895,12 @@ def packed_call(model, kwargs: dict):
     if starts.numel() == 0 or int(starts[0]) != 0:
         return model(**kwargs)
     bounds = torch.cat([starts, starts.new_tensor([positions.shape[1]])]).to(torch.int32)
+    return call_with_bounds(model, kwargs, bounds)
+
+
+def call_with_bounds(model, kwargs: dict, bounds):
+    """``model(**kwargs)`` on a packed row whose sequences end at ``bounds`` (cumulative, from
+    0): the packed attention gets them as ``cu_seq_lens_q`` and builds no mask."""
     longest = int((bounds[1:] - bounds[:-1]).max())
     kwargs = {**kwargs, "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds}
     kwargs.update(max_length_q=longest, max_length_k=longest)
@@ -979,14 +985,8 @@ def use_label_positions_head(model, outputs: tuple[str, ...] = FUSED_OUTPUTS) ->
             hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1][mask]
         else:
             ids, positions, bounds, index = packed
-            longest = int((bounds[1:] - bounds[:-1]).max())
             kwargs.update(input_ids=ids, position_ids=positions, attention_mask=None)
-            kwargs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
-            token = _PACKED_CALL.set(True)
-            try:
-                hidden = self.base_model(**kwargs).last_hidden_state[0]
-            finally:
-                _PACKED_CALL.reset(token)
+            hidden = call_with_bounds(self.base_model, kwargs, bounds).last_hidden_state[0]
             hidden = hidden[index[:, :-1][mask]]
         targets = labels[:, 1:][mask]
         logits = lm_head(hidden).float()  # [labelled positions, vocab]
